@@ -1,0 +1,159 @@
+"""Curvature from per-sample gradients: the damped empirical Fisher H = G^T G + lam I as an operator.
+
+G is n x p (one row per calibration sample, scaled by 1/sqrt(n)); the p x p matrix is never formed.
+It is stored transposed (p x n, contiguous) so that one weight's gradient column g_i is a contiguous row,
+which is what the combinatorial searches read most.
+"""
+from functools import cached_property
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from .errors import BrainSurgeonError
+from .progress import progress_bar
+
+GIB = 1024**3
+
+
+def memory_need(num_samples: int, num_weights: int) -> int:
+    """Peak bytes of the Fisher methods: G twice (storage and one working copy) plus two n x n float64."""
+    return 2 * num_samples * num_weights * 4 + 2 * num_samples**2 * 8
+
+
+def check_memory(num_samples: int, num_weights: int, max_memory: float) -> None:
+    need = memory_need(num_samples, num_weights)
+    if need > max_memory:
+        raise BrainSurgeonError(
+            f"needs about {need / GIB:.1f} GiB for {num_samples} gradients of {num_weights} weights, above "
+            f"max_memory={max_memory / GIB:.1f} GiB; use fewer calibration samples or raise max_memory"
+        )
+
+
+def per_sample_gradients(model, layers, inputs, targets, loss_fn, chunk_size=256, show_progress=True):
+    """Return G^T (p x n, float32): column s is the gradient of sample s's loss over sqrt(n).
+
+    Gradients are taken w.r.t. the prunable weights only, with the model in eval mode.
+    """
+    n = len(inputs)
+    p = sum(layer.size for layer in layers)
+    names = [layer.param for layer in layers]
+    params = dict(model.named_parameters())
+    prunable = {name: params[name].detach() for name in names}
+    frozen = {k: v.detach() for k, v in params.items() if k not in prunable}
+    frozen.update(dict(model.named_buffers()))
+
+    def sample_loss(weights, x, y):
+        out = functional_call(model, {**frozen, **weights}, (x.unsqueeze(0),))
+        return loss_fn(out, y.unsqueeze(0))
+
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    gradients_t = torch.empty(p, n, dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in progress_bar(range(0, n, chunk_size), "per-sample gradients", show_progress):
+            stop = min(start + chunk_size, n)
+            grads = per_sample_grad(prunable, inputs[start:stop], targets[start:stop])
+            chunk = torch.cat([grads[name].reshape(stop - start, -1) for name in names], dim=1)
+            gradients_t[:, start:stop] = chunk.T
+    finally:
+        model.train(was_training)
+    if not torch.isfinite(gradients_t).all():
+        raise BrainSurgeonError("per-sample gradients contain NaN or Inf; check the model, data and loss_fn")
+    gradients_t /= n**0.5
+    return gradients_t
+
+
+class EmpiricalFisher:
+    """H = G^T G + damping * I from G^T (p x n). Products cost O(n p); solves use the n x n Gram matrix."""
+
+    def __init__(self, gradients_t: torch.Tensor, damping: float):
+        if damping <= 0:
+            raise BrainSurgeonError(f"damping must be > 0, got {damping}; try 1e-4..1e-2")
+        self.gradients_t = gradients_t
+        self.damping = float(damping)
+
+    @property
+    def num_weights(self) -> int:
+        return self.gradients_t.shape[0]
+
+    @property
+    def num_samples(self) -> int:
+        return self.gradients_t.shape[1]
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """G v (an n-vector)."""
+        return self.gradients_t.T @ v
+
+    def rmatvec(self, r: torch.Tensor) -> torch.Tensor:
+        """G^T r (a p-vector)."""
+        return self.gradients_t @ r
+
+    def columns(self, index) -> torch.Tensor:
+        """Rows of G^T: the gradient columns g_i for i in `index` (len(index) x n)."""
+        return self.gradients_t[index]
+
+    @cached_property
+    def column_sq_norms(self) -> torch.Tensor:
+        return self.gradients_t.pow(2).sum(1)
+
+    def quadratic(self, d: torch.Tensor) -> float:
+        """d^T H d."""
+        return float(self.matvec(d).pow(2).sum() + self.damping * d.pow(2).sum())
+
+    @cached_property
+    def gram(self) -> torch.Tensor:
+        """G G^T in float64 (n x n)."""
+        return (self.gradients_t.T @ self.gradients_t).double()
+
+    @cached_property
+    def _gram_cholesky(self) -> torch.Tensor:
+        """Lower Cholesky factor of damping * I_n + G G^T (float64)."""
+        system = self.gram + self.damping * torch.eye(self.num_samples, dtype=torch.float64)
+        return torch.linalg.cholesky(system)
+
+    @cached_property
+    def inverse_diagonal(self) -> torch.Tensor:
+        """diag(H^-1) = (1 - colsum((L^-1 G)^2)) / damping, by Woodbury, in chunks of weights."""
+        chunk = 8192
+        factor = self._gram_cholesky.float()
+        out = torch.empty(self.num_weights, dtype=torch.float64)
+        for start in range(0, self.num_weights, chunk):
+            block = self.gradients_t[start : start + chunk].T
+            solved = torch.linalg.solve_triangular(factor, block, upper=False)
+            out[start : start + chunk] = 1.0 - solved.double().pow(2).sum(0)
+        return out.clamp_min(1e-12) / self.damping
+
+    def inverse_apply(self, v: torch.Tensor) -> torch.Tensor:
+        """H^-1 v = (v - G^T (lam I + G G^T)^-1 G v) / lam."""
+        gv = self.matvec(v.float()).double().unsqueeze(1)
+        coeff = torch.cholesky_solve(gv, self._gram_cholesky).squeeze(1).float()
+        return (v.float() - self.rmatvec(coeff)) / self.damping
+
+    def ridge_solve(self, kept, pruned, pruned_weights, dampings=None) -> list:
+        """argmin_d |G_S d - G_P w_P|^2 + lam |d|^2 on the kept set S, one solution per lam in `dampings`.
+
+        Uses the smaller of the |S| x |S| and n x n systems; the system is formed once for all dampings.
+        """
+        dampings = dampings or [self.damping]
+        target = self.columns(pruned).T @ pruned_weights.float()  # b = G_P w_P
+        kept_cols = self.columns(kept)  # |S| x n
+        if len(kept) <= self.num_samples:
+            system = (kept_cols @ kept_cols.T).double()
+            rhs = (kept_cols @ target).double()
+            return [_damped_solve(system, rhs, lam).float() for lam in dampings]
+        # G_S G_S^T from the cached Gram when P is the smaller side: n^2 |P| instead of n^2 |S| flops.
+        if len(pruned) < len(kept):
+            pruned_cols = self.columns(pruned)
+            system = self.gram - (pruned_cols.T @ pruned_cols).double()
+        else:
+            system = (kept_cols.T @ kept_cols).double()
+        return [kept_cols @ _damped_solve(system, target.double(), lam).float() for lam in dampings]
+
+
+def _damped_solve(system: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+    """(system + damping I)^-1 rhs for a symmetric positive semi-definite system, by Cholesky."""
+    damped = system.clone()
+    damped.diagonal().add_(damping)
+    factor = torch.linalg.cholesky(damped)
+    return torch.cholesky_solve(rhs.unsqueeze(1), factor).squeeze(1)

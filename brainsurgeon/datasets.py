@@ -1,0 +1,142 @@
+"""Dataset readers (no torchvision): MNIST idx files, scikit-learn's bundled digits for the demo."""
+import gzip
+import hashlib
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import BrainSurgeonError
+
+DATA_ENV = "BRAINSURGEON_DATA"
+
+
+@dataclass
+class Dataset:
+    """Normalised inputs and integer labels for a train and a test split."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def calibration(self, num_samples: int, seed: int):
+        """A seeded random subset of the training split."""
+        if num_samples > len(self.train_x):
+            raise BrainSurgeonError(f"not enough training samples: {num_samples} requested, {len(self.train_x)} exist")
+        index = torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(seed))[:num_samples]
+        return self.train_x[index], self.train_y[index]
+
+
+MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def resolve_data_dir(data_dir=None) -> Path:
+    data_dir = data_dir or os.environ.get(DATA_ENV)
+    if not data_dir:
+        raise BrainSurgeonError(f"no data directory; pass --data-dir or set {DATA_ENV}")
+    return Path(data_dir)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) idx file: magic (0, 0, dtype 0x08 = uint8, ndim), big-endian dims, data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise BrainSurgeonError(f"{path} is not a uint8 idx file")
+    ndim = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise BrainSurgeonError(f"{path} is truncated: header says {dims}, found {data.size} values")
+    return data.reshape(dims)
+
+
+def _find_mnist_file(directory: Path, name: str) -> Path:
+    for candidate in (directory / name, directory / "mnist" / name, directory / name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    raise BrainSurgeonError(f"MNIST file {name} not found in {directory}; pass the folder holding the idx files "
+                            "or run 'brainsurgeon download-mnist DIR' where a network exists")
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def download_mnist(directory, mirror: str = MNIST_MIRROR) -> Path:
+    """Fetch the four canonical MNIST files into `directory`, verifying their md5s (needs a network)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, md5 in MNIST_FILES.items():
+        target = directory / name
+        if target.is_file() and _md5(target) == md5:
+            continue
+        partial = target.with_suffix(".part")
+        urllib.request.urlretrieve(mirror + name, partial)
+        if _md5(partial) != md5:
+            partial.unlink()
+            raise BrainSurgeonError(f"downloaded {name} has the wrong md5; try another mirror")
+        partial.replace(target)
+    return directory
+
+
+def normalise_mnist(images: np.ndarray) -> torch.Tensor:
+    return (torch.from_numpy(images.astype(np.float32)) / 255.0 - MNIST_MEAN) / MNIST_STD
+
+
+def load_mnist(data_dir=None) -> Dataset:
+    """MNIST from the canonical idx files, flattened to 784 and normalised as in the paper."""
+    directory = resolve_data_dir(data_dir)
+    arrays = {name: read_idx(_find_mnist_file(directory, name)) for name in MNIST_FILES}
+    return Dataset(
+        "mnist",
+        normalise_mnist(arrays["train-images-idx3-ubyte.gz"]).reshape(-1, 784),
+        torch.from_numpy(arrays["train-labels-idx1-ubyte.gz"].astype(np.int64)),
+        normalise_mnist(arrays["t10k-images-idx3-ubyte.gz"]).reshape(-1, 784),
+        torch.from_numpy(arrays["t10k-labels-idx1-ubyte.gz"].astype(np.int64)),
+    )
+
+
+def load_digits_dataset(seed: int = 0) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 real images, shipped inside the package): 3/4 train, 1/4 test."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    split = len(x) * 3 // 4
+    return Dataset("digits", x[order[:split]], y[order[:split]], x[order[split:]], y[order[split:]])
+
+
+DATASETS = {"mnist": load_mnist}
+
+
+def load_dataset(name: str, data_dir=None) -> Dataset:
+    if name not in DATASETS:
+        raise BrainSurgeonError(f"unknown dataset '{name}'; choose from {sorted(DATASETS)}")
+    return DATASETS[name](data_dir)
+
+
+def accuracy(model, inputs, targets, batch_size=2048) -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            correct += int((model(inputs[start : start + batch_size]).argmax(1) == targets[start : start + batch_size]).sum())
+    return 100.0 * correct / len(inputs)

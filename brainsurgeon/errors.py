@@ -1,0 +1,5 @@
+"""The one exception type users see: every message names the problem and the fix."""
+
+
+class BrainSurgeonError(ValueError):
+    """Bad input or an impossible request; the message says what to change."""

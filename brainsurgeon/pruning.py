@@ -1,0 +1,143 @@
+"""The pruning driver: prune(model, calibration, sparsity, method) -> PruneResult."""
+import inspect
+import time
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from .calibration import collect
+from .curvature import EmpiricalFisher, check_memory, per_sample_gradients
+from .errors import BrainSurgeonError
+from .layers import find_prunable, flat_weights
+from .problem import PruningProblem, Segment
+from .result import PruneResult
+from .selection import SELECTIONS
+from .update import UPDATES
+
+DEFAULT_UPDATE = {"mp": "none", "random": "none", "wf": "obs", "cbs": "cbsu"}
+DEFAULT_DAMPING = 1e-3
+GIB = 1024**3
+
+
+def parse_method(method: str):
+    """'SELECTION[+UPDATE]' -> (selection, update); the update defaults per selection."""
+    selection, _, update = method.partition("+")
+    if selection not in SELECTIONS:
+        raise BrainSurgeonError(f"unknown selection '{selection}' in method '{method}'; choose from {sorted(SELECTIONS)}")
+    update = update or DEFAULT_UPDATE[selection]
+    if update not in UPDATES:
+        raise BrainSurgeonError(f"unknown update '{update}' in method '{method}'; choose from {sorted(UPDATES)}")
+    return selection, update
+
+
+def num_to_prune(sparsity: float, size: int) -> int:
+    """round(s * size) with halves rounded up, the same on every platform."""
+    return int(sparsity * size + 0.5)
+
+
+def make_segments(layers, sparsity: float, scope: str):
+    if scope == "global":
+        total = sum(layer.size for layer in layers)
+        return [Segment(slice(0, total), num_to_prune(sparsity, total))]
+    if scope == "layer":
+        return [Segment(layer.slice, num_to_prune(sparsity, layer.size)) for layer in layers]
+    raise BrainSurgeonError(f"unknown scope '{scope}'; use 'global' or 'layer'")
+
+
+def calibration_loss_fn(model, layers, inputs, targets, loss_fn, batch_size=1024):
+    """Return calibration_loss(flat): mean calibration loss with the prunable weights set to `flat`."""
+    params = dict(model.named_parameters())
+    state = {**{k: v.detach() for k, v in params.items()}, **dict(model.named_buffers())}
+
+    def calibration_loss(flat: torch.Tensor) -> float:
+        weights = {layer.param: flat[layer.slice].view(layer.shape) for layer in layers}
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(inputs), batch_size):
+                out = functional_call(model, {**state, **weights}, (inputs[start : start + batch_size],))
+                total += float(loss_fn(out, targets[start : start + batch_size])) * len(out)
+        return total / len(inputs)
+
+    return calibration_loss
+
+
+def _build_methods(selection_name: str, update_name: str, options: dict):
+    """Instantiate both methods, each with the options its constructor names; unknown options are an error."""
+    selection_cls, update_cls = SELECTIONS[selection_name], UPDATES[update_name]
+    update_keys = set(inspect.signature(update_cls.__init__).parameters) & set(options)
+    selection_keys = set(inspect.signature(selection_cls.__init__).parameters) & set(options)
+    unknown = set(options) - update_keys - selection_keys
+    if unknown:
+        raise BrainSurgeonError(f"unknown options {sorted(unknown)} for method '{selection_name}+{update_name}'")
+    return (selection_cls(**{k: options[k] for k in selection_keys}),
+            update_cls(**{k: options[k] for k in update_keys}))
+
+
+def _check_finite(model: nn.Module):
+    bad = [name for name, value in model.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise BrainSurgeonError(f"model has NaN or Inf in {bad[:5]}; load a healthy checkpoint before pruning")
+
+
+def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
+          num_samples: int | None = None, damping: float = DEFAULT_DAMPING, include=None, ignore=(),
+          scope: str = "global", seed: int = 0, max_memory: float = 8 * GIB, chunk_size: int = 256,
+          progress: bool = True, **options) -> PruneResult:
+    """One-shot prune of `model` to `sparsity` with `method` ('SELECTION[+UPDATE]', e.g. 'cbs', 'wf+cbsu').
+
+    `calibration`: an (X, y) pair or an iterable of (inputs, targets) batches; `num_samples` of them
+    (default: all) give the per-sample gradients. `options` go to whichever of the selection and the update
+    takes them by name (e.g. rho, tau for cbs; damping_grid for cbsu).
+    The model is not modified: call `result.apply(model)`.
+    """
+    if not 0 <= sparsity < 1:
+        raise BrainSurgeonError(f"sparsity must be in [0, 1), got {sparsity}; e.g. 0.9 prunes 90% of the weights")
+    selection_name, update_name = parse_method(method)
+    selection, update = _build_methods(selection_name, update_name, options)
+    layers, dense_layers = find_prunable(model, include, ignore)
+    _check_finite(model)
+    segments = make_segments(layers, sparsity, scope)
+    num_weights = sum(layer.size for layer in layers)
+    needs_fisher = selection.needs_fisher or update.needs_fisher
+    timings, start = {}, time.perf_counter()
+
+    inputs = targets = None
+    if needs_fisher or selection.needs_loss or update.needs_loss:
+        inputs, targets = collect(calibration, num_samples)
+        if needs_fisher:
+            check_memory(len(inputs), num_weights, max_memory)
+    problem = PruningProblem(weights=flat_weights(model, layers).float(), segments=segments,
+                             generator=torch.Generator().manual_seed(seed), show_progress=progress)
+    if inputs is not None:
+        problem.calibration_loss = calibration_loss_fn(model, layers, inputs, targets, loss_fn)
+    if needs_fisher:
+        gradients_t = per_sample_gradients(model, layers, inputs, targets, loss_fn, chunk_size, progress)
+        problem.fisher = EmpiricalFisher(gradients_t, damping)
+        timings["gradients"] = time.perf_counter() - start
+
+    mark = time.perf_counter()
+    pruned = selection.select(problem)
+    timings["selection"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    delta = update.delta(problem, pruned)
+    timings["update"] = time.perf_counter() - mark
+    timings["total"] = time.perf_counter() - start
+
+    new_flat = problem.weights + delta
+    new_flat[pruned] = 0.0  # exact zeros whatever the arithmetic
+    settings = dict(method=f"{selection_name}+{update_name}", selection=selection_name, update=update_name,
+                    sparsity=sparsity, scope=scope, seed=seed, damping=damping if needs_fisher else None,
+                    num_samples=None if inputs is None else len(inputs), layers=[layer.param for layer in layers],
+                    **selection.settings(), **update.settings())
+    result = PruneResult(
+        masks={layer.param: ~pruned[layer.slice].view(layer.shape) for layer in layers},
+        weights={layer.param: new_flat[layer.slice].view(layer.shape).clone() for layer in layers},
+        settings=settings, timings=timings, stats=problem.stats, dense_layers=dense_layers,
+    )
+    if needs_fisher:
+        fisher = problem.fisher
+        result.selection_objective = fisher.quadratic(problem.weights * pruned)
+        result.predicted_loss_increase = 0.5 * fisher.quadratic(delta)
+    return result

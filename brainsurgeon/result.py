@@ -1,0 +1,105 @@
+"""PruneResult: masks, new weights and the figures of one pruning run; apply, export, save, load."""
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from .atomic import atomic_path
+from .errors import BrainSurgeonError
+
+MASK_SUFFIX = "_mask"  # "fc1.weight" -> "fc1.weight_mask", the buffer name torch.nn.utils.prune uses
+
+
+@dataclass
+class PruneResult:
+    masks: dict  # parameter name -> bool tensor, True where the weight is kept
+    weights: dict  # parameter name -> new weight tensor, exact zeros where pruned
+    settings: dict  # resolved method, options, seed, damping, samples, ...
+    selection_objective: float | None = None  # CBS-S f(P) = u^T H u of the pruned set, without update
+    predicted_loss_increase: float | None = None  # 1/2 d^T H d of the applied change
+    timings: dict = field(default_factory=dict)  # seconds per phase
+    stats: dict = field(default_factory=dict)  # method-specific figures (cbs passes, swaps, ...)
+    dense_layers: dict = field(default_factory=dict)  # module name -> why it was left dense
+
+    @property
+    def num_weights(self) -> int:
+        return sum(mask.numel() for mask in self.masks.values())
+
+    @property
+    def num_pruned(self) -> int:
+        return sum(int((~mask).sum()) for mask in self.masks.values())
+
+    @property
+    def sparsity(self) -> float:
+        return self.num_pruned / self.num_weights
+
+    @property
+    def layer_sparsity(self) -> dict:
+        return {name: float((~mask).float().mean()) for name, mask in self.masks.items()}
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Write the new weights (zeros included) into `model` in place."""
+        params = dict(model.named_parameters())
+        missing = [name for name in self.weights if name not in params]
+        if missing:
+            raise BrainSurgeonError(f"model has no parameters {missing}; apply the result to the model it came from")
+        with torch.no_grad():
+            for name, weight in self.weights.items():
+                if params[name].shape != weight.shape:
+                    raise BrainSurgeonError(f"{name}: model shape {tuple(params[name].shape)} != result {tuple(weight.shape)}")
+                params[name].copy_(weight)
+        return model
+
+    def apply_masks(self, model: nn.Module) -> nn.Module:
+        """Apply the new weights, then attach the masks with torch.nn.utils.prune.custom_from_mask."""
+        self.apply(model)
+        modules = dict(model.named_modules())
+        for name, mask in self.masks.items():
+            module_name, _, attr = name.rpartition(".")
+            torch_prune.custom_from_mask(modules[module_name], attr, mask)
+        return model
+
+    def report(self) -> dict:
+        return {
+            "sparsity": self.sparsity,
+            "num_weights": self.num_weights,
+            "num_pruned": self.num_pruned,
+            "layer_sparsity": self.layer_sparsity,
+            "dense_layers": self.dense_layers,
+            "selection_objective": self.selection_objective,
+            "predicted_loss_increase": self.predicted_loss_increase,
+            "timings": self.timings,
+            "stats": self.stats,
+            "settings": self.settings,
+        }
+
+    def save(self, path, model: nn.Module | None = None) -> None:
+        """Write safetensors: new weights, masks ("<param>_mask", uint8) and the report as metadata.
+
+        With `model`, its other tensors are included too, so the file is a whole pruned state_dict.
+        """
+        tensors = {}
+        if model is not None:
+            tensors.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        tensors.update({name: weight.contiguous() for name, weight in self.weights.items()})
+        tensors.update({name + MASK_SUFFIX: mask.to(torch.uint8) for name, mask in self.masks.items()})
+        metadata = {"brainsurgeon": json.dumps(self.report())}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    @classmethod
+    def load(cls, path) -> "PruneResult":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            report = json.loads(handle.metadata()["brainsurgeon"])
+        tensors = load_file(str(path))
+        masks = {k[: -len(MASK_SUFFIX)]: v.bool() for k, v in tensors.items() if k.endswith(MASK_SUFFIX)}
+        weights = {name: tensors[name] for name in masks}
+        return cls(masks=masks, weights=weights, settings=report["settings"],
+                   selection_objective=report["selection_objective"],
+                   predicted_loss_increase=report["predicted_loss_increase"], timings=report["timings"],
+                   stats=report["stats"], dense_layers=report["dense_layers"])

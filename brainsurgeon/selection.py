@@ -1,0 +1,197 @@
+"""Selections: which weights to prune. Each returns a boolean "pruned" mask with exact per-segment counts."""
+import math
+from abc import ABC, abstractmethod
+
+import torch
+
+from .errors import BrainSurgeonError
+from .problem import PruningProblem, prune_lowest
+from .progress import progress_bar
+
+
+class Selection(ABC):
+    name: str
+    needs_fisher = False
+    needs_loss = False
+
+    @abstractmethod
+    def select(self, problem: PruningProblem) -> torch.Tensor: ...
+
+    def settings(self) -> dict:
+        return {}
+
+
+class Magnitude(Selection):
+    """Smallest |w| (global, or per layer when the problem has one segment per layer)."""
+
+    name = "mp"
+
+    def select(self, problem):
+        return prune_lowest(problem.weights.abs(), problem.segments)
+
+
+class Random(Selection):
+    name = "random"
+
+    def select(self, problem):
+        return prune_lowest(torch.rand(problem.num_weights, generator=problem.generator), problem.segments)
+
+
+class WoodFisher(Selection):
+    """OBS saliency rho_i = w_i^2 / (2 [H^-1]_ii); diag(H^-1) from the n x n Cholesky, no p x p matrix."""
+
+    name = "wf"
+    needs_fisher = True
+
+    def select(self, problem):
+        saliency = problem.weights.double().pow(2) / (2 * problem.fisher.inverse_diagonal)
+        return prune_lowest(saliency, problem.segments)
+
+
+def perturbed_magnitude_scores(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Magnitude rank inside random groups of ~sqrt(p) weights, as a quantile in (0, 1).
+
+    Pruning the lowest quantiles prunes about the same fraction of every random group, each by magnitude:
+    a mask near global magnitude pruning, perturbed at random.
+    """
+    p = weights.numel()
+    group = max(1, math.isqrt(p))
+    perm = torch.randperm(p, generator=generator)
+    magnitudes = weights.abs()[perm]
+    scores = torch.empty(p, dtype=torch.float64)
+    for start in range(0, p, group):
+        part = magnitudes[start : start + group]
+        ranks = torch.empty(len(part), dtype=torch.float64)
+        ranks[torch.sort(part, stable=True).indices] = torch.arange(len(part), dtype=torch.float64)
+        scores[perm[start : start + group]] = (ranks + 0.5) / len(part)
+    return scores
+
+
+class CombinatorialBrainSurgeon(Selection):
+    """CBS-S: local search of swaps on f(P) = u^T H u, u = w restricted to P (DESIGN.md section 2).
+
+    Starts from the best (by real calibration loss) of `init_trials` perturbed-magnitude masks and plain
+    magnitude; runs passes of swaps until a pass finds none (or `max_passes`); returns the pass whose mask
+    has the lowest real calibration loss.
+    """
+
+    name = "cbs"
+    needs_fisher = True
+    needs_loss = True
+
+    def __init__(self, epsilon=1e-4, rho=10, tau=20, max_passes=2000, init_trials=50):
+        if rho < 1 or tau < 1 or max_passes < 0 or init_trials < 0 or epsilon < 0:
+            raise BrainSurgeonError("cbs options: need rho >= 1, tau >= 1, max_passes >= 0, init_trials >= 0, epsilon >= 0")
+        self.epsilon, self.rho, self.tau = float(epsilon), int(rho), int(tau)
+        self.max_passes, self.init_trials = int(max_passes), int(init_trials)
+
+    def settings(self):
+        return dict(epsilon=self.epsilon, rho=self.rho, tau=self.tau, max_passes=self.max_passes,
+                    init_trials=self.init_trials)
+
+    def select(self, problem):
+        pruned = self._initial_mask(problem)
+        search = SwapSearch(problem, pruned, self.epsilon, self.rho, self.tau)
+        best_mask, best_loss = pruned.clone(), problem.loss_with_pruned(pruned)
+        start_objective, passes, swaps = search.objective, 0, 0
+        bar = progress_bar(None, "cbs swap passes", problem.show_progress, total=self.max_passes)
+        for passes in range(1, self.max_passes + 1):
+            accepted = search.run_pass()
+            bar.update()
+            if not accepted:
+                break
+            swaps += accepted
+            loss = problem.loss_with_pruned(search.pruned)
+            bar.set_postfix(swaps=swaps, f=f"{search.objective:.4g}", loss=f"{loss:.4g}")
+            if loss < best_loss:
+                best_mask, best_loss = search.pruned.clone(), loss
+        bar.close()
+        problem.stats.update(cbs_passes=passes, cbs_swaps=swaps, cbs_start_objective=start_objective,
+                             cbs_final_objective=search.objective, cbs_best_calibration_loss=best_loss)
+        return best_mask
+
+    def _initial_mask(self, problem):
+        candidates = [prune_lowest(problem.weights.abs(), problem.segments)]
+        for _ in range(self.init_trials):
+            scores = perturbed_magnitude_scores(problem.weights, problem.generator)
+            candidates.append(prune_lowest(scores, problem.segments))
+        losses = [problem.loss_with_pruned(mask) for mask in candidates]
+        best = min(range(len(candidates)), key=losses.__getitem__)
+        problem.stats.update(cbs_init_loss=losses[best], cbs_init_from_magnitude=best == 0)
+        return candidates[best]
+
+
+class SwapSearch:
+    """Swap moves on f(P) = |G_P w_P|^2 + lam |w_P|^2, keeping r = G_P w_P up to date in O(n) per swap.
+
+    With c = G^T r:
+      alpha_i = f(P) - f(P - i) = 2 w_i c_i - w_i^2 |g_i|^2 + lam w_i^2
+      beta_j  = f(P + j) - f(P) = 2 w_j c_j + w_j^2 |g_j|^2 + lam w_j^2
+      swapping i out and j in changes f by -alpha_i + beta_j - 2 w_i w_j g_i.g_j.
+    (DESIGN.md writes -lam w_i^2 in alpha; removing i from P also removes its lam w_i^2 from f, hence +.)
+    """
+
+    def __init__(self, problem: PruningProblem, pruned: torch.Tensor, epsilon, rho, tau):
+        self.fisher = problem.fisher
+        self.weights = problem.weights.double()
+        self.segments = problem.segments
+        self.pruned = pruned.clone()
+        self.epsilon, self.rho, self.tau = epsilon, rho, tau
+        squares = self.weights.pow(2)
+        self.curvature_terms = squares * self.fisher.column_sq_norms.double()  # w_i^2 |g_i|^2
+        self.damping_terms = squares * self.fisher.damping  # lam w_i^2
+        self.residual = self.fisher.matvec((problem.weights * pruned).float()).double()
+
+    @property
+    def objective(self) -> float:
+        return float(self.residual.pow(2).sum() + self.fisher.damping * self.weights[self.pruned].pow(2).sum())
+
+    def run_pass(self) -> int:
+        """One pass per segment over the current orderings; returns the number of swaps accepted."""
+        linear = 2 * self.weights * self.fisher.rmatvec(self.residual.float()).double()
+        alpha = linear - self.curvature_terms + self.damping_terms
+        beta = linear + self.curvature_terms + self.damping_terms
+        return sum(self._segment_pass(segment.region, alpha, beta) for segment in self.segments)
+
+    def _segment_pass(self, region, alpha, beta) -> int:
+        offset = region.start
+        in_pruned = self.pruned[region]
+        pruned_idx = torch.nonzero(in_pruned).squeeze(1)
+        kept_idx = torch.nonzero(~in_pruned).squeeze(1)
+        if len(pruned_idx) == 0 or len(kept_idx) == 0:
+            return 0
+        pruned_order = (pruned_idx[torch.argsort(alpha[region][pruned_idx], descending=True)] + offset).tolist()
+        kept_order = kept_idx[torch.argsort(beta[region][kept_idx])] + offset
+        accepted = failures = 0
+        for rank, i in enumerate(pruned_order):
+            window = kept_order[max(0, rank - self.rho) : rank + self.rho + 1]
+            window = window[~self.pruned[window]]  # skip weights already swapped in during this pass
+            if len(window) and self._try_swap(i, window):
+                accepted += 1
+                continue
+            failures += 1
+            if failures >= self.tau:
+                break
+        return accepted
+
+    def _try_swap(self, i: int, window: torch.Tensor) -> bool:
+        """Apply the first swap (i out of P, j in) that lowers f by at least epsilon."""
+        index = torch.cat([torch.tensor([i]), window])
+        columns = self.fisher.columns(index).double()  # (1 + m) x n
+        dots = columns @ self.residual
+        w = self.weights[index]
+        alpha_i = 2 * w[0] * dots[0] - self.curvature_terms[i] + self.damping_terms[i]
+        beta = 2 * w[1:] * dots[1:] + self.curvature_terms[window] + self.damping_terms[window]
+        gamma = 2 * w[0] * w[1:] * (columns[1:] @ columns[0])
+        delta = beta - gamma - alpha_i
+        better = torch.nonzero(delta <= -self.epsilon)
+        if len(better) == 0:
+            return False
+        k = int(better[0])
+        j = int(window[k])
+        self.pruned[i], self.pruned[j] = False, True
+        self.residual += w[1 + k] * columns[1 + k] - w[0] * columns[0]
+        return True
+
+
+SELECTIONS = {cls.name: cls for cls in (Magnitude, Random, WoodFisher, CombinatorialBrainSurgeon)}

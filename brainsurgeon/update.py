@@ -1,0 +1,91 @@
+"""Updates: new values for the kept weights once the pruned set P is fixed. Each returns the change d."""
+from abc import ABC, abstractmethod
+
+import torch
+
+from .errors import BrainSurgeonError
+from .problem import PruningProblem
+
+
+class Update(ABC):
+    name: str
+    needs_fisher = False
+    needs_loss = False
+
+    def delta(self, problem: PruningProblem, pruned: torch.Tensor) -> torch.Tensor:
+        """The change of every prunable weight: exactly -w on P, the compensation on the kept set."""
+        d = self.compensation(problem, pruned)
+        d[pruned] = -problem.weights[pruned]
+        return d
+
+    def settings(self) -> dict:
+        return {}
+
+    @abstractmethod
+    def compensation(self, problem: PruningProblem, pruned: torch.Tensor) -> torch.Tensor: ...
+
+
+class NoUpdate(Update):
+    name = "none"
+
+    def compensation(self, problem, pruned):
+        return torch.zeros_like(problem.weights)
+
+
+class OptimalBrainSurgeon(Update):
+    """WoodFisher's single-pass update: d = -H^-1 (w_P / diag(H^-1)_P), scattered on P."""
+
+    name = "obs"
+    needs_fisher = True
+
+    def compensation(self, problem, pruned):
+        fisher = problem.fisher
+        scaled = torch.zeros(problem.num_weights, dtype=torch.float64)
+        scaled[pruned] = problem.weights[pruned].double() / fisher.inverse_diagonal[pruned]
+        return -fisher.inverse_apply(scaled)
+
+
+class ExactOptimalBrainSurgeon(Update):
+    """CBS-U: the exact multi-weight OBS update, argmin_d |G_S d - G_P w_P|^2 + lam |d|^2 on the kept set S.
+
+    The compensation is fit to a quadratic model that stops holding as more weights go: with a small lam
+    it over-compensates at high sparsity, with a large one it under-compensates at low sparsity. So it is
+    solved for lam = Fisher damping x each of `damping_grid`, and the solution with the lowest real
+    calibration loss is kept (measured on MLPNet: the best lam moves from 1e-4 at 0.8 to 1e-2 at 0.98).
+    """
+
+    name = "cbsu"
+    needs_fisher = True
+
+    def __init__(self, damping_grid=(0.1, 1.0, 10.0, 100.0)):
+        if not damping_grid or min(damping_grid) <= 0:
+            raise BrainSurgeonError(f"damping_grid must hold positive multipliers, got {damping_grid}")
+        self.damping_grid = tuple(float(m) for m in damping_grid)
+
+    @property
+    def needs_loss(self) -> bool:
+        return len(self.damping_grid) > 1
+
+    def settings(self):
+        return {"damping_grid": list(self.damping_grid)}
+
+    def compensation(self, problem, pruned):
+        kept_idx = torch.nonzero(~pruned).squeeze(1)
+        pruned_idx = torch.nonzero(pruned).squeeze(1)
+        d = torch.zeros_like(problem.weights)
+        if not len(kept_idx) or not len(pruned_idx):
+            return d
+        dampings = [problem.fisher.damping * m for m in self.damping_grid]
+        solutions = problem.fisher.ridge_solve(kept_idx, pruned_idx, problem.weights[pruned_idx], dampings)
+        base = problem.weights * ~pruned
+        losses = []
+        for solution in solutions:
+            d[kept_idx] = solution
+            losses.append(problem.calibration_loss(base + d) if self.needs_loss else 0.0)
+        best = min(range(len(solutions)), key=losses.__getitem__)
+        d[kept_idx] = solutions[best]
+        problem.stats.update(cbsu_damping=dampings[best], cbsu_calibration_losses=dict(zip(map(str, dampings), losses)))
+        return d
+
+
+UPDATES = {cls.name: cls for cls in (NoUpdate, OptimalBrainSurgeon, ExactOptimalBrainSurgeon)}
