@@ -63,16 +63,25 @@ def calibration_loss_fn(model, layers, inputs, targets, loss_fn, batch_size=1024
     return calibration_loss
 
 
+def _option_names(cls) -> set:
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+def accepted_options(method: str, options: dict) -> dict:
+    """The subset of `options` that the method's selection or update takes (for sweeps over many methods)."""
+    selection_name, update_name = parse_method(method)
+    names = _option_names(SELECTIONS[selection_name]) | _option_names(UPDATES[update_name])
+    return {k: v for k, v in options.items() if k in names}
+
+
 def _build_methods(selection_name: str, update_name: str, options: dict):
     """Instantiate both methods, each with the options its constructor names; unknown options are an error."""
     selection_cls, update_cls = SELECTIONS[selection_name], UPDATES[update_name]
-    update_keys = set(inspect.signature(update_cls.__init__).parameters) & set(options)
-    selection_keys = set(inspect.signature(selection_cls.__init__).parameters) & set(options)
-    unknown = set(options) - update_keys - selection_keys
+    unknown = set(options) - _option_names(selection_cls) - _option_names(update_cls)
     if unknown:
         raise BrainSurgeonError(f"unknown options {sorted(unknown)} for method '{selection_name}+{update_name}'")
-    return (selection_cls(**{k: options[k] for k in selection_keys}),
-            update_cls(**{k: options[k] for k in update_keys}))
+    return (selection_cls(**{k: v for k, v in options.items() if k in _option_names(selection_cls)}),
+            update_cls(**{k: v for k, v in options.items() if k in _option_names(update_cls)}))
 
 
 def _check_finite(model: nn.Module):

@@ -79,19 +79,22 @@ class CombinatorialBrainSurgeon(Selection):
     needs_fisher = True
     needs_loss = True
 
-    def __init__(self, epsilon=1e-4, rho=10, tau=20, max_passes=2000, init_trials=50):
-        if rho < 1 or tau < 1 or max_passes < 0 or init_trials < 0 or epsilon < 0:
-            raise BrainSurgeonError("cbs options: need rho >= 1, tau >= 1, max_passes >= 0, init_trials >= 0, epsilon >= 0")
+    def __init__(self, epsilon=1e-4, rho=10, tau=20, max_passes=2000, init_trials=50, selection_damping=0.0):
+        if rho < 1 or tau < 1 or max_passes < 0 or init_trials < 0 or epsilon < 0 or selection_damping < 0:
+            raise BrainSurgeonError("cbs options: need rho >= 1, tau >= 1, max_passes >= 0, init_trials >= 0, "
+                                    "epsilon >= 0, selection_damping >= 0")
         self.epsilon, self.rho, self.tau = float(epsilon), int(rho), int(tau)
         self.max_passes, self.init_trials = int(max_passes), int(init_trials)
+        # The reference searched on the undamped F; measured on MLPNet, damping the search only hurt.
+        self.selection_damping = float(selection_damping)
 
     def settings(self):
         return dict(epsilon=self.epsilon, rho=self.rho, tau=self.tau, max_passes=self.max_passes,
-                    init_trials=self.init_trials)
+                    init_trials=self.init_trials, selection_damping=self.selection_damping)
 
     def select(self, problem):
         pruned = self._initial_mask(problem)
-        search = SwapSearch(problem, pruned, self.epsilon, self.rho, self.tau)
+        search = SwapSearch(problem, pruned, self.epsilon, self.rho, self.tau, self.selection_damping)
         best_mask, best_loss = pruned.clone(), problem.loss_with_pruned(pruned)
         start_objective, passes, swaps = search.objective, 0, 0
         bar = progress_bar(None, "cbs swap passes", problem.show_progress, total=self.max_passes)
@@ -122,7 +125,7 @@ class CombinatorialBrainSurgeon(Selection):
 
 
 class SwapSearch:
-    """Swap moves on f(P) = |G_P w_P|^2 + lam |w_P|^2, keeping r = G_P w_P up to date in O(n) per swap.
+    """Swap moves on f(P) = |G_P w_P|^2 + lam |w_P|^2 (lam = `damping`), keeping r = G_P w_P up to date in O(n) per swap.
 
     With c = G^T r:
       alpha_i = f(P) - f(P - i) = 2 w_i c_i - w_i^2 |g_i|^2 + lam w_i^2
@@ -131,20 +134,21 @@ class SwapSearch:
     (DESIGN.md writes -lam w_i^2 in alpha; removing i from P also removes its lam w_i^2 from f, hence +.)
     """
 
-    def __init__(self, problem: PruningProblem, pruned: torch.Tensor, epsilon, rho, tau):
+    def __init__(self, problem: PruningProblem, pruned: torch.Tensor, epsilon, rho, tau, damping=None):
         self.fisher = problem.fisher
+        self.damping = problem.fisher.damping if damping is None else damping
         self.weights = problem.weights.double()
         self.segments = problem.segments
         self.pruned = pruned.clone()
         self.epsilon, self.rho, self.tau = epsilon, rho, tau
         squares = self.weights.pow(2)
         self.curvature_terms = squares * self.fisher.column_sq_norms.double()  # w_i^2 |g_i|^2
-        self.damping_terms = squares * self.fisher.damping  # lam w_i^2
+        self.damping_terms = squares * self.damping  # lam w_i^2
         self.residual = self.fisher.matvec((problem.weights * pruned).float()).double()
 
     @property
     def objective(self) -> float:
-        return float(self.residual.pow(2).sum() + self.fisher.damping * self.weights[self.pruned].pow(2).sum())
+        return float(self.residual.pow(2).sum() + self.damping * self.weights[self.pruned].pow(2).sum())
 
     def run_pass(self) -> int:
         """One pass per segment over the current orderings; returns the number of swaps accepted."""
@@ -174,8 +178,8 @@ class SwapSearch:
                 break
         return accepted
 
-    def _try_swap(self, i: int, window: torch.Tensor) -> bool:
-        """Apply the first swap (i out of P, j in) that lowers f by at least epsilon."""
+    def swap_deltas(self, i: int, window: torch.Tensor):
+        """Exact change of f for swapping pruned i with each kept j in `window`, and the columns used."""
         index = torch.cat([torch.tensor([i]), window])
         columns = self.fisher.columns(index).double()  # (1 + m) x n
         dots = columns @ self.residual
@@ -183,14 +187,18 @@ class SwapSearch:
         alpha_i = 2 * w[0] * dots[0] - self.curvature_terms[i] + self.damping_terms[i]
         beta = 2 * w[1:] * dots[1:] + self.curvature_terms[window] + self.damping_terms[window]
         gamma = 2 * w[0] * w[1:] * (columns[1:] @ columns[0])
-        delta = beta - gamma - alpha_i
+        return beta - gamma - alpha_i, columns
+
+    def _try_swap(self, i: int, window: torch.Tensor) -> bool:
+        """Apply the first swap (i out of P, j in) that lowers f by at least epsilon."""
+        delta, columns = self.swap_deltas(i, window)
         better = torch.nonzero(delta <= -self.epsilon)
         if len(better) == 0:
             return False
         k = int(better[0])
         j = int(window[k])
         self.pruned[i], self.pruned[j] = False, True
-        self.residual += w[1 + k] * columns[1 + k] - w[0] * columns[0]
+        self.residual += self.weights[j] * columns[1 + k] - self.weights[i] * columns[0]
         return True
 
 

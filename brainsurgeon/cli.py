@@ -1,0 +1,169 @@
+"""Command line: a thin shell over brainsurgeon.prune and brainsurgeon.bench."""
+import argparse
+import json
+import sys
+
+import torch
+
+from . import bench
+from .atomic import check_writable, write_text
+from .datasets import DATASETS, accuracy, download_mnist, load_dataset
+from .demo import demo_setup
+from .errors import BrainSurgeonError
+from .models import MODELS, build_model
+from .pruning import DEFAULT_DAMPING, GIB, prune
+
+DEFAULT_CALIB_SAMPLES = 10000
+
+
+def _floats(text: str):
+    return [float(v) for v in text.split(",") if v]
+
+
+def _ints(text: str):
+    return [int(v) for v in text.split(",") if v]
+
+
+def _add_common(parser):
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlpnet")
+    parser.add_argument("--checkpoint", required=True, help="trained weights (.ckpt/.pth/.pth.tar state_dict)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    parser.add_argument("--data-dir", help="dataset folder (default: $BRAINSURGEON_DATA)")
+    parser.add_argument("--calib-samples", type=int,
+                        help=f"per-sample gradients from a seeded random subset of the training split "
+                             f"(default {DEFAULT_CALIB_SAMPLES}, or the whole split if smaller)")
+    parser.add_argument("--damp", type=float, default=DEFAULT_DAMPING, help="Fisher damping lambda")
+    parser.add_argument("--max-memory-gb", type=float, default=8.0, help="refuse runs estimated above this")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    cbs = parser.add_argument_group("cbs options")
+    cbs.add_argument("--epsilon", type=float, help="minimum improvement of a swap (default 1e-4)")
+    cbs.add_argument("--rho", type=int, help="candidate window half-width (default 10)")
+    cbs.add_argument("--tau", type=int, help="failed attempts that end a pass (default 20)")
+    cbs.add_argument("--max-passes", type=int, help="cap on swap passes")
+    cbs.add_argument("--init-trials", type=int, help="perturbed-magnitude starting masks (default 50)")
+
+
+def _method_options(args) -> dict:
+    names = ("epsilon", "rho", "tau", "max_passes", "init_trials")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _calib_samples(args, dataset) -> int:
+    """An explicit --calib-samples must exist in the data; the default shrinks to a small training split."""
+    return args.calib_samples or min(DEFAULT_CALIB_SAMPLES, len(dataset.train_x))
+
+
+def _cmd_prune(args):
+    for path in (args.out, args.report):
+        if path:
+            check_writable(path)
+    model = build_model(args.model, args.checkpoint)
+    dataset = load_dataset(args.dataset, args.data_dir)
+    calibration = dataset.calibration(_calib_samples(args, dataset), args.seed)
+    result = prune(model, calibration, args.sparsity, args.method, damping=args.damp, seed=args.seed,
+                   scope=args.scope, include=args.include, ignore=args.ignore or (),
+                   max_memory=args.max_memory_gb * GIB, progress=not args.quiet, **_method_options(args))
+    dense_acc = accuracy(model, dataset.test_x, dataset.test_y)
+    pruned_acc = accuracy(result.apply(model), dataset.test_x, dataset.test_y)
+    result.save(args.out, model)
+    report = {**result.report(), "dense_accuracy": dense_acc, "accuracy": pruned_acc, "note": bench.UNSTRUCTURED_NOTE}
+    if args.report:
+        write_text(args.report, json.dumps(report, indent=2) + "\n")
+    print(f"{result.settings['method']} at sparsity {args.sparsity}: pruned {result.num_pruned} of "
+          f"{result.num_weights} weights; test accuracy {dense_acc:.2f}% -> {pruned_acc:.2f}% "
+          f"in {result.timings['total']:.1f}s; wrote {args.out}")
+    print(bench.UNSTRUCTURED_NOTE)
+
+
+def _finish_bench(report, args):
+    print(bench.format_table(report))
+    if args.json:
+        bench.write_json(report, args.json)
+    if args.plot:
+        bench.plot(report, args.plot)
+
+
+def _check_outputs(args):
+    for path in (args.json, args.plot):
+        if path:
+            check_writable(path)
+
+
+def _cmd_bench(args):
+    _check_outputs(args)
+    model = build_model(args.model, args.checkpoint)
+    dataset = load_dataset(args.dataset, args.data_dir)
+    report = bench.run_benchmark(model, dataset, args.methods.split(","), _floats(args.sparsities), _ints(args.seeds),
+                                 _calib_samples(args, dataset), args.damp, model_name=args.model, progress=not args.quiet,
+                                 max_memory=args.max_memory_gb * GIB, **_method_options(args))
+    _finish_bench(report, args)
+
+
+def _cmd_demo(args):
+    _check_outputs(args)
+    print("Training a 64-64-32-10 MLP on scikit-learn's bundled 8x8 digits ...", file=sys.stderr)
+    model, dataset = demo_setup(args.seed)
+    report = bench.run_benchmark(model, dataset, args.methods.split(","), _floats(args.sparsities), _ints(args.seeds),
+                                 calib_samples=len(dataset.train_x), damping=args.damp, model_name="digits-mlp",
+                                 progress=not args.quiet)
+    _finish_bench(report, args)
+
+
+def _cmd_download(args):
+    print(f"MNIST files verified in {download_mnist(args.directory)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brainsurgeon", description="One-shot second-order pruning (CBS).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a checkpoint and write the pruned weights and masks")
+    _add_common(p)
+    p.add_argument("--sparsity", type=float, required=True)
+    p.add_argument("--method", default="cbs", help="SELECTION[+UPDATE], e.g. cbs, wf, mp, wf+cbsu")
+    p.add_argument("--scope", choices=("global", "layer"), default="global")
+    p.add_argument("--include", nargs="*", help="module types or name regexes to prune (default: Linear)")
+    p.add_argument("--ignore", nargs="*", help="module types or name regexes to leave dense")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .safetensors (pruned state_dict + masks)")
+    p.add_argument("--report", help="machine-readable JSON report")
+    p.set_defaults(run=_cmd_prune)
+
+    b = sub.add_parser("bench", help="accuracy table of methods x sparsities x seeds")
+    _add_common(b)
+    b.add_argument("--methods", default="mp,wf,cbs")
+    b.add_argument("--sparsities", default="0.5,0.6,0.7,0.8,0.9,0.95,0.98")
+    b.add_argument("--seeds", default="0")
+    b.add_argument("--json", help="write results as JSON")
+    b.add_argument("--plot", help="write accuracy-vs-sparsity PNG (needs matplotlib)")
+    b.set_defaults(run=_cmd_bench)
+
+    d = sub.add_parser("demo", help="the embedded default: no files, no network")
+    d.add_argument("--methods", default="mp,wf,cbs")
+    d.add_argument("--sparsities", default="0.3,0.5,0.7,0.8")
+    d.add_argument("--seeds", default="0")
+    d.add_argument("--seed", type=int, default=0, help="seed of the demo model's training")
+    d.add_argument("--damp", type=float, default=DEFAULT_DAMPING)
+    d.add_argument("--json")
+    d.add_argument("--plot")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(run=_cmd_demo)
+
+    dl = sub.add_parser("download-mnist", help="fetch the canonical MNIST files (md5-verified; needs a network)")
+    dl.add_argument("directory")
+    dl.set_defaults(run=_cmd_download)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except BrainSurgeonError as error:
+        print(f"brainsurgeon: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

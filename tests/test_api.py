@@ -1,0 +1,138 @@
+"""The public API: exact counts, determinism, masks through safetensors and torch.nn.utils.prune, errors."""
+import copy
+import math
+
+import pytest
+import torch
+from torch.nn.utils import prune as torch_prune
+
+import brainsurgeon
+from brainsurgeon import BrainSurgeonError, PruneResult
+from brainsurgeon.pruning import accepted_options
+from conftest import tiny_problem
+
+METHODS = ["mp", "random", "wf", "cbs", "mp+cbsu", "wf+cbsu", "cbs+none", "random+obs"]
+
+
+def small_mlp(seed=0):
+    return tiny_problem(seed, n=64, sizes=((8, 16), (16, 12), (12, 5)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.33, 0.5, 0.9])
+def test_exactly_round_s_p_weights_are_pruned(method, sparsity):
+    model, x, y = small_mlp()
+    options = accepted_options(method, {"init_trials": 3})
+    result = brainsurgeon.prune(model, (x, y), sparsity, method, progress=False, **options)
+    p = 8 * 16 + 16 * 12 + 12 * 5
+    assert result.num_weights == p
+    assert result.num_pruned == int(sparsity * p + 0.5)
+    for name, mask in result.masks.items():
+        assert torch.all(result.weights[name][~mask] == 0)
+
+
+def test_layer_scope_prunes_each_layer_to_the_sparsity():
+    model, x, y = small_mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.7, "cbs", scope="layer", progress=False, init_trials=3)
+    for name, mask in result.masks.items():
+        assert int((~mask).sum()) == int(0.7 * mask.numel() + 0.5), name
+
+
+def test_same_seed_same_result_and_model_untouched():
+    model, x, y = small_mlp()
+    before = copy.deepcopy(model.state_dict())
+    first = brainsurgeon.prune(model, (x, y), 0.8, "cbs", seed=3, progress=False, init_trials=5)
+    second = brainsurgeon.prune(model, (x, y), 0.8, "cbs", seed=3, progress=False, init_trials=5)
+    for name in first.masks:
+        assert torch.equal(first.masks[name], second.masks[name])
+        assert torch.equal(first.weights[name], second.weights[name])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_random_selection_depends_on_the_seed():
+    model, x, y = small_mlp()
+    masks = [brainsurgeon.prune(model, (x, y), 0.5, "random", seed=s, progress=False).masks for s in (0, 1)]
+    assert any(not torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+
+
+def test_calibration_as_batches_equals_pair():
+    model, x, y = small_mlp()
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    a = brainsurgeon.prune(model, (x, y), 0.6, "wf", progress=False)
+    b = brainsurgeon.prune(model, batches, 0.6, "wf", progress=False)
+    for name in a.masks:
+        assert torch.equal(a.masks[name], b.masks[name])
+        assert torch.allclose(a.weights[name], b.weights[name], atol=1e-5)
+
+
+def test_cbs_search_lowers_its_objective_and_never_returns_a_worse_mask_than_its_start():
+    model, x, y = small_mlp()
+    cbs = brainsurgeon.prune(model, (x, y), 0.8, "cbs+none", progress=False, init_trials=0)
+    assert cbs.stats["cbs_swaps"] > 0
+    assert cbs.stats["cbs_final_objective"] < cbs.stats["cbs_start_objective"]
+    assert cbs.stats["cbs_best_calibration_loss"] <= cbs.stats["cbs_init_loss"]
+    assert brainsurgeon.prune(model, (x, y), 0.8, "mp+none", progress=False).selection_objective is None
+
+
+def test_masks_round_trip_through_safetensors_and_torch_prune(tmp_path):
+    model, x, y = small_mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.75, "cbs", progress=False, init_trials=3)
+    path = tmp_path / "pruned.safetensors"
+    result.save(path, model)
+    loaded = PruneResult.load(path)
+    assert loaded.settings == result.settings
+    for name in result.masks:
+        assert torch.equal(loaded.masks[name], result.masks[name])
+        assert torch.equal(loaded.weights[name], result.weights[name])
+    applied = result.apply(copy.deepcopy(model))
+    masked = loaded.apply_masks(copy.deepcopy(model))
+    for name, mask in result.masks.items():
+        module = dict(masked.named_modules())[name.rsplit(".", 1)[0]]
+        assert torch_prune.is_pruned(module)
+        assert torch.equal(module.weight_mask.bool(), mask)
+    assert torch.allclose(applied(x), masked(x))
+
+
+def test_apply_refuses_a_different_model():
+    model, x, y = small_mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.5, "mp", progress=False)
+    with pytest.raises(BrainSurgeonError, match="no parameters"):
+        result.apply(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, math.nan])
+def test_sparsity_outside_range_is_refused(sparsity):
+    model, x, y = small_mlp()
+    with pytest.raises(BrainSurgeonError, match=r"sparsity must be in \[0, 1\)"):
+        brainsurgeon.prune(model, (x, y), sparsity, "mp")
+
+
+def test_bad_inputs_name_the_problem():
+    model, x, y = small_mlp()
+    with pytest.raises(BrainSurgeonError, match="no prunable layers"):
+        brainsurgeon.prune(model, (x, y), 0.5, "mp", include=["Conv2d"])
+    with pytest.raises(BrainSurgeonError, match="unknown selection"):
+        brainsurgeon.prune(model, (x, y), 0.5, "obd")
+    with pytest.raises(BrainSurgeonError, match="unknown update"):
+        brainsurgeon.prune(model, (x, y), 0.5, "mp+sgd")
+    with pytest.raises(BrainSurgeonError, match="unknown options"):
+        brainsurgeon.prune(model, (x, y), 0.5, "cbs", rhoo=3)
+    with pytest.raises(BrainSurgeonError, match="not enough calibration samples"):
+        brainsurgeon.prune(model, (x, y), 0.5, "wf", num_samples=1000)
+    with pytest.raises(BrainSurgeonError, match="NaN"):
+        brainsurgeon.prune(model, (x * math.nan, y), 0.5, "wf")
+    with pytest.raises(BrainSurgeonError, match="max_memory"):
+        brainsurgeon.prune(model, (x, y), 0.5, "wf", max_memory=1000)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken[0].weight[0, 0] = math.nan
+    with pytest.raises(BrainSurgeonError, match="NaN or Inf"):
+        brainsurgeon.prune(broken, (x, y), 0.5, "mp")
+
+
+def test_ignore_patterns_leave_layers_dense_and_say_why():
+    model, x, y = small_mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.5, "mp", ignore=[r"^0$"], progress=False)
+    assert "0.weight" not in result.masks
+    assert "ignore" in result.dense_layers["0"]

@@ -1,0 +1,114 @@
+"""The command line: the demo runs, and every bad input exits non-zero with one line naming the problem."""
+import json
+import os
+
+import pytest
+import torch
+
+from brainsurgeon.cli import main
+from brainsurgeon.models import MLPNet
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def mnist_like(tmp_path):
+    """A tiny MNIST folder in the idx format and a matching random MLPNet checkpoint."""
+    import gzip
+
+    generator = torch.Generator().manual_seed(0)
+
+    def write_idx(name, array):
+        header = bytes([0, 0, 8, array.dim()]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+        with gzip.open(tmp_path / name, "wb") as handle:
+            handle.write(header + array.numpy().tobytes())
+
+    for prefix, count in (("train", 300), ("t10k", 100)):
+        write_idx(f"{prefix}-images-idx3-ubyte.gz", torch.randint(0, 256, (count, 28, 28), generator=generator, dtype=torch.uint8))
+        write_idx(f"{prefix}-labels-idx1-ubyte.gz", torch.randint(0, 10, (count,), generator=generator, dtype=torch.uint8))
+    checkpoint = tmp_path / "mlp.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in MLPNet().state_dict().items()}}, checkpoint)
+    return tmp_path, checkpoint
+
+
+def test_prune_writes_weights_masks_and_report(capsys, mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    out, report = tmp_path / "pruned.safetensors", tmp_path / "report.json"
+    code, stdout, _ = run(capsys, "prune", "--checkpoint", str(checkpoint), "--data-dir", str(data),
+                          "--sparsity", "0.9", "--method", "cbs", "--calib-samples", "200", "--init-trials", "2",
+                          "--out", str(out), "--report", str(report), "--quiet")
+    assert code == 0, stdout
+    figures = json.loads(report.read_text())
+    assert figures["num_pruned"] == int(0.9 * 32360 + 0.5)
+    assert figures["settings"]["method"] == "cbs+cbsu"
+    assert "not make the model smaller or faster" in stdout
+    assert out.stat().st_size > 0
+
+
+def test_bench_writes_the_documented_json_shape(capsys, mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    out = tmp_path / "bench.json"
+    code, stdout, _ = run(capsys, "bench", "--checkpoint", str(checkpoint), "--data-dir", str(data),
+                          "--methods", "mp,wf", "--sparsities", "0.5,0.9", "--seeds", "0,1", "--calib-samples", "100",
+                          "--json", str(out), "--plot", str(tmp_path / "plot.png"), "--quiet")
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert {"model", "dataset", "dense_accuracy", "settings", "results"} <= set(report)
+    assert len(report["results"]) == 8
+    assert {"method", "sparsity", "seed", "accuracy", "seconds", "achieved_sparsity"} <= set(report["results"][0])
+    assert "±" in stdout and (tmp_path / "plot.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "1.2"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "0.5", "--method", "foo"], "unknown selection 'foo'"),
+    (["--sparsity", "0.5", "--calib-samples", "100000", "--method", "wf"], "not enough training samples"),
+    (["--sparsity", "0.5", "--method", "wf", "--max-memory-gb", "0.0001"], "max_memory"),
+])
+def test_bad_arguments_exit_nonzero_with_one_line(capsys, mnist_like, tmp_path, extra, message):
+    data, checkpoint = mnist_like
+    code, _, err = run(capsys, "prune", "--checkpoint", str(checkpoint), "--data-dir", str(data),
+                       "--out", str(tmp_path / "o.safetensors"), "--quiet", *extra)
+    assert code == 2
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_checkpoint_of_another_model_is_refused(capsys, mnist_like, tmp_path):
+    data, _ = mnist_like
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"fc1.weight": torch.zeros(3, 3)}, wrong)
+    code, _, err = run(capsys, "prune", "--checkpoint", str(wrong), "--data-dir", str(data), "--sparsity", "0.5",
+                       "--out", str(tmp_path / "o.safetensors"))
+    assert code == 2 and "does not match MLPNet" in err
+    code, _, err = run(capsys, "prune", "--checkpoint", str(tmp_path / "none.pt"), "--data-dir", str(data),
+                       "--sparsity", "0.5", "--out", str(tmp_path / "o.safetensors"))
+    assert code == 2 and "not found" in err
+
+
+def test_unwritable_output_fails_before_any_work(capsys, mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    code, _, err = run(capsys, "prune", "--checkpoint", str(checkpoint), "--data-dir", str(data), "--sparsity", "0.5",
+                       "--out", str(tmp_path / "missing" / "o.safetensors"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_missing_data_dir_names_the_fix(capsys, mnist_like, tmp_path, monkeypatch):
+    _, checkpoint = mnist_like
+    monkeypatch.delenv("BRAINSURGEON_DATA", raising=False)
+    code, _, err = run(capsys, "prune", "--checkpoint", str(checkpoint), "--sparsity", "0.5",
+                       "--out", str(tmp_path / "o.safetensors"))
+    assert code == 2 and "--data-dir" in err
+
+
+def test_demo_runs_on_embedded_data(capsys, tmp_path):
+    out = tmp_path / "demo.json"
+    code, stdout, _ = run(capsys, "demo", "--sparsities", "0.5", "--methods", "mp,cbs", "--quiet", "--json", str(out))
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["dense_accuracy"] > 90
+    assert "digits" in stdout

@@ -1,0 +1,125 @@
+"""The math against dense p x p formulas and brute force, on small random problems."""
+import itertools
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from brainsurgeon.curvature import EmpiricalFisher
+from brainsurgeon.problem import PruningProblem, Segment
+from brainsurgeon.selection import SwapSearch, WoodFisher
+from brainsurgeon.update import ExactOptimalBrainSurgeon, OptimalBrainSurgeon
+
+torch.set_default_dtype(torch.float32)
+
+
+def random_problem(seed, n, p, k, damping):
+    gen = torch.Generator().manual_seed(seed)
+    gradients_t = torch.randn(p, n, generator=gen, dtype=torch.float64).float() / n**0.5
+    weights = torch.randn(p, generator=gen)
+    fisher = EmpiricalFisher(gradients_t, damping)
+    problem = PruningProblem(weights=weights, segments=[Segment(slice(0, p), k)], generator=gen, fisher=fisher)
+    return problem
+
+
+def dense_hessian(problem):
+    g = problem.fisher.gradients_t.double()
+    return g @ g.T + problem.fisher.damping * torch.eye(problem.num_weights, dtype=torch.float64)
+
+
+def objective(problem, pruned):
+    """Brute-force f(P) = u^T H u with u = w on P."""
+    u = (problem.weights * pruned).double()
+    return float(u @ dense_hessian(problem) @ u)
+
+
+problems = st.tuples(st.integers(0, 10_000), st.integers(2, 12), st.integers(3, 14), st.sampled_from([1e-3, 0.1, 1.0]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems, st.data())
+def test_swap_deltas_equal_brute_force_objective_changes(spec, data):
+    seed, n, p, damping = spec
+    k = data.draw(st.integers(1, p - 1))
+    problem = random_problem(seed, n, p, k, damping)
+    pruned = torch.zeros(p, dtype=torch.bool)
+    pruned[torch.randperm(p, generator=problem.generator)[:k]] = True
+    search = SwapSearch(problem, pruned, epsilon=0.0, rho=2, tau=3)
+    assert abs(search.objective - objective(problem, pruned)) < 1e-6 * (1 + objective(problem, pruned))
+    i = int(torch.nonzero(pruned)[0])
+    window = torch.nonzero(~pruned).squeeze(1)
+    deltas, _ = search.swap_deltas(i, window)
+    before = objective(problem, pruned)
+    for j, delta in zip(window.tolist(), deltas.tolist()):
+        swapped = pruned.clone()
+        swapped[i], swapped[j] = False, True
+        assert abs(delta - (objective(problem, swapped) - before)) < 1e-6 * (1 + before)
+
+
+@settings(max_examples=25, deadline=None)
+@given(problems, st.data())
+def test_swap_passes_keep_the_residual_exact_and_never_raise_f(spec, data):
+    seed, n, p, damping = spec
+    k = data.draw(st.integers(1, p - 1))
+    problem = random_problem(seed, n, p, k, damping)
+    pruned = torch.zeros(p, dtype=torch.bool)
+    pruned[:k] = True
+    search = SwapSearch(problem, pruned, epsilon=0.0, rho=p, tau=p)
+    previous = search.objective
+    for _ in range(5):
+        search.run_pass()
+        assert int(search.pruned.sum()) == k
+        assert abs(search.objective - objective(problem, search.pruned)) < 1e-5 * (1 + previous)
+        assert search.objective <= previous + 1e-9
+        previous = search.objective
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems, st.data())
+def test_cbsu_equals_brute_force_constrained_least_squares(spec, data):
+    seed, n, p, damping = spec
+    k = data.draw(st.integers(1, p - 1))  # both |S| <= n and |S| > n systems get drawn
+    problem = random_problem(seed, n, p, k, damping)
+    pruned = torch.zeros(p, dtype=torch.bool)
+    pruned[torch.randperm(p, generator=problem.generator)[:k]] = True
+    d = ExactOptimalBrainSurgeon(damping_grid=[1.0]).delta(problem, pruned).double()
+    hessian = dense_hessian(problem)
+    kept = ~pruned
+    w_p = problem.weights.double()[pruned]
+    expected = torch.linalg.solve(hessian[kept][:, kept], hessian[kept][:, pruned] @ w_p)
+    assert torch.allclose(d[kept], expected, rtol=1e-3, atol=1e-3 * (1 + expected.abs().max()))
+    assert torch.equal(d[pruned], -w_p)
+    # Its loss increase is the OBS formula 1/2 w_P^T ([H^-1]_PP)^-1 w_P.
+    inverse = torch.linalg.inv(hessian)
+    predicted = 0.5 * w_p @ torch.linalg.solve(inverse[pruned][:, pruned], w_p)
+    assert abs(0.5 * problem.fisher.quadratic(d.float()) - float(predicted)) < 1e-3 * (1 + float(predicted))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems)
+def test_wf_saliency_and_obs_update_equal_dense_formulas(spec):
+    seed, n, p, damping = spec
+    problem = random_problem(seed, n, p, max(1, p // 2), damping)
+    inverse = torch.linalg.inv(dense_hessian(problem))
+    diag = inverse.diagonal()
+    assert torch.allclose(problem.fisher.inverse_diagonal, diag, rtol=1e-3)
+    pruned = WoodFisher().select(problem)
+    saliency = problem.weights.double() ** 2 / (2 * diag)
+    assert set(torch.nonzero(pruned).squeeze(1).tolist()) == set(torch.argsort(saliency)[: p // 2 or 1].tolist())
+    d = OptimalBrainSurgeon().delta(problem, pruned).double()
+    expected = -inverse[:, pruned] @ (problem.weights.double()[pruned] / diag[pruned])
+    kept = ~pruned
+    assert torch.allclose(d[kept], expected[kept], rtol=1e-3, atol=1e-4 * (1 + expected.abs().max()))
+
+
+def test_cbs_local_search_finds_the_brute_force_optimum_on_a_tiny_problem():
+    problem = random_problem(3, 6, 8, 4, 1e-3)
+    best = min(itertools.combinations(range(8), 4),
+               key=lambda combo: objective(problem, torch.isin(torch.arange(8), torch.tensor(combo))))
+    best_value = objective(problem, torch.isin(torch.arange(8), torch.tensor(best)))
+    pruned = torch.zeros(8, dtype=torch.bool)
+    pruned[:4] = True
+    search = SwapSearch(problem, pruned, epsilon=0.0, rho=8, tau=8)
+    while search.run_pass():
+        pass
+    # With full windows the swap search reaches the global optimum of this instance.
+    assert abs(search.objective - best_value) < 1e-6 * best_value

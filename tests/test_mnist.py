@@ -1,0 +1,38 @@
+"""End to end on the real MLPNet checkpoint and MNIST from ../shared/data."""
+import copy
+
+import pytest
+
+import brainsurgeon
+from brainsurgeon.datasets import accuracy, load_mnist
+from brainsurgeon.models import build_model
+
+
+@pytest.fixture(scope="module")
+def mlpnet(shared_data):
+    model = build_model("mlpnet", shared_data / "checkpoints" / "mnist_25_epoch_93.97.ckpt")
+    return model, load_mnist(shared_data / "mnist")
+
+
+def test_dense_accuracy_is_the_checkpoints(mlpnet):
+    model, mnist = mlpnet
+    assert accuracy(model, mnist.test_x, mnist.test_y) == pytest.approx(93.97, abs=1e-9)
+
+
+@pytest.mark.parametrize("sparsity, expected", [(0.5, 93.93), (0.9, 90.28), (0.98, 32.25)])
+def test_magnitude_pruning_reproduces_the_paper(mlpnet, sparsity, expected):
+    model, mnist = mlpnet
+    result = brainsurgeon.prune(model, None, sparsity, "mp", progress=False)
+    assert result.num_pruned == int(sparsity * 32360 + 0.5)
+    assert accuracy(result.apply(copy.deepcopy(model)), mnist.test_x, mnist.test_y) == pytest.approx(expected, abs=0.02)
+
+
+def test_cbs_beats_magnitude_at_high_sparsity(mlpnet):
+    model, mnist = mlpnet
+    calibration = mnist.calibration(2000, seed=0)
+    mp = brainsurgeon.prune(model, None, 0.95, "mp", progress=False)
+    cbs = brainsurgeon.prune(model, calibration, 0.95, "cbs", progress=False, init_trials=10)
+    assert cbs.num_pruned == mp.num_pruned
+    mp_acc = accuracy(mp.apply(copy.deepcopy(model)), mnist.test_x, mnist.test_y)
+    cbs_acc = accuracy(cbs.apply(copy.deepcopy(model)), mnist.test_x, mnist.test_y)
+    assert cbs_acc > mp_acc + 2.0
