@@ -7,14 +7,14 @@ import time
 
 from .atomic import atomic_path, write_text
 from .datasets import Dataset, accuracy
-from .pruning import accepted_options, parse_method, prune
+from .pruning import GIB, accepted_options, parse_method, prune
 
 UNSTRUCTURED_NOTE = ("Unstructured sparsity alone does not make the model smaller or faster: "
                      "the zeros need sparse storage or sparse kernels to pay off.")
 
 
 def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), calib_samples=10000, damping=1e-3,
-                  model_name="model", progress=True, **options) -> dict:
+                  model_name="model", progress=True, max_memory=8 * GIB, **options) -> dict:
     """Prune `model` with every method x sparsity x seed; each run starts from the dense model.
 
     `seconds` is the wall time of the prune call, per-sample gradients included.
@@ -28,8 +28,8 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
         for sparsity in sparsities:
             for method in methods:
                 start = time.perf_counter()
-                result = prune(model, calibration, sparsity, method, damping=damping, seed=seed,
-                               progress=progress, **accepted_options(method, options))
+                result = prune(model, calibration, sparsity, method, damping=damping, seed=seed, progress=progress,
+                               max_memory=max_memory, **accepted_options(method, options))
                 seconds = time.perf_counter() - start
                 pruned_model = result.apply(copy.deepcopy(model))
                 row = dict(method=method, sparsity=sparsity, seed=seed,

@@ -112,3 +112,10 @@ def test_demo_runs_on_embedded_data(capsys, tmp_path):
     report = json.loads(out.read_text())
     assert report["dense_accuracy"] > 90
     assert "digits" in stdout
+
+
+def test_bench_honours_the_memory_budget(capsys, mnist_like):
+    data, checkpoint = mnist_like
+    code, _, err = run(capsys, "bench", "--checkpoint", str(checkpoint), "--data-dir", str(data), "--methods", "wf",
+                       "--sparsities", "0.5", "--calib-samples", "100", "--max-memory-gb", "0.0001", "--quiet")
+    assert code == 2 and "max_memory" in err

@@ -35,14 +35,20 @@ def objective(problem, pruned):
 problems = st.tuples(st.integers(0, 10_000), st.integers(2, 12), st.integers(3, 14), st.sampled_from([1e-3, 0.1, 1.0]))
 
 
-@settings(max_examples=40, deadline=None)
-@given(problems, st.data())
-def test_swap_deltas_equal_brute_force_objective_changes(spec, data):
+def draw_case(spec, data):
+    """A random problem and a random pruned set of 1..p-1 weights (so both solve branches get drawn)."""
     seed, n, p, damping = spec
     k = data.draw(st.integers(1, p - 1))
     problem = random_problem(seed, n, p, k, damping)
     pruned = torch.zeros(p, dtype=torch.bool)
     pruned[torch.randperm(p, generator=problem.generator)[:k]] = True
+    return problem, pruned
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems, st.data())
+def test_swap_deltas_equal_brute_force_objective_changes(spec, data):
+    problem, pruned = draw_case(spec, data)
     search = SwapSearch(problem, pruned, epsilon=0.0, rho=2, tau=3)
     assert abs(search.objective - objective(problem, pruned)) < 1e-6 * (1 + objective(problem, pruned))
     i = int(torch.nonzero(pruned)[0])
@@ -58,11 +64,8 @@ def test_swap_deltas_equal_brute_force_objective_changes(spec, data):
 @settings(max_examples=25, deadline=None)
 @given(problems, st.data())
 def test_swap_passes_keep_the_residual_exact_and_never_raise_f(spec, data):
-    seed, n, p, damping = spec
-    k = data.draw(st.integers(1, p - 1))
-    problem = random_problem(seed, n, p, k, damping)
-    pruned = torch.zeros(p, dtype=torch.bool)
-    pruned[:k] = True
+    problem, pruned = draw_case(spec, data)
+    k, p = int(pruned.sum()), problem.num_weights
     search = SwapSearch(problem, pruned, epsilon=0.0, rho=p, tau=p)
     previous = search.objective
     for _ in range(5):
@@ -76,11 +79,7 @@ def test_swap_passes_keep_the_residual_exact_and_never_raise_f(spec, data):
 @settings(max_examples=40, deadline=None)
 @given(problems, st.data())
 def test_cbsu_equals_brute_force_constrained_least_squares(spec, data):
-    seed, n, p, damping = spec
-    k = data.draw(st.integers(1, p - 1))  # both |S| <= n and |S| > n systems get drawn
-    problem = random_problem(seed, n, p, k, damping)
-    pruned = torch.zeros(p, dtype=torch.bool)
-    pruned[torch.randperm(p, generator=problem.generator)[:k]] = True
+    problem, pruned = draw_case(spec, data)
     d = ExactOptimalBrainSurgeon(damping_grid=[1.0]).delta(problem, pruned).double()
     hessian = dense_hessian(problem)
     kept = ~pruned
