@@ -103,8 +103,15 @@ class EmpiricalFisher:
 
     @cached_property
     def gram(self) -> torch.Tensor:
-        """G G^T in float64 (n x n)."""
-        return (self.gradients_t.T @ self.gradients_t).double()
+        """G G^T in float64 (n x n), by blocks of the upper triangle (about 5/8 of the full product's flops)."""
+        n, step = self.num_samples, -(-self.num_samples // 4)
+        gram = torch.empty(n, n, dtype=torch.float64)
+        for start in range(0, n, step):
+            rows = self.gradients_t[:, start : start + step].T
+            block = (rows @ self.gradients_t[:, start:]).double()
+            gram[start : start + step, start:] = block
+            gram[start:, start : start + step] = block.T
+        return gram
 
     @cached_property
     def _gram_cholesky(self) -> torch.Tensor:

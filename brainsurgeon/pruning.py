@@ -84,6 +84,21 @@ def _build_methods(selection_name: str, update_name: str, options: dict):
             update_cls(**{k: v for k, v in options.items() if k in _option_names(update_cls)}))
 
 
+def _best_candidate(problem: PruningProblem, update, candidates):
+    """(mask, delta) of the candidate with the lowest real calibration loss after the update."""
+    if isinstance(candidates, torch.Tensor):
+        return candidates, update.delta(problem, candidates)
+    scored, stats = [], dict(problem.stats)
+    for mask in candidates:
+        problem.stats = dict(stats)
+        delta = update.delta(problem, mask)
+        scored.append((problem.calibration_loss(problem.weights + delta), mask, delta, problem.stats))
+    best = min(range(len(scored)), key=lambda k: scored[k][0])
+    loss, mask, delta, problem.stats = scored[best]
+    problem.stats.update(candidate_losses=[entry[0] for entry in scored], chosen_candidate=best)
+    return mask, delta
+
+
 def _check_finite(model: nn.Module):
     bad = [name for name, value in model.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
@@ -127,10 +142,10 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
         timings["gradients"] = time.perf_counter() - start
 
     mark = time.perf_counter()
-    pruned = selection.select(problem)
+    candidates = selection.select(problem)
     timings["selection"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    delta = update.delta(problem, pruned)
+    pruned, delta = _best_candidate(problem, update, candidates)
     timings["update"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - start
 

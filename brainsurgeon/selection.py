@@ -15,7 +15,9 @@ class Selection(ABC):
     needs_loss = False
 
     @abstractmethod
-    def select(self, problem: PruningProblem) -> torch.Tensor: ...
+    def select(self, problem: PruningProblem) -> torch.Tensor:
+        """The pruned mask; or a list of candidate masks, of which the driver keeps the one with the lowest
+        real calibration loss after the update."""
 
     def settings(self) -> dict:
         return {}
@@ -71,47 +73,51 @@ class CombinatorialBrainSurgeon(Selection):
     """CBS-S: local search of swaps on f(P) = u^T H u, u = w restricted to P (DESIGN.md section 2).
 
     Starts from the best (by real calibration loss) of `init_trials` perturbed-magnitude masks and plain
-    magnitude; runs passes of swaps until a pass finds none (or `max_passes`); returns the pass whose mask
-    has the lowest real calibration loss.
+    magnitude, and runs passes of swaps until a pass finds none (or `max_passes`). The reference returns
+    the pass with the lowest real calibration loss of the deleted weights; here that pass and
+    `candidates` passes spread evenly from the start are returned, and the driver keeps the one whose loss
+    is lowest *after* the update. Measured on MLPNet at 0.9 (seeds 0-2): later passes keep lowering f, the
+    loss without compensation, while the loss after CBS-U rises again, and the start mask often wins.
     """
 
     name = "cbs"
     needs_fisher = True
     needs_loss = True
 
-    def __init__(self, epsilon=1e-4, rho=10, tau=20, max_passes=2000, init_trials=50, selection_damping=0.0):
-        if rho < 1 or tau < 1 or max_passes < 0 or init_trials < 0 or epsilon < 0 or selection_damping < 0:
-            raise BrainSurgeonError("cbs options: need rho >= 1, tau >= 1, max_passes >= 0, init_trials >= 0, "
-                                    "epsilon >= 0, selection_damping >= 0")
+    def __init__(self, epsilon=1e-4, rho=10, tau=20, max_passes=2000, init_trials=50, selection_damping=0.0,
+                 candidates=1):
+        if min(rho, tau, candidates) < 1 or min(max_passes, init_trials, epsilon, selection_damping) < 0:
+            raise BrainSurgeonError("cbs options: need rho, tau, candidates >= 1 and max_passes, init_trials, "
+                                    "epsilon, selection_damping >= 0")
         self.epsilon, self.rho, self.tau = float(epsilon), int(rho), int(tau)
-        self.max_passes, self.init_trials = int(max_passes), int(init_trials)
+        self.max_passes, self.init_trials, self.candidates = int(max_passes), int(init_trials), int(candidates)
         # The reference searched on the undamped F; measured on MLPNet, damping the search only hurt.
         self.selection_damping = float(selection_damping)
 
     def settings(self):
         return dict(epsilon=self.epsilon, rho=self.rho, tau=self.tau, max_passes=self.max_passes,
-                    init_trials=self.init_trials, selection_damping=self.selection_damping)
+                    init_trials=self.init_trials, selection_damping=self.selection_damping,
+                    candidates=self.candidates)
 
     def select(self, problem):
-        pruned = self._initial_mask(problem)
-        search = SwapSearch(problem, pruned, self.epsilon, self.rho, self.tau, self.selection_damping)
-        best_mask, best_loss = pruned.clone(), problem.loss_with_pruned(pruned)
-        start_objective, passes, swaps = search.objective, 0, 0
+        start = self._initial_mask(problem)
+        search = SwapSearch(problem, start, self.epsilon, self.rho, self.tau, self.selection_damping)
+        losses = [problem.loss_with_pruned(start)]  # real loss after each pass; index 0 is the start
+        start_objective = search.objective
         bar = progress_bar(None, "cbs swap passes", problem.show_progress, total=self.max_passes)
-        for passes in range(1, self.max_passes + 1):
-            accepted = search.run_pass()
+        while len(search.pass_swaps) < self.max_passes and search.run_pass():
+            losses.append(problem.loss_with_pruned(search.pruned))
             bar.update()
-            if not accepted:
-                break
-            swaps += accepted
-            loss = problem.loss_with_pruned(search.pruned)
-            bar.set_postfix(swaps=swaps, f=f"{search.objective:.4g}", loss=f"{loss:.4g}")
-            if loss < best_loss:
-                best_mask, best_loss = search.pruned.clone(), loss
+            bar.set_postfix(f=f"{search.objective:.4g}", loss=f"{losses[-1]:.4g}")
         bar.close()
-        problem.stats.update(cbs_passes=passes, cbs_swaps=swaps, cbs_start_objective=start_objective,
-                             cbs_final_objective=search.objective, cbs_best_calibration_loss=best_loss)
-        return best_mask
+        best = min(range(len(losses)), key=losses.__getitem__)
+        last = len(losses) - 1
+        spread = {round(k * last / self.candidates) for k in range(self.candidates)}  # includes the start
+        chosen = [best] + sorted(spread - {best})
+        problem.stats.update(cbs_passes=last, cbs_swaps=sum(map(len, search.pass_swaps)),
+                             cbs_start_objective=start_objective, cbs_final_objective=search.objective,
+                             cbs_best_calibration_loss=losses[best], cbs_candidate_passes=chosen)
+        return [search.mask_after(start, t) for t in chosen]
 
     def _initial_mask(self, problem):
         candidates = [prune_lowest(problem.weights.abs(), problem.segments)]
@@ -145,6 +151,15 @@ class SwapSearch:
         self.curvature_terms = squares * self.fisher.column_sq_norms.double()  # w_i^2 |g_i|^2
         self.damping_terms = squares * self.damping  # lam w_i^2
         self.residual = self.fisher.matvec((problem.weights * pruned).float()).double()
+        self.pass_swaps = []  # per accepted-swap pass: the (i out, j in) pairs, to replay any pass's mask
+
+    def mask_after(self, start: torch.Tensor, passes: int) -> torch.Tensor:
+        """The pruned mask after the first `passes` passes, replayed from `start`."""
+        mask = start.clone()
+        for swaps in self.pass_swaps[:passes]:
+            for i, j in swaps:
+                mask[i], mask[j] = False, True
+        return mask
 
     @property
     def objective(self) -> float:
@@ -155,7 +170,11 @@ class SwapSearch:
         linear = 2 * self.weights * self.fisher.rmatvec(self.residual.float()).double()
         alpha = linear - self.curvature_terms + self.damping_terms
         beta = linear + self.curvature_terms + self.damping_terms
-        return sum(self._segment_pass(segment.region, alpha, beta) for segment in self.segments)
+        self.pass_swaps.append([])
+        accepted = sum(self._segment_pass(segment.region, alpha, beta) for segment in self.segments)
+        if not accepted:
+            self.pass_swaps.pop()
+        return accepted
 
     def _segment_pass(self, region, alpha, beta) -> int:
         offset = region.start
@@ -198,6 +217,7 @@ class SwapSearch:
         k = int(better[0])
         j = int(window[k])
         self.pruned[i], self.pruned[j] = False, True
+        self.pass_swaps[-1].append((i, j))
         self.residual += self.weights[j] * columns[1 + k] - self.weights[i] * columns[0]
         return True
 

@@ -122,3 +122,12 @@ def test_cbs_local_search_finds_the_brute_force_optimum_on_a_tiny_problem():
         pass
     # With full windows the swap search reaches the global optimum of this instance.
     assert abs(search.objective - best_value) < 1e-6 * best_value
+
+
+@settings(max_examples=20, deadline=None)
+@given(problems)
+def test_blockwise_gram_equals_the_full_product(spec):
+    seed, n, p, damping = spec
+    fisher = random_problem(seed, n, p, 1, damping).fisher
+    full = fisher.gradients_t.double().T @ fisher.gradients_t.double()
+    assert torch.allclose(fisher.gram, full, rtol=1e-5, atol=1e-6)
