@@ -58,7 +58,8 @@ def test_swap_deltas_equal_brute_force_objective_changes(spec, data):
     for j, delta in zip(window.tolist(), deltas.tolist()):
         swapped = pruned.clone()
         swapped[i], swapped[j] = False, True
-        assert abs(delta - (objective(problem, swapped) - before)) < 1e-6 * (1 + before)
+        # G is float32, and the residual r = G_P w_P starts from a float32 product.
+        assert abs(delta - (objective(problem, swapped) - before)) < 1e-5 * (1 + before)
 
 
 @settings(max_examples=25, deadline=None)
