@@ -10,6 +10,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from .errors import BrainSurgeonError
+from .layers import evaluating
 from .progress import progress_bar
 
 GIB = 1024**3
@@ -48,16 +49,12 @@ def per_sample_gradients(model, layers, inputs, targets, loss_fn, chunk_size=256
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     gradients_t = torch.empty(p, n, dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for start in progress_bar(range(0, n, chunk_size), "per-sample gradients", show_progress):
             stop = min(start + chunk_size, n)
             grads = per_sample_grad(prunable, inputs[start:stop], targets[start:stop])
             chunk = torch.cat([grads[name].reshape(stop - start, -1) for name in names], dim=1)
             gradients_t[:, start:stop] = chunk.T
-    finally:
-        model.train(was_training)
     if not torch.isfinite(gradients_t).all():
         raise BrainSurgeonError("per-sample gradients contain NaN or Inf; check the model, data and loss_fn")
     gradients_t /= n**0.5

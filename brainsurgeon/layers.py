@@ -1,5 +1,6 @@
 """Which weights are prunable, and how they map onto one flat vector of length p."""
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -67,3 +68,14 @@ def find_prunable(model: nn.Module, include=None, ignore=()):
 def flat_weights(model: nn.Module, layers) -> torch.Tensor:
     params = dict(model.named_parameters())
     return torch.cat([params[layer.param].detach().reshape(-1) for layer in layers])
+
+
+@contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode (BatchNorm on running statistics, no dropout) for the block, then the caller's mode back."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

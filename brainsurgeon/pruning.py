@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from .calibration import collect
 from .curvature import EmpiricalFisher, check_memory, per_sample_gradients
 from .errors import BrainSurgeonError
-from .layers import find_prunable, flat_weights
+from .layers import evaluating, find_prunable, flat_weights
 from .problem import PruningProblem, Segment
 from .result import PruneResult
 from .selection import SELECTIONS
@@ -54,7 +54,7 @@ def calibration_loss_fn(model, layers, inputs, targets, loss_fn, batch_size=1024
     def calibration_loss(flat: torch.Tensor) -> float:
         weights = {layer.param: flat[layer.slice].view(layer.shape) for layer in layers}
         total = 0.0
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             for start in range(0, len(inputs), batch_size):
                 out = functional_call(model, {**state, **weights}, (inputs[start : start + batch_size],))
                 total += float(loss_fn(out, targets[start : start + batch_size])) * len(out)

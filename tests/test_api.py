@@ -136,3 +136,14 @@ def test_ignore_patterns_leave_layers_dense_and_say_why():
     result = brainsurgeon.prune(model, (x, y), 0.5, "mp", ignore=[r"^0$"], progress=False)
     assert "0.weight" not in result.masks
     assert "ignore" in result.dense_layers["0"]
+
+
+def test_batchnorm_models_are_pruned_in_eval_mode_and_left_in_their_mode():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    model.train()
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    before = model[1].running_mean.clone()
+    result = brainsurgeon.prune(model, (x, y), 0.5, "cbs", progress=False, init_trials=2)
+    assert model.training and torch.equal(model[1].running_mean, before)
+    assert result.num_pruned == 36  # half of 6*8 + 8*3
