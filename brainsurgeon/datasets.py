@@ -2,6 +2,7 @@
 import gzip
 import hashlib
 import os
+import pickle
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,49 @@ def load_digits_dataset(seed: int = 0) -> Dataset:
     return Dataset("digits", x[order[:split]], y[order[:split]], x[order[split:]], y[order[split:]])
 
 
-DATASETS = {"mnist": load_mnist}
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+def _find_cifar_folder(directory: Path) -> Path:
+    for candidate in (directory, directory / CIFAR_FOLDER, directory / "cifar10" / CIFAR_FOLDER):
+        if (candidate / "test_batch").is_file():
+            return candidate
+    raise BrainSurgeonError(f"no CIFAR-10 python batches (test_batch, data_batch_1..5) in {directory}; "
+                            f"pass the folder holding {CIFAR_FOLDER}")
+
+
+def read_cifar_batch(path: Path):
+    """One python-pickle batch: (N x 3 x 32 x 32 uint8, N labels). File md5s are not checked on purpose."""
+    with open(path, "rb") as handle:
+        batch = pickle.load(handle, encoding="bytes")
+    batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
+    images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return images, np.asarray(batch["labels"], dtype=np.int64)
+
+
+def normalise_cifar(images: np.ndarray) -> torch.Tensor:
+    """(x/255 - 0.5) / 0.5 per channel: what the shared ResNet20 checkpoint was trained with."""
+    return (torch.from_numpy(images).float() / 255.0 - 0.5) / 0.5
+
+
+def load_cifar10(data_dir=None) -> Dataset:
+    """CIFAR-10 from the python batches; evaluates on whatever test_batch the folder holds."""
+    folder = _find_cifar_folder(resolve_data_dir(data_dir))
+    train = [read_cifar_batch(folder / name) for name in CIFAR_TRAIN if (folder / name).is_file()]
+    if not train:
+        raise BrainSurgeonError(f"no training batches data_batch_1..5 in {folder}; calibration needs them")
+    test_images, test_labels = read_cifar_batch(folder / "test_batch")
+    return Dataset(
+        "cifar10",
+        normalise_cifar(np.concatenate([images for images, _ in train])),
+        torch.from_numpy(np.concatenate([labels for _, labels in train])),
+        normalise_cifar(test_images),
+        torch.from_numpy(test_labels),
+    )
+
+
+DATASETS = {"mnist": load_mnist, "cifar10": load_cifar10}
 
 
 def load_dataset(name: str, data_dir=None) -> Dataset:

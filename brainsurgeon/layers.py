@@ -41,10 +41,10 @@ def _matches(name: str, module: nn.Module, patterns) -> bool:
 def find_prunable(model: nn.Module, include=None, ignore=()):
     """Return (prunable layers, {module name: why it stays dense}) for every module with a weight.
 
-    `include`: module-type names or regexes on module names (default: every nn.Linear);
-    `ignore`: the same kind of patterns, applied after `include`.
+    `include`: module-type names or regexes on module names (default: the model's `default_prunable`
+    if it has one, else every nn.Linear); `ignore`: the same kind of patterns, applied after `include`.
     """
-    include = list(include) if include else list(DEFAULT_TYPES)
+    include = list(include or getattr(model, "default_prunable", DEFAULT_TYPES))
     layers, dense, offset = [], {}, 0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)

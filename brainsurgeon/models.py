@@ -69,7 +69,52 @@ def load_checkpoint(model: nn.Module, path) -> nn.Module:
     return model.eval()
 
 
-MODELS = {"mlpnet": MLPNet}
+class BasicBlock(nn.Module):
+    """CIFAR ResNet basic block: two 3x3 conv+BN, identity or 1x1-conv+BN shortcut, ReLU after the sum."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return torch.relu(out + shortcut)
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet20: 3 stages x 3 basic blocks (16, 32, 64 channels), global average pool, fc."""
+
+    # The paper's protocol prunes the 18 convolutions inside the residual blocks; stem, shortcuts, fc stay dense.
+    default_prunable = (r"^layer\d\.\d\.conv[12]$",)
+
+    def __init__(self, num_classes=10, blocks=(3, 3, 3)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, inplanes = [], 16
+        for index, (planes, count) in enumerate(zip((16, 32, 64), blocks)):
+            stride = 1 if index == 0 else 2
+            stages.append(nn.Sequential(*[BasicBlock(inplanes if b == 0 else planes, planes, stride if b == 0 else 1)
+                                          for b in range(count)]))
+            inplanes = planes
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+MODELS = {"mlpnet": MLPNet, "resnet20": ResNet20}
 
 
 def build_model(name: str, checkpoint=None) -> nn.Module:

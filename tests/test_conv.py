@@ -1,0 +1,78 @@
+"""Convolutional networks: per-sample gradients, BatchNorm, residual models, ResNet20 on the shared CIFAR-10."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import brainsurgeon
+from brainsurgeon.curvature import per_sample_gradients
+from brainsurgeon.datasets import accuracy, load_cifar10
+from brainsurgeon.layers import find_prunable
+from brainsurgeon.models import ResNet20, build_model
+
+
+def small_conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False), nn.ReLU(),  # grouped
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.ReLU(),  # depthwise
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    ).eval()
+
+
+def test_conv_per_sample_gradients_equal_autograd_one_sample_at_a_time():
+    model = small_conv_net()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 4, (6,))
+    layers, _ = find_prunable(model, include=["Conv2d", "Linear"])
+    gradients_t = per_sample_gradients(model, layers, x, y, nn.functional.cross_entropy, chunk_size=4,
+                                       show_progress=False)
+    params = dict(model.named_parameters())
+    for s in range(len(x)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[s : s + 1]), y[s : s + 1]).backward()
+        expected = torch.cat([params[layer.param].grad.reshape(-1) for layer in layers]) / len(x) ** 0.5
+        assert torch.allclose(gradients_t[:, s], expected, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["mp", "wf", "cbs", "wf+cbsu"])
+def test_conv_models_prune_to_exact_global_sparsity(method):
+    model = small_conv_net()
+    x, y = torch.randn(40, 3, 8, 8), torch.randint(0, 4, (40,))
+    result = brainsurgeon.prune(model, (x, y), 0.6, method, include=["Conv2d"], progress=False,
+                                **brainsurgeon.pruning.accepted_options(method, {"init_trials": 2}))
+    p = 8 * 3 * 9 + 8 * 2 * 9 + 8 * 1 * 9
+    assert result.num_weights == p and result.num_pruned == int(0.6 * p + 0.5)
+
+
+def test_resnet20_prunes_the_18_block_convolutions_by_default():
+    layers, dense = find_prunable(ResNet20())
+    assert len(layers) == 18 and sum(layer.size for layer in layers) == 267_264
+    assert {"conv1", "fc", "layer2.0.downsample.0", "layer3.0.downsample.0"} <= set(dense)
+
+
+@pytest.fixture(scope="module")
+def resnet20(shared_data):
+    model = build_model("resnet20", shared_data / "checkpoints" / "resnet20_cifar10.pth.tar")
+    return model, load_cifar10(shared_data / "cifar10")
+
+
+def test_resnet20_checkpoint_scores_924_of_the_1017_exact_test_images(resnet20):
+    model, cifar = resnet20
+    assert len(cifar.test_x) == 1017 and len(cifar.train_x) == 50_000
+    assert accuracy(model, cifar.test_x, cifar.test_y) == pytest.approx(100 * 924 / 1017)
+
+
+def test_resnet20_cbs_end_to_end_is_exact_and_beats_magnitude(resnet20):
+    model, cifar = resnet20
+    calibration = cifar.calibration(128, seed=0)
+    mp = brainsurgeon.prune(model, None, 0.7, "mp", progress=False)
+    cbs = brainsurgeon.prune(model, calibration, 0.7, "cbs", progress=False, init_trials=5)
+    assert cbs.num_pruned == mp.num_pruned == int(0.7 * 267_264 + 0.5)
+    mp_acc = accuracy(mp.apply(copy.deepcopy(model)), cifar.test_x, cifar.test_y)
+    cbs_acc = accuracy(cbs.apply(copy.deepcopy(model)), cifar.test_x, cifar.test_y)
+    assert cbs_acc > mp_acc
