@@ -4,7 +4,8 @@ import copy
 import pytest
 
 import brainsurgeon
-from brainsurgeon.datasets import accuracy, load_mnist
+from brainsurgeon import BrainSurgeonError
+from brainsurgeon.datasets import MNIST_FILES, accuracy, download_mnist, load_mnist
 from brainsurgeon.models import build_model
 
 
@@ -36,3 +37,16 @@ def test_cbs_beats_magnitude_at_high_sparsity(mlpnet):
     mp_acc = accuracy(mp.apply(copy.deepcopy(model)), mnist.test_x, mnist.test_y)
     cbs_acc = accuracy(cbs.apply(copy.deepcopy(model)), mnist.test_x, mnist.test_y)
     assert cbs_acc > mp_acc + 2.0
+
+
+def test_download_verifies_md5s_against_a_mirror(shared_data, tmp_path):
+    mirror = (shared_data / "mnist").as_uri() + "/"
+    target = download_mnist(tmp_path / "mnist", mirror=mirror)
+    assert load_mnist(target).train_x.shape == (60000, 784)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in MNIST_FILES:
+        (corrupt / name).write_bytes(b"not mnist")
+    with pytest.raises(BrainSurgeonError, match="wrong md5"):
+        download_mnist(tmp_path / "other", mirror=corrupt.as_uri() + "/")
+    assert not list((tmp_path / "other").iterdir())  # nothing half-written
