@@ -14,7 +14,7 @@ UNSTRUCTURED_NOTE = ("Unstructured sparsity alone does not make the model smalle
 
 
 def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), calib_samples=10000, damping=1e-3,
-                  model_name="model", progress=True, max_memory=8 * GIB, **options) -> dict:
+                  model_name="model", progress=True, max_memory=8 * GIB, structure="full", **options) -> dict:
     """Prune `model` with every method x sparsity x seed; each run starts from the dense model.
 
     `seconds` is the wall time of the prune call, per-sample gradients included.
@@ -29,7 +29,7 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
             for method in methods:
                 start = time.perf_counter()
                 result = prune(model, calibration, sparsity, method, damping=damping, seed=seed, progress=progress,
-                               max_memory=max_memory, **accepted_options(method, options))
+                               max_memory=max_memory, structure=structure, **accepted_options(method, options))
                 seconds = time.perf_counter() - start
                 pruned_model = result.apply(copy.deepcopy(model))
                 row = dict(method=method, sparsity=sparsity, seed=seed,
@@ -45,7 +45,7 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
         "dataset": dataset.name,
         "dense_accuracy": accuracy(model, dataset.test_x, dataset.test_y),
         "settings": dict(methods=list(methods), sparsities=list(sparsities), seeds=list(seeds),
-                         calib_samples=calib_samples, damping=damping, options=options,
+                         calib_samples=calib_samples, damping=damping, structure=structure, options=options,
                          test_samples=len(dataset.test_x)),
         "results": results,
         "note": UNSTRUCTURED_NOTE,

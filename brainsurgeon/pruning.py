@@ -46,6 +46,20 @@ def make_segments(layers, sparsity: float, scope: str):
     raise BrainSurgeonError(f"unknown scope '{scope}'; use 'global' or 'layer'")
 
 
+def fisher_regions(layers, structure: str):
+    """Contiguous weight regions of the Fisher blocks: 'full' (one), 'layer', or 'block:K' (<= K per block)."""
+    if structure == "full":
+        return [slice(0, sum(layer.size for layer in layers))]
+    if structure == "layer":
+        return [layer.slice for layer in layers]
+    kind, _, size = structure.partition(":")
+    if kind == "block" and size.isdigit() and int(size) > 0:
+        size = int(size)
+        return [slice(start, min(start + size, layer.slice.stop))
+                for layer in layers for start in range(layer.offset, layer.slice.stop, size)]
+    raise BrainSurgeonError(f"unknown Fisher structure '{structure}'; use 'full', 'layer' or 'block:K' (K > 0)")
+
+
 def calibration_loss_fn(model, layers, inputs, targets, loss_fn, batch_size=1024):
     """Return calibration_loss(flat): mean calibration loss with the prunable weights set to `flat`."""
     params = dict(model.named_parameters())
@@ -107,12 +121,13 @@ def _check_finite(model: nn.Module):
 
 def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
           num_samples: int | None = None, damping: float = DEFAULT_DAMPING, include=None, ignore=(),
-          scope: str = "global", seed: int = 0, max_memory: float = 8 * GIB, chunk_size: int = 256,
-          progress: bool = True, **options) -> PruneResult:
+          scope: str = "global", structure: str = "full", seed: int = 0, max_memory: float = 8 * GIB,
+          chunk_size: int = 256, progress: bool = True, **options) -> PruneResult:
     """One-shot prune of `model` to `sparsity` with `method` ('SELECTION[+UPDATE]', e.g. 'cbs', 'wf+cbsu').
 
     `calibration`: an (X, y) pair or an iterable of (inputs, targets) batches; `num_samples` of them
-    (default: all) give the per-sample gradients. `options` go to whichever of the selection and the update
+    (default: all) give the per-sample gradients. `structure` shapes the Fisher: 'full', 'layer' (one block
+    per layer, cross-layer curvature dropped) or 'block:K'; sparsity stays global unless scope='layer'. `options` go to whichever of the selection and the update
     takes them by name (e.g. rho, tau for cbs; damping_grid for cbsu).
     The model is not modified: call `result.apply(model)`.
     """
@@ -123,6 +138,7 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     layers, dense_layers = find_prunable(model, include, ignore)
     _check_finite(model)
     segments = make_segments(layers, sparsity, scope)
+    regions = fisher_regions(layers, structure)
     num_weights = sum(layer.size for layer in layers)
     needs_fisher = selection.needs_fisher or update.needs_fisher
     timings, start = {}, time.perf_counter()
@@ -131,14 +147,14 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     if needs_fisher or selection.needs_loss or update.needs_loss:
         inputs, targets = collect(calibration, num_samples)
         if needs_fisher:
-            check_memory(len(inputs), num_weights, max_memory)
+            check_memory(len(inputs), num_weights, max_memory, len(regions))
     problem = PruningProblem(weights=flat_weights(model, layers).float(), segments=segments,
                              generator=torch.Generator().manual_seed(seed), show_progress=progress)
     if inputs is not None:
         problem.calibration_loss = calibration_loss_fn(model, layers, inputs, targets, loss_fn)
     if needs_fisher:
         gradients_t = per_sample_gradients(model, layers, inputs, targets, loss_fn, chunk_size, progress)
-        problem.fisher = EmpiricalFisher(gradients_t, damping)
+        problem.fisher = EmpiricalFisher(gradients_t, damping, regions)
         timings["gradients"] = time.perf_counter() - start
 
     mark = time.perf_counter()
@@ -152,7 +168,7 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     new_flat = problem.weights + delta
     new_flat[pruned] = 0.0  # exact zeros whatever the arithmetic
     settings = dict(method=f"{selection_name}+{update_name}", selection=selection_name, update=update_name,
-                    sparsity=sparsity, scope=scope, seed=seed, damping=damping if needs_fisher else None,
+                    sparsity=sparsity, scope=scope, structure=structure, seed=seed, damping=damping if needs_fisher else None,
                     num_samples=None if inputs is None else len(inputs), layers=[layer.param for layer in layers],
                     **selection.settings(), **update.settings())
     result = PruneResult(

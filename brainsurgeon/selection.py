@@ -132,7 +132,9 @@ class CombinatorialBrainSurgeon(Selection):
 
 
 class SwapSearch:
-    """Swap moves on f(P) = |G_P w_P|^2 + lam |w_P|^2 (lam = `damping`), keeping r = G_P w_P up to date in O(n) per swap.
+    """Swap moves on f(P) = |G_P w_P|^2 + lam |w_P|^2 (lam = `damping`), keeping r = G_P w_P up to date in O(n)
+    per swap. With a block-diagonal Fisher, r is kept per block and g_i.g_j = 0 across blocks, so swaps may
+    still cross blocks and layers.
 
     With c = G^T r:
       alpha_i = f(P) - f(P - i) = 2 w_i c_i - w_i^2 |g_i|^2 + lam w_i^2
@@ -151,7 +153,8 @@ class SwapSearch:
         squares = self.weights.pow(2)
         self.curvature_terms = squares * self.fisher.column_sq_norms.double()  # w_i^2 |g_i|^2
         self.damping_terms = squares * self.damping  # lam w_i^2
-        self.residual = self.fisher.matvec((problem.weights * pruned).float()).double()
+        # One residual per Fisher block; without cross-block curvature, f is the sum over blocks.
+        self.residual = self.fisher.residuals((problem.weights * pruned).float()).double()
         self.pass_swaps = []  # per accepted-swap pass: the (i out, j in) pairs, to replay any pass's mask
 
     def mask_after(self, start: torch.Tensor, passes: int) -> torch.Tensor:
@@ -202,11 +205,13 @@ class SwapSearch:
         """Exact change of f for swapping pruned i with each kept j in `window`, and the columns used."""
         index = torch.cat([torch.tensor([i]), window])
         columns = self.fisher.columns(index).double()  # (1 + m) x n
-        dots = columns @ self.residual
+        blocks = self.fisher.block_of[index]
+        dots = (columns * self.residual[blocks]).sum(1)  # g_k . r_(block of k)
         w = self.weights[index]
         alpha_i = 2 * w[0] * dots[0] - self.curvature_terms[i] + self.damping_terms[i]
         beta = 2 * w[1:] * dots[1:] + self.curvature_terms[window] + self.damping_terms[window]
-        gamma = 2 * w[0] * w[1:] * (columns[1:] @ columns[0])
+        same_block = blocks[1:] == blocks[0]
+        gamma = 2 * w[0] * w[1:] * (columns[1:] @ columns[0]) * same_block
         return beta - gamma - alpha_i, columns
 
     def _try_swap(self, i: int, window: torch.Tensor) -> bool:
@@ -219,7 +224,9 @@ class SwapSearch:
         j = int(window[k])
         self.pruned[i], self.pruned[j] = False, True
         self.pass_swaps[-1].append((i, j))
-        self.residual += self.weights[j] * columns[1 + k] - self.weights[i] * columns[0]
+        block_of = self.fisher.block_of
+        self.residual[block_of[j]] += self.weights[j] * columns[1 + k]
+        self.residual[block_of[i]] -= self.weights[i] * columns[0]
         return True
 
 

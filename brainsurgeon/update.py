@@ -70,22 +70,13 @@ class ExactOptimalBrainSurgeon(Update):
         return {"damping_grid": list(self.damping_grid)}
 
     def compensation(self, problem, pruned):
-        kept_idx = torch.nonzero(~pruned).squeeze(1)
-        pruned_idx = torch.nonzero(pruned).squeeze(1)
-        d = torch.zeros_like(problem.weights)
-        if not len(kept_idx) or not len(pruned_idx):
-            return d
         dampings = [problem.fisher.damping * m for m in self.damping_grid]
-        solutions = problem.fisher.ridge_solve(kept_idx, pruned_idx, problem.weights[pruned_idx], dampings)
+        solutions = problem.fisher.ridge_solve(pruned, problem.weights, dampings)
         base = problem.weights * ~pruned
-        losses = []
-        for solution in solutions:
-            d[kept_idx] = solution
-            losses.append(problem.calibration_loss(base + d) if self.needs_loss else 0.0)
+        losses = [problem.calibration_loss(base + d) if self.needs_loss else 0.0 for d in solutions]
         best = min(range(len(solutions)), key=losses.__getitem__)
-        d[kept_idx] = solutions[best]
         problem.stats.update(cbsu_damping=dampings[best], cbsu_calibration_losses=dict(zip(map(str, dampings), losses)))
-        return d
+        return solutions[best]
 
 
 UPDATES = {cls.name: cls for cls in (NoUpdate, OptimalBrainSurgeon, ExactOptimalBrainSurgeon)}

@@ -147,3 +147,34 @@ def test_batchnorm_models_are_pruned_in_eval_mode_and_left_in_their_mode():
     result = brainsurgeon.prune(model, (x, y), 0.5, "cbs", progress=False, init_trials=2)
     assert model.training and torch.equal(model[1].running_mean, before)
     assert result.num_pruned == 36  # half of 6*8 + 8*3
+
+
+@pytest.mark.parametrize("method", ["wf", "cbs", "mp+cbsu", "random+obs"])
+def test_one_layer_block_structure_equals_the_full_fisher(method):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 6, bias=False)).eval()
+    x, y = torch.randn(30, 10), torch.randint(0, 6, (30,))
+    options = accepted_options(method, {"init_trials": 3})
+    full = brainsurgeon.prune(model, (x, y), 0.6, method, structure="full", progress=False, **options)
+    layer = brainsurgeon.prune(model, (x, y), 0.6, method, structure="layer", progress=False, **options)
+    block = brainsurgeon.prune(model, (x, y), 0.6, method, structure="block:60", progress=False, **options)
+    for other in (layer, block):
+        assert torch.equal(other.masks["0.weight"], full.masks["0.weight"])
+        assert torch.allclose(other.weights["0.weight"], full.weights["0.weight"], atol=1e-6)
+
+
+@pytest.mark.parametrize("structure", ["layer", "block:7", "block:1"])
+@pytest.mark.parametrize("method", ["wf", "cbs"])
+def test_block_structures_keep_global_sparsity_exact(structure, method):
+    model, x, y = small_mlp()
+    options = accepted_options(method, {"init_trials": 2})
+    result = brainsurgeon.prune(model, (x, y), 0.7, method, structure=structure, progress=False, **options)
+    assert result.num_pruned == int(0.7 * result.num_weights + 0.5)
+    assert result.settings["structure"] == structure
+    assert len(set(result.layer_sparsity.values())) > 1  # global: layers end at different sparsities
+
+
+def test_unknown_structure_is_refused():
+    model, x, y = small_mlp()
+    with pytest.raises(BrainSurgeonError, match="unknown Fisher structure"):
+        brainsurgeon.prune(model, (x, y), 0.5, "wf", structure="block:0")

@@ -12,18 +12,28 @@ from brainsurgeon.update import ExactOptimalBrainSurgeon, OptimalBrainSurgeon
 torch.set_default_dtype(torch.float32)
 
 
-def random_problem(seed, n, p, k, damping):
+def split(p, num_blocks):
+    """`num_blocks` contiguous regions tiling range(p)."""
+    bounds = [round(b * p / num_blocks) for b in range(num_blocks + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def random_problem(seed, n, p, k, damping, num_blocks=1):
     gen = torch.Generator().manual_seed(seed)
     gradients_t = torch.randn(p, n, generator=gen, dtype=torch.float64).float() / n**0.5
     weights = torch.randn(p, generator=gen)
-    fisher = EmpiricalFisher(gradients_t, damping)
+    fisher = EmpiricalFisher(gradients_t, damping, split(p, num_blocks))
     problem = PruningProblem(weights=weights, segments=[Segment(slice(0, p), k)], generator=gen, fisher=fisher)
     return problem
 
 
 def dense_hessian(problem):
+    """The p x p matrix, block-diagonal over the Fisher's regions (cross-block curvature dropped)."""
     g = problem.fisher.gradients_t.double()
-    return g @ g.T + problem.fisher.damping * torch.eye(problem.num_weights, dtype=torch.float64)
+    hessian = torch.zeros(problem.num_weights, problem.num_weights, dtype=torch.float64)
+    for region in problem.fisher.regions:
+        hessian[region, region] = g[region] @ g[region].T
+    return hessian + problem.fisher.damping * torch.eye(problem.num_weights, dtype=torch.float64)
 
 
 def objective(problem, pruned):
@@ -32,14 +42,16 @@ def objective(problem, pruned):
     return float(u @ dense_hessian(problem) @ u)
 
 
-problems = st.tuples(st.integers(0, 10_000), st.integers(2, 12), st.integers(3, 14), st.sampled_from([1e-3, 0.1, 1.0]))
+# (seed, samples n, weights p, damping, Fisher blocks): one block is the full Fisher.
+problems = st.tuples(st.integers(0, 10_000), st.integers(2, 12), st.integers(3, 14), st.sampled_from([1e-3, 0.1, 1.0]),
+                     st.integers(1, 3))
 
 
 def draw_case(spec, data):
     """A random problem and a random pruned set of 1..p-1 weights (so both solve branches get drawn)."""
-    seed, n, p, damping = spec
+    seed, n, p, damping, num_blocks = spec
     k = data.draw(st.integers(1, p - 1))
-    problem = random_problem(seed, n, p, k, damping)
+    problem = random_problem(seed, n, p, k, damping, num_blocks)
     pruned = torch.zeros(p, dtype=torch.bool)
     pruned[torch.randperm(p, generator=problem.generator)[:k]] = True
     return problem, pruned
@@ -97,8 +109,8 @@ def test_cbsu_equals_brute_force_constrained_least_squares(spec, data):
 @settings(max_examples=40, deadline=None)
 @given(problems)
 def test_wf_saliency_and_obs_update_equal_dense_formulas(spec):
-    seed, n, p, damping = spec
-    problem = random_problem(seed, n, p, max(1, p // 2), damping)
+    seed, n, p, damping, num_blocks = spec
+    problem = random_problem(seed, n, p, max(1, p // 2), damping, num_blocks)
     inverse = torch.linalg.inv(dense_hessian(problem))
     diag = inverse.diagonal()
     assert torch.allclose(problem.fisher.inverse_diagonal, diag, rtol=1e-3)
@@ -128,7 +140,7 @@ def test_cbs_local_search_finds_the_brute_force_optimum_on_a_tiny_problem():
 @settings(max_examples=20, deadline=None)
 @given(problems)
 def test_blockwise_gram_equals_the_full_product(spec):
-    seed, n, p, damping = spec
-    fisher = random_problem(seed, n, p, 1, damping).fisher
-    full = fisher.gradients_t.double().T @ fisher.gradients_t.double()
-    assert torch.allclose(fisher.gram, full, rtol=1e-5, atol=1e-6)
+    seed, n, p, damping, _ = spec
+    block = random_problem(seed, n, p, 1, damping).fisher.blocks[0]
+    full = block.gradients_t.double().T @ block.gradients_t.double()
+    assert torch.allclose(block.gram, full, rtol=1e-5, atol=1e-6)
