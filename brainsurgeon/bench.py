@@ -1,9 +1,11 @@
 """Benchmark: accuracy of each method at each sparsity and seed, as a table, JSON and an optional plot."""
 import copy
 import json
+import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from .atomic import atomic_path, write_text
 from .datasets import Dataset, accuracy
@@ -13,11 +15,31 @@ UNSTRUCTURED_NOTE = ("Unstructured sparsity alone does not make the model smalle
                      "the zeros need sparse storage or sparse kernels to pay off.")
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM); elsewhere a no-op."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident memory since the last reset (VmHWM), or of the whole process where that is unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), calib_samples=10000, damping=1e-3,
                   model_name="model", progress=True, max_memory=8 * GIB, structure="full", **options) -> dict:
     """Prune `model` with every method x sparsity x seed; each run starts from the dense model.
 
-    `seconds` is the wall time of the prune call, per-sample gradients included.
+    `seconds` is the wall time of the prune call, per-sample gradients included; `peak_rss_bytes` its peak
+    resident memory (the process's, data and model included).
     """
     for method in methods:
         parse_method(method)  # fail before any work on a bad name
@@ -27,14 +49,17 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
         calibration = dataset.calibration(calib_samples, seed)
         for sparsity in sparsities:
             for method in methods:
+                reset_peak_memory()
                 start = time.perf_counter()
                 result = prune(model, calibration, sparsity, method, damping=damping, seed=seed, progress=progress,
                                max_memory=max_memory, structure=structure, **accepted_options(method, options))
                 seconds = time.perf_counter() - start
+                peak = peak_memory_bytes()
                 pruned_model = result.apply(copy.deepcopy(model))
                 row = dict(method=method, sparsity=sparsity, seed=seed,
                            accuracy=accuracy(pruned_model, dataset.test_x, dataset.test_y),
                            seconds=seconds, achieved_sparsity=result.sparsity, num_pruned=result.num_pruned,
+                           peak_rss_bytes=peak,
                            stats=result.stats)
                 results.append(row)
                 if progress:
