@@ -35,7 +35,8 @@ def peak_memory_bytes() -> int:
 
 
 def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), calib_samples=10000, damping=1e-3,
-                  model_name="model", progress=True, max_memory=8 * GIB, structure="full", **options) -> dict:
+                  model_name="model", progress=True, max_memory=8 * GIB, structure="full", gradients="auto",
+                  **options) -> dict:
     """Prune `model` with every method x sparsity x seed; each run starts from the dense model.
 
     `seconds` is the wall time of the prune call, per-sample gradients included; `peak_rss_bytes` its peak
@@ -52,7 +53,8 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
                 reset_peak_memory()
                 start = time.perf_counter()
                 result = prune(model, calibration, sparsity, method, damping=damping, seed=seed, progress=progress,
-                               max_memory=max_memory, structure=structure, **accepted_options(method, options))
+                               max_memory=max_memory, structure=structure, gradients=gradients,
+                               **accepted_options(method, options))
                 seconds = time.perf_counter() - start
                 peak = peak_memory_bytes()
                 pruned_model = result.apply(copy.deepcopy(model))
@@ -70,7 +72,8 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
         "dataset": dataset.name,
         "dense_accuracy": accuracy(model, dataset.test_x, dataset.test_y),
         "settings": dict(methods=list(methods), sparsities=list(sparsities), seeds=list(seeds),
-                         calib_samples=calib_samples, damping=damping, structure=structure, options=options,
+                         calib_samples=calib_samples, damping=damping, structure=structure, gradients=gradients,
+                         options=options,
                          test_samples=len(dataset.test_x)),
         "results": results,
         "note": UNSTRUCTURED_NOTE,

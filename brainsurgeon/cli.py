@@ -36,6 +36,8 @@ def _add_common(parser):
     parser.add_argument("--max-memory-gb", type=float, default=8.0, help="refuse runs estimated above this")
     parser.add_argument("--structure", default="full",
                         help="Fisher blocks: full, layer (one per layer) or block:K (at most K weights each)")
+    parser.add_argument("--gradients", choices=("auto", "memory", "disk"), default="auto",
+                        help="keep per-sample gradients in memory, or stream them block by block from disk")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     cbs = parser.add_argument_group("cbs options")
     cbs.add_argument("--epsilon", type=float, help="minimum improvement of a swap (default 1e-4)")
@@ -63,7 +65,8 @@ def _cmd_prune(args):
     dataset = load_dataset(args.dataset, args.data_dir)
     calibration = dataset.calibration(_calib_samples(args, dataset), args.seed)
     result = prune(model, calibration, args.sparsity, args.method, damping=args.damp, seed=args.seed,
-                   scope=args.scope, structure=args.structure, include=args.include, ignore=args.ignore or (),
+                   scope=args.scope, structure=args.structure, gradients=args.gradients,
+                   include=args.include, ignore=args.ignore or (),
                    max_memory=args.max_memory_gb * GIB, progress=not args.quiet, **_method_options(args))
     dense_acc = accuracy(model, dataset.test_x, dataset.test_y)
     pruned_acc = accuracy(result.apply(model), dataset.test_x, dataset.test_y)
@@ -98,6 +101,7 @@ def _cmd_bench(args):
     report = bench.run_benchmark(model, dataset, args.methods.split(","), _floats(args.sparsities), _ints(args.seeds),
                                  _calib_samples(args, dataset), args.damp, model_name=args.model, progress=not args.quiet,
                                  max_memory=args.max_memory_gb * GIB, structure=args.structure,
+                                 gradients=args.gradients,
                                  **_method_options(args))
     _finish_bench(report, args)
 

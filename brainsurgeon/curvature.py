@@ -10,35 +10,58 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from .errors import BrainSurgeonError
+from .gradient_store import FLOAT_BYTES, TRANSPOSE_BUFFER_BYTES, InMemoryGradients
 from .layers import evaluating
 from .progress import progress_bar
 
 GIB = 1024**3
 
 
-def memory_need(num_samples: int, num_weights: int, num_blocks: int = 1) -> int:
-    """Peak bytes of the Fisher methods: G twice (storage and one working copy) plus, per Fisher block,
-    its n x n float64 Gram matrix and Cholesky factor (kept for the update)."""
-    return 2 * num_samples * num_weights * 4 + num_blocks * 2 * num_samples**2 * 8
+BYTES_PER_WEIGHT_OF_WORK = 96  # the O(p) vectors of the methods: weights, swap terms, orders, masks
 
 
-def check_memory(num_samples: int, num_weights: int, max_memory: float, num_blocks: int = 1) -> None:
-    need = memory_need(num_samples, num_weights, num_blocks)
+def memory_need(num_samples: int, regions, streamed: bool, chunk_size: int = 256) -> int:
+    """Estimated peak bytes of the Fisher methods.
+
+    In memory: G twice (storage and one working copy) plus each block's cached n x n Gram and Cholesky
+    factor (float64). Streamed: the gradient chunks and transposition buffer, one block's rows twice and
+    its two n x n matrices. Both add the O(p) working vectors.
+    """
+    n = num_samples
+    sizes = [region.stop - region.start for region in regions]
+    p = sum(sizes)
+    work = BYTES_PER_WEIGHT_OF_WORK * p
+    if not streamed:
+        return 2 * n * p * FLOAT_BYTES + len(regions) * 2 * n * n * 8 + work
+    chunks = 2 * min(chunk_size, n) * p * FLOAT_BYTES
+    transpose = 2 * min(TRANSPOSE_BUFFER_BYTES, n * p * FLOAT_BYTES)
+    return chunks + transpose + 2 * max(sizes) * n * FLOAT_BYTES + 2 * n * n * 8 + work
+
+
+def choose_gradient_store(mode: str, num_samples: int, regions, max_memory: float, chunk_size: int = 256) -> bool:
+    """Whether to stream G from disk: 'memory', 'disk', or 'auto' (disk only when memory would not fit)."""
+    if mode not in ("auto", "memory", "disk"):
+        raise BrainSurgeonError(f"unknown gradients='{mode}'; use 'auto', 'memory' or 'disk'")
+    in_memory = memory_need(num_samples, regions, False, chunk_size)
+    streamed = memory_need(num_samples, regions, True, chunk_size)
+    if mode == "memory" or (mode == "auto" and in_memory <= max_memory):
+        need, stream = in_memory, False
+    else:
+        need, stream = streamed, True
     if need > max_memory:
         raise BrainSurgeonError(
-            f"needs about {need / GIB:.1f} GiB for {num_samples} gradients of {num_weights} weights in "
-            f"{num_blocks} Fisher block(s), above max_memory={max_memory / GIB:.1f} GiB; use fewer calibration "
-            "samples, fewer blocks, or raise max_memory"
+            f"needs about {need / GIB:.1f} GiB ({'streamed' if stream else 'in memory'}) for {num_samples} "
+            f"gradients of {sum(r.stop - r.start for r in regions)} weights in {len(regions)} Fisher block(s), above "
+            f"max_memory={max_memory / GIB:.1f} GiB; use fewer calibration samples, smaller blocks "
+            "(structure='layer' or 'block:K', which can stream from disk), or raise max_memory"
         )
+    return stream
 
 
-def per_sample_gradients(model, layers, inputs, targets, loss_fn, chunk_size=256, show_progress=True):
-    """Return G^T (p x n, float32): column s is the gradient of sample s's loss over sqrt(n).
-
-    Gradients are taken w.r.t. the prunable weights only, with the model in eval mode.
-    """
+def per_sample_gradient_chunks(model, layers, inputs, targets, loss_fn, chunk_size=256, show_progress=True):
+    """Yield (start, stop, rows of G): per-sample gradients of the loss w.r.t. the prunable weights only,
+    for samples [start, stop), over sqrt(n), float32, with the model in eval mode."""
     n = len(inputs)
-    p = sum(layer.size for layer in layers)
     names = [layer.param for layer in layers]
     params = dict(model.named_parameters())
     prunable = {name: params[name].detach() for name in names}
@@ -50,17 +73,21 @@ def per_sample_gradients(model, layers, inputs, targets, loss_fn, chunk_size=256
         return loss_fn(out, y.unsqueeze(0))
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    gradients_t = torch.empty(p, n, dtype=torch.float32)
     with evaluating(model):
         for start in progress_bar(range(0, n, chunk_size), "per-sample gradients", show_progress):
             stop = min(start + chunk_size, n)
             grads = per_sample_grad(prunable, inputs[start:stop], targets[start:stop])
             chunk = torch.cat([grads[name].reshape(stop - start, -1) for name in names], dim=1)
-            gradients_t[:, start:stop] = chunk.T
-    if not torch.isfinite(gradients_t).all():
-        raise BrainSurgeonError("per-sample gradients contain NaN or Inf; check the model, data and loss_fn")
-    gradients_t /= n**0.5
-    return gradients_t
+            if not torch.isfinite(chunk).all():
+                raise BrainSurgeonError("per-sample gradients contain NaN or Inf; check the model, data and loss_fn")
+            yield start, stop, (chunk / n**0.5).float()
+
+
+def per_sample_gradients(model, layers, inputs, targets, loss_fn, chunk_size=256, show_progress=True):
+    """G^T in memory (p x n, float32): column s is the gradient of sample s's loss over sqrt(n)."""
+    chunks = per_sample_gradient_chunks(model, layers, inputs, targets, loss_fn, chunk_size, show_progress)
+    num_weights = sum(layer.size for layer in layers)
+    return InMemoryGradients.from_chunks(chunks, num_weights, len(inputs)).gradients_t
 
 
 class FisherBlock:
@@ -146,47 +173,58 @@ class FisherBlock:
 class EmpiricalFisher:
     """H = blockdiag(G_b^T G_b) + damping * I over contiguous weight regions (one region: the full Fisher).
 
-    Built from G^T (p x n). Products cost O(n p); every solve is per block, through its n x n Gram matrix
-    or the smaller kept-weights system. Cross-block curvature is dropped, as in the paper's ResNet20 runs.
+    Built from G^T (p x n) in memory or streamed from disk (`gradient_store`). Products cost O(n p); every
+    solve is per block, through its n x n Gram matrix or the smaller kept-weights system. Cross-block
+    curvature is dropped, as in the paper's ResNet20 runs. A streamed Fisher holds one block at a time.
     """
 
-    def __init__(self, gradients_t: torch.Tensor, damping: float, regions=None):
+    def __init__(self, gradients, damping: float, regions=None):
         if damping <= 0:
             raise BrainSurgeonError(f"damping must be > 0, got {damping}; try 1e-4..1e-2")
-        self.gradients_t = gradients_t
+        self.store = InMemoryGradients(gradients) if isinstance(gradients, torch.Tensor) else gradients
         self.damping = float(damping)
-        self.regions = list(regions) if regions else [slice(0, gradients_t.shape[0])]
-        if self.regions[0].start != 0 or self.regions[-1].stop != gradients_t.shape[0] or any(
+        num_weights = self.store.shape[0]
+        self.regions = list(regions) if regions else [slice(0, num_weights)]
+        if self.regions[0].start != 0 or self.regions[-1].stop != num_weights or any(
             a.stop != b.start for a, b in zip(self.regions, self.regions[1:])
         ):
             raise BrainSurgeonError("Fisher regions must tile the weights contiguously")
-        self.blocks = [FisherBlock(gradients_t[region], damping) for region in self.regions]
+        # In memory, blocks are views whose Gram/Cholesky caches are reused; streamed, they are re-read.
+        self._blocks = None if self.store.streamed else [FisherBlock(self.store.rows(r), damping) for r in self.regions]
         sizes = torch.tensor([region.stop - region.start for region in self.regions])
         self.block_of = torch.repeat_interleave(torch.arange(len(self.regions)), sizes)
 
     @property
     def num_weights(self) -> int:
-        return self.gradients_t.shape[0]
+        return self.store.shape[0]
 
     @property
     def num_samples(self) -> int:
-        return self.gradients_t.shape[1]
+        return self.store.shape[1]
+
+    def block(self, index: int) -> FisherBlock:
+        if self._blocks is not None:
+            return self._blocks[index]
+        return FisherBlock(self.store.rows(self.regions[index]), self.damping)
+
+    def _blocks_with_regions(self):
+        return ((self.block(b), region) for b, region in enumerate(self.regions))
 
     def residuals(self, v: torch.Tensor) -> torch.Tensor:
         """G_b v_b for every block (num_blocks x n)."""
-        return torch.stack([block.matvec(v[region]) for block, region in zip(self.blocks, self.regions)])
+        return torch.stack([block.matvec(v[region]) for block, region in self._blocks_with_regions()])
 
     def rmatvec(self, residuals: torch.Tensor) -> torch.Tensor:
         """G_b^T r_b for every block, concatenated (a p-vector)."""
-        return torch.cat([block.rmatvec(r) for block, r in zip(self.blocks, residuals)])
+        return torch.cat([block.rmatvec(r) for (block, _), r in zip(self._blocks_with_regions(), residuals)])
 
     def columns(self, index) -> torch.Tensor:
         """Rows of G^T: the gradient columns g_i for i in `index` (len(index) x n)."""
-        return self.gradients_t[index]
+        return self.store.take(index)
 
     @cached_property
     def column_sq_norms(self) -> torch.Tensor:
-        return self.gradients_t.pow(2).sum(1)
+        return torch.cat([block.gradients_t.pow(2).sum(1) for block, _ in self._blocks_with_regions()])
 
     def quadratic(self, d: torch.Tensor) -> float:
         """d^T H d."""
@@ -194,10 +232,10 @@ class EmpiricalFisher:
 
     @cached_property
     def inverse_diagonal(self) -> torch.Tensor:
-        return torch.cat([block.inverse_diagonal for block in self.blocks])
+        return torch.cat([block.inverse_diagonal for block, _ in self._blocks_with_regions()])
 
     def inverse_apply(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.cat([block.inverse_apply(v[region]) for block, region in zip(self.blocks, self.regions)])
+        return torch.cat([block.inverse_apply(v[region]) for block, region in self._blocks_with_regions()])
 
     def ridge_solve(self, pruned: torch.Tensor, weights: torch.Tensor, dampings=None) -> list:
         """Per block, argmin_d |G_S d - G_P w_P|^2 + lam |d|^2 on its kept set S, for each lam in `dampings`.
@@ -206,12 +244,12 @@ class EmpiricalFisher:
         """
         dampings = dampings or [self.damping]
         solutions = [torch.zeros_like(weights) for _ in dampings]
-        for block, region in zip(self.blocks, self.regions):
+        for b, region in enumerate(self.regions):
             local = pruned[region]
             kept_idx, pruned_idx = torch.nonzero(~local).squeeze(1), torch.nonzero(local).squeeze(1)
             if not len(kept_idx) or not len(pruned_idx):
                 continue
-            parts = block.ridge_solve(kept_idx, pruned_idx, weights[region][pruned_idx], dampings)
+            parts = self.block(b).ridge_solve(kept_idx, pruned_idx, weights[region][pruned_idx], dampings)
             for solution, part in zip(solutions, parts):
                 solution[region][kept_idx] = part
         return solutions

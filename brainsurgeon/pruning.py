@@ -1,6 +1,7 @@
 """The pruning driver: prune(model, calibration, sparsity, method) -> PruneResult."""
 import inspect
 import time
+from contextlib import ExitStack
 
 import torch
 from torch import nn
@@ -8,7 +9,8 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from .calibration import collect
-from .curvature import EmpiricalFisher, check_memory, per_sample_gradients
+from .curvature import EmpiricalFisher, choose_gradient_store, per_sample_gradient_chunks
+from .gradient_store import DiskGradients, InMemoryGradients, scratch_directory
 from .errors import BrainSurgeonError
 from .layers import evaluating, find_prunable, flat_weights
 from .problem import PruningProblem, Segment
@@ -121,13 +123,15 @@ def _check_finite(model: nn.Module):
 
 def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
           num_samples: int | None = None, damping: float = DEFAULT_DAMPING, include=None, ignore=(),
-          scope: str = "global", structure: str = "full", seed: int = 0, max_memory: float = 8 * GIB,
-          chunk_size: int = 256, progress: bool = True, **options) -> PruneResult:
+          scope: str = "global", structure: str = "full", gradients: str = "auto", scratch_dir=None, seed: int = 0,
+          max_memory: float = 8 * GIB, chunk_size: int = 256, progress: bool = True, **options) -> PruneResult:
     """One-shot prune of `model` to `sparsity` with `method` ('SELECTION[+UPDATE]', e.g. 'cbs', 'wf+cbsu').
 
     `calibration`: an (X, y) pair or an iterable of (inputs, targets) batches; `num_samples` of them
     (default: all) give the per-sample gradients. `structure` shapes the Fisher: 'full', 'layer' (one block
-    per layer, cross-layer curvature dropped) or 'block:K'; sparsity stays global unless scope='layer'. `options` go to whichever of the selection and the update
+    per layer, cross-layer curvature dropped) or 'block:K'; sparsity stays global unless scope='layer'.
+    `gradients`: keep G in 'memory', stream it one block at a time from a file in `scratch_dir` ('disk'),
+    or 'auto' (disk only when memory would exceed `max_memory`). `options` go to whichever of the selection and the update
     takes them by name (e.g. rho, tau for cbs; damping_grid for cbsu).
     The model is not modified: call `result.apply(model)`.
     """
@@ -147,28 +151,40 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     if needs_fisher or selection.needs_loss or update.needs_loss:
         inputs, targets = collect(calibration, num_samples)
         if needs_fisher:
-            check_memory(len(inputs), num_weights, max_memory, len(regions))
+            streamed = choose_gradient_store(gradients, len(inputs), regions, max_memory, chunk_size)
     problem = PruningProblem(weights=flat_weights(model, layers).float(), segments=segments,
                              generator=torch.Generator().manual_seed(seed), show_progress=progress)
     if inputs is not None:
         problem.calibration_loss = calibration_loss_fn(model, layers, inputs, targets, loss_fn)
-    if needs_fisher:
-        gradients_t = per_sample_gradients(model, layers, inputs, targets, loss_fn, chunk_size, progress)
-        problem.fisher = EmpiricalFisher(gradients_t, damping, regions)
-        timings["gradients"] = time.perf_counter() - start
+    with ExitStack() as cleanup:
+        if needs_fisher:
+            chunks = per_sample_gradient_chunks(model, layers, inputs, targets, loss_fn, chunk_size, progress)
+            if streamed:
+                scratch = cleanup.enter_context(scratch_directory(scratch_dir))
+                store = DiskGradients.from_chunks(chunks, num_weights, len(inputs), scratch)
+                cleanup.callback(store.close)
+            else:
+                store = InMemoryGradients.from_chunks(chunks, num_weights, len(inputs))
+            problem.fisher = EmpiricalFisher(store, damping, regions)
+            timings["gradients"] = time.perf_counter() - start
 
-    mark = time.perf_counter()
-    candidates = selection.select(problem)
-    timings["selection"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    pruned, delta = _best_candidate(problem, update, candidates)
-    timings["update"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        candidates = selection.select(problem)
+        timings["selection"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        pruned, delta = _best_candidate(problem, update, candidates)
+        timings["update"] = time.perf_counter() - mark
+        if needs_fisher:
+            selection_objective = problem.fisher.quadratic(problem.weights * pruned)
+            predicted_loss_increase = 0.5 * problem.fisher.quadratic(delta)
     timings["total"] = time.perf_counter() - start
 
     new_flat = problem.weights + delta
     new_flat[pruned] = 0.0  # exact zeros whatever the arithmetic
     settings = dict(method=f"{selection_name}+{update_name}", selection=selection_name, update=update_name,
-                    sparsity=sparsity, scope=scope, structure=structure, seed=seed, damping=damping if needs_fisher else None,
+                    sparsity=sparsity, scope=scope, structure=structure, seed=seed,
+                    gradients=("disk" if streamed else "memory") if needs_fisher else None,
+                    damping=damping if needs_fisher else None,
                     num_samples=None if inputs is None else len(inputs), layers=[layer.param for layer in layers],
                     **selection.settings(), **update.settings())
     result = PruneResult(
@@ -177,7 +193,5 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
         settings=settings, timings=timings, stats=problem.stats, dense_layers=dense_layers,
     )
     if needs_fisher:
-        fisher = problem.fisher
-        result.selection_objective = fisher.quadratic(problem.weights * pruned)
-        result.predicted_loss_increase = 0.5 * fisher.quadratic(delta)
+        result.selection_objective, result.predicted_loss_increase = selection_objective, predicted_loss_increase
     return result

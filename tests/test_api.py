@@ -178,3 +178,28 @@ def test_unknown_structure_is_refused():
     model, x, y = small_mlp()
     with pytest.raises(BrainSurgeonError, match="unknown Fisher structure"):
         brainsurgeon.prune(model, (x, y), 0.5, "wf", structure="block:0")
+
+
+@pytest.mark.parametrize("method", ["wf", "cbs", "mp+cbsu", "random+obs"])
+def test_streaming_gradients_from_disk_gives_the_in_memory_result(method, tmp_path):
+    model, x, y = small_mlp()
+    options = accepted_options(method, {"init_trials": 3})
+    common = dict(structure="block:50", progress=False, **options)
+    memory = brainsurgeon.prune(model, (x, y), 0.8, method, gradients="memory", **common)
+    disk = brainsurgeon.prune(model, (x, y), 0.8, method, gradients="disk", scratch_dir=tmp_path, **common)
+    assert disk.settings["gradients"] == "disk" and memory.settings["gradients"] == "memory"
+    for name in memory.masks:
+        assert torch.equal(disk.masks[name], memory.masks[name])
+        assert torch.allclose(disk.weights[name], memory.weights[name], atol=1e-6)
+    assert not list(tmp_path.iterdir())  # the scratch file is gone
+
+
+def test_auto_streams_only_when_memory_would_not_fit():
+    model, x, y = small_mlp()
+    # 38 blocks of 10 weights: in memory every block keeps two 64 x 64 float64 matrices (about 2.5 MB).
+    roomy = brainsurgeon.prune(model, (x, y), 0.5, "wf", structure="block:10", progress=False)
+    assert roomy.settings["gradients"] == "memory"
+    tight = brainsurgeon.prune(model, (x, y), 0.5, "wf", structure="block:10", progress=False, max_memory=2**20)
+    assert tight.settings["gradients"] == "disk"
+    with pytest.raises(BrainSurgeonError, match="smaller blocks"):
+        brainsurgeon.prune(model, (x, y), 0.5, "wf", structure="block:10", max_memory=2**16)

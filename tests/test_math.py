@@ -29,7 +29,7 @@ def random_problem(seed, n, p, k, damping, num_blocks=1):
 
 def dense_hessian(problem):
     """The p x p matrix, block-diagonal over the Fisher's regions (cross-block curvature dropped)."""
-    g = problem.fisher.gradients_t.double()
+    g = problem.fisher.store.rows(slice(None)).double()
     hessian = torch.zeros(problem.num_weights, problem.num_weights, dtype=torch.float64)
     for region in problem.fisher.regions:
         hessian[region, region] = g[region] @ g[region].T
@@ -141,6 +141,6 @@ def test_cbs_local_search_finds_the_brute_force_optimum_on_a_tiny_problem():
 @given(problems)
 def test_blockwise_gram_equals_the_full_product(spec):
     seed, n, p, damping, _ = spec
-    block = random_problem(seed, n, p, 1, damping).fisher.blocks[0]
+    block = random_problem(seed, n, p, 1, damping).fisher.block(0)
     full = block.gradients_t.double().T @ block.gradients_t.double()
     assert torch.allclose(block.gram, full, rtol=1e-5, atol=1e-6)
