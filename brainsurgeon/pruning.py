@@ -48,6 +48,11 @@ def make_segments(layers, sparsity: float, scope: str):
     raise BrainSurgeonError(f"unknown scope '{scope}'; use 'global' or 'layer'")
 
 
+def default_chunk_size(num_weights: int, max_memory: float) -> int:
+    """Samples per vmap chunk: up to 256, with the chunk's gradients (held twice) in 1/8 of the budget."""
+    return int(max(1, min(256, max_memory // (8 * 2 * num_weights * 4))))
+
+
 def fisher_regions(layers, structure: str):
     """Contiguous weight regions of the Fisher blocks: 'full' (one), 'layer', or 'block:K' (<= K per block)."""
     if structure == "full":
@@ -123,8 +128,9 @@ def _check_finite(model: nn.Module):
 
 def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
           num_samples: int | None = None, damping: float = DEFAULT_DAMPING, include=None, ignore=(),
-          scope: str = "global", structure: str = "full", gradients: str = "auto", scratch_dir=None, seed: int = 0,
-          max_memory: float = 8 * GIB, chunk_size: int = 256, progress: bool = True, **options) -> PruneResult:
+          scope: str = "global", structure: str = "full", gradients: str = "auto", scratch_dir=None,
+          seed: int = 0, max_memory: float = 8 * GIB, chunk_size: int | None = None, progress: bool = True,
+          **options) -> PruneResult:
     """One-shot prune of `model` to `sparsity` with `method` ('SELECTION[+UPDATE]', e.g. 'cbs', 'wf+cbsu').
 
     `calibration`: an (X, y) pair or an iterable of (inputs, targets) batches; `num_samples` of them
@@ -144,6 +150,7 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     segments = make_segments(layers, sparsity, scope)
     regions = fisher_regions(layers, structure)
     num_weights = sum(layer.size for layer in layers)
+    chunk_size = chunk_size or default_chunk_size(num_weights, max_memory)
     needs_fisher = selection.needs_fisher or update.needs_fisher
     timings, start = {}, time.perf_counter()
 

@@ -57,15 +57,16 @@ def perturbed_magnitude_scores(weights: torch.Tensor, generator: torch.Generator
     a mask near global magnitude pruning, perturbed at random.
     """
     p = weights.numel()
-    group = max(1, math.isqrt(p))
+    group_size = max(1, math.isqrt(p))
     perm = torch.randperm(p, generator=generator)
-    magnitudes = weights.abs()[perm]
+    group = torch.arange(p) // group_size  # group of position k in the random permutation
+    by_magnitude = torch.sort(weights.abs()[perm], stable=True).indices
+    order = by_magnitude[torch.sort(group[by_magnitude], stable=True).indices]  # by group, then magnitude
+    rank = torch.empty(p, dtype=torch.float64)
+    rank[order] = (torch.arange(p) - group * group_size).double()  # position inside its group
+    sizes = torch.bincount(group).double()
     scores = torch.empty(p, dtype=torch.float64)
-    for start in range(0, p, group):
-        part = magnitudes[start : start + group]
-        ranks = torch.empty(len(part), dtype=torch.float64)
-        ranks[torch.sort(part, stable=True).indices] = torch.arange(len(part), dtype=torch.float64)
-        scores[perm[start : start + group]] = (ranks + 0.5) / len(part)
+    scores[perm] = (rank + 0.5) / sizes[group]
     return scores
 
 
