@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: install demo test bench-mnist
+.PHONY: install demo test bench-mnist bench-resnet20
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -26,3 +26,9 @@ bench-mnist: $(STAMP)
 	$(BIN)/brainsurgeon bench --model mlpnet --checkpoint $(DATA)/checkpoints/mnist_25_epoch_93.97.ckpt \
 	  --dataset mnist --data-dir $(DATA)/mnist --methods mp,wf,cbs,mp+cbsu,wf+cbsu \
 	  --sparsities 0.5,0.6,0.7,0.8,0.9,0.95,0.98 --seeds 0,1,2 --json bench/mlpnet_mnist.json --plot bench/mlpnet_mnist.png
+
+bench-resnet20: $(STAMP)
+	$(BIN)/brainsurgeon bench --model resnet20 --checkpoint $(DATA)/checkpoints/resnet20_cifar10.pth.tar \
+	  --dataset cifar10 --data-dir $(DATA)/cifar10 --methods mp,wf,cbs,mp+cbsu --structure layer \
+	  --sparsities 0.3,0.5,0.7,0.8,0.9 --seeds 0,1,2 --calib-samples 1000 --damp 1e-5 \
+	  --json bench/resnet20_cifar10.json --plot bench/resnet20_cifar10.png
