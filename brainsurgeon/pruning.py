@@ -105,6 +105,16 @@ def _build_methods(selection_name: str, update_name: str, options: dict):
             update_cls(**{k: v for k, v in options.items() if k in _option_names(update_cls)}))
 
 
+def _gradient_store(chunks, num_weights: int, num_samples: int, streamed: bool, scratch_dir, cleanup: ExitStack):
+    """Collect the gradient chunks in memory, or in a scratch file that `cleanup` removes."""
+    if not streamed:
+        return InMemoryGradients.from_chunks(chunks, num_weights, num_samples)
+    scratch = cleanup.enter_context(scratch_directory(scratch_dir))
+    store = DiskGradients.from_chunks(chunks, num_weights, num_samples, scratch)
+    cleanup.callback(store.close)
+    return store
+
+
 def _best_candidate(problem: PruningProblem, update, candidates):
     """(mask, delta) of the candidate with the lowest real calibration loss after the update."""
     if isinstance(candidates, torch.Tensor):
@@ -137,8 +147,8 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     (default: all) give the per-sample gradients. `structure` shapes the Fisher: 'full', 'layer' (one block
     per layer, cross-layer curvature dropped) or 'block:K'; sparsity stays global unless scope='layer'.
     `gradients`: keep G in 'memory', stream it one block at a time from a file in `scratch_dir` ('disk'),
-    or 'auto' (disk only when memory would exceed `max_memory`). `options` go to whichever of the selection and the update
-    takes them by name (e.g. rho, tau for cbs; damping_grid for cbsu).
+    or 'auto' (disk only when memory would exceed `max_memory`). `options` go to whichever of the selection
+    and the update takes them by name (e.g. rho, tau for cbs; damping_grid for cbsu).
     The model is not modified: call `result.apply(model)`.
     """
     if not 0 <= sparsity < 1:
@@ -166,12 +176,7 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     with ExitStack() as cleanup:
         if needs_fisher:
             chunks = per_sample_gradient_chunks(model, layers, inputs, targets, loss_fn, chunk_size, progress)
-            if streamed:
-                scratch = cleanup.enter_context(scratch_directory(scratch_dir))
-                store = DiskGradients.from_chunks(chunks, num_weights, len(inputs), scratch)
-                cleanup.callback(store.close)
-            else:
-                store = InMemoryGradients.from_chunks(chunks, num_weights, len(inputs))
+            store = _gradient_store(chunks, num_weights, len(inputs), streamed, scratch_dir, cleanup)
             problem.fisher = EmpiricalFisher(store, damping, regions)
             timings["gradients"] = time.perf_counter() - start
 
