@@ -144,3 +144,18 @@ def test_blockwise_gram_equals_the_full_product(spec):
     block = random_problem(seed, n, p, 1, damping).fisher.block(0)
     full = block.gradients_t.double().T @ block.gradients_t.double()
     assert torch.allclose(block.gram, full, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 1000))
+def test_perturbed_magnitude_scores_rank_weights_inside_equal_random_groups(m, seed):
+    from brainsurgeon.selection import perturbed_magnitude_scores
+
+    weights = torch.randn(m * m, generator=torch.Generator().manual_seed(seed))
+    scores = perturbed_magnitude_scores(weights, torch.Generator().manual_seed(seed))
+    # p = m^2: m groups of m weights, each scored (rank + 0.5) / m by magnitude inside its group.
+    expected = ((torch.arange(m, dtype=torch.float64) + 0.5) / m).repeat(m)
+    assert torch.equal(torch.sort(scores).values, torch.sort(expected).values)
+    for level in expected.unique():
+        members = weights[scores == level]
+        assert len(members) == m
