@@ -149,25 +149,24 @@ class FisherBlock:
         coeff = torch.cholesky_solve(gv, self._gram_cholesky).squeeze(1).float()
         return (v.float() - self.rmatvec(coeff)) / self.damping
 
-    def ridge_solve(self, kept, pruned, pruned_weights, dampings=None) -> list:
-        """argmin_d |G_S d - G_P w_P|^2 + lam |d|^2 on the kept set S, one solution per lam in `dampings`.
+    def ridge_solver(self, kept, pruned, pruned_weights):
+        """lam -> argmin_d |G_S d - G_P w_P|^2 + lam |d|^2 on the kept set S.
 
-        Uses the smaller of the |S| x |S| and n x n systems; the system is formed once for all dampings.
+        Forms the smaller of the |S| x |S| and n x n systems once; each lam then costs one Cholesky.
         """
-        dampings = dampings or [self.damping]
         target = self.gradients_t[pruned].T @ pruned_weights.float()  # b = G_P w_P
         kept_cols = self.gradients_t[kept]  # |S| x n
         if len(kept) <= self.num_samples:
             system = (kept_cols @ kept_cols.T).double()
             rhs = (kept_cols @ target).double()
-            return [_damped_solve(system, rhs, lam).float() for lam in dampings]
+            return lambda lam: _damped_solve(system, rhs, lam).float()
         # G_S G_S^T from the cached Gram when P is the smaller side: n^2 |P| instead of n^2 |S| flops.
         if len(pruned) < len(kept):
             pruned_cols = self.gradients_t[pruned]
             system = self.gram - (pruned_cols.T @ pruned_cols).double()
         else:
             system = (kept_cols.T @ kept_cols).double()
-        return [kept_cols @ _damped_solve(system, target.double(), lam).float() for lam in dampings]
+        return lambda lam: kept_cols @ _damped_solve(system, target.double(), lam).float()
 
 
 class EmpiricalFisher:
@@ -237,22 +236,23 @@ class EmpiricalFisher:
     def inverse_apply(self, v: torch.Tensor) -> torch.Tensor:
         return torch.cat([block.inverse_apply(v[region]) for block, region in self._blocks_with_regions()])
 
-    def ridge_solve(self, pruned: torch.Tensor, weights: torch.Tensor, dampings=None) -> list:
-        """Per block, argmin_d |G_S d - G_P w_P|^2 + lam |d|^2 on its kept set S, for each lam in `dampings`.
-
-        Returns one p-vector per damping: the compensation on the kept weights, zero on the pruned ones.
-        """
-        dampings = dampings or [self.damping]
-        solutions = [torch.zeros_like(weights) for _ in dampings]
-        for b, region in enumerate(self.regions):
-            local = pruned[region]
-            kept_idx, pruned_idx = torch.nonzero(~local).squeeze(1), torch.nonzero(local).squeeze(1)
-            if not len(kept_idx) or not len(pruned_idx):
-                continue
-            parts = self.block(b).ridge_solve(kept_idx, pruned_idx, weights[region][pruned_idx], dampings)
-            for solution, part in zip(solutions, parts):
-                solution[region][kept_idx] = part
-        return solutions
+    def ridge_solutions(self, pruned: torch.Tensor, weights: torch.Tensor, dampings):
+        """Yield, for each lam in `dampings`, the per-block argmin_d |G_S d - G_P w_P|^2 + lam |d|^2 on the
+        kept set S of every block, as one p-vector (zero on the pruned weights). Lazily: a caller may stop
+        early. In memory the block systems are formed once; streamed, they are re-formed per lam."""
+        solvers = {}
+        for lam in dampings:
+            d = torch.zeros_like(weights)
+            for b, region in enumerate(self.regions):
+                local = pruned[region]
+                kept_idx, pruned_idx = torch.nonzero(~local).squeeze(1), torch.nonzero(local).squeeze(1)
+                if not len(kept_idx) or not len(pruned_idx):
+                    continue
+                solver = solvers.get(b) or self.block(b).ridge_solver(kept_idx, pruned_idx, weights[region][pruned_idx])
+                if not self.store.streamed:
+                    solvers[b] = solver
+                d[region][kept_idx] = solver(lam)
+            yield d
 
 
 def _damped_solve(system: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:

@@ -203,3 +203,15 @@ def test_auto_streams_only_when_memory_would_not_fit():
     assert tight.settings["gradients"] == "disk"
     with pytest.raises(BrainSurgeonError, match="smaller blocks"):
         brainsurgeon.prune(model, (x, y), 0.5, "wf", structure="block:10", max_memory=2**16)
+
+
+def test_cbsu_walks_the_damping_grid_until_the_calibration_loss_rises():
+    model, x, y = small_mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.9, "mp+cbsu", damping_grid=[100, 0.01, 1, 0.1, 10], progress=False)
+    losses = [loss for _, loss in sorted((float(k), v) for k, v in result.stats["cbsu_calibration_losses"].items())]
+    assert all(a > b for a, b in zip(losses[:-2], losses[1:-1]))  # falling until the last one tried
+    assert result.stats["cbsu_calibration_losses"][str(result.stats["cbsu_damping"])] == min(losses)
+    single = brainsurgeon.prune(model, (x, y), 0.9, "mp+cbsu", damping=result.stats["cbsu_damping"],
+                                damping_grid=[1.0], progress=False)
+    for name in single.weights:
+        assert torch.allclose(single.weights[name], result.weights[name], atol=1e-6)
