@@ -34,10 +34,6 @@ class PruningProblem:
         """Real calibration loss with the weights under the boolean mask `pruned` set to zero."""
         return self.calibration_loss(self.weights * ~pruned)
 
-    @property
-    def num_prune(self) -> int:
-        return sum(segment.count for segment in self.segments)
-
 
 def prune_lowest(scores: torch.Tensor, segments) -> torch.Tensor:
     """Boolean mask of the `count` lowest scores in each segment (ties broken by position)."""
