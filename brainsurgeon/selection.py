@@ -1,4 +1,4 @@
-"""Selections: which weights to prune. Each returns a boolean "pruned" mask with exact per-segment counts."""
+"""Selections: which weights to prune, as a boolean "pruned" mask (or candidate masks) with exact per-segment counts."""
 import math
 from abc import ABC, abstractmethod
 
