@@ -6,6 +6,7 @@ import sys
 import torch
 
 from . import bench
+from .bench import DEFAULT_CALIB_SAMPLES
 from .atomic import check_writable, write_text
 from .datasets import DATASETS, accuracy, download_mnist, load_dataset
 from .demo import demo_setup
@@ -13,7 +14,6 @@ from .errors import BrainSurgeonError
 from .models import MODELS, build_model
 from .pruning import DEFAULT_DAMPING, GIB, prune
 
-DEFAULT_CALIB_SAMPLES = 10000
 
 
 def _floats(text: str):

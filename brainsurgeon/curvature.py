@@ -193,14 +193,6 @@ class EmpiricalFisher:
         sizes = torch.tensor([region.stop - region.start for region in self.regions])
         self.block_of = torch.repeat_interleave(torch.arange(len(self.regions)), sizes)
 
-    @property
-    def num_weights(self) -> int:
-        return self.store.shape[0]
-
-    @property
-    def num_samples(self) -> int:
-        return self.store.shape[1]
-
     def block(self, index: int) -> FisherBlock:
         if self._blocks is not None:
             return self._blocks[index]
