@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .atomic import atomic_path, write_text
 from .datasets import Dataset, accuracy
-from .pruning import DEFAULT_DAMPING, GIB, accepted_options, parse_method, prune
+from .pruning import GIB, accepted_options, parse_method, prune
 
 UNSTRUCTURED_NOTE = ("Unstructured sparsity alone does not make the model smaller or faster: "
                      "the zeros need sparse storage or sparse kernels to pay off.")
@@ -38,7 +38,7 @@ DEFAULT_CALIB_SAMPLES = 10000
 
 
 def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), calib_samples=DEFAULT_CALIB_SAMPLES,
-                  damping=DEFAULT_DAMPING, model_name="model", progress=True, max_memory=8 * GIB, structure="full",
+                  damping=None, model_name="model", progress=True, max_memory=8 * GIB, structure="full",
                   gradients="auto", **options) -> dict:
     """Prune `model` with every method x sparsity x seed; each run starts from the dense model.
 

@@ -32,7 +32,7 @@ def _add_common(parser):
     parser.add_argument("--calib-samples", type=int,
                         help=f"per-sample gradients from a seeded random subset of the training split "
                              f"(default {DEFAULT_CALIB_SAMPLES}, or the whole split if smaller)")
-    parser.add_argument("--damp", type=float, default=DEFAULT_DAMPING, help="Fisher damping lambda")
+    parser.add_argument("--damp", type=float, default=None, help=f"Fisher damping lambda (default {DEFAULT_DAMPING}, or the preset's)")
     parser.add_argument("--max-memory-gb", type=float, default=8.0, help="refuse runs estimated above this")
     parser.add_argument("--structure", default="full",
                         help="Fisher blocks: full, layer (one per layer) or block:K (at most K weights each)")
@@ -45,11 +45,24 @@ def _add_common(parser):
     cbs.add_argument("--tau", type=int, help="failed attempts that end a pass (default 20)")
     cbs.add_argument("--max-passes", type=int, help="cap on swap passes")
     cbs.add_argument("--init-trials", type=int, help="perturbed-magnitude starting masks (default 50)")
+    joint = parser.add_argument_group("joint options")
+    joint.add_argument("--start", help="warm-start selection of joint (default cbs)")
+    joint.add_argument("--iht-rounds", type=int, help="thresholding-plus-backsolve rounds")
+    joint.add_argument("--max-swaps", type=int, help="cap on swaps with the update inside")
+    stages = parser.add_argument_group("stages (any method)")
+    stages.add_argument("--stages", type=int, help="prune in this many stages, geometric in density")
+    stages.add_argument("--schedule", help="explicit sparsities per stage, e.g. 0.9,0.95,0.98")
+    stages.add_argument("--first-order", action="store_true", default=None,
+                        help="model the mean gradient too (the model need not be at a minimum)")
 
 
 def _method_options(args) -> dict:
-    names = ("epsilon", "rho", "tau", "max_passes", "init_trials")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    names = ("epsilon", "rho", "tau", "max_passes", "init_trials", "start", "iht_rounds", "max_swaps", "stages",
+             "first_order")
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.schedule:
+        options["schedule"] = _floats(args.schedule)
+    return options
 
 
 def _calib_samples(args, dataset) -> int:
@@ -127,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a checkpoint and write the pruned weights and masks")
     _add_common(p)
     p.add_argument("--sparsity", type=float, required=True)
-    p.add_argument("--method", default="cbs", help="SELECTION[+UPDATE], e.g. cbs, wf, mp, wf+cbsu")
+    p.add_argument("--method", default="cbs",
+                   help="SELECTION[+UPDATE], e.g. cbs, joint, wf, mp, wf+cbsu; or max, the most accurate preset")
     p.add_argument("--scope", choices=("global", "layer"), default="global")
     p.add_argument("--include", nargs="*", help="module types or name regexes to prune (default: Linear)")
     p.add_argument("--ignore", nargs="*", help="module types or name regexes to leave dense")
@@ -150,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sparsities", default="0.3,0.5,0.7,0.8")
     d.add_argument("--seeds", default="0")
     d.add_argument("--seed", type=int, default=0, help="seed of the demo model's training")
-    d.add_argument("--damp", type=float, default=DEFAULT_DAMPING)
+    d.add_argument("--damp", type=float, default=None)
     d.add_argument("--json")
     d.add_argument("--plot")
     d.add_argument("--quiet", action="store_true")

@@ -91,11 +91,16 @@ def per_sample_gradients(model, layers, inputs, targets, loss_fn, chunk_size=256
 
 
 class FisherBlock:
-    """One dense block: H_b = G_b^T G_b + damping * I from G_b^T (p_b x n). Solves use the n x n Gram."""
+    """One dense block: H_b = G_b^T G_b + damping * I from G_b^T (p_b x n). Solves use the n x n Gram.
 
-    def __init__(self, gradients_t: torch.Tensor, damping: float):
+    `shift` is 1/sqrt(n) when the mean gradient's linear term is modelled (else 0): the loss change
+    g_mean^T d + d^T H d / 2 is |G d + shift|^2 / 2 + lam |d|^2 / 2 up to a constant, as g_mean = G^T 1 / sqrt(n).
+    """
+
+    def __init__(self, gradients_t: torch.Tensor, damping: float, shift: float = 0.0):
         self.gradients_t = gradients_t
         self.damping = float(damping)
+        self.shift = float(shift)
 
     @property
     def num_weights(self) -> int:
@@ -150,11 +155,11 @@ class FisherBlock:
         return (v.float() - self.rmatvec(coeff)) / self.damping
 
     def ridge_solver(self, kept, pruned, pruned_weights):
-        """lam -> argmin_d |G_S d - G_P w_P|^2 + lam |d|^2 on the kept set S.
+        """lam -> argmin_d |G_S d - G_P w_P + shift|^2 + lam |d|^2 on the kept set S.
 
         Forms the smaller of the |S| x |S| and n x n systems once; each lam then costs one Cholesky.
         """
-        target = self.gradients_t[pruned].T @ pruned_weights.float()  # b = G_P w_P
+        target = self.gradients_t[pruned].T @ pruned_weights.float() - self.shift  # b = G_P w_P - shift
         kept_cols = self.gradients_t[kept]  # |S| x n
         if len(kept) <= self.num_samples:
             system = (kept_cols @ kept_cols.T).double()
@@ -177,11 +182,14 @@ class EmpiricalFisher:
     curvature is dropped, as in the paper's ResNet20 runs. A streamed Fisher holds one block at a time.
     """
 
-    def __init__(self, gradients, damping: float, regions=None):
+    def __init__(self, gradients, damping: float, regions=None, first_order: bool = False):
         if damping <= 0:
             raise BrainSurgeonError(f"damping must be > 0, got {damping}; try 1e-4..1e-2")
         self.store = InMemoryGradients(gradients) if isinstance(gradients, torch.Tensor) else gradients
         self.damping = float(damping)
+        # Model the mean gradient too (the model need not be at a minimum, e.g. after an earlier stage).
+        self.first_order = bool(first_order)
+        self.shift = self.store.shape[1] ** -0.5 if first_order else 0.0
         num_weights = self.store.shape[0]
         self.regions = list(regions) if regions else [slice(0, num_weights)]
         if self.regions[0].start != 0 or self.regions[-1].stop != num_weights or any(
@@ -189,14 +197,15 @@ class EmpiricalFisher:
         ):
             raise BrainSurgeonError("Fisher regions must tile the weights contiguously")
         # In memory, blocks are views whose Gram/Cholesky caches are reused; streamed, they are re-read.
-        self._blocks = None if self.store.streamed else [FisherBlock(self.store.rows(r), damping) for r in self.regions]
+        self._blocks = None if self.store.streamed else [
+            FisherBlock(self.store.rows(r), damping, self.shift) for r in self.regions]
         sizes = torch.tensor([region.stop - region.start for region in self.regions])
         self.block_of = torch.repeat_interleave(torch.arange(len(self.regions)), sizes)
 
     def block(self, index: int) -> FisherBlock:
         if self._blocks is not None:
             return self._blocks[index]
-        return FisherBlock(self.store.rows(self.regions[index]), self.damping)
+        return FisherBlock(self.store.rows(self.regions[index]), self.damping, self.shift)
 
     def _blocks_with_regions(self):
         return ((self.block(b), region) for b, region in enumerate(self.regions))
@@ -220,6 +229,11 @@ class EmpiricalFisher:
     def quadratic(self, d: torch.Tensor) -> float:
         """d^T H d."""
         return float(self.residuals(d).pow(2).sum() + self.damping * d.pow(2).sum())
+
+    def predicted_change(self, d: torch.Tensor) -> float:
+        """The modelled loss change d^T H d / 2, plus g_mean^T d when first_order."""
+        linear = self.shift * float(self.residuals(d).sum()) if self.first_order else 0.0
+        return 0.5 * self.quadratic(d) + linear
 
     @cached_property
     def inverse_diagonal(self) -> torch.Tensor:

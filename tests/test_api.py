@@ -11,7 +11,7 @@ from brainsurgeon import BrainSurgeonError, PruneResult
 from brainsurgeon.pruning import accepted_options
 from conftest import tiny_problem
 
-METHODS = ["mp", "random", "wf", "cbs", "mp+cbsu", "wf+cbsu", "cbs+none", "random+obs"]
+METHODS = ["mp", "random", "wf", "cbs", "joint", "mp+cbsu", "wf+cbsu", "cbs+none", "random+obs", "max"]
 
 
 def small_mlp(seed=0):

@@ -1,0 +1,216 @@
+"""The joint selection against brute force on small problems, and multi-stage pruning."""
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from brainsurgeon.joint import JointSearch, JointSelection
+from brainsurgeon.problem import PruningProblem, Segment
+from brainsurgeon.pruning import sparsity_schedule
+from test_math import dense_hessian, draw_case, problems, random_problem
+
+
+def joint_objective(problem, pruned):
+    """Brute force Q*(P) = min over the kept weights of d^T H d, d = x - w, x = 0 on P (dense H)."""
+    hessian = dense_hessian(problem)
+    w = problem.weights.double()
+    kept = ~pruned
+    d = torch.zeros_like(w)
+    d[pruned] = -w[pruned]
+    if kept.any():
+        d[kept] = -torch.linalg.solve(hessian[kept][:, kept], hessian[kept][:, pruned] @ d[pruned])
+    return float(d @ hessian @ d)
+
+
+def block_system(problem, pruned, block=0):
+    search = JointSearch(problem, max_kept=10**6)
+    search.offer(pruned)
+    return search, search.systems[block], problem.fisher.regions[block]
+
+
+def close(a, b, scale):
+    return abs(a - b) < 1e-5 * (1 + abs(scale))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems, st.data())
+def test_backsolve_objective_equals_brute_force(spec, data):
+    problem, pruned = draw_case(spec, data)
+    search = JointSearch(problem, max_kept=10**6)
+    search.offer(pruned)
+    expected = joint_objective(problem, pruned)
+    assert close(search.objective, expected, expected)
+    assert torch.all(search.x[pruned] == 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems, st.data())
+def test_swap_deltas_removal_costs_and_gains_equal_brute_force(spec, data):
+    problem, pruned = draw_case(spec, data)
+    search, system, region = block_system(problem, pruned)
+    local = pruned[region]
+    outside = torch.nonzero(local).squeeze(1)
+    if not len(outside) or not len(system.kept):
+        return
+    pair_deltas, gains = system.candidate_moves(outside)
+    before = joint_objective(problem, pruned)
+    for slot, i in enumerate(system.kept.tolist()):
+        removed = pruned.clone()
+        removed[region.start + i] = True
+        assert close(float(system.removal_costs()[slot]), joint_objective(problem, removed) - before, before)
+        for k, j in enumerate(outside.tolist()):
+            swapped = removed.clone()
+            swapped[region.start + j] = False
+            assert close(float(pair_deltas[slot, k]), joint_objective(problem, swapped) - before, before)
+    for k, j in enumerate(outside.tolist()):
+        added = pruned.clone()
+        added[region.start + j] = False
+        assert close(-float(gains[k]), joint_objective(problem, added) - before, before)
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems, st.data())
+def test_rank_one_updates_match_a_fresh_factorisation(spec, data):
+    """replace (a swap in place), remove and add keep A^-1 and the backsolve equal to rebuilding them."""
+    problem, pruned = draw_case(spec, data)
+    search, system, region = block_system(problem, pruned)
+    outside = torch.nonzero(pruned[region]).squeeze(1).tolist()
+    if not outside or len(system.kept) < 2:
+        return
+    system.replace(0, outside[0])
+    system.remove(1)
+    if len(outside) > 1:
+        system.add(outside[1])
+    fresh = search.kept_system(0, system.kept)
+    assert torch.allclose(system.inverse, fresh.inverse, rtol=1e-4, atol=1e-6 * float(fresh.inverse.abs().max()))
+    assert torch.allclose(system.solution, fresh.solution, rtol=1e-4, atol=1e-6 * (1 + float(fresh.solution.abs().max())))
+
+
+@settings(max_examples=25, deadline=None)
+@given(problems, st.data(), st.sampled_from(["mp", "random", "wf"]))
+def test_joint_never_worse_than_its_warm_start_and_exact_count(spec, data, start):
+    problem, _ = draw_case(spec, data)
+    problem.show_progress = False
+    selection = JointSelection(start=start, swap_candidates=4)
+    pruned = selection.select(problem)
+    assert int(pruned.sum()) == problem.segments[0].count
+    assert problem.stats["joint_objective"] <= problem.stats["joint_start_objective"] * (1 + 1e-9) + 1e-12
+    assert close(problem.stats["joint_objective"], joint_objective(problem, pruned), problem.stats["joint_objective"])
+
+
+def brute_force_minimum(problem):
+    p, k = problem.num_weights, problem.segments[0].count
+    best = float("inf")
+    for chosen in itertools.combinations(range(p), k):
+        pruned = torch.zeros(p, dtype=torch.bool)
+        pruned[list(chosen)] = True
+        best = min(best, joint_objective(problem, pruned))
+    return best
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2])
+def test_joint_finds_the_brute_force_optimum_on_small_problems(num_blocks):
+    """Enumeration over all C(10, k) pruned sets: the search (from magnitude) reaches the optimum."""
+    misses = 0
+    for seed in range(12):
+        problem = random_problem(seed, n=5, p=10, k=3 + seed % 5, damping=0.05, num_blocks=num_blocks)
+        problem.show_progress = False
+        pruned = JointSelection(start="mp").select(problem)
+        best = brute_force_minimum(problem)
+        found = joint_objective(problem, pruned)
+        assert found >= best - 1e-6 * (1 + best)
+        misses += found > best + 1e-6 * (1 + best)
+    assert misses == 0
+
+
+def test_joint_ends_at_a_swap_local_optimum():
+    """No single swap (one weight out of P, one in) lowers Q* once the search stops."""
+    problem = random_problem(3, n=8, p=14, k=8, damping=0.01, num_blocks=3)
+    problem.show_progress = False
+    pruned = JointSelection(start="random").select(problem)
+    objective = joint_objective(problem, pruned)
+    for i in torch.nonzero(pruned).squeeze(1).tolist():
+        for j in torch.nonzero(~pruned).squeeze(1).tolist():
+            swapped = pruned.clone()
+            swapped[i], swapped[j] = False, True
+            assert joint_objective(problem, swapped) >= objective - 1e-6 * (1 + objective)
+
+
+def test_joint_keeps_per_segment_counts():
+    gen = torch.Generator().manual_seed(0)
+    from brainsurgeon.curvature import EmpiricalFisher
+
+    fisher = EmpiricalFisher(torch.randn(12, 6, generator=gen) / 6**0.5, 0.1, [slice(0, 5), slice(5, 12)])
+    segments = [Segment(slice(0, 5), 2), Segment(slice(5, 12), 4)]
+    problem = PruningProblem(weights=torch.randn(12, generator=gen), segments=segments, generator=gen,
+                             fisher=fisher, show_progress=False)
+    pruned = JointSelection(start="random").select(problem)
+    assert int(pruned[:5].sum()) == 2 and int(pruned[5:].sum()) == 4
+
+
+def test_sparsity_schedule_is_geometric_in_density_and_ends_on_target():
+    schedule = sparsity_schedule(0.98, 4)
+    assert schedule[-1] == 0.98 and len(schedule) == 4
+    densities = [1 - s for s in schedule]
+    ratios = [b / a for a, b in zip([1.0] + densities, densities)]
+    assert max(ratios) - min(ratios) < 1e-9
+    assert sparsity_schedule(0.9, 1) == [0.9]
+    assert sparsity_schedule(0.9, schedule=[0.5, 0.9]) == [0.5, 0.9]
+
+
+def small_mlp():
+    from conftest import tiny_problem
+
+    return tiny_problem(0, n=64, sizes=((8, 16), (16, 12), (12, 5)))
+
+
+@pytest.mark.parametrize("method", ["joint+cbsu", "joint+obs"])
+def test_one_stage_equals_the_single_stage_method(method):
+    import brainsurgeon
+
+    model, x, y = small_mlp()
+    single = brainsurgeon.prune(model, (x, y), 0.8, method, progress=False, start="wf")
+    for staged in (dict(stages=1), dict(schedule=[0.8]), dict(stages=1, first_order=True)):
+        other = brainsurgeon.prune(model, (x, y), 0.8, method, progress=False, start="wf", **staged)
+        for name in single.masks:
+            assert torch.equal(single.masks[name], other.masks[name])
+            assert torch.equal(single.weights[name], other.weights[name])
+
+
+def test_stages_reach_the_exact_count_deterministically_and_leave_the_model_untouched():
+    import brainsurgeon
+
+    model, x, y = small_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runs = [brainsurgeon.prune(model, (x, y), 0.9, "joint", stages=3, first_order=True, progress=False,
+                               start="mp") for _ in range(2)]
+    assert runs[0].num_pruned == int(0.9 * runs[0].num_weights + 0.5)
+    assert [stage["sparsity"] for stage in runs[0].stats["stages"]] == sparsity_schedule(0.9, 3)
+    for name in runs[0].masks:
+        assert torch.equal(runs[0].masks[name], runs[1].masks[name])
+        assert torch.equal(runs[0].weights[name], runs[1].weights[name])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_max_preset_resolves_to_stages_and_takes_overrides():
+    import brainsurgeon
+
+    model, x, y = small_mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2)
+    assert result.settings["schedule"] == sparsity_schedule(0.95, schedule="gradual")
+    assert result.settings["first_method"] == "cbs+cbsu" and result.settings["selection"] == "joint"
+    assert result.settings["first_order"] is True
+    assert result.num_pruned == int(0.95 * result.num_weights + 0.5)
+    light = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2, schedule=[0.9, 0.95])
+    assert light.settings["schedule"] == [0.9, 0.95]
+
+
+def test_bad_schedules_are_refused():
+    from brainsurgeon import BrainSurgeonError
+
+    for bad in ([0.5, 0.4, 0.9], [0.5, 0.8], [0.0, 0.9]):
+        with pytest.raises(BrainSurgeonError, match="schedule"):
+            sparsity_schedule(0.9, schedule=bad)
+    with pytest.raises(BrainSurgeonError, match="stages"):
+        sparsity_schedule(0.9, 0)
