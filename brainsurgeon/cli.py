@@ -52,13 +52,14 @@ def _add_common(parser):
     stages = parser.add_argument_group("stages (any method)")
     stages.add_argument("--stages", type=int, help="prune in this many stages, geometric in density")
     stages.add_argument("--schedule", help="explicit sparsities per stage, e.g. 0.9,0.95,0.98")
+    stages.add_argument("--refine", type=int, help="extra stages at the target sparsity (see prune's docstring)")
     stages.add_argument("--first-order", action="store_true", default=None,
                         help="model the mean gradient too (the model need not be at a minimum)")
 
 
 def _method_options(args) -> dict:
     names = ("epsilon", "rho", "tau", "max_passes", "init_trials", "start", "iht_rounds", "max_swaps", "stages",
-             "first_order")
+             "first_order", "refine")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.schedule:
         options["schedule"] = _floats(args.schedule)

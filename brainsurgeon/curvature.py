@@ -111,7 +111,10 @@ class FisherBlock:
         return self.gradients_t.shape[1]
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """G v (an n-vector)."""
+        """G v (an n-vector); from the nonzero columns only when v is mostly zero, as pruned weights are."""
+        nonzero = torch.nonzero(v).squeeze(1)
+        if len(nonzero) < len(v) // 4:
+            return self.gradients_t[nonzero].T @ v[nonzero]
         return self.gradients_t.T @ v
 
     def rmatvec(self, r: torch.Tensor) -> torch.Tensor:

@@ -206,7 +206,7 @@ class JointSearch:
         """Per weight, its block's sigma_max(G_b)^2 + lam (power iteration, 10% margin): the step bound."""
         if self._lipschitz is None:
             v = torch.randn(len(self.weights), generator=self.problem.generator)
-            for _ in range(15):
+            for _ in range(5):
                 v = self.fisher.rmatvec(self.fisher.residuals(v))
                 norms = torch.stack([v[region].norm() for region in self.fisher.regions]).clamp_min(1e-30)
                 v = v / norms[self.fisher.block_of]

@@ -198,7 +198,7 @@ def test_max_preset_resolves_to_stages_and_takes_overrides():
 
     model, x, y = small_mlp()
     result = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2)
-    assert result.settings["schedule"] == sparsity_schedule(0.95, schedule="gradual")
+    assert result.settings["schedule"] == sparsity_schedule(0.95, schedule="gradual") + [0.95] * 2
     assert result.settings["first_method"] == "cbs+cbsu" and result.settings["selection"] == "joint"
     assert result.settings["first_order"] is True
     assert result.num_pruned == int(0.95 * result.num_weights + 0.5)
