@@ -203,7 +203,7 @@ def test_max_preset_resolves_to_stages_and_takes_overrides():
     assert result.settings["first_order"] is True
     assert result.num_pruned == int(0.95 * result.num_weights + 0.5)
     light = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2, schedule=[0.9, 0.95])
-    assert light.settings["schedule"] == [0.9, 0.95]
+    assert light.settings["schedule"] == [0.9, 0.95, 0.95, 0.95]  # the two refinement stages
 
 
 def test_bad_schedules_are_refused():
