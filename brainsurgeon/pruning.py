@@ -221,9 +221,10 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     gradients recomputed at the previous stage's pruned and updated weights; still no training step.
     `first_method` prunes the first stage (default: `method`). `first_order` adds the mean gradient's linear
     term to the loss model of the Fisher updates and the joint selection in every stage after the first (the
-    trained model is taken to be at a minimum). `refine` adds that many stages at the target sparsity itself:
-    with `first_order`, each is a damped Gauss-Newton step of the calibration loss on the current mask (the
-    selection may still swap weights); it uses the calibration data like a short fine-tuning would.
+    trained model is taken to be at a minimum). `refine` adds that many stages at the target sparsity itself
+    after a multi-stage schedule: with `first_order`, each is a damped Gauss-Newton step of the calibration
+    loss on the current mask (the selection may still swap weights), using the calibration data the way a
+    short fine-tuning would.
     `options` go to whichever of the selection and the update takes them by name (e.g. rho, tau for cbs;
     damping_grid for cbsu). The model is not modified: call `result.apply(model)`.
     """
@@ -240,7 +241,8 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     refine = chosen.pop("refine", None) or 0
     if refine < 0:
         raise BrainSurgeonError(f"refine must be >= 0 stages, got {refine}")
-    targets = sparsity_schedule(sparsity, stages, schedule) + [sparsity] * refine
+    targets = sparsity_schedule(sparsity, stages, schedule)
+    targets += [sparsity] * refine if len(targets) > 1 else []  # a single stage is left as it is
     methods = [parse_method(first_method)] + [parse_method(method)] * (len(targets) - 1)
     _check_options({parse_method(first_method), parse_method(method)}, chosen)  # before any work
     common = dict(loss_fn=loss_fn, damping=damping, include=include, ignore=ignore, scope=scope,

@@ -214,3 +214,16 @@ def test_bad_schedules_are_refused():
             sparsity_schedule(0.9, schedule=bad)
     with pytest.raises(BrainSurgeonError, match="stages"):
         sparsity_schedule(0.9, 0)
+
+
+def test_max_below_its_first_stage_is_cbs():
+    """Up to 0.86, 'max' is one cbs stage whose CBS-U grid spans the same dampings as plain cbs."""
+    import brainsurgeon
+
+    model, x, y = small_mlp()
+    plain = brainsurgeon.prune(model, (x, y), 0.6, "cbs", progress=False, init_trials=3)
+    preset = brainsurgeon.prune(model, (x, y), 0.6, "max", progress=False, init_trials=3)
+    assert preset.settings["method"] == "cbs+cbsu"
+    for name in plain.masks:
+        assert torch.equal(plain.masks[name], preset.masks[name])
+        assert torch.allclose(plain.weights[name], preset.weights[name], atol=1e-5)

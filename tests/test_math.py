@@ -156,3 +156,12 @@ def test_perturbed_magnitude_scores_rank_weights_inside_equal_random_groups(m, s
     # p = m^2: m groups of m weights, each scored (rank + 0.5) / m by magnitude inside its group.
     expected = ((torch.arange(m, dtype=torch.float64) + 0.5) / m).repeat(m)
     assert torch.equal(torch.sort(scores).values, torch.sort(expected).values)
+
+
+def test_matvec_of_a_mostly_zero_vector_uses_its_nonzeros_and_equals_the_dense_product():
+    gen = torch.Generator().manual_seed(0)
+    gradients_t = torch.randn(40, 7, generator=gen)
+    fisher = EmpiricalFisher(gradients_t, 0.1)
+    v = torch.zeros(40)
+    v[[3, 17, 31]] = torch.randn(3, generator=gen)
+    assert torch.allclose(fisher.block(0).matvec(v), gradients_t.T @ v, atol=1e-6)
