@@ -23,6 +23,13 @@ def joint_objective(problem, pruned):
     return float(d @ hessian @ d)
 
 
+def well_conditioned(spec):
+    """KeptSystem takes float32 Gram products (as G is float32), so it agrees with float64 brute force to
+    about cond(A) x 1e-7; its algebra is checked with damping >= 0.1, where that is well inside 1e-5."""
+    seed, n, p, damping, num_blocks = spec
+    return seed, n, p, max(damping, 0.1), num_blocks
+
+
 def block_system(problem, pruned, block=0):
     search = JointSearch(problem, max_kept=10**6)
     search.offer(pruned)
@@ -47,7 +54,7 @@ def test_backsolve_objective_equals_brute_force(spec, data):
 @settings(max_examples=40, deadline=None)
 @given(problems, st.data())
 def test_swap_deltas_removal_costs_and_gains_equal_brute_force(spec, data):
-    problem, pruned = draw_case(spec, data)
+    problem, pruned = draw_case(well_conditioned(spec), data)
     search, system, region = block_system(problem, pruned)
     local = pruned[region]
     outside = torch.nonzero(local).squeeze(1)
@@ -73,7 +80,7 @@ def test_swap_deltas_removal_costs_and_gains_equal_brute_force(spec, data):
 @given(problems, st.data())
 def test_rank_one_updates_match_a_fresh_factorisation(spec, data):
     """replace (a swap in place), remove and add keep A^-1 and the backsolve equal to rebuilding them."""
-    problem, pruned = draw_case(spec, data)
+    problem, pruned = draw_case(well_conditioned(spec), data)
     search, system, region = block_system(problem, pruned)
     outside = torch.nonzero(pruned[region]).squeeze(1).tolist()
     if not outside or len(system.kept) < 2:
