@@ -43,11 +43,6 @@ class KeptSystem:
         self.solution = self.inverse @ self.c[self.kept]
         self.scores = self.c - (self.gradients_t @ (self.columns.T @ self.solution.float())).double()
 
-    @property
-    def value(self) -> float:
-        """c_S^T x_S: Q* is a constant minus the sum of this over blocks."""
-        return float(self.c[self.kept] @ self.solution)
-
     def removal_costs(self) -> torch.Tensor:
         """Rise of Q* for pruning each kept slot: the OBS saliency x_i^2 / [A^-1]_ii."""
         return self.solution.pow(2) / self.inverse.diagonal()
@@ -225,8 +220,9 @@ class JointSearch:
 
     def _thresholding_steps(self, steps: int):
         """IHT from x: z = x - eta grad / L, keep the largest L z^2 per segment. eta backtracks from a long
-        step, halving until Q falls (eta = 1 is the majorise-minimise step, which always descends), and
-        doubles after each accepted step. Returns the last support reached if it differs from the current."""
+        step, halving until Q falls (with L above the true bound, eta = 1 is the majorise-minimise step and
+        always descends), and doubles after each accepted step. Returns the last support reached if it
+        differs from the current."""
         x, pruned, objective, eta = self.x, self.pruned, self.objective, self._step
         lipschitz = self.lipschitz
         for _ in range(steps):

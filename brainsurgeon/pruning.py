@@ -196,6 +196,11 @@ PRESETS = {
 }
 
 
+def _pop_or(settings: dict, key: str, default):
+    value = settings.pop(key, None)
+    return default if value is None else value
+
+
 def resolve_preset(method: str, settings: dict) -> tuple:
     """A preset name -> (its method, its settings under the caller's explicit ones)."""
     if method not in PRESETS:
@@ -234,12 +239,12 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     method, chosen = resolve_preset(method, dict(damping=damping, stages=stages, first_order=first_order,
                                                  schedule=schedule, first_method=first_method, refine=refine,
                                                  **options))
-    damping = chosen.pop("damping", None) or DEFAULT_DAMPING
-    stages = chosen.pop("stages", None) or 1
+    damping = _pop_or(chosen, "damping", DEFAULT_DAMPING)
+    stages = _pop_or(chosen, "stages", 1)
     first_order = bool(chosen.pop("first_order", None))
     schedule = chosen.pop("schedule", None)
     first_method = chosen.pop("first_method", None) or method
-    refine = chosen.pop("refine", None) or 0
+    refine = _pop_or(chosen, "refine", 0)
     if refine < 0:
         raise BrainSurgeonError(f"refine must be >= 0 stages, got {refine}")
     targets = sparsity_schedule(sparsity, stages, schedule)

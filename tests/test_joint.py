@@ -234,3 +234,14 @@ def test_max_below_its_first_stage_is_cbs():
     for name in plain.masks:
         assert torch.equal(plain.masks[name], preset.masks[name])
         assert torch.allclose(plain.weights[name], preset.weights[name], atol=1e-5)
+
+
+def test_zero_damping_and_zero_stages_are_refused_not_defaulted():
+    import brainsurgeon
+    from brainsurgeon import BrainSurgeonError
+
+    model, x, y = small_mlp()
+    with pytest.raises(BrainSurgeonError, match="damping"):
+        brainsurgeon.prune(model, (x, y), 0.5, "wf", damping=0.0, progress=False)
+    with pytest.raises(BrainSurgeonError, match="stages"):
+        brainsurgeon.prune(model, (x, y), 0.5, "mp", stages=0, progress=False)
