@@ -152,7 +152,7 @@ def _check_finite(model: nn.Module):
         raise BrainSurgeonError(f"model has NaN or Inf in {bad[:5]}; load a healthy checkpoint before pruning")
 
 
-GRADUAL_FIRST = 0.86  # the first stage: CBS alone is within 0.3 points of dense there on MLPNet
+GRADUAL_FIRST = 0.86  # the first stage: between CBS's 94.00 at 0.8 and 93.13 at 0.9 on MLPNet (dense 93.97)
 # (density below which, fraction of the remaining weights each later stage keeps): the last weights matter
 # most, so the steps shrink as the model thins (measured on MLPNet at 0.98).
 GRADUAL_STEPS = ((0.05, 0.85), (1.0, 0.7))
