@@ -191,7 +191,6 @@ class EmpiricalFisher:
         self.store = InMemoryGradients(gradients) if isinstance(gradients, torch.Tensor) else gradients
         self.damping = float(damping)
         # Model the mean gradient too (the model need not be at a minimum, e.g. after an earlier stage).
-        self.first_order = bool(first_order)
         self.shift = self.store.shape[1] ** -0.5 if first_order else 0.0
         num_weights = self.store.shape[0]
         self.regions = list(regions) if regions else [slice(0, num_weights)]
@@ -234,9 +233,10 @@ class EmpiricalFisher:
         return float(self.residuals(d).pow(2).sum() + self.damping * d.pow(2).sum())
 
     def predicted_change(self, d: torch.Tensor) -> float:
-        """The modelled loss change d^T H d / 2, plus g_mean^T d when first_order."""
-        linear = self.shift * float(self.residuals(d).sum()) if self.first_order else 0.0
-        return 0.5 * self.quadratic(d) + linear
+        """The modelled loss change d^T H d / 2, plus g_mean^T d = shift * sum(G d) when first_order."""
+        residuals = self.residuals(d)
+        quadratic = residuals.pow(2).sum() + self.damping * d.pow(2).sum()
+        return float(0.5 * quadratic + self.shift * residuals.sum())
 
     @cached_property
     def inverse_diagonal(self) -> torch.Tensor:

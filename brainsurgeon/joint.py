@@ -69,16 +69,22 @@ class KeptSystem:
         inverse = self.inverse
         inverse.addr_(inverse[:, slot].clone(), inverse[slot].clone(), alpha=-1 / float(inverse[slot, slot]))
         inverse[slot], inverse[:, slot] = 0, 0
-        column = self.gradients_t[j]
-        coupling = (self.columns @ column).double()
-        coupling[slot] = 0
-        solved = inverse @ coupling
-        schur = float(self.sq_norms[j] - coupling @ solved)
+        column, solved, schur = self._bordering(j, free_slot=slot)
         inverse.addr_(solved, solved, alpha=1 / schur)
         inverse[slot], inverse[:, slot] = -solved / schur, -solved / schur
         inverse[slot, slot] = 1 / schur
         self.columns[slot], self.kept[slot] = column, j
         self.refresh()
+
+    def _bordering(self, j: int, free_slot: int | None = None):
+        """g_j, A^-1 a_j with a_j = G_S^T g_j (a freed slot's entry taken as 0), and the Schur complement
+        |g_j|^2 + lam - a_j^T A^-1 a_j: what bordering A^-1 with weight j needs."""
+        column = self.gradients_t[j]
+        coupling = (self.columns @ column).double()
+        if free_slot is not None:
+            coupling[free_slot] = 0
+        solved = self.inverse @ coupling
+        return column, solved, float(self.sq_norms[j] - coupling @ solved)
 
     def remove(self, slot: int):
         inverse = self.inverse - torch.outer(self.inverse[:, slot], self.inverse[slot]) / self.inverse[slot, slot]
@@ -88,10 +94,7 @@ class KeptSystem:
         self.refresh()
 
     def add(self, j: int):
-        column = self.gradients_t[j]
-        coupling = (self.columns @ column).double()
-        solved = self.inverse @ coupling
-        schur = self.sq_norms[j] - coupling @ solved
+        column, solved, schur = self._bordering(j)
         size = len(self.kept)
         grown = torch.empty(size + 1, size + 1, dtype=torch.float64)
         grown[:size, :size] = self.inverse + torch.outer(solved, solved) / schur

@@ -171,8 +171,8 @@ def _gradual(sparsity: float) -> list:
 
 def sparsity_schedule(sparsity: float, stages: int = 1, schedule=None) -> list:
     """The sparsity after each stage. `schedule` is a list (increasing, ending at `sparsity`); or 'gradual':
-    one stage to 0.8, then stages keeping 70% of the weights left, 85% once below 5% density; or None:
-    `stages` steps geometric in density."""
+    one stage to GRADUAL_FIRST, then stages keeping 70% of the weights left, 85% once below 5% density; or
+    None: `stages` steps geometric in density."""
     if schedule == "gradual":
         return _gradual(sparsity)
     if schedule is not None:
@@ -249,8 +249,9 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
         raise BrainSurgeonError(f"refine must be >= 0 stages, got {refine}")
     targets = sparsity_schedule(sparsity, stages, schedule)
     targets += [sparsity] * refine if len(targets) > 1 else []  # a single stage is left as it is
-    methods = [parse_method(first_method)] + [parse_method(method)] * (len(targets) - 1)
-    _check_options({parse_method(first_method), parse_method(method)}, chosen)  # before any work
+    first, main = parse_method(first_method), parse_method(method)
+    methods = [first] + [main] * (len(targets) - 1)
+    _check_options({first, main}, chosen)  # before any work
     common = dict(loss_fn=loss_fn, damping=damping, include=include, ignore=ignore, scope=scope,
                   structure=structure, gradients=gradients, scratch_dir=scratch_dir, seed=seed,
                   max_memory=max_memory, chunk_size=chunk_size, progress=progress, options=chosen)

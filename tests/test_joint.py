@@ -5,9 +5,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import brainsurgeon
+from brainsurgeon import BrainSurgeonError
+from brainsurgeon.curvature import EmpiricalFisher
 from brainsurgeon.joint import JointSearch, JointSelection
 from brainsurgeon.problem import PruningProblem, Segment
 from brainsurgeon.pruning import sparsity_schedule
+from test_api import small_mlp
 from test_math import dense_hessian, draw_case, problems, random_problem
 
 
@@ -146,8 +150,6 @@ def test_joint_ends_at_a_swap_local_optimum():
 
 def test_joint_keeps_per_segment_counts():
     gen = torch.Generator().manual_seed(0)
-    from brainsurgeon.curvature import EmpiricalFisher
-
     fisher = EmpiricalFisher(torch.randn(12, 6, generator=gen) / 6**0.5, 0.1, [slice(0, 5), slice(5, 12)])
     segments = [Segment(slice(0, 5), 2), Segment(slice(5, 12), 4)]
     problem = PruningProblem(weights=torch.randn(12, generator=gen), segments=segments, generator=gen,
@@ -166,16 +168,8 @@ def test_sparsity_schedule_is_geometric_in_density_and_ends_on_target():
     assert sparsity_schedule(0.9, schedule=[0.5, 0.9]) == [0.5, 0.9]
 
 
-def small_mlp():
-    from conftest import tiny_problem
-
-    return tiny_problem(0, n=64, sizes=((8, 16), (16, 12), (12, 5)))
-
-
 @pytest.mark.parametrize("method", ["joint+cbsu", "joint+obs"])
 def test_one_stage_equals_the_single_stage_method(method):
-    import brainsurgeon
-
     model, x, y = small_mlp()
     single = brainsurgeon.prune(model, (x, y), 0.8, method, progress=False, start="wf")
     for staged in (dict(stages=1), dict(schedule=[0.8]), dict(stages=1, first_order=True)):
@@ -186,8 +180,6 @@ def test_one_stage_equals_the_single_stage_method(method):
 
 
 def test_stages_reach_the_exact_count_deterministically_and_leave_the_model_untouched():
-    import brainsurgeon
-
     model, x, y = small_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     runs = [brainsurgeon.prune(model, (x, y), 0.9, "joint", stages=3, first_order=True, progress=False,
@@ -201,8 +193,6 @@ def test_stages_reach_the_exact_count_deterministically_and_leave_the_model_unto
 
 
 def test_max_preset_resolves_to_stages_and_takes_overrides():
-    import brainsurgeon
-
     model, x, y = small_mlp()
     result = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2)
     assert result.settings["schedule"] == sparsity_schedule(0.95, schedule="gradual") + [0.95] * 2
@@ -214,8 +204,6 @@ def test_max_preset_resolves_to_stages_and_takes_overrides():
 
 
 def test_bad_schedules_are_refused():
-    from brainsurgeon import BrainSurgeonError
-
     for bad in ([0.5, 0.4, 0.9], [0.5, 0.8], [0.0, 0.9]):
         with pytest.raises(BrainSurgeonError, match="schedule"):
             sparsity_schedule(0.9, schedule=bad)
@@ -225,7 +213,6 @@ def test_bad_schedules_are_refused():
 
 def test_max_below_its_first_stage_is_cbs():
     """Up to 0.86, 'max' is one cbs stage whose CBS-U grid spans the same dampings as plain cbs."""
-    import brainsurgeon
 
     model, x, y = small_mlp()
     plain = brainsurgeon.prune(model, (x, y), 0.6, "cbs", progress=False, init_trials=3)
@@ -237,9 +224,6 @@ def test_max_below_its_first_stage_is_cbs():
 
 
 def test_zero_damping_and_zero_stages_are_refused_not_defaulted():
-    import brainsurgeon
-    from brainsurgeon import BrainSurgeonError
-
     model, x, y = small_mlp()
     with pytest.raises(BrainSurgeonError, match="damping"):
         brainsurgeon.prune(model, (x, y), 0.5, "wf", damping=0.0, progress=False)
