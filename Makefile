@@ -33,8 +33,9 @@ bench-max: $(STAMP)
 	  --dataset mnist --data-dir $(DATA)/mnist --methods max --sparsities 0.9,0.95,0.98 --seeds 0,1,2 \
 	  --json bench/mlpnet_max.json
 
+# Issue 3's ResNet20/CIFAR-10 sweep: the paper's damping 1e-5, and a swap search damped by 1e-2 (measured).
 bench-resnet20: $(STAMP)
 	$(BIN)/brainsurgeon bench --model resnet20 --checkpoint $(DATA)/checkpoints/resnet20_cifar10.pth.tar \
 	  --dataset cifar10 --data-dir $(DATA)/cifar10 --methods mp,wf,cbs,mp+cbsu --structure layer \
-	  --sparsities 0.3,0.5,0.7,0.8,0.9 --seeds 0,1,2 --calib-samples 1000 --damp 1e-5 \
+	  --sparsities 0.3,0.5,0.7,0.8,0.9 --seeds 0,1,2 --calib-samples 1000 --damp 1e-5 --selection-damping 1e-2 \
 	  --json bench/resnet20_cifar10.json --plot bench/resnet20_cifar10.png

@@ -45,6 +45,8 @@ def _add_common(parser):
     cbs.add_argument("--tau", type=int, help="failed attempts that end a pass (default 20)")
     cbs.add_argument("--max-passes", type=int, help="cap on swap passes")
     cbs.add_argument("--init-trials", type=int, help="perturbed-magnitude starting masks (default 50)")
+    cbs.add_argument("--selection-damping", type=float,
+                     help="ridge term of the swap search, pulling it toward magnitude (default 0; 1e-2 for resnet20)")
     joint = parser.add_argument_group("joint options")
     joint.add_argument("--start", help="warm-start selection of joint (default cbs)")
     joint.add_argument("--iht-rounds", type=int, help="thresholding-plus-backsolve rounds")
@@ -58,8 +60,8 @@ def _add_common(parser):
 
 
 def _method_options(args) -> dict:
-    names = ("epsilon", "rho", "tau", "max_passes", "init_trials", "start", "iht_rounds", "max_swaps", "stages",
-             "first_order", "refine")
+    names = ("epsilon", "rho", "tau", "max_passes", "init_trials", "selection_damping", "start", "iht_rounds",
+             "max_swaps", "stages", "first_order", "refine")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.schedule:
         options["schedule"] = _floats(args.schedule)
@@ -68,7 +70,7 @@ def _method_options(args) -> dict:
 
 def _calib_samples(args, dataset) -> int:
     """An explicit --calib-samples must exist in the data; the default shrinks to a small training split."""
-    return args.calib_samples or min(DEFAULT_CALIB_SAMPLES, len(dataset.train_x))
+    return args.calib_samples or min(DEFAULT_CALIB_SAMPLES, dataset.num_train)
 
 
 def _cmd_prune(args):
@@ -125,7 +127,7 @@ def _cmd_demo(args):
     print("Training a 64-64-32-10 MLP on scikit-learn's bundled 8x8 digits ...", file=sys.stderr)
     model, dataset = demo_setup(args.seed)
     report = bench.run_benchmark(model, dataset, args.methods.split(","), _floats(args.sparsities), _ints(args.seeds),
-                                 calib_samples=len(dataset.train_x), damping=args.damp, model_name="digits-mlp",
+                                 calib_samples=dataset.num_train, damping=args.damp, model_name="digits-mlp",
                                  progress=not args.quiet)
     _finish_bench(report, args)
 

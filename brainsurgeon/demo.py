@@ -10,9 +10,10 @@ def train_digits_mlp(dataset: Dataset, seed: int = 0, epochs: int = 300) -> nn.M
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    inputs, labels = dataset.train_split()
     for _ in range(epochs):
         optimiser.zero_grad()
-        nn.functional.cross_entropy(model(dataset.train_x), dataset.train_y).backward()
+        nn.functional.cross_entropy(model(inputs), labels).backward()
         optimiser.step()
     return model.eval()
 

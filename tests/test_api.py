@@ -8,6 +8,7 @@ from torch.nn.utils import prune as torch_prune
 
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError, PruneResult
+from brainsurgeon.demo import demo_setup
 from brainsurgeon.pruning import accepted_options
 from conftest import tiny_problem
 
@@ -205,13 +206,43 @@ def test_auto_streams_only_when_memory_would_not_fit():
         brainsurgeon.prune(model, (x, y), 0.5, "wf", structure="block:10", max_memory=2**16)
 
 
-def test_cbsu_walks_the_damping_grid_until_the_calibration_loss_rises():
-    model, x, y = small_mlp()
-    result = brainsurgeon.prune(model, (x, y), 0.9, "mp+cbsu", damping_grid=[100, 0.01, 1, 0.1, 10], progress=False)
-    losses = [loss for _, loss in sorted((float(k), v) for k, v in result.stats["cbsu_calibration_losses"].items())]
-    assert all(a > b for a, b in zip(losses[:-2], losses[1:-1]))  # falling until the last one tried
-    assert result.stats["cbsu_calibration_losses"][str(result.stats["cbsu_damping"])] == min(losses)
-    single = brainsurgeon.prune(model, (x, y), 0.9, "mp+cbsu", damping=result.stats["cbsu_damping"],
+@pytest.fixture(scope="module")
+def digits():
+    """A small MLP trained on scikit-learn's digits (the demo's), and its training split as calibration."""
+    model, dataset = demo_setup(0)
+    return model, *dataset.train_split()
+
+
+def test_cbsu_walks_the_damping_grid_until_the_calibration_loss_rises(digits):
+    model, x, y = digits
+    for sparsity in (0.8, 0.95):
+        result = brainsurgeon.prune(model, (x, y), sparsity, "mp+cbsu", damping_grid=[100, 0.01, 1, 0.1, 10],
+                                    progress=False)
+        tried = dict(result.stats["cbsu_calibration_losses"])
+        uncompensated = tried.pop("none")
+        losses = [loss for _, loss in sorted((float(k), v) for k, v in tried.items())]
+        assert all(a > b for a, b in zip(losses[:-2], losses[1:-1]))  # falling until the last one tried,
+        assert len(losses) == 5 or losses[-1] >= losses[-2]  # which rose or ended the grid
+        chosen = result.stats["cbsu_damping"]
+        assert (uncompensated if chosen is None else tried[str(chosen)]) == min(losses + [uncompensated])
+    result = brainsurgeon.prune(model, (x, y), 0.8, "mp+cbsu", damping_grid=[100, 0.01, 1, 0.1, 10], progress=False)
+    single = brainsurgeon.prune(model, (x, y), 0.8, "mp+cbsu", damping=result.stats["cbsu_damping"],
                                 damping_grid=[1.0], progress=False)
     for name in single.weights:
         assert torch.allclose(single.weights[name], result.weights[name], atol=1e-6)
+
+
+def calibration_loss(model, result, x, y):
+    pruned = result.apply(copy.deepcopy(model))
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(pruned(x), y))
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.9, 0.95])
+def test_cbsu_never_leaves_a_higher_calibration_loss_than_no_compensation(digits, sparsity):
+    model, x, y = digits
+    plain = brainsurgeon.prune(model, (x, y), sparsity, "mp+none", progress=False)
+    updated = brainsurgeon.prune(model, (x, y), sparsity, "mp+cbsu", progress=False)
+    assert calibration_loss(model, updated, x, y) <= calibration_loss(model, plain, x, y) + 1e-6
+    if updated.stats["cbsu_damping"] is None:
+        assert all(torch.equal(updated.weights[k], plain.weights[k]) for k in plain.weights)

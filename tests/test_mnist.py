@@ -42,7 +42,7 @@ def test_cbs_beats_magnitude_at_high_sparsity(mlpnet):
 def test_download_verifies_md5s_against_a_mirror(shared_data, tmp_path):
     mirror = (shared_data / "mnist").as_uri() + "/"
     target = download_mnist(tmp_path / "mnist", mirror=mirror)
-    assert load_mnist(target).train_x.shape == (60000, 784)
+    assert load_mnist(target).calibration(60000, 0)[0].shape == (60000, 784)
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     for name in MNIST_FILES:
