@@ -12,7 +12,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from .calibration import collect
-from .curvature import EmpiricalFisher, choose_gradient_store, per_sample_gradient_chunks
+from .curvature import MAX_CHUNK_SIZE, EmpiricalFisher, choose_gradient_store, per_sample_gradient_chunks
 from .gradient_store import DiskGradients, InMemoryGradients, scratch_directory
 from .errors import BrainSurgeonError
 from .layers import evaluating, find_prunable, flat_weights
@@ -55,8 +55,8 @@ def make_segments(layers, sparsity: float, scope: str):
 
 
 def default_chunk_size(num_weights: int, max_memory: float) -> int:
-    """Samples per vmap chunk: up to 256, with the chunk's gradients (held twice) in 1/8 of the budget."""
-    return int(max(1, min(256, max_memory // (8 * 2 * num_weights * 4))))
+    """Samples per vmap chunk: up to MAX_CHUNK_SIZE, with the chunk's gradients (held twice) in 1/8 of the budget."""
+    return int(max(1, min(MAX_CHUNK_SIZE, max_memory // (8 * 2 * num_weights * 4))))
 
 
 def fisher_regions(layers, structure: str):
