@@ -84,7 +84,7 @@ def per_sample_gradient_chunks(model, layers, inputs, targets, loss_fn, chunk_si
             stop = min(start + chunk_size, n)
             grads = per_sample_grad(prunable, inputs[start:stop], targets[start:stop])
             chunk = torch.cat([grads[name].reshape(stop - start, -1) for name in names], dim=1)
-            if not torch.isfinite(chunk).all():
+            if not torch.isfinite(chunk.sum()):  # NaN and Inf propagate into the sum; 10x cheaper than elementwise
                 raise BrainSurgeonError("per-sample gradients contain NaN or Inf; check the model, data and loss_fn")
             yield start, stop, (chunk / n**0.5).float()
 
@@ -103,10 +103,11 @@ class FisherBlock:
     g_mean^T d + d^T H d / 2 is |G d + shift|^2 / 2 + lam |d|^2 / 2 up to a constant, as g_mean = G^T 1 / sqrt(n).
     """
 
-    def __init__(self, gradients_t: torch.Tensor, damping: float, shift: float = 0.0):
+    def __init__(self, gradients_t: torch.Tensor, damping: float, shift: float = 0.0, gram_cache=None, key=None):
         self.gradients_t = gradients_t
         self.damping = float(damping)
         self.shift = float(shift)
+        self.gram_cache, self.key = gram_cache, key
 
     @property
     def num_weights(self) -> int:
@@ -163,6 +164,29 @@ class FisherBlock:
         coeff = torch.cholesky_solve(gv, self._gram_cholesky).squeeze(1).float()
         return (v.float() - self.rmatvec(coeff)) / self.damping
 
+    def kept_gram(self, kept: torch.Tensor) -> torch.Tensor:
+        """G_S G_S^T in float64 for the weights `kept` (in that order). With a KeptGramCache, the rows shared
+        with the previous kept set of this block are reused and only the new ones computed."""
+        cache = self.gram_cache
+        if cache is None or cache.key != self.key:
+            known = torch.zeros(len(kept), dtype=torch.bool)
+        else:
+            position = torch.full((self.num_weights,), -1, dtype=torch.long)
+            position[cache.kept] = torch.arange(len(cache.kept))
+            old = position[kept]
+            known = old >= 0
+        gram = torch.empty(len(kept), len(kept), dtype=torch.float64)
+        if known.any():
+            reused = torch.nonzero(known).squeeze(1)
+            gram[reused.unsqueeze(1), reused] = cache.gram[old[reused].unsqueeze(1), old[reused]]
+        fresh = torch.nonzero(~known).squeeze(1)
+        if len(fresh):
+            rows = (self.gradients_t[kept[fresh]] @ self.gradients_t[kept].T).double()
+            gram[fresh], gram[:, fresh] = rows, rows.T
+        if cache is not None:
+            cache.key, cache.kept, cache.gram = self.key, kept.clone(), gram
+        return gram
+
     def ridge_solver(self, kept, pruned, pruned_weights):
         """lam -> argmin_d |G_S d - G_P w_P + shift|^2 + lam |d|^2 on the kept set S.
 
@@ -171,7 +195,7 @@ class FisherBlock:
         target = self.gradients_t[pruned].T @ pruned_weights.float() - self.shift  # b = G_P w_P - shift
         kept_cols = self.gradients_t[kept]  # |S| x n
         if len(kept) <= self.num_samples:
-            system = (kept_cols @ kept_cols.T).double()
+            system = self.kept_gram(kept)
             rhs = (kept_cols @ target).double()
             return lambda lam: _damped_solve(system, rhs, lam).float()
         # G_S G_S^T from the cached Gram when P is the smaller side: n^2 |P| instead of n^2 |S| flops.
@@ -181,6 +205,14 @@ class FisherBlock:
         else:
             system = (kept_cols.T @ kept_cols).double()
         return lambda lam: kept_cols @ _damped_solve(system, target.double(), lam).float()
+
+
+class KeptGramCache:
+    """The last kept-weights Gram matrix G_S G_S^T formed, for one block (`key`): a search's candidate sets, its
+    final set and the update's solve differ in few weights, so each reuses most of the previous one's rows."""
+
+    def __init__(self):
+        self.key = self.kept = self.gram = None
 
 
 class EmpiricalFisher:
@@ -205,15 +237,17 @@ class EmpiricalFisher:
         ):
             raise BrainSurgeonError("Fisher regions must tile the weights contiguously")
         # In memory, blocks are views whose Gram/Cholesky caches are reused; streamed, they are re-read.
+        self.gram_cache = KeptGramCache()
         self._blocks = None if self.store.streamed else [
-            FisherBlock(self.store.rows(r), damping, self.shift) for r in self.regions]
+            FisherBlock(self.store.rows(r), damping, self.shift, self.gram_cache, b)
+            for b, r in enumerate(self.regions)]
         sizes = torch.tensor([region.stop - region.start for region in self.regions])
         self.block_of = torch.repeat_interleave(torch.arange(len(self.regions)), sizes)
 
     def block(self, index: int) -> FisherBlock:
         if self._blocks is not None:
             return self._blocks[index]
-        return FisherBlock(self.store.rows(self.regions[index]), self.damping, self.shift)
+        return FisherBlock(self.store.rows(self.regions[index]), self.damping, self.shift, self.gram_cache, index)
 
     def _blocks_with_regions(self):
         return ((self.block(b), region) for b, region in enumerate(self.regions))

@@ -15,6 +15,7 @@ Q*(S) = |y|^2 + lam |w|^2 - c_S^T x_S. Three moves, each never raising Q:
 """
 import torch
 
+from .curvature import FisherBlock
 from .errors import BrainSurgeonError
 from .problem import PruningProblem, prune_lowest
 from .progress import progress_bar
@@ -27,13 +28,13 @@ class KeptSystem:
     `columns` holds g_k for the kept weights (in slot order); `kept` their indices inside the block.
     """
 
-    def __init__(self, gradients_t: torch.Tensor, c: torch.Tensor, sq_norms: torch.Tensor, damping: float,
+    def __init__(self, block: FisherBlock, c: torch.Tensor, sq_norms: torch.Tensor, damping: float,
                  kept: torch.Tensor):
-        self.gradients_t, self.c, self.damping = gradients_t, c, damping
+        self.gradients_t, self.c, self.damping = block.gradients_t, c, damping
         self.sq_norms = sq_norms.double() + damping  # |g_k|^2 + lam: A's diagonal
         self.kept = kept.clone()
-        self.columns = gradients_t[kept]  # float32, like G: the products below are cast to float64
-        system = (self.columns @ self.columns.T).double()
+        self.columns = self.gradients_t[kept]  # float32, like G: the products below are cast to float64
+        system = block.kept_gram(kept).clone()
         system.diagonal().add_(damping)
         self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(system))
         self.refresh()
@@ -187,7 +188,7 @@ class JointSearch:
 
     def kept_system(self, b: int, kept: torch.Tensor) -> KeptSystem:
         region = self.fisher.regions[b]
-        return KeptSystem(self.fisher.block(b).gradients_t, self.c[region], self.fisher.column_sq_norms[region],
+        return KeptSystem(self.fisher.block(b), self.c[region], self.fisher.column_sq_norms[region],
                           self.damping, kept)
 
     def offer(self, pruned: torch.Tensor) -> bool:

@@ -147,6 +147,20 @@ def test_blockwise_gram_equals_the_full_product(spec):
 
 
 @settings(max_examples=30, deadline=None)
+@given(problems, st.data())
+def test_kept_gram_reusing_the_previous_sets_rows_equals_the_fresh_product(spec, data):
+    seed, n, p, damping, num_blocks = spec
+    fisher = random_problem(seed, n, p, 1, damping, num_blocks).fisher
+    for _ in range(4):  # successive kept sets, any order, any overlap, any block
+        b = data.draw(st.integers(0, num_blocks - 1))
+        block = fisher.block(b)
+        size = block.num_weights
+        kept = torch.tensor(data.draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=size, unique=True)))
+        columns = block.gradients_t[kept].double()
+        assert torch.allclose(block.kept_gram(kept), columns @ columns.T, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
 @given(st.integers(1, 40), st.integers(0, 1000))
 def test_perturbed_magnitude_scores_rank_weights_inside_equal_random_groups(m, seed):
     from brainsurgeon.selection import perturbed_magnitude_scores
