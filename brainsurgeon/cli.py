@@ -45,8 +45,8 @@ def _add_common(parser):
     cbs.add_argument("--tau", type=int, help="failed attempts that end a pass (default 20)")
     cbs.add_argument("--max-passes", type=int, help="cap on swap passes")
     cbs.add_argument("--init-trials", type=int, help="perturbed-magnitude starting masks (default 50)")
-    cbs.add_argument("--selection-damping", type=float,
-                     help="ridge term of the swap search, pulling it toward magnitude (default 0; 1e-2 for resnet20)")
+    cbs.add_argument("--selection-damping", type=float, help="ridge term of the swap search, pulling it toward "
+                     "magnitude (default 0; 1e-2 in bench-resnet20)")
     joint = parser.add_argument_group("joint options")
     joint.add_argument("--start", help="warm-start selection of joint (default cbs)")
     joint.add_argument("--iht-rounds", type=int, help="thresholding-plus-backsolve rounds")
