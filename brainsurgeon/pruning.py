@@ -97,14 +97,21 @@ def _option_names(cls) -> set:
     return set(inspect.signature(cls.__init__).parameters) - {"self"}
 
 
-STAGE_OPTIONS = ("stages", "schedule", "first_order", "first_method", "refine")
+STAGE_OPTIONS = ("stages", "schedule", "first_order", "first_method", "refine", "later_damping",
+                 "later_damping_grid")
+
+
+def _methods_of(method: str) -> set:
+    """(selection, update) pairs a method name runs: a preset's first stage may run another method."""
+    first_method = PRESETS.get(method, {}).get("first_method")
+    return {parse_method(method)} | ({parse_method(first_method)} if first_method else set())
 
 
 def accepted_options(method: str, options: dict) -> dict:
-    """The subset of `options` that the method's selection or update takes, and the stage options any method
+    """The subset of `options` that the method's selections or updates take, and the stage options any method
     takes (for sweeps over many methods)."""
-    selection_name, update_name = parse_method(method)
-    names = _option_names(SELECTIONS[selection_name]) | _option_names(UPDATES[update_name]) | set(STAGE_OPTIONS)
+    names = set(STAGE_OPTIONS).union(*(_option_names(SELECTIONS[sel]) | _option_names(UPDATES[upd])
+                                       for sel, upd in _methods_of(method)))
     return {k: v for k, v in options.items() if k in names}
 
 
@@ -191,11 +198,13 @@ def sparsity_schedule(sparsity: float, stages: int = 1, schedule=None) -> list:
 
 
 PRESETS = {
-    # The most accurate configuration measured on MLPNet (README): CBS to 0.86, then small joint stages with
-    # the mean gradient modelled, then two refinement stages. damping x grid starts at cbs's 1e-4 and reaches
-    # 10: first-order steps on ResNet20 needed far more damping than 0.1.
-    "max": dict(method="joint", first_method="cbs", schedule="gradual", refine=2, first_order=True, damping=1e-2,
-                damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0), start="mp", iht_rounds=1, max_swaps=10),
+    # The most accurate configuration measured on MLPNet (README): CBS to 0.86 with the caller's settings (so
+    # that up to 0.86 it *is* cbs), then small joint stages with the mean gradient modelled, then two refinement
+    # stages. Their damping x grid starts at cbs's 1e-4 and reaches 10: first-order steps on ResNet20 needed far
+    # more damping than 0.1.
+    "max": dict(method="joint", first_method="cbs", schedule="gradual", refine=2, first_order=True,
+                later_damping=1e-2, later_damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0), start="mp",
+                iht_rounds=1, max_swaps=10),
 }
 
 
@@ -233,7 +242,8 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     trained model is taken to be at a minimum). `refine` adds that many stages at the target sparsity itself
     after a multi-stage schedule: with `first_order`, each is a damped Gauss-Newton step of the calibration
     loss on the current mask (the selection may still swap weights), using the calibration data the way a
-    short fine-tuning would.
+    short fine-tuning would. `later_damping` and `later_damping_grid` set the damping and the CBS-U grid of
+    the stages after the first (default: those of the first).
     `options` go to whichever of the selection and the update takes them by name (e.g. rho, tau for cbs;
     damping_grid for cbsu). The model is not modified: call `result.apply(model)`.
     """
@@ -248,6 +258,10 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     schedule = chosen.pop("schedule", None)
     first_method = chosen.pop("first_method", None) or method
     refine = _pop_or(chosen, "refine", 0)
+    later_damping = _pop_or(chosen, "later_damping", damping)
+    later_grid = chosen.pop("later_damping_grid", None)
+    if min(damping, later_damping) <= 0:
+        raise BrainSurgeonError(f"damping must be > 0, got {damping} (later stages {later_damping}); try 1e-4..1e-2")
     if refine < 0:
         raise BrainSurgeonError(f"refine must be >= 0 stages, got {refine}")
     targets = sparsity_schedule(sparsity, stages, schedule)
@@ -255,11 +269,13 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     first, main = parse_method(first_method), parse_method(method)
     methods = [first] + [main] * (len(targets) - 1)
     _check_options({first, main}, chosen)  # before any work
-    common = dict(loss_fn=loss_fn, damping=damping, include=include, ignore=ignore, scope=scope,
-                  structure=structure, gradients=gradients, scratch_dir=scratch_dir, seed=seed,
-                  max_memory=max_memory, chunk_size=chunk_size, progress=progress, options=chosen)
+    common = dict(loss_fn=loss_fn, include=include, ignore=ignore, scope=scope, structure=structure,
+                  gradients=gradients, scratch_dir=scratch_dir, seed=seed, max_memory=max_memory,
+                  chunk_size=chunk_size, progress=progress)
     if len(targets) == 1:
-        return _prune_stage(model, calibration, sparsity, *methods[0], num_samples, first_order=False, **common)
+        return _prune_stage(model, calibration, sparsity, *methods[0], num_samples, first_order=False,
+                            damping=damping, options=chosen, **common)
+    later_options = {**chosen, **({"damping_grid": later_grid} if later_grid is not None else {})}
     calibration = collect(calibration, num_samples)  # every stage sees the same samples
     staged = copy.deepcopy(model)
     reports = []
@@ -269,14 +285,15 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
                   file=sys.stderr, flush=True)
         # The trained model is taken to be at a minimum: its mean gradient is noise until a stage has moved it.
         result = _prune_stage(staged, calibration, target, selection_name, update_name, None,
-                              first_order=first_order and stage > 1, **common)
+                              first_order=first_order and stage > 1, damping=damping if stage == 1 else later_damping,
+                              options=chosen if stage == 1 else later_options, **common)
         result.apply(staged)
         reports.append(dict(sparsity=target, method=f"{selection_name}+{update_name}", timings=result.timings,
                             stats=result.stats))
     result.timings = {key: sum(r["timings"].get(key, 0.0) for r in reports) for key in result.timings}
     result.stats = dict(result.stats, stages=reports)
     result.settings.update(stages=len(targets), schedule=targets, sparsity=sparsity, first_method="+".join(methods[0]),
-                           first_order=first_order, refine=refine)
+                           first_order=first_order, refine=refine, first_damping=damping)
     return result
 
 

@@ -10,7 +10,7 @@ from brainsurgeon import BrainSurgeonError
 from brainsurgeon.curvature import EmpiricalFisher
 from brainsurgeon.joint import JointSearch, JointSelection
 from brainsurgeon.problem import PruningProblem, Segment
-from brainsurgeon.pruning import sparsity_schedule
+from brainsurgeon.pruning import accepted_options, sparsity_schedule
 from test_api import small_mlp
 from test_math import dense_hessian, draw_case, problems, random_problem
 
@@ -212,15 +212,26 @@ def test_bad_schedules_are_refused():
 
 
 def test_max_below_its_first_stage_is_cbs():
-    """Up to 0.86, 'max' is one cbs stage whose CBS-U grid spans the same dampings as plain cbs."""
-
+    """Up to 0.86, 'max' is one cbs stage with the caller's settings: exactly plain cbs with them."""
     model, x, y = small_mlp()
-    plain = brainsurgeon.prune(model, (x, y), 0.6, "cbs", progress=False, init_trials=3)
-    preset = brainsurgeon.prune(model, (x, y), 0.6, "max", progress=False, init_trials=3)
-    assert preset.settings["method"] == "cbs+cbsu"
-    for name in plain.masks:
-        assert torch.equal(plain.masks[name], preset.masks[name])
-        assert torch.allclose(plain.weights[name], preset.weights[name], atol=1e-5)
+    for overrides in ({}, {"damping": 1e-5, "selection_damping": 1e-2}):
+        plain = brainsurgeon.prune(model, (x, y), 0.6, "cbs", progress=False, init_trials=3, **overrides)
+        preset = brainsurgeon.prune(model, (x, y), 0.6, "max", progress=False, init_trials=3, **overrides)
+        assert preset.settings["method"] == "cbs+cbsu"
+        for name in plain.masks:
+            assert torch.equal(plain.masks[name], preset.masks[name])
+            assert torch.equal(plain.weights[name], preset.weights[name])
+
+
+def test_later_stages_take_their_own_damping_and_max_passes_cbs_options_on():
+    model, x, y = small_mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.9, "cbs", schedule=[0.5, 0.9], progress=False, init_trials=2,
+                                damping=1e-3, damping_grid=[1.0], later_damping=0.5, later_damping_grid=[1.0])
+    first, second = result.stats["stages"]
+    assert first["stats"]["cbsu_damping"] == 1e-3 and second["stats"]["cbsu_damping"] == 0.5
+    assert accepted_options("max", {"selection_damping": 1e-2, "rho": 3}) == {"selection_damping": 1e-2, "rho": 3}
+    with pytest.raises(BrainSurgeonError, match="damping"):
+        brainsurgeon.prune(model, (x, y), 0.9, "max", later_damping=0.0, progress=False)
 
 
 def test_zero_damping_and_zero_stages_are_refused_not_defaulted():
