@@ -268,15 +268,15 @@ class EmpiricalFisher:
     def column_sq_norms(self) -> torch.Tensor:
         return torch.cat([block.gradients_t.pow(2).sum(1) for block, _ in self._blocks_with_regions()])
 
-    def quadratic(self, d: torch.Tensor) -> float:
-        """d^T H d."""
-        return float(self.residuals(d).pow(2).sum() + self.damping * d.pow(2).sum())
+    def quadratic(self, d: torch.Tensor, residuals: torch.Tensor | None = None) -> float:
+        """d^T H d; `residuals` = self.residuals(d) when the caller has them already."""
+        residuals = self.residuals(d) if residuals is None else residuals
+        return float(residuals.pow(2).sum() + self.damping * d.pow(2).sum())
 
     def predicted_change(self, d: torch.Tensor) -> float:
         """The modelled loss change d^T H d / 2, plus g_mean^T d = shift * sum(G d) when first_order."""
         residuals = self.residuals(d)
-        quadratic = residuals.pow(2).sum() + self.damping * d.pow(2).sum()
-        return float(0.5 * quadratic + self.shift * residuals.sum())
+        return 0.5 * self.quadratic(d, residuals) + self.shift * float(residuals.sum())
 
     @cached_property
     def inverse_diagonal(self) -> torch.Tensor:
