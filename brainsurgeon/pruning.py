@@ -4,6 +4,7 @@ import inspect
 import math
 import sys
 import time
+from collections import deque
 from contextlib import ExitStack
 
 import torch
@@ -77,18 +78,25 @@ def calibration_loss_fn(model, layers, inputs, targets, loss_fn, batch_size=128)
     """Return calibration_loss(flat): mean calibration loss with the prunable weights set to `flat`.
 
     Small batches keep a conv net's activations in cache: ResNet20 on 1,000 CIFAR images took 0.63 s in
-    batches of 128 against 1.57 s in one batch (MLPNet is as fast either way)."""
+    batches of 128 against 1.57 s in one batch (MLPNet is as fast either way). The last few losses are
+    remembered: the driver scores each candidate's update, whose loss CBS-U's damping walk has just
+    computed (it is at most 3 evaluations back: the best lam, the next one, no compensation)."""
     params = dict(model.named_parameters())
     state = {**{k: v.detach() for k, v in params.items()}, **dict(model.named_buffers())}
+    recent = deque(maxlen=3)  # (flat, loss)
 
     def calibration_loss(flat: torch.Tensor) -> float:
+        for seen, loss in recent:
+            if torch.equal(seen, flat):
+                return loss
         weights = {layer.param: flat[layer.slice].view(layer.shape) for layer in layers}
         total = 0.0
         with torch.no_grad(), evaluating(model):
             for start in range(0, len(inputs), batch_size):
                 out = functional_call(model, {**state, **weights}, (inputs[start : start + batch_size],))
                 total += float(loss_fn(out, targets[start : start + batch_size])) * len(out)
-        return total / len(inputs)
+        recent.append((flat.clone(), total / len(inputs)))
+        return recent[-1][1]
 
     return calibration_loss
 

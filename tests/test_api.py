@@ -9,7 +9,8 @@ from torch.nn.utils import prune as torch_prune
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError, PruneResult
 from brainsurgeon.demo import demo_setup
-from brainsurgeon.pruning import accepted_options
+from brainsurgeon.layers import find_prunable, flat_weights
+from brainsurgeon.pruning import accepted_options, calibration_loss_fn
 from conftest import tiny_problem
 
 METHODS = ["mp", "random", "wf", "cbs", "joint", "mp+cbsu", "wf+cbsu", "cbs+none", "random+obs", "max"]
@@ -246,3 +247,19 @@ def test_cbsu_never_leaves_a_higher_calibration_loss_than_no_compensation(digits
     assert calibration_loss(model, updated, x, y) <= calibration_loss(model, plain, x, y) + 1e-6
     if updated.stats["cbsu_damping"] is None:
         assert all(torch.equal(updated.weights[k], plain.weights[k]) for k in plain.weights)
+
+
+def test_calibration_loss_remembers_recent_weights_and_never_serves_stale_ones(digits):
+    model, x, y = digits
+    layers, _ = find_prunable(model, None, ())
+    calls = []
+    loss_fn = lambda out, target: calls.append(1) or torch.nn.functional.cross_entropy(out, target)
+    calibration_loss = calibration_loss_fn(model, layers, x, y, loss_fn, batch_size=len(x))
+    flat = flat_weights(model, layers).float()
+    first = calibration_loss(flat)
+    assert calibration_loss(flat.clone()) == first and len(calls) == 1  # equal values: remembered
+    original = flat.clone()
+    flat.mul_(0.5)  # the caller's tensor changed in place: a new evaluation
+    assert calibration_loss(flat) != first and len(calls) == 2
+    flat.copy_(original)
+    assert calibration_loss(flat) == first and len(calls) == 2
