@@ -1,7 +1,36 @@
-"""Calibration data: whatever the user hands over, as one (X, y) pair of tensors."""
+"""Calibration data: whatever the user hands over, as one (X, y) pair of tensors, checked to be usable."""
+import math
+
 import torch
 
 from .errors import BrainSurgeonError
+from .layers import evaluating
+
+CHECK_BATCH = 128
+
+
+def _as_batches(calibration, num_samples):
+    if isinstance(calibration, (tuple, list)) and len(calibration) == 2 and all(
+        isinstance(t, torch.Tensor) for t in calibration
+    ):
+        return [tuple(calibration)]
+    try:
+        iterator = iter(calibration)
+    except TypeError:
+        raise BrainSurgeonError(f"calibration must be an (X, y) pair of tensors or an iterable of (inputs, "
+                                f"targets) batches, got {type(calibration).__name__}") from None
+    batches, total = [], 0
+    for batch in iterator:
+        try:
+            inputs, targets = batch[0], batch[1]
+            batches.append((torch.as_tensor(inputs), torch.as_tensor(targets)))
+        except (TypeError, IndexError, ValueError, RuntimeError) as error:
+            raise BrainSurgeonError(f"each calibration batch must be an (inputs, targets) pair of tensors "
+                                    f"({error})") from None
+        total += len(batches[-1][0])
+        if num_samples is not None and total >= num_samples:
+            break
+    return batches
 
 
 def collect(calibration, num_samples=None):
@@ -9,23 +38,14 @@ def collect(calibration, num_samples=None):
 
     Returns the first `num_samples` samples (all of them if None) as tensors, checked for NaNs.
     """
-    if isinstance(calibration, (tuple, list)) and len(calibration) == 2 and all(
-        isinstance(t, torch.Tensor) for t in calibration
-    ):
-        batches = [tuple(calibration)]
-    else:
-        batches = []
-        total = 0
-        for batch in calibration:
-            inputs, targets = batch[0], batch[1]
-            batches.append((torch.as_tensor(inputs), torch.as_tensor(targets)))
-            total += len(inputs)
-            if num_samples is not None and total >= num_samples:
-                break
-    if not batches:
+    batches = _as_batches(calibration, num_samples)
+    if not batches or not sum(len(b[0]) for b in batches):
         raise BrainSurgeonError("calibration data is empty; pass an (X, y) pair or batches of (inputs, targets)")
-    inputs = torch.cat([b[0] for b in batches])
-    targets = torch.cat([b[1] for b in batches])
+    try:
+        inputs = torch.cat([b[0] for b in batches])
+        targets = torch.cat([b[1] for b in batches])
+    except RuntimeError as error:
+        raise BrainSurgeonError(f"calibration batches do not fit together: {error}") from None
     if len(inputs) != len(targets):
         raise BrainSurgeonError(f"calibration inputs ({len(inputs)}) and targets ({len(targets)}) differ in length")
     if num_samples is not None:
@@ -38,3 +58,36 @@ def collect(calibration, num_samples=None):
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
         raise BrainSurgeonError("calibration inputs contain NaN or Inf; clean or re-normalise the data")
     return inputs, targets
+
+
+def check_usable(model, inputs, targets, loss_fn) -> float:
+    """The mean loss of `model` on the calibration data, refusing data the model cannot run on and losses that
+    are not finite (e.g. every target ignored) or that the targets do not fit."""
+    total = 0.0
+    with torch.no_grad(), evaluating(model):
+        for start in range(0, len(inputs), CHECK_BATCH):
+            batch = slice(start, start + CHECK_BATCH)
+            try:
+                outputs = model(inputs[batch])
+            except Exception as error:  # any failure of the user's forward is a data/model mismatch
+                raise BrainSurgeonError(
+                    f"the model cannot run on the calibration inputs (shape {tuple(inputs.shape[1:])}, dtype "
+                    f"{inputs.dtype}): {_first_line(error)}; pass inputs shaped and typed as the model expects"
+                ) from None
+            try:
+                loss = float(loss_fn(outputs, targets[batch]))
+            except Exception as error:
+                raise BrainSurgeonError(
+                    f"loss_fn cannot use the calibration targets (shape {tuple(targets.shape[1:])}, dtype "
+                    f"{targets.dtype}): {_first_line(error)}; pass targets the loss accepts"
+                ) from None
+            total += loss * len(outputs)
+    mean = total / len(inputs)
+    if not math.isfinite(mean):
+        raise BrainSurgeonError(f"the calibration loss is {mean} on the unpruned model (targets all ignored, "
+                                "out of range, or a model that overflows); fix the targets or the loss")
+    return mean
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -16,7 +16,7 @@ Q*(S) = |y|^2 + lam |w|^2 - c_S^T x_S. Three moves, each never raising Q:
 import torch
 
 from .curvature import FisherBlock
-from .errors import BrainSurgeonError
+from . import validation
 from .problem import PruningProblem, prune_lowest
 from .progress import progress_bar
 from .selection import SELECTIONS, Selection
@@ -121,14 +121,12 @@ class JointSelection(Selection):
     needs_fisher = True
 
     def __init__(self, start="cbs", iht_rounds=10, max_swaps=200, swap_candidates=64, max_kept=6000):
-        if start not in SELECTIONS:  # the basic selections: joint does not start from itself
-            raise BrainSurgeonError(f"joint: unknown start '{start}'; choose from {sorted(SELECTIONS)}")
-        if min(iht_rounds, max_swaps) < 0 or min(swap_candidates, max_kept) < 1:
-            raise BrainSurgeonError("joint options: need iht_rounds, max_swaps >= 0 and swap_candidates, "
-                                    "max_kept >= 1")
-        self.start = SELECTIONS[start]()
-        self.iht_rounds, self.max_swaps = int(iht_rounds), int(max_swaps)
-        self.swap_candidates, self.max_kept = int(swap_candidates), int(max_kept)
+        # The basic selections: joint does not start from itself.
+        self.start = SELECTIONS[validation.choice("joint start", start, SELECTIONS)]()
+        self.iht_rounds = validation.count("iht_rounds", iht_rounds, minimum=0)
+        self.max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
+        self.swap_candidates = validation.count("swap_candidates", swap_candidates)
+        self.max_kept = validation.count("max_kept", max_kept)
 
     @property
     def needs_loss(self) -> bool:

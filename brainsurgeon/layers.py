@@ -72,10 +72,12 @@ def flat_weights(model: nn.Module, layers) -> torch.Tensor:
 
 @contextmanager
 def evaluating(model: nn.Module):
-    """Eval mode (BatchNorm on running statistics, no dropout) for the block, then the caller's mode back."""
-    was_training = model.training
+    """Eval mode (BatchNorm on running statistics, no dropout) for the block, then every module's own mode
+    back: a model handed over with some modules training and others not comes back the same."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training

@@ -4,6 +4,7 @@ import inspect
 import math
 import sys
 import time
+import warnings
 from collections import deque
 from contextlib import ExitStack
 
@@ -12,10 +13,11 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from .calibration import collect
+from .calibration import check_usable, collect
 from .curvature import MAX_CHUNK_SIZE, EmpiricalFisher, choose_gradient_store, per_sample_gradient_chunks
 from .gradient_store import DiskGradients, InMemoryGradients, scratch_directory
-from .errors import BrainSurgeonError
+from . import validation
+from .errors import BrainSurgeonError, FewSamplesWarning
 from .layers import evaluating, find_prunable, flat_weights
 from .problem import PruningProblem, Segment
 from .result import PruneResult
@@ -47,12 +49,21 @@ def num_to_prune(sparsity: float, size: int) -> int:
 
 
 def make_segments(layers, sparsity: float, scope: str):
+    """The pruning budget: one segment over all layers (global) or one per layer; none may be emptied."""
     if scope == "global":
         total = sum(layer.size for layer in layers)
-        return [Segment(slice(0, total), num_to_prune(sparsity, total))]
-    if scope == "layer":
-        return [Segment(layer.slice, num_to_prune(sparsity, layer.size)) for layer in layers]
-    raise BrainSurgeonError(f"unknown scope '{scope}'; use 'global' or 'layer'")
+        segments = [Segment(slice(0, total), num_to_prune(sparsity, total))]
+        described = [f"all {total} prunable weights"]
+    elif scope == "layer":
+        segments = [Segment(layer.slice, num_to_prune(sparsity, layer.size)) for layer in layers]
+        described = [f"all {layer.size} weights of {layer.param}" for layer in layers]
+    else:
+        raise BrainSurgeonError(f"unknown scope '{scope}'; use 'global' or 'layer'")
+    for segment, what in zip(segments, described):
+        if segment.count >= segment.region.stop - segment.region.start:
+            raise BrainSurgeonError(f"sparsity {sparsity} would prune {what}, leaving nothing; "
+                                    "lower the sparsity (the exact count is round(s * p))")
+    return segments
 
 
 def default_chunk_size(num_weights: int, max_memory: float) -> int:
@@ -62,6 +73,8 @@ def default_chunk_size(num_weights: int, max_memory: float) -> int:
 
 def fisher_regions(layers, structure: str):
     """Contiguous weight regions of the Fisher blocks: 'full' (one), 'layer', or 'block:K' (<= K per block)."""
+    if not isinstance(structure, str):
+        raise BrainSurgeonError(f"structure must be 'full', 'layer' or 'block:K', got {structure!r}")
     if structure == "full":
         return [slice(0, sum(layer.size for layer in layers))]
     if structure == "layer":
@@ -164,6 +177,16 @@ def _best_candidate(problem: PruningProblem, update, candidates):
     return mask, delta
 
 
+FEW_SAMPLES = 32  # below this many gradients the empirical Fisher is little more than its damping
+
+
+def _warn_if_few(num_samples: int) -> None:
+    if num_samples < FEW_SAMPLES:
+        warnings.warn(f"only {num_samples} calibration samples for a Fisher method: its curvature has rank "
+                      f"{num_samples} at most; pass at least {FEW_SAMPLES} (the paper used 1,000-10,000)",
+                      FewSamplesWarning, stacklevel=4)
+
+
 def _check_finite(model: nn.Module):
     bad = [name for name, value in model.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
@@ -193,15 +216,16 @@ def sparsity_schedule(sparsity: float, stages: int = 1, schedule=None) -> list:
     None: `stages` steps geometric in density."""
     if schedule == "gradual":
         return _gradual(sparsity)
+    if isinstance(schedule, str):
+        raise BrainSurgeonError(f"schedule must be a list of sparsities or 'gradual', got {schedule!r}")
     if schedule is not None:
-        schedule = [float(s) for s in schedule]
+        schedule = [validation.sparsity(s, "every sparsity of schedule") for s in schedule]
         if not schedule or schedule[-1] != sparsity or any(b <= a for a, b in zip(schedule, schedule[1:])) \
                 or schedule[0] <= 0:
             raise BrainSurgeonError(f"schedule {schedule} must increase strictly from above 0 and end at the "
                                     f"target sparsity {sparsity}, or be 'gradual'")
         return schedule
-    if stages < 1:
-        raise BrainSurgeonError(f"stages must be >= 1, got {stages}")
+    stages = validation.count("stages", stages)
     return [1 - (1 - sparsity) ** (t / stages) for t in range(1, stages)] + [sparsity]
 
 
@@ -214,6 +238,14 @@ PRESETS = {
                 later_damping=1e-2, later_damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0), start="mp",
                 iht_rounds=1, max_swaps=10),
 }
+
+
+def _check_run_settings(num_samples, chunk_size, max_memory, seed):
+    """The numeric settings of a run that no method owns, checked once before any work."""
+    return (None if num_samples is None else validation.count("num_samples", num_samples),
+            None if chunk_size is None else validation.count("chunk_size", chunk_size),
+            validation.positive("max_memory (bytes)", max_memory),
+            validation.count("seed", seed, minimum=0))
 
 
 def _pop_or(settings: dict, key: str, default):
@@ -255,23 +287,24 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     `options` go to whichever of the selection and the update takes them by name (e.g. rho, tau for cbs;
     damping_grid for cbsu). The model is not modified: call `result.apply(model)`.
     """
-    if not 0 <= sparsity < 1:
-        raise BrainSurgeonError(f"sparsity must be in [0, 1), got {sparsity}; e.g. 0.9 prunes 90% of the weights")
+    sparsity = validation.sparsity(sparsity)
     method, chosen = resolve_preset(method, dict(damping=damping, stages=stages, first_order=first_order,
                                                  schedule=schedule, first_method=first_method, refine=refine,
                                                  **options))
-    damping = _pop_or(chosen, "damping", DEFAULT_DAMPING)
+    damping = validation.positive("damping", _pop_or(chosen, "damping", DEFAULT_DAMPING))
     stages = _pop_or(chosen, "stages", 1)
     first_order = bool(chosen.pop("first_order", None))
     schedule = chosen.pop("schedule", None)
     first_method = chosen.pop("first_method", None) or method
-    refine = _pop_or(chosen, "refine", 0)
-    later_damping = _pop_or(chosen, "later_damping", damping)
+    refine = validation.count("refine", _pop_or(chosen, "refine", 0), minimum=0)
+    later_damping = validation.positive("later_damping", _pop_or(chosen, "later_damping", damping))
     later_grid = chosen.pop("later_damping_grid", None)
-    if min(damping, later_damping) <= 0:
-        raise BrainSurgeonError(f"damping must be > 0, got {damping} (later stages {later_damping}); try 1e-4..1e-2")
-    if refine < 0:
-        raise BrainSurgeonError(f"refine must be >= 0 stages, got {refine}")
+    num_samples, chunk_size, max_memory, seed = _check_run_settings(num_samples, chunk_size, max_memory, seed)
+    include, ignore = validation.patterns("include", include) or None, validation.patterns("ignore", ignore)
+    validation.choice("scope", scope, ("global", "layer"))
+    validation.choice("gradients", gradients, ("auto", "memory", "disk"))
+    if not callable(loss_fn):
+        raise BrainSurgeonError(f"loss_fn must be callable (outputs, targets) -> scalar loss, got {loss_fn!r}")
     targets = sparsity_schedule(sparsity, stages, schedule)
     targets += [sparsity] * refine if len(targets) > 1 else []  # a single stage is left as it is
     first, main = parse_method(first_method), parse_method(method)
@@ -280,11 +313,14 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     common = dict(loss_fn=loss_fn, include=include, ignore=ignore, scope=scope, structure=structure,
                   gradients=gradients, scratch_dir=scratch_dir, seed=seed, max_memory=max_memory,
                   chunk_size=chunk_size, progress=progress)
+    _check_finite(model)
+    if calibration is not None:  # data-free methods (mp, random) may be given none
+        calibration = collect(calibration, num_samples)  # every stage sees the same samples
+        check_usable(model, *calibration, loss_fn)
     if len(targets) == 1:
-        return _prune_stage(model, calibration, sparsity, *methods[0], num_samples, first_order=False,
-                            damping=damping, options=chosen, **common)
+        return _prune_stage(model, calibration, sparsity, *methods[0], first_order=False, damping=damping,
+                            options=chosen, **common)
     later_options = {**chosen, **({"damping_grid": later_grid} if later_grid is not None else {})}
-    calibration = collect(calibration, num_samples)  # every stage sees the same samples
     staged = copy.deepcopy(model)
     reports = []
     for stage, (target, (selection_name, update_name)) in enumerate(zip(targets, methods), 1):
@@ -292,7 +328,7 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
             print(f"stage {stage}/{len(targets)}: {selection_name}+{update_name} to sparsity {target:.4g}",
                   file=sys.stderr, flush=True)
         # The trained model is taken to be at a minimum: its mean gradient is noise until a stage has moved it.
-        result = _prune_stage(staged, calibration, target, selection_name, update_name, None,
+        result = _prune_stage(staged, calibration, target, selection_name, update_name,
                               first_order=first_order and stage > 1, damping=damping if stage == 1 else later_damping,
                               options=chosen if stage == 1 else later_options, **common)
         result.apply(staged)
@@ -305,13 +341,12 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     return result
 
 
-def _prune_stage(model, calibration, sparsity, selection_name, update_name, num_samples, *, loss_fn, damping,
+def _prune_stage(model, calibration, sparsity, selection_name, update_name, *, loss_fn, damping,
                  include, ignore, scope, structure, gradients, scratch_dir, seed, max_memory, chunk_size, progress,
                  first_order, options) -> PruneResult:
-    """One selection and update from the model's current weights."""
+    """One selection and update from the model's current weights, on the collected (inputs, targets)."""
     selection, update = _build_methods(selection_name, update_name, options)
     layers, dense_layers = find_prunable(model, include, ignore)
-    _check_finite(model)
     segments = make_segments(layers, sparsity, scope)
     regions = fisher_regions(layers, structure)
     num_weights = sum(layer.size for layer in layers)
@@ -321,8 +356,11 @@ def _prune_stage(model, calibration, sparsity, selection_name, update_name, num_
 
     inputs = targets = None
     if needs_fisher or selection.needs_loss or update.needs_loss:
-        inputs, targets = collect(calibration, num_samples)
+        if calibration is None:
+            raise BrainSurgeonError(f"{selection_name}+{update_name} needs calibration data; pass (inputs, targets)")
+        inputs, targets = calibration
         if needs_fisher:
+            _warn_if_few(len(inputs))
             streamed = choose_gradient_store(gradients, len(inputs), regions, max_memory, chunk_size)
     problem = PruningProblem(weights=flat_weights(model, layers).float(), segments=segments,
                              generator=torch.Generator().manual_seed(seed), show_progress=progress)

@@ -3,7 +3,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from .errors import BrainSurgeonError
+from . import validation
 from .problem import PruningProblem
 
 
@@ -62,9 +62,7 @@ class ExactOptimalBrainSurgeon(Update):
     needs_fisher = True
 
     def __init__(self, damping_grid=(0.1, 1.0, 10.0, 100.0)):
-        if not damping_grid or min(damping_grid) <= 0:
-            raise BrainSurgeonError(f"damping_grid must hold positive multipliers, got {damping_grid}")
-        self.damping_grid = tuple(sorted(float(m) for m in damping_grid))
+        self.damping_grid = validation.positive_list("damping_grid", damping_grid)
 
     @property
     def needs_loss(self) -> bool:

@@ -1,0 +1,96 @@
+"""Checks of every value where it enters: the API and the CLI share them, so both give the same message."""
+import math
+import numbers
+import re
+
+from .errors import BrainSurgeonError
+
+
+def _describe(low, high, low_open, high_open) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    return " and ".join(parts)
+
+
+def number(name: str, value, *, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """A finite real (or integer) in the given range, returned as float (or int); anything else is refused
+    with a message naming `name`, the range and the value given."""
+    kind = "an integer" if integer else "a finite number"
+    wanted = f"{name} must be {kind}" + (f" {_describe(low, high, low_open, high_open)}" if low is not None or
+                                           high is not None else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BrainSurgeonError(f"{wanted}, got {value!r} of type {type(value).__name__}")
+    if integer and not (isinstance(value, numbers.Integral) or (math.isfinite(value) and value == int(value))):
+        raise BrainSurgeonError(f"{wanted}, got {value!r}")
+    if not math.isfinite(value):
+        raise BrainSurgeonError(f"{wanted}, got {value!r}")
+    value = int(value) if integer else float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise BrainSurgeonError(f"{wanted}, got {value!r}")
+    return value
+
+
+def positive(name: str, value) -> float:
+    return number(name, value, low=0, low_open=True)
+
+
+def non_negative(name: str, value) -> float:
+    return number(name, value, low=0)
+
+
+def count(name: str, value, minimum: int = 1) -> int:
+    return number(name, value, low=minimum, integer=True)
+
+
+def sparsity(value, name: str = "sparsity") -> float:
+    try:
+        return number(name, value, low=0, high=1, high_open=True)
+    except BrainSurgeonError:
+        raise BrainSurgeonError(f"{name} must be in [0, 1), got {value!r}; e.g. 0.9 prunes 90% of the weights") \
+            from None
+
+
+def choice(name: str, value, options) -> str:
+    if value not in options:
+        raise BrainSurgeonError(f"unknown {name} {value!r}; choose from {sorted(options)}")
+    return value
+
+
+def patterns(name: str, value) -> tuple:
+    """Module-type names or regexes on module names: one string is one pattern, not a list of letters."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        value = tuple(value)
+    except TypeError:
+        raise BrainSurgeonError(f"{name} must be a string or a list of strings, got {value!r}") from None
+    for pattern in value:
+        if not isinstance(pattern, str) or not pattern:
+            raise BrainSurgeonError(f"{name} must hold non-empty strings (module types or name regexes), "
+                                    f"got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise BrainSurgeonError(f"{name} pattern {pattern!r} is not a valid regular expression ({error}); "
+                                    "escape special characters, e.g. 'layer1\\.0'") from None
+    return value
+
+
+def positive_list(name: str, values) -> tuple:
+    """A non-empty sequence of finite positive numbers, sorted."""
+    if isinstance(values, (str, bytes, numbers.Real)):
+        values = (values,)
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise BrainSurgeonError(f"{name} must be a list of positive numbers, got {values!r}") from None
+    if not values:
+        raise BrainSurgeonError(f"{name} must hold at least one positive number")
+    return tuple(sorted(positive(f"every value of {name}", v) for v in values))
