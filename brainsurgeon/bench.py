@@ -1,5 +1,4 @@
 """Benchmark: accuracy of each method at each sparsity and seed, as a table, JSON and an optional plot."""
-import copy
 import json
 import resource
 import statistics
@@ -9,7 +8,10 @@ from pathlib import Path
 
 from .atomic import atomic_path, write_text
 from .datasets import Dataset, accuracy
-from .pruning import GIB, accepted_options, parse_method, prune
+from . import validation
+from .errors import BrainSurgeonError
+from .layers import copy_model
+from .pruning import GIB, accepted_options, plan_run, prune
 
 UNSTRUCTURED_NOTE = ("Unstructured sparsity alone does not make the model smaller or faster: "
                      "the zeros need sparse storage or sparse kernels to pay off.")
@@ -45,8 +47,14 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
     `seconds` is the wall time of the prune call, per-sample gradients included; `peak_rss_bytes` its peak
     resident memory (the process's, data and model included).
     """
-    for method in methods:
-        parse_method(method)  # fail before any work on a bad name
+    if not (len(methods) and len(sparsities) and len(seeds)):
+        raise BrainSurgeonError("bench needs at least one method, one sparsity and one seed")
+    for seed in seeds:  # every run is checked before the first one starts
+        for sparsity in sparsities:
+            for method in methods:
+                plan_run(model, sparsity, method, damping=damping, seed=seed, max_memory=max_memory,
+                         structure=structure, gradients=gradients, **accepted_options(method, options))
+    calib_samples = validation.count("calibration samples", calib_samples)
     results = []
     total = len(methods) * len(sparsities) * len(seeds)
     for seed in seeds:
@@ -60,7 +68,7 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
                                **accepted_options(method, options))
                 seconds = time.perf_counter() - start
                 peak = peak_memory_bytes()
-                pruned_model = result.apply(copy.deepcopy(model))
+                pruned_model = result.apply(copy_model(model))
                 row = dict(method=method, sparsity=sparsity, seed=seed,
                            accuracy=accuracy(pruned_model, dataset.test_x, dataset.test_y),
                            seconds=seconds, achieved_sparsity=result.sparsity, num_pruned=result.num_pruned,

@@ -1,16 +1,18 @@
 """Command line: a thin shell over brainsurgeon.prune and brainsurgeon.bench."""
 import argparse
 import json
+import signal
 import sys
 
 import torch
 
 from . import bench
 from .bench import DEFAULT_CALIB_SAMPLES
-from .atomic import check_writable, write_text
+from .atomic import check_outputs, write_text
 from .datasets import DATASETS, accuracy, download_mnist, load_dataset
 from .demo import demo_setup
 from .errors import BrainSurgeonError
+from .loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
 from .models import MODELS, build_model
 from .pruning import DEFAULT_DAMPING, GIB, prune
 
@@ -39,6 +41,7 @@ def _add_common(parser):
     parser.add_argument("--gradients", choices=("auto", "memory", "disk"), default="auto",
                         help="keep per-sample gradients in memory, or stream them block by block from disk")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument(TRUST_PICKLE_FLAG, action="store_true", help=TRUST_PICKLE_HELP)
     cbs = parser.add_argument_group("cbs options")
     cbs.add_argument("--epsilon", type=float, help="minimum improvement of a swap (default 1e-4)")
     cbs.add_argument("--rho", type=int, help="candidate window half-width (default 10)")
@@ -70,15 +73,19 @@ def _method_options(args) -> dict:
 
 def _calib_samples(args, dataset) -> int:
     """An explicit --calib-samples must exist in the data; the default shrinks to a small training split."""
-    return args.calib_samples or min(DEFAULT_CALIB_SAMPLES, dataset.num_train)
+    if args.calib_samples is None:
+        return min(DEFAULT_CALIB_SAMPLES, dataset.num_train)
+    return args.calib_samples
+
+
+def _load(args):
+    model = build_model(args.model, args.checkpoint, args.trust_pickle)
+    return model, load_dataset(args.dataset, args.data_dir, args.trust_pickle)
 
 
 def _cmd_prune(args):
-    for path in (args.out, args.report):
-        if path:
-            check_writable(path)
-    model = build_model(args.model, args.checkpoint)
-    dataset = load_dataset(args.dataset, args.data_dir)
+    check_outputs(args.out, args.report)
+    model, dataset = _load(args)
     calibration = dataset.calibration(_calib_samples(args, dataset), args.seed)
     result = prune(model, calibration, args.sparsity, args.method, damping=args.damp, seed=args.seed,
                    scope=args.scope, structure=args.structure, gradients=args.gradients,
@@ -90,8 +97,9 @@ def _cmd_prune(args):
     report = {**result.report(), "dense_accuracy": dense_acc, "accuracy": pruned_acc, "note": bench.UNSTRUCTURED_NOTE}
     if args.report:
         write_text(args.report, json.dumps(report, indent=2) + "\n")
-    print(f"{result.settings['method']} at sparsity {args.sparsity}: pruned {result.num_pruned} of "
-          f"{result.num_weights} weights; test accuracy {dense_acc:.2f}% -> {pruned_acc:.2f}% "
+    print(f"{result.settings['method']} at sparsity {args.sparsity}: pruned {result.num_pruned} of the "
+          f"{result.num_weights} weights of {len(result.masks)} prunable layers ({len(result.dense_layers)} left "
+          f"dense, listed in the report); test accuracy {dense_acc:.2f}% -> {pruned_acc:.2f}% "
           f"in {result.timings['total']:.1f}s; wrote {args.out}")
     print(bench.UNSTRUCTURED_NOTE)
 
@@ -104,16 +112,9 @@ def _finish_bench(report, args):
         bench.plot(report, args.plot)
 
 
-def _check_outputs(args):
-    for path in (args.json, args.plot):
-        if path:
-            check_writable(path)
-
-
 def _cmd_bench(args):
-    _check_outputs(args)
-    model = build_model(args.model, args.checkpoint)
-    dataset = load_dataset(args.dataset, args.data_dir)
+    check_outputs(args.json, args.plot)
+    model, dataset = _load(args)
     report = bench.run_benchmark(model, dataset, args.methods.split(","), _floats(args.sparsities), _ints(args.seeds),
                                  _calib_samples(args, dataset), args.damp, model_name=args.model, progress=not args.quiet,
                                  max_memory=args.max_memory_gb * GIB, structure=args.structure,
@@ -123,7 +124,7 @@ def _cmd_bench(args):
 
 
 def _cmd_demo(args):
-    _check_outputs(args)
+    check_outputs(args.json, args.plot)
     print("Training a 64-64-32-10 MLP on scikit-learn's bundled 8x8 digits ...", file=sys.stderr)
     model, dataset = demo_setup(args.seed)
     report = bench.run_benchmark(model, dataset, args.methods.split(","), _floats(args.sparsities), _ints(args.seeds),
@@ -136,9 +137,16 @@ def _cmd_download(args):
     print(f"MNIST files verified in {download_mnist(args.directory)}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (what is wrong and where help is) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="brainsurgeon", description="One-shot second-order pruning (CBS).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="brainsurgeon", description="One-shot second-order pruning (CBS).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("prune", help="prune a checkpoint and write the pruned weights and masks")
     _add_common(p)
@@ -179,13 +187,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every cleanup (scratch files, partial outputs) runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         args.run(args)
     except BrainSurgeonError as error:
         print(f"brainsurgeon: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the environment, not the code: a file that cannot be read, a full disk
+        where = f" {error.filename}" if error.filename else ""
+        print(f"brainsurgeon: error: {error.strerror or error}{where}; check the path and its permissions",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("brainsurgeon: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("brainsurgeon: terminated; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

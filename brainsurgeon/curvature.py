@@ -68,9 +68,8 @@ def per_sample_gradient_chunks(model, layers, inputs, targets, loss_fn, chunk_si
     """Yield (start, stop, rows of G): per-sample gradients of the loss w.r.t. the prunable weights only,
     for samples [start, stop), over sqrt(n), float32, with the model in eval mode."""
     n = len(inputs)
-    names = [layer.param for layer in layers]
     params = dict(model.named_parameters())
-    prunable = {name: params[name].detach() for name in names}
+    prunable = {layer.param: params[layer.param].detach() for layer in layers}
     frozen = {k: v.detach() for k, v in params.items() if k not in prunable}
     frozen.update(dict(model.named_buffers()))
 
@@ -83,7 +82,7 @@ def per_sample_gradient_chunks(model, layers, inputs, targets, loss_fn, chunk_si
         for start in progress_bar(range(0, n, chunk_size), "per-sample gradients", show_progress):
             stop = min(start + chunk_size, n)
             grads = per_sample_grad(prunable, inputs[start:stop], targets[start:stop])
-            chunk = torch.cat([grads[name].reshape(stop - start, -1) for name in names], dim=1)
+            chunk = torch.cat([layer.gather(grads[layer.param]) for layer in layers], dim=1)
             if not torch.isfinite(chunk.sum()):  # NaN and Inf propagate into the sum; 10x cheaper than elementwise
                 raise BrainSurgeonError("per-sample gradients contain NaN or Inf; check the model, data and loss_fn")
             yield start, stop, (chunk / n**0.5).float()

@@ -2,8 +2,8 @@
 import gzip
 import hashlib
 import os
-import pickle
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -11,7 +11,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import validation
+from .atomic import atomic_path
 from .errors import BrainSurgeonError
+from .loading import load_plain_pickle
 
 DATA_ENV = "BRAINSURGEON_DATA"
 
@@ -43,6 +46,8 @@ class Dataset:
 
     def calibration(self, num_samples: int, seed: int):
         """A seeded random subset of the training split, normalised."""
+        num_samples = validation.count("calibration samples", num_samples)
+        seed = validation.count("seed", seed, minimum=0)
         if num_samples > self.num_train:
             raise BrainSurgeonError(f"not enough training samples: {num_samples} requested, {self.num_train} exist")
         index = torch.randperm(self.num_train, generator=torch.Generator().manual_seed(seed))[:num_samples]
@@ -69,9 +74,12 @@ def resolve_data_dir(data_dir=None) -> Path:
 def read_idx(path: Path) -> np.ndarray:
     """Read a (gzipped) idx file: magic (0, 0, dtype 0x08 = uint8, ndim), big-endian dims, data."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise BrainSurgeonError(f"{path} is corrupt or truncated ({error}); download it again") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or len(raw) < 4 + 4 * raw[3]:
         raise BrainSurgeonError(f"{path} is not a uint8 idx file")
     ndim = raw[3]
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
@@ -101,12 +109,14 @@ def download_mnist(directory, mirror: str = MNIST_MIRROR) -> Path:
         target = directory / name
         if target.is_file() and _md5(target) == md5:
             continue
-        partial = target.with_suffix(".part")
-        urllib.request.urlretrieve(mirror + name, partial)
-        if _md5(partial) != md5:
-            partial.unlink()
-            raise BrainSurgeonError(f"downloaded {name} has the wrong md5; try another mirror")
-        partial.replace(target)
+        with atomic_path(target) as partial:
+            try:
+                urllib.request.urlretrieve(mirror + name, partial)
+            except (OSError, ValueError) as error:  # URLError is an OSError
+                raise BrainSurgeonError(f"cannot download {mirror + name} ({error}); copy the four files into "
+                                        f"{directory} by hand where there is no network") from None
+            if _md5(partial) != md5:
+                raise BrainSurgeonError(f"downloaded {name} has the wrong md5; try another mirror")
     return directory
 
 
@@ -115,18 +125,28 @@ def normalise_mnist(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).reshape(len(images), 784)
 
 
-def load_mnist(data_dir=None) -> Dataset:
-    """MNIST from the canonical idx files, flattened to 784 and normalised as in the paper."""
+def checked_split(source, images: np.ndarray, labels: np.ndarray, image_shape: tuple, classes: int):
+    """Images and labels as tensors, refusing counts that differ, images of another shape, labels out of range."""
+    if images.ndim != 1 + len(image_shape) or tuple(images.shape[1:]) != image_shape:
+        raise BrainSurgeonError(f"{source}: images of shape {tuple(images.shape[1:])}, expected {image_shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise BrainSurgeonError(f"{source}: {len(images)} images but {labels.size} labels; the files do not belong "
+                                "together")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < classes:
+        raise BrainSurgeonError(f"{source}: labels outside 0..{classes - 1}")
+    images = np.require(images, requirements=("C", "W"))  # a writable copy only where the reader's buffer is not
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_mnist(data_dir=None, trust_pickle: bool = False) -> Dataset:
+    """MNIST from the canonical idx files, flattened to 784 and normalised as in the paper (no pickles:
+    `trust_pickle` is accepted for a uniform signature)."""
     directory = resolve_data_dir(data_dir)
-    arrays = {name: torch.from_numpy(read_idx(_find_mnist_file(directory, name)).copy()) for name in MNIST_FILES}
-    return Dataset(
-        "mnist",
-        arrays["train-images-idx3-ubyte.gz"],
-        arrays["train-labels-idx1-ubyte.gz"].long(),
-        normalise_mnist(arrays["t10k-images-idx3-ubyte.gz"]),
-        arrays["t10k-labels-idx1-ubyte.gz"].long(),
-        normalise_mnist,
-    )
+    arrays = {name: read_idx(_find_mnist_file(directory, name)) for name in MNIST_FILES}
+    splits = [checked_split(f"MNIST {prefix} files in {directory}", arrays[f"{prefix}-images-idx3-ubyte.gz"],
+                            arrays[f"{prefix}-labels-idx1-ubyte.gz"], (28, 28), 10) for prefix in ("train", "t10k")]
+    (train_images, train_labels), (test_images, test_labels) = splits
+    return Dataset("mnist", train_images, train_labels, normalise_mnist(test_images), test_labels, normalise_mnist)
 
 
 def load_digits_dataset(seed: int = 0) -> Dataset:
@@ -154,13 +174,21 @@ def _find_cifar_folder(directory: Path) -> Path:
                             f"pass the folder holding {CIFAR_FOLDER}")
 
 
-def read_cifar_batch(path: Path):
-    """One python-pickle batch: (N x 3 x 32 x 32 uint8, N labels). File md5s are not checked on purpose."""
-    with open(path, "rb") as handle:
-        batch = pickle.load(handle, encoding="bytes")
+def read_cifar_batch(path: Path, trust_pickle: bool = False):
+    """One python-pickle batch: (N x 3 x 32 x 32 uint8, N labels), read as plain data (loading.py). File md5s
+    are not checked on purpose (data/README.md)."""
+    batch = load_plain_pickle(path, trust_pickle, what="CIFAR-10 batch")
+    if not isinstance(batch, dict):
+        raise BrainSurgeonError(f"CIFAR-10 batch {path} is not a dict with 'data' and 'labels'")
     batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
-    images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return images, np.asarray(batch["labels"], dtype=np.int64)
+    try:
+        data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
+    except KeyError as error:
+        raise BrainSurgeonError(f"CIFAR-10 batch {path} has no {error} entry") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.dtype.kind not in "iu":
+        raise BrainSurgeonError(f"CIFAR-10 batch {path}: expected uint8 data of N x 3072 and integer labels, got "
+                                f"{data.dtype} {data.shape} and {labels.dtype} labels")
+    return checked_split(f"CIFAR-10 batch {path}", data.reshape(-1, 3, 32, 32), labels, (3, 32, 32), 10)
 
 
 def normalise_cifar(images: torch.Tensor) -> torch.Tensor:
@@ -168,30 +196,24 @@ def normalise_cifar(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - 0.5) / 0.5
 
 
-def load_cifar10(data_dir=None) -> Dataset:
+def load_cifar10(data_dir=None, trust_pickle: bool = False) -> Dataset:
     """CIFAR-10 from the python batches; evaluates on whatever test_batch the folder holds."""
     folder = _find_cifar_folder(resolve_data_dir(data_dir))
-    train = [read_cifar_batch(folder / name) for name in CIFAR_TRAIN if (folder / name).is_file()]
+    train = [read_cifar_batch(folder / name, trust_pickle) for name in CIFAR_TRAIN if (folder / name).is_file()]
     if not train:
         raise BrainSurgeonError(f"no training batches data_batch_1..5 in {folder}; calibration needs them")
-    test_images, test_labels = read_cifar_batch(folder / "test_batch")
-    return Dataset(
-        "cifar10",
-        torch.from_numpy(np.concatenate([images for images, _ in train])),
-        torch.from_numpy(np.concatenate([labels for _, labels in train])),
-        normalise_cifar(torch.from_numpy(test_images)),
-        torch.from_numpy(test_labels),
-        normalise_cifar,
-    )
+    test_images, test_labels = read_cifar_batch(folder / "test_batch", trust_pickle)
+    return Dataset("cifar10", torch.cat([images for images, _ in train]), torch.cat([labels for _, labels in train]),
+                   normalise_cifar(test_images), test_labels, normalise_cifar)
 
 
 DATASETS = {"mnist": load_mnist, "cifar10": load_cifar10}
 
 
-def load_dataset(name: str, data_dir=None) -> Dataset:
+def load_dataset(name: str, data_dir=None, trust_pickle: bool = False) -> Dataset:
     if name not in DATASETS:
         raise BrainSurgeonError(f"unknown dataset '{name}'; choose from {sorted(DATASETS)}")
-    return DATASETS[name](data_dir)
+    return DATASETS[name](data_dir, trust_pickle)
 
 
 def accuracy(model, inputs, targets, batch_size=2048) -> float:

@@ -1,35 +1,70 @@
 """Which weights are prunable, and how they map onto one flat vector of length p."""
+import copy
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import BrainSurgeonError
 
 DEFAULT_TYPES = ("Linear",)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PrunableLayer:
-    """One prunable weight tensor and its place [offset, offset + size) in the flat vector."""
+    """One prunable weight tensor and its place [offset, offset + size) in the flat vector.
+
+    A layer that already carries a torch.nn.utils.prune mask is pruned further: its tensor is `weight_orig`,
+    and only the positions its mask keeps (`free`) enter the flat vector; the others stay pruned.
+    """
 
     module: str
     shape: tuple
     offset: int
+    tensor: str = "weight"  # the parameter substituted in functional calls: "weight", or "weight_orig"
+    free: torch.Tensor | None = None  # flat positions still prunable (None: all of them)
 
     @property
     def param(self) -> str:
+        """Name of the parameter that holds the weights in the model."""
+        return f"{self.module}.{self.tensor}" if self.module else self.tensor
+
+    @property
+    def name(self) -> str:
+        """The weight's name in results, masks and reports: "<module>.weight" whatever holds it."""
         return f"{self.module}.weight" if self.module else "weight"
 
     @property
-    def size(self) -> int:
+    def numel(self) -> int:
         return int(torch.Size(self.shape).numel())
+
+    @property
+    def size(self) -> int:
+        return self.numel if self.free is None else len(self.free)
+
+    @property
+    def already_pruned(self) -> int:
+        return self.numel - self.size
 
     @property
     def slice(self) -> slice:
         return slice(self.offset, self.offset + self.size)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """The prunable entries of tensors shaped (..., *shape), flattened: (..., size)."""
+        flat = rows.reshape(*rows.shape[: rows.dim() - len(self.shape)], self.numel)
+        return flat if self.free is None else flat[..., self.free]
+
+    def scatter(self, part: torch.Tensor, fill=0) -> torch.Tensor:
+        """The full weight tensor from its flat prunable part; positions already pruned get `fill`."""
+        if self.free is None:
+            return part.reshape(self.shape)
+        full = torch.full((self.numel,), fill, dtype=part.dtype)
+        full[self.free] = part
+        return full.view(self.shape)
 
 
 def _matches(name: str, module: nn.Module, patterns) -> bool:
@@ -38,23 +73,51 @@ def _matches(name: str, module: nn.Module, patterns) -> bool:
     return any(pattern == kind or re.search(pattern, name) for pattern in patterns)
 
 
+def _torch_pruned(module: nn.Module) -> bool:
+    """Carries a torch.nn.utils.prune reparametrisation of its weight (weight = weight_orig * weight_mask)."""
+    return isinstance(getattr(module, "weight_orig", None), nn.Parameter) and \
+        isinstance(getattr(module, "weight_mask", None), torch.Tensor)
+
+
+def _why_not_prunable(module: nn.Module) -> str:
+    """Why a module's weight, though a tensor, is no parameter brainsurgeon can set."""
+    if parametrize.is_parametrized(module, "weight"):
+        kinds = [type(p).__name__ for p in module.parametrizations["weight"]]
+        return (f"weight is computed by a parametrization {kinds}; remove it with "
+                "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') to prune it")
+    if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
+        return "weight is computed by weight_norm; remove it with torch.nn.utils.remove_weight_norm to prune it"
+    return "weight is a plain tensor, not an nn.Parameter of the model (computed, or not a leaf); nothing to prune"
+
+
 def find_prunable(model: nn.Module, include=None, ignore=()):
-    """Return (prunable layers, {module name: why it stays dense}) for every module with a weight.
+    """Return (prunable layers, {module name: why it stays dense}) for every module with a weight tensor.
 
     `include`: module-type names or regexes on module names (default: the model's `default_prunable`
     if it has one, else every nn.Linear); `ignore`: the same kind of patterns, applied after `include`.
+    A Parameter shared by several modules (tied weights) is one prunable tensor, under its first module's
+    name; the others are listed with the reason.
     """
     include = list(include or getattr(model, "default_prunable", DEFAULT_TYPES))
-    layers, dense, offset = [], {}, 0
+    layers, dense, owners, offset = [], {}, {}, 0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter):
+        if not isinstance(weight, torch.Tensor):
             continue
         if not _matches(name, module, include):
             dense[name] = f"{type(module).__name__} not matched by include={include}"
         elif ignore and _matches(name, module, ignore):
             dense[name] = f"matched by ignore={list(ignore)}"
+        elif _torch_pruned(module):
+            free = torch.nonzero(module.weight_mask.reshape(-1) != 0).squeeze(1)
+            layers.append(PrunableLayer(name, tuple(weight.shape), offset, "weight_orig", free))
+            offset += len(free)
+        elif not isinstance(weight, nn.Parameter):
+            dense[name] = _why_not_prunable(module)
+        elif id(weight) in owners:
+            dense[name] = f"its weight is the Parameter of {owners[id(weight)]!r} (tied): pruned once, there"
         else:
+            owners[id(weight)] = name
             layers.append(PrunableLayer(name, tuple(weight.shape), offset))
             offset += weight.numel()
     if not layers:
@@ -67,17 +130,41 @@ def find_prunable(model: nn.Module, include=None, ignore=()):
 
 def flat_weights(model: nn.Module, layers) -> torch.Tensor:
     params = dict(model.named_parameters())
-    return torch.cat([params[layer.param].detach().reshape(-1) for layer in layers])
+    return torch.cat([layer.gather(params[layer.param].detach()) for layer in layers])
+
+
+def _computed_weights(model: nn.Module) -> list:
+    """(module, name, tensor) of the weights torch.nn.utils.prune recomputes as plain attributes in a forward
+    pre-hook: functional calls would leave them computed from the substituted tensors."""
+    return [(module, name[: -len("_orig")], module.__dict__[name[: -len("_orig")]])
+            for module in model.modules() for name, _ in module.named_parameters(recurse=False)
+            if name.endswith("_orig") and name[: -len("_orig")] in module.__dict__]
 
 
 @contextmanager
 def evaluating(model: nn.Module):
-    """Eval mode (BatchNorm on running statistics, no dropout) for the block, then every module's own mode
-    back: a model handed over with some modules training and others not comes back the same."""
+    """Eval mode (BatchNorm on running statistics, no dropout) for the block, then the model as it was handed
+    over: every module's own train/eval mode, and the weights torch.nn.utils.prune computes."""
     modes = [(module, module.training) for module in model.modules()]
+    computed = _computed_weights(model)
     model.eval()
     try:
         yield model
     finally:
         for module, training in modes:
             module.training = training
+        for module, name, tensor in computed:
+            setattr(module, name, tensor)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """copy.deepcopy, also of a model pruned with torch.nn.utils.prune, whose computed weights (not graph
+    leaves) deepcopy refuses: they are copied detached."""
+    computed = _computed_weights(model)
+    for module, name, tensor in computed:
+        setattr(module, name, tensor.detach())
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for module, name, tensor in computed:
+            setattr(module, name, tensor)

@@ -1,10 +1,9 @@
 """Models of the benchmarks and their checkpoint loaders."""
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from .errors import BrainSurgeonError
+from .loading import load_torch_file
 
 
 class MLPNet(nn.Module):
@@ -20,17 +19,6 @@ class MLPNet(nn.Module):
         x = torch.relu(self.fc1(x.flatten(1)))
         x = torch.relu(self.fc2(x))
         return self.fc3(x)
-
-
-def _read_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise BrainSurgeonError(f"checkpoint {path} not found; pass --checkpoint with an existing file")
-    try:
-        # The WoodFisher checkpoints hold python objects (configs, schedulers): trusted research files.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise BrainSurgeonError(f"cannot read checkpoint {path}: {error}") from error
 
 
 def extract_state_dict(checkpoint) -> dict:
@@ -52,18 +40,29 @@ def extract_state_dict(checkpoint) -> dict:
     return state
 
 
-def load_checkpoint(model: nn.Module, path) -> nn.Module:
-    """Load a checkpoint into `model`, with an error naming every mismatched key or shape."""
-    state = extract_state_dict(_read_checkpoint(path))
+def _mismatch(stored: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """Why a stored tensor cannot stand for the model's: another shape, or integers where floats belong (an
+    int64 copy of float weights would load truncated)."""
+    if stored.shape != expected.shape:
+        return f"{tuple(stored.shape)} vs model {tuple(expected.shape)}"
+    if stored.is_floating_point() != expected.is_floating_point() or stored.is_complex():
+        return f"dtype {stored.dtype} vs model {expected.dtype}"
+    return None
+
+
+def load_checkpoint(model: nn.Module, path, trust_pickle: bool = False) -> nn.Module:
+    """Load a checkpoint into `model` (tensors and plain data only unless `trust_pickle`: see loading.py), with
+    an error naming every mismatched key, shape or dtype."""
+    state = extract_state_dict(load_torch_file(path, trust_pickle))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    wrong = [f"{k}: {why}" for k, v in expected.items() if k in state and (why := _mismatch(state[k], v))]
     if missing or unexpected or wrong:
         raise BrainSurgeonError(
             f"checkpoint {path} does not match {type(model).__name__}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}; pick the --model the checkpoint was trained as"
+            f"unexpected {unexpected[:5]}, wrong shapes or dtypes {wrong[:5]}; pick the --model the checkpoint was "
+            "trained as"
         )
     model.load_state_dict(state)
     return model.eval()
@@ -117,8 +116,8 @@ class ResNet20(nn.Module):
 MODELS = {"mlpnet": MLPNet, "resnet20": ResNet20}
 
 
-def build_model(name: str, checkpoint=None) -> nn.Module:
+def build_model(name: str, checkpoint=None, trust_pickle: bool = False) -> nn.Module:
     if name not in MODELS:
         raise BrainSurgeonError(f"unknown model '{name}'; choose from {sorted(MODELS)}")
     model = MODELS[name]()
-    return load_checkpoint(model, checkpoint) if checkpoint else model.eval()
+    return load_checkpoint(model, checkpoint, trust_pickle) if checkpoint else model.eval()

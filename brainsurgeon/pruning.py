@@ -1,5 +1,4 @@
 """The pruning driver: prune(model, calibration, sparsity, method) -> PruneResult."""
-import copy
 import inspect
 import math
 import sys
@@ -7,6 +6,8 @@ import time
 import warnings
 from collections import deque
 from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from .curvature import MAX_CHUNK_SIZE, EmpiricalFisher, choose_gradient_store, p
 from .gradient_store import DiskGradients, InMemoryGradients, scratch_directory
 from . import validation
 from .errors import BrainSurgeonError, FewSamplesWarning
-from .layers import evaluating, find_prunable, flat_weights
+from .layers import copy_model, evaluating, find_prunable, flat_weights
 from .problem import PruningProblem, Segment
 from .result import PruneResult
 from .joint import JointSelection
@@ -49,20 +50,25 @@ def num_to_prune(sparsity: float, size: int) -> int:
 
 
 def make_segments(layers, sparsity: float, scope: str):
-    """The pruning budget: one segment over all layers (global) or one per layer; none may be emptied."""
+    """The pruning budget: one segment over all layers (global) or one per layer, each to prune round(s * n)
+    of its n weights less those a torch.nn.utils.prune mask has pruned already; none may be emptied."""
     if scope == "global":
-        total = sum(layer.size for layer in layers)
-        segments = [Segment(slice(0, total), num_to_prune(sparsity, total))]
-        described = [f"all {total} prunable weights"]
+        groups = [(f"all {sum(l.numel for l in layers)} prunable weights", layers)]
     elif scope == "layer":
-        segments = [Segment(layer.slice, num_to_prune(sparsity, layer.size)) for layer in layers]
-        described = [f"all {layer.size} weights of {layer.param}" for layer in layers]
+        groups = [(f"all {layer.numel} weights of {layer.name}", [layer]) for layer in layers]
     else:
         raise BrainSurgeonError(f"unknown scope '{scope}'; use 'global' or 'layer'")
-    for segment, what in zip(segments, described):
-        if segment.count >= segment.region.stop - segment.region.start:
+    segments = []
+    for what, members in groups:
+        region = slice(members[0].slice.start, members[-1].slice.stop)
+        count = num_to_prune(sparsity, sum(l.numel for l in members)) - sum(l.already_pruned for l in members)
+        if count >= region.stop - region.start:
             raise BrainSurgeonError(f"sparsity {sparsity} would prune {what}, leaving nothing; "
                                     "lower the sparsity (the exact count is round(s * p))")
+        if count < 0:
+            raise BrainSurgeonError(f"{what}: masks already prune more than sparsity {sparsity}; ask for at least "
+                                    f"{1 - (region.stop - region.start) / sum(l.numel for l in members):.4f}")
+        segments.append(Segment(region, count))
     return segments
 
 
@@ -102,7 +108,7 @@ def calibration_loss_fn(model, layers, inputs, targets, loss_fn, batch_size=128)
         for seen, loss in recent:
             if torch.equal(seen, flat):
                 return loss
-        weights = {layer.param: flat[layer.slice].view(layer.shape) for layer in layers}
+        weights = {layer.param: layer.scatter(flat[layer.slice]) for layer in layers}
         total = 0.0
         with torch.no_grad(), evaluating(model):
             for start in range(0, len(inputs), batch_size):
@@ -287,6 +293,61 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     `options` go to whichever of the selection and the update takes them by name (e.g. rho, tau for cbs;
     damping_grid for cbsu). The model is not modified: call `result.apply(model)`.
     """
+    plan = plan_run(model, sparsity, method, loss_fn, num_samples=num_samples, damping=damping, include=include,
+                    ignore=ignore, scope=scope, structure=structure, gradients=gradients, scratch_dir=scratch_dir,
+                    seed=seed, max_memory=max_memory, chunk_size=chunk_size, progress=progress, stages=stages,
+                    schedule=schedule, first_order=first_order, first_method=first_method, refine=refine, **options)
+    if calibration is not None:  # data-free methods (mp, random) may be given none
+        calibration = collect(calibration, plan.num_samples)  # every stage sees the same samples
+        check_usable(model, *calibration, loss_fn)
+    if len(plan.schedule) == 1:
+        return _prune_stage(model, calibration, plan.sparsity, *plan.methods[0], first_order=False,
+                            damping=plan.damping, options=plan.options, **plan.common)
+    staged = copy_model(model)
+    reports = []
+    for stage, (target, (selection_name, update_name)) in enumerate(zip(plan.schedule, plan.methods), 1):
+        if progress:
+            print(f"stage {stage}/{len(plan.schedule)}: {selection_name}+{update_name} to sparsity {target:.4g}",
+                  file=sys.stderr, flush=True)
+        # The trained model is taken to be at a minimum: its mean gradient is noise until a stage has moved it.
+        result = _prune_stage(staged, calibration, target, selection_name, update_name,
+                              first_order=plan.first_order and stage > 1,
+                              damping=plan.damping if stage == 1 else plan.later_damping,
+                              options=plan.options if stage == 1 else plan.later_options, **plan.common)
+        result.apply(staged)
+        reports.append(dict(sparsity=target, method=f"{selection_name}+{update_name}", timings=result.timings,
+                            stats=result.stats))
+    result.timings = {key: sum(r["timings"].get(key, 0.0) for r in reports) for key in result.timings}
+    result.stats = dict(result.stats, stages=reports)
+    result.settings.update(stages=len(plan.schedule), schedule=plan.schedule, sparsity=plan.sparsity,
+                           first_method="+".join(plan.methods[0]), first_order=plan.first_order, refine=plan.refine,
+                           first_damping=plan.damping)
+    return result
+
+
+@dataclass
+class RunPlan:
+    """A prune's settings, every one checked, and the stages it will run: built before any work."""
+
+    sparsity: float
+    schedule: list  # sparsity after each stage
+    methods: list  # (selection, update) per stage
+    damping: float
+    later_damping: float
+    first_order: bool
+    refine: int
+    num_samples: int | None
+    options: dict  # the first stage's method options
+    later_options: dict
+    common: dict  # the settings every stage takes as they are
+
+
+def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
+             num_samples=None, damping=None, include=None, ignore=(), scope="global", structure="full",
+             gradients="auto", scratch_dir=None, seed=0, max_memory=8 * GIB, chunk_size=None, progress=True,
+             stages=None, schedule=None, first_order=None, first_method=None, refine=None, **options) -> RunPlan:
+    """Check every argument of `prune` against `model` (no data, no gradients) and return the plan it runs.
+    `bench` plans every run of a sweep this way before the first one starts."""
     sparsity = validation.sparsity(sparsity)
     method, chosen = resolve_preset(method, dict(damping=damping, stages=stages, first_order=first_order,
                                                  schedule=schedule, first_method=first_method, refine=refine,
@@ -299,46 +360,30 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     refine = validation.count("refine", _pop_or(chosen, "refine", 0), minimum=0)
     later_damping = validation.positive("later_damping", _pop_or(chosen, "later_damping", damping))
     later_grid = chosen.pop("later_damping_grid", None)
+    later_options = {**chosen, **({"damping_grid": later_grid} if later_grid is not None else {})}
     num_samples, chunk_size, max_memory, seed = _check_run_settings(num_samples, chunk_size, max_memory, seed)
     include, ignore = validation.patterns("include", include) or None, validation.patterns("ignore", ignore)
     validation.choice("scope", scope, ("global", "layer"))
     validation.choice("gradients", gradients, ("auto", "memory", "disk"))
+    if scratch_dir is not None and not Path(scratch_dir).is_dir():
+        raise BrainSurgeonError(f"scratch_dir {scratch_dir} is not a directory; create it or leave it unset")
     if not callable(loss_fn):
         raise BrainSurgeonError(f"loss_fn must be callable (outputs, targets) -> scalar loss, got {loss_fn!r}")
     targets = sparsity_schedule(sparsity, stages, schedule)
     targets += [sparsity] * refine if len(targets) > 1 else []  # a single stage is left as it is
     first, main = parse_method(first_method), parse_method(method)
-    methods = [first] + [main] * (len(targets) - 1)
-    _check_options({first, main}, chosen)  # before any work
+    _check_options({first, main}, chosen)
+    _build_methods(*first, chosen)  # the methods check their own options
+    _build_methods(*main, later_options)
+    _check_finite(model)
+    layers, _ = find_prunable(model, include, ignore)
+    make_segments(layers, sparsity, scope)  # refuses a sparsity that would empty the prunable set
+    fisher_regions(layers, structure)
     common = dict(loss_fn=loss_fn, include=include, ignore=ignore, scope=scope, structure=structure,
                   gradients=gradients, scratch_dir=scratch_dir, seed=seed, max_memory=max_memory,
                   chunk_size=chunk_size, progress=progress)
-    _check_finite(model)
-    if calibration is not None:  # data-free methods (mp, random) may be given none
-        calibration = collect(calibration, num_samples)  # every stage sees the same samples
-        check_usable(model, *calibration, loss_fn)
-    if len(targets) == 1:
-        return _prune_stage(model, calibration, sparsity, *methods[0], first_order=False, damping=damping,
-                            options=chosen, **common)
-    later_options = {**chosen, **({"damping_grid": later_grid} if later_grid is not None else {})}
-    staged = copy.deepcopy(model)
-    reports = []
-    for stage, (target, (selection_name, update_name)) in enumerate(zip(targets, methods), 1):
-        if progress:
-            print(f"stage {stage}/{len(targets)}: {selection_name}+{update_name} to sparsity {target:.4g}",
-                  file=sys.stderr, flush=True)
-        # The trained model is taken to be at a minimum: its mean gradient is noise until a stage has moved it.
-        result = _prune_stage(staged, calibration, target, selection_name, update_name,
-                              first_order=first_order and stage > 1, damping=damping if stage == 1 else later_damping,
-                              options=chosen if stage == 1 else later_options, **common)
-        result.apply(staged)
-        reports.append(dict(sparsity=target, method=f"{selection_name}+{update_name}", timings=result.timings,
-                            stats=result.stats))
-    result.timings = {key: sum(r["timings"].get(key, 0.0) for r in reports) for key in result.timings}
-    result.stats = dict(result.stats, stages=reports)
-    result.settings.update(stages=len(targets), schedule=targets, sparsity=sparsity, first_method="+".join(methods[0]),
-                           first_order=first_order, refine=refine, first_damping=damping)
-    return result
+    return RunPlan(sparsity, targets, [first] + [main] * (len(targets) - 1), damping, later_damping, first_order,
+                   refine, num_samples, chosen, later_options, common)
 
 
 def _prune_stage(model, calibration, sparsity, selection_name, update_name, *, loss_fn, damping,
@@ -390,11 +435,11 @@ def _prune_stage(model, calibration, sparsity, selection_name, update_name, *, l
                     sparsity=sparsity, scope=scope, structure=structure, seed=seed,
                     gradients=("disk" if streamed else "memory") if needs_fisher else None,
                     damping=damping if needs_fisher else None, first_order=first_order if needs_fisher else None,
-                    num_samples=None if inputs is None else len(inputs), layers=[layer.param for layer in layers],
+                    num_samples=None if inputs is None else len(inputs), layers=[layer.name for layer in layers],
                     stages=1, **selection.settings(), **update.settings())
     result = PruneResult(
-        masks={layer.param: ~pruned[layer.slice].view(layer.shape) for layer in layers},
-        weights={layer.param: new_flat[layer.slice].view(layer.shape).clone() for layer in layers},
+        masks={layer.name: layer.scatter(~pruned[layer.slice], fill=False) for layer in layers},
+        weights={layer.name: layer.scatter(new_flat[layer.slice]).clone() for layer in layers},
         settings=settings, timings=timings, stats=problem.stats, dense_layers=dense_layers,
     )
     if needs_fisher:

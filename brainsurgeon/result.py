@@ -41,25 +41,35 @@ class PruneResult:
         return {name: float((~mask).float().mean()) for name, mask in self.masks.items()}
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Write the new weights (zeros included) into `model` in place."""
-        params = dict(model.named_parameters())
-        missing = [name for name in self.weights if name not in params]
-        if missing:
-            raise BrainSurgeonError(f"model has no parameters {missing}; apply the result to the model it came from")
+        """Write the new weights (zeros included) into `model` in place. A layer carrying a torch.nn.utils.prune
+        mask gets the new weights in `weight_orig` and the new mask (which keeps its old zeros) in `weight_mask`."""
+        params, modules = dict(model.named_parameters()), dict(model.named_modules())
         with torch.no_grad():
             for name, weight in self.weights.items():
-                if params[name].shape != weight.shape:
-                    raise BrainSurgeonError(f"{name}: model shape {tuple(params[name].shape)} != result {tuple(weight.shape)}")
-                params[name].copy_(weight)
+                module_name, _, attr = name.rpartition(".")
+                module = modules.get(module_name)
+                pruned_before = module is not None and hasattr(module, f"{attr}_orig")
+                target = getattr(module, f"{attr}_orig") if pruned_before else params.get(name)
+                if target is None:
+                    raise BrainSurgeonError(f"model has no parameter {name}; apply the result to the model it came from")
+                if target.shape != weight.shape:
+                    raise BrainSurgeonError(f"{name}: model shape {tuple(target.shape)} != result {tuple(weight.shape)}")
+                target.copy_(weight)
+                if pruned_before:
+                    mask = getattr(module, f"{attr}_mask")
+                    mask.copy_(self.masks[name].to(mask.dtype))
+                    setattr(module, attr, target * mask)  # what torch's pruning hook computes at the next forward
         return model
 
     def apply_masks(self, model: nn.Module) -> nn.Module:
-        """Apply the new weights, then attach the masks with torch.nn.utils.prune.custom_from_mask."""
+        """Apply the new weights, then attach the masks with torch.nn.utils.prune.custom_from_mask (layers that
+        carry a mask already have it updated by `apply`)."""
         self.apply(model)
         modules = dict(model.named_modules())
         for name, mask in self.masks.items():
             module_name, _, attr = name.rpartition(".")
-            torch_prune.custom_from_mask(modules[module_name], attr, mask)
+            if not hasattr(modules[module_name], f"{attr}_orig"):
+                torch_prune.custom_from_mask(modules[module_name], attr, mask)
         return model
 
     def report(self) -> dict:
