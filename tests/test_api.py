@@ -99,7 +99,7 @@ def test_masks_round_trip_through_safetensors_and_torch_prune(tmp_path):
 def test_apply_refuses_a_different_model():
     model, x, y = small_mlp()
     result = brainsurgeon.prune(model, (x, y), 0.5, "mp", progress=False)
-    with pytest.raises(BrainSurgeonError, match="no parameters"):
+    with pytest.raises(BrainSurgeonError, match="no parameter"):
         result.apply(torch.nn.Sequential(torch.nn.Linear(3, 3)))
 
 
