@@ -13,6 +13,15 @@ from .errors import BrainSurgeonError
 MASK_SUFFIX = "_mask"  # "fc1.weight" -> "fc1.weight_mask", the buffer name torch.nn.utils.prune uses
 
 
+def _weight_holder(name: str, params: dict, modules: dict):
+    """(tensor holding weight `name`, its module if torch.nn.utils.prune reparametrises it, else None)."""
+    module_name, _, attr = name.rpartition(".")
+    module = modules.get(module_name)
+    if module is not None and hasattr(module, f"{attr}_orig"):
+        return getattr(module, f"{attr}_orig"), module
+    return params.get(name), None
+
+
 @dataclass
 class PruneResult:
     masks: dict  # parameter name -> bool tensor, True where the weight is kept
@@ -44,18 +53,18 @@ class PruneResult:
         """Write the new weights (zeros included) into `model` in place. A layer carrying a torch.nn.utils.prune
         mask gets the new weights in `weight_orig` and the new mask (which keeps its old zeros) in `weight_mask`."""
         params, modules = dict(model.named_parameters()), dict(model.named_modules())
+        targets = {name: _weight_holder(name, params, modules) for name in self.weights}
+        missing = [name for name, (target, _) in targets.items() if target is None]
+        if missing:
+            raise BrainSurgeonError(f"model has no parameter {missing}; apply the result to the model it came from")
         with torch.no_grad():
             for name, weight in self.weights.items():
-                module_name, _, attr = name.rpartition(".")
-                module = modules.get(module_name)
-                pruned_before = module is not None and hasattr(module, f"{attr}_orig")
-                target = getattr(module, f"{attr}_orig") if pruned_before else params.get(name)
-                if target is None:
-                    raise BrainSurgeonError(f"model has no parameter {name}; apply the result to the model it came from")
+                target, module = targets[name]
                 if target.shape != weight.shape:
                     raise BrainSurgeonError(f"{name}: model shape {tuple(target.shape)} != result {tuple(weight.shape)}")
                 target.copy_(weight)
-                if pruned_before:
+                if module is not None:
+                    attr = name.rpartition(".")[2]
                     mask = getattr(module, f"{attr}_mask")
                     mask.copy_(self.masks[name].to(mask.dtype))
                     setattr(module, attr, target * mask)  # what torch's pruning hook computes at the next forward
