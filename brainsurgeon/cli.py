@@ -3,13 +3,14 @@ import argparse
 import json
 import signal
 import sys
+import threading
 
 import torch
 
 from . import bench
 from .bench import DEFAULT_CALIB_SAMPLES
 from .atomic import check_outputs, write_text
-from .datasets import DATASETS, accuracy, download_mnist, load_dataset
+from .datasets import DATASETS, MNIST_MIRROR, accuracy, download_mnist, load_dataset
 from .demo import demo_setup
 from .errors import BrainSurgeonError
 from .loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
@@ -134,7 +135,7 @@ def _cmd_demo(args):
 
 
 def _cmd_download(args):
-    print(f"MNIST files verified in {download_mnist(args.directory)}")
+    print(f"MNIST files verified in {download_mnist(args.directory, args.mirror)}")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dl = sub.add_parser("download-mnist", help="fetch the canonical MNIST files (md5-verified; needs a network)")
     dl.add_argument("directory")
+    dl.add_argument("--mirror", default=MNIST_MIRROR, help="base URL holding the four .gz files")
     dl.set_defaults(run=_cmd_download)
     return parser
 
@@ -197,7 +199,8 @@ def _raise_terminated(signum, frame):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live only there
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         args.run(args)
     except BrainSurgeonError as error:
@@ -209,13 +212,14 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("brainsurgeon: interrupted; nothing was written", file=sys.stderr)
+        print("brainsurgeon: interrupted; partial outputs and scratch files were removed", file=sys.stderr)
         return 130
     except Terminated:
-        print("brainsurgeon: terminated; nothing was written", file=sys.stderr)
+        print("brainsurgeon: terminated; partial outputs and scratch files were removed", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

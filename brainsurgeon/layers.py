@@ -68,9 +68,10 @@ class PrunableLayer:
 
 
 def _matches(name: str, module: nn.Module, patterns) -> bool:
-    """A pattern matches a module type name exactly, or the module name as a regex search."""
-    kind = type(module).__name__
-    return any(pattern == kind or re.search(pattern, name) for pattern in patterns)
+    """A pattern matches a module type name exactly (the module's class or a base class, so that "Linear" also
+    matches the subclasses torch makes, e.g. for a parametrized Linear), or the module name as a regex search."""
+    kinds = {cls.__name__ for cls in type(module).__mro__}
+    return any(pattern in kinds or re.search(pattern, name) for pattern in patterns)
 
 
 def _torch_pruned(module: nn.Module) -> bool:

@@ -54,11 +54,12 @@ def load_torch_file(path, trust_pickle: bool = False):
         with torch.serialization.safe_globals(_torch_classes_stored_by_name()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)|(Unsupported operand \d+)|(Unsupported class \S+)",
-                          str(error))
+        found = re.search(r"GLOBAL ([\w.]+)|Unsupported class ([\w.]+)", str(error))
         if found:
-            raise _refused(path, "checkpoint", next(g for g in found.groups() if g)) from None
-        raise BrainSurgeonError(f"cannot read checkpoint {path}: {_first_line(error)}") from None
+            raise _refused(path, "checkpoint", f"it needs {next(g for g in found.groups() if g)}") from None
+        raise BrainSurgeonError(f"cannot read checkpoint {path}: not a torch.save file of tensors and plain data "
+                                f"({_first_line(error)[:200]}); if it is a pickle you trust, pass "
+                                f"{TRUST_PICKLE_FLAG}") from None
     except Exception as error:  # torch raises many kinds for truncated or foreign files
         raise BrainSurgeonError(f"cannot read checkpoint {path}: {_first_line(error)}; pass a file written by "
                                 "torch.save") from None

@@ -1,9 +1,12 @@
+import gzip
 import os
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+
+from brainsurgeon.models import MLPNet
 
 # CI runs the same examples every time: a failure there is reproducible, never a flake of the draw.
 settings.register_profile("ci", derandomize=True)
@@ -32,3 +35,21 @@ def tiny_problem(seed=0, n=12, sizes=((3, 4), (2, 3))):
     inputs = torch.randn(n, sizes[0][0])
     targets = torch.randint(0, sizes[-1][1], (n,))
     return model, inputs, targets
+
+
+@pytest.fixture
+def mnist_like(tmp_path):
+    """A tiny MNIST folder in the idx format and a matching random MLPNet checkpoint."""
+    generator = torch.Generator().manual_seed(0)
+
+    def write_idx(name, array):
+        header = bytes([0, 0, 8, array.dim()]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+        with gzip.open(tmp_path / name, "wb") as handle:
+            handle.write(header + array.numpy().tobytes())
+
+    for prefix, count in (("train", 300), ("t10k", 100)):
+        write_idx(f"{prefix}-images-idx3-ubyte.gz", torch.randint(0, 256, (count, 28, 28), generator=generator, dtype=torch.uint8))
+        write_idx(f"{prefix}-labels-idx1-ubyte.gz", torch.randint(0, 10, (count,), generator=generator, dtype=torch.uint8))
+    checkpoint = tmp_path / "mlp.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in MLPNet().state_dict().items()}}, checkpoint)
+    return tmp_path, checkpoint

@@ -1,38 +1,16 @@
 """The command line: the demo runs, and every bad input exits non-zero with one line naming the problem."""
 import json
-import os
 
 import pytest
 import torch
 
 from brainsurgeon.cli import main
-from brainsurgeon.models import MLPNet
 
 
 def run(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-@pytest.fixture
-def mnist_like(tmp_path):
-    """A tiny MNIST folder in the idx format and a matching random MLPNet checkpoint."""
-    import gzip
-
-    generator = torch.Generator().manual_seed(0)
-
-    def write_idx(name, array):
-        header = bytes([0, 0, 8, array.dim()]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-        with gzip.open(tmp_path / name, "wb") as handle:
-            handle.write(header + array.numpy().tobytes())
-
-    for prefix, count in (("train", 300), ("t10k", 100)):
-        write_idx(f"{prefix}-images-idx3-ubyte.gz", torch.randint(0, 256, (count, 28, 28), generator=generator, dtype=torch.uint8))
-        write_idx(f"{prefix}-labels-idx1-ubyte.gz", torch.randint(0, 10, (count,), generator=generator, dtype=torch.uint8))
-    checkpoint = tmp_path / "mlp.pt"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in MLPNet().state_dict().items()}}, checkpoint)
-    return tmp_path, checkpoint
 
 
 def test_prune_writes_weights_masks_and_report(capsys, mnist_like, tmp_path):

@@ -1,0 +1,450 @@
+"""Hostile inputs and faults, one group per principle of safe use: loading never runs code; every value is
+checked where it enters; every prunable weight is accounted for; the model comes back as handed over; outputs
+are whole regular files or nothing; bad input is one line and exit code 2 on the command line."""
+import gzip
+import math
+import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+from torch.nn.utils import prune as torch_prune
+
+import brainsurgeon
+from brainsurgeon import BrainSurgeonError
+from brainsurgeon.cli import main
+from brainsurgeon.datasets import load_cifar10, load_mnist
+from brainsurgeon.errors import FewSamplesWarning
+from brainsurgeon.models import MLPNet, ResNet20, load_checkpoint
+from conftest import tiny_problem
+
+
+def run(capsys, *argv):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse's own errors, as a shell would see them
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(code, err, *needles):
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def prune_args(data, checkpoint, out, *extra):
+    return ("prune", "--checkpoint", checkpoint, "--data-dir", data, "--calib-samples", "100", "--sparsity", "0.5",
+            "--method", "mp", "--out", out, "--quiet", *extra)
+
+
+def small_mlp(seed=0):
+    return tiny_problem(seed, n=64, sizes=((8, 16), (16, 12), (12, 5)))
+
+
+# 1. Loading never executes code ----------------------------------------------------------------------------
+
+class Payload:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _evil_checkpoint(path, marker, legacy):
+    state = {f"module.{k}": v for k, v in MLPNet().state_dict().items()}
+    torch.save({"state_dict": state, "config": Payload(marker)}, path, _use_new_zipfile_serialization=not legacy)
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "plain-pickle"])
+def test_a_malicious_checkpoint_is_refused_without_running_it(capsys, mnist_like, tmp_path, kind):
+    data, _ = mnist_like
+    marker, evil = tmp_path / "marker", tmp_path / f"evil-{kind}.ckpt"
+    if kind == "plain-pickle":
+        evil.write_bytes(pickle.dumps({"state_dict": {}, "x": Payload(marker)}, protocol=2))
+    else:
+        _evil_checkpoint(evil, marker, legacy=kind == "legacy")
+    code, _, err = run(capsys, *prune_args(data, evil, tmp_path / "o.safetensors"))
+    assert code == 2 and not marker.exists(), err
+    assert err.count("\n") == 1
+    if kind != "plain-pickle":
+        assert "--trust-pickle" in err and ("posix.system" in err or "os.system" in err)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_trust_pickle_is_the_explicit_opt_in(tmp_path):
+    marker, evil = tmp_path / "marker", tmp_path / "evil.ckpt"
+    _evil_checkpoint(evil, marker, legacy=False)
+    with pytest.raises(BrainSurgeonError, match="trust_pickle=True"):
+        load_checkpoint(MLPNet(), evil)
+    assert not marker.exists()
+    load_checkpoint(MLPNet(), evil, trust_pickle=True)
+    assert marker.exists()  # what the flag's help says it does
+
+
+def _cifar_folder(root, test_batch_payload=None):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, count in (("data_batch_1", 50), ("test_batch", 20)):
+        batch = {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, count).tolist(), b"batch_label": name.encode()}
+        if name == "test_batch" and test_batch_payload is not None:
+            batch[b"filenames"] = test_batch_payload
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return folder
+
+
+def test_a_crafted_cifar_batch_is_refused_and_a_plain_one_reads(tmp_path):
+    marker = tmp_path / "marker"
+    _cifar_folder(tmp_path / "good")
+    dataset = load_cifar10(tmp_path / "good")
+    assert dataset.num_train == 50 and len(dataset.test_x) == 20
+    _cifar_folder(tmp_path / "evil", Payload(marker))
+    with pytest.raises(BrainSurgeonError, match="--trust-pickle"):
+        load_cifar10(tmp_path / "evil")
+    assert not marker.exists()
+    object_array = np.array([Payload(marker)], dtype=object)
+    _cifar_folder(tmp_path / "objects", object_array)
+    with pytest.raises(BrainSurgeonError, match="trust"):
+        load_cifar10(tmp_path / "objects")
+    assert not marker.exists()
+
+
+def test_the_papers_checkpoints_load_without_trusting_pickle(shared_data):
+    load_checkpoint(MLPNet(), shared_data / "checkpoints" / "mnist_25_epoch_93.97.ckpt")
+    load_checkpoint(ResNet20(), shared_data / "checkpoints" / "resnet20_cifar10.pth.tar")
+
+
+# 2. Every value is validated where it enters ---------------------------------------------------------------
+
+BAD_NUMBERS = [math.nan, math.inf, -math.inf, -1, "0.5", True, None]
+# option -> values that are valid, to pin down where the range starts; every option refuses BAD_NUMBERS.
+OPTIONS = {
+    "damping": [1e-3], "max_memory": [2**30], "chunk_size": [8], "num_samples": [32], "stages": [2],
+    "refine": [0, 1], "later_damping": [1e-2], "epsilon": [0.0], "rho": [1], "tau": [1], "max_passes": [0],
+    "init_trials": [0], "selection_damping": [0.0], "iht_rounds": [0], "max_swaps": [0], "swap_candidates": [1],
+    "max_kept": [1], "seed": [0],
+}
+ZERO_REFUSED = {"damping", "max_memory", "chunk_size", "num_samples", "stages", "later_damping", "rho", "tau",
+                "swap_candidates", "max_kept"}
+
+
+def _method_for(option):
+    if option in ("iht_rounds", "max_swaps", "swap_candidates", "max_kept"):
+        return "joint"
+    return "cbs"
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_every_numeric_option_refuses_nan_inf_negative_and_wrong_types(option):
+    model, x, y = small_mlp()
+    bad = [v for v in BAD_NUMBERS if not (v is None and option in ("num_samples", "chunk_size", "damping",
+                                                                      "stages", "refine", "later_damping"))]
+    bad += [0] if option in ZERO_REFUSED else []
+    for value in bad:
+        with pytest.raises(BrainSurgeonError, match=option.split("_")[0]):
+            brainsurgeon.pruning.plan_run(model, 0.5, _method_for(option), **{option: value})
+    for value in OPTIONS[option]:
+        brainsurgeon.pruning.plan_run(model, 0.5, _method_for(option), **{option: value})
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -0.1, 1.0, "0.5", None])
+def test_sparsity_refuses_bad_values(value):
+    model, x, y = small_mlp()
+    with pytest.raises(BrainSurgeonError, match=r"sparsity must be in \[0, 1\)"):
+        brainsurgeon.prune(model, (x, y), value, "mp", progress=False)
+    with pytest.raises(BrainSurgeonError, match="schedule"):
+        brainsurgeon.prune(model, (x, y), 0.5, "mp", schedule=[value, 0.5], progress=False)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -0.1, 0, "0.5", None, []])
+def test_damping_grid_refuses_bad_values(value):
+    model, x, y = small_mlp()
+    grid = value if value == [] else [1.0, value]
+    with pytest.raises(BrainSurgeonError, match="damping_grid"):
+        brainsurgeon.prune(model, (x, y), 0.5, "mp+cbsu", progress=False, damping_grid=grid)
+
+
+def test_a_sparsity_that_would_prune_everything_is_refused(capsys, mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    code, _, err = run(capsys, *prune_args(data, checkpoint, tmp_path / "o.safetensors")[:-5], "--sparsity",
+                       "0.99999", "--out", tmp_path / "o.safetensors", "--quiet")
+    one_line_error(code, err, "all 32360 prunable weights")
+    assert not (tmp_path / "o.safetensors").exists()
+    model, x, y = small_mlp()
+    with pytest.raises(BrainSurgeonError, match="leaving nothing"):
+        brainsurgeon.prune(model, (x, y), 0.995, "mp", scope="layer", progress=False)  # 12 x 5 -> all 60
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--calib-samples", "0", "calibration samples must be an integer >= 1"),
+    ("--calib-samples", "-5", "calibration samples must be an integer >= 1"),
+    ("--max-memory-gb", "nan", "max_memory"),
+    ("--damp", "inf", "damping"),
+    ("--damp=-1e-3", None, "damping"),
+    ("--sparsity", "nan", "sparsity"),
+    ("--sparsity", "abc", "invalid float value"),
+    ("--include", "fc[", "not a valid regular expression"),
+    ("--seed", "-1", "seed"),
+])
+def test_cli_values_are_checked_before_any_work(capsys, mnist_like, tmp_path, flag, value, needle):
+    data, checkpoint = mnist_like
+    code, _, err = run(capsys, *prune_args(data, checkpoint, tmp_path / "o.safetensors"), flag,
+                       *([] if value is None else [value]))
+    one_line_error(code, err, needle)
+    assert not list(tmp_path.glob("*.safetensors*")) and not list(tmp_path.glob(".o.safetensors*"))
+
+
+def test_one_string_is_one_pattern():
+    model, x, y = small_mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.5, "mp", include="^0$", progress=False)
+    assert list(result.masks) == ["0.weight"]
+    assert set(result.dense_layers) == {"2", "3"}
+
+
+def test_an_integer_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "int.pt"
+    torch.save({k: (v * 100).long() for k, v in MLPNet().state_dict().items()}, path)
+    with pytest.raises(BrainSurgeonError, match="dtype torch.int64"):
+        load_checkpoint(MLPNet(), path)
+
+
+@pytest.mark.parametrize("inputs, targets, needle", [
+    (torch.randn(0, 8), torch.zeros(0, dtype=torch.long), "empty"),
+    (torch.randint(0, 5, (64, 8)), torch.zeros(64, dtype=torch.long), "cannot run on the calibration inputs"),
+    (torch.randn(64, 7), torch.zeros(64, dtype=torch.long), "cannot run on the calibration inputs"),
+    (torch.randn(64, 8), torch.full((64,), -100), "calibration loss is nan"),
+    (torch.randn(64, 8), torch.full((64,), 7), "cannot use the calibration targets"),
+    (torch.randn(64, 8), torch.zeros(63, dtype=torch.long), "differ in length"),
+    (torch.full((64, 8), math.nan), torch.zeros(64, dtype=torch.long), "NaN"),
+])
+def test_unusable_calibration_data_is_refused(inputs, targets, needle):
+    model, _, _ = small_mlp()
+    for method in ("mp", "cbs"):
+        with pytest.raises(BrainSurgeonError, match=needle):
+            brainsurgeon.prune(model, (inputs, targets), 0.5, method, progress=False)
+
+
+def test_too_few_samples_for_a_fisher_method_warn():
+    model, x, y = small_mlp()
+    with pytest.warns(FewSamplesWarning, match="only 8 calibration samples"):
+        brainsurgeon.prune(model, (x[:8], y[:8]), 0.5, "wf", progress=False)
+
+
+def test_bench_checks_every_sparsity_before_the_first_run(capsys, mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    started = time.perf_counter()
+    code, _, err = run(capsys, "bench", "--checkpoint", checkpoint, "--data-dir", data, "--methods", "mp,cbs",
+                       "--sparsities", "0.5,0.9,1.5", "--calib-samples", "100", "--json", tmp_path / "b.json",
+                       "--quiet")
+    one_line_error(code, err, "sparsity must be in [0, 1), got 1.5")
+    assert time.perf_counter() - started < 5 and not (tmp_path / "b.json").exists()
+
+
+# 3. Every prunable weight is pruned or reported --------------------------------------------------------------
+
+def test_parametrized_weight_norm_and_plain_tensor_weights_are_reported():
+    model, x, y = small_mlp()
+    parametrizations.weight_norm(model[0])
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(model[2])
+    result = brainsurgeon.prune(model, (x, y), 0.5, "cbs", progress=False, init_trials=2)
+    assert list(result.masks) == ["3.weight"]
+    assert "parametrization" in result.dense_layers["0"] and "weight_norm" in result.dense_layers["2"]
+    plain = nn.Linear(8, 16, bias=False)
+    del plain.weight
+    plain.weight = torch.randn(16, 8) * 2  # computed, not a Parameter
+    model, x, y = small_mlp()
+    model[0] = plain
+    result = brainsurgeon.prune(model, (x, y), 0.5, "mp", progress=False)
+    assert "not an nn.Parameter" in result.dense_layers["0"]
+    assert result.report()["num_weights"] == 16 * 12 + 12 * 5
+
+
+@pytest.mark.parametrize("method", ["mp", "wf", "cbs", "joint", "max"])
+def test_a_model_already_pruned_with_torch_prune_is_pruned_further(method):
+    model, x, y = small_mlp()
+    torch_prune.l1_unstructured(model[0], "weight", amount=0.5)
+    old_mask = model[0].weight_mask.bool().clone()
+    options = brainsurgeon.pruning.accepted_options(method, {"init_trials": 2})
+    result = brainsurgeon.prune(model, (x, y), 0.7, method, progress=False, **options)
+    assert result.num_pruned == int(0.7 * (8 * 16 + 16 * 12 + 12 * 5) + 0.5)
+    assert not (result.masks["0.weight"] & ~old_mask).any()  # what was pruned stays pruned
+    pruned = result.apply_masks(brainsurgeon.layers.copy_model(model))
+    assert torch.equal(pruned[0].weight_mask.bool(), result.masks["0.weight"])
+    assert torch.equal(pruned[0].weight, result.weights["0.weight"])
+    with pytest.raises(BrainSurgeonError, match="already prune more"):
+        brainsurgeon.prune(model, (x, y), 0.3, method, scope="layer", progress=False, **options)
+
+
+def test_tied_weights_are_one_parameter():
+    model, x, y = tiny_problem(0, n=64, sizes=((6, 6), (6, 6), (6, 4)))
+    model[2].weight = model[0].weight
+    result = brainsurgeon.prune(model, (x, y), 0.5, "cbs", progress=False, init_trials=2)
+    assert set(result.masks) == {"0.weight", "3.weight"} and "tied" in result.dense_layers["2"]
+    assert result.num_weights == 36 + 24
+    result.apply(model)
+    assert model[2].weight is model[0].weight and torch.equal(model[0].weight, result.weights["0.weight"])
+
+
+# 4. The model comes back as it was handed over ---------------------------------------------------------------
+
+def test_each_modules_mode_is_restored():
+    model, x, y = small_mlp()
+    model.train()
+    model[1].eval()
+    modes = [m.training for m in model.modules()]
+    for method in ("mp", "cbs", "max"):
+        brainsurgeon.prune(model, (x, y), 0.5, method, progress=False,
+                           **brainsurgeon.pruning.accepted_options(method, {"init_trials": 2}))
+        assert [m.training for m in model.modules()] == modes
+
+
+# 5. Outputs are written whole or not at all, and only as regular files --------------------------------------
+
+def _special_files(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "target.txt").write_text("keep me")
+    os.symlink(tmp_path / "target.txt", tmp_path / "link")
+    special = {"fifo": fifo, "directory": tmp_path, "link": tmp_path / "link"}
+    if os.geteuid() == 0:  # a character device like /dev/null, made here so no real device is at risk
+        os.mknod(tmp_path / "device", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        special["device"] = tmp_path / "device"
+    return special
+
+
+def test_outputs_that_are_not_regular_files_are_refused(capsys, mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    for kind, path in _special_files(tmp_path).items():
+        before = os.lstat(path)
+        code, _, err = run(capsys, *prune_args(data, checkpoint, path))
+        one_line_error(code, err, "cannot write")
+        after = os.lstat(path)
+        assert (before.st_mode, before.st_ino) == (after.st_mode, after.st_ino), kind
+    assert (tmp_path / "target.txt").read_text() == "keep me"
+
+
+def test_two_outputs_on_one_path_are_refused(capsys, mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    out = tmp_path / "same"
+    code, _, err = run(capsys, *prune_args(data, checkpoint, out), "--report", out)
+    one_line_error(code, err, "same file")
+    assert not out.exists()
+    code, _, err = run(capsys, "demo", "--json", out, "--plot", tmp_path / "." / "same", "--quiet")
+    one_line_error(code, err, "same file")
+
+
+def test_outputs_get_the_usual_permissions(capsys, mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    old = os.umask(0o027)
+    try:
+        code, _, err = run(capsys, *prune_args(data, checkpoint, tmp_path / "o.safetensors"),
+                           "--report", tmp_path / "r.json")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    for name in ("o.safetensors", "r.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640
+
+
+def test_a_full_disk_is_one_error_and_leaves_nothing(monkeypatch, tmp_path):
+    model, x, y = small_mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.5, "mp", progress=False)
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(brainsurgeon.result, "save_file", disk_full)
+    with pytest.raises(BrainSurgeonError, match="No space left"):
+        result.save(tmp_path / "o.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_a_streamed_prune_leaves_no_file(mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "o.safetensors"
+    command = [sys.executable, "-m", "brainsurgeon.cli", *map(str, prune_args(data, checkpoint, out)),
+               "--method", "cbs", "--gradients", "disk", "--structure", "layer", "--init-trials", "100000"]
+    process = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(scratch)}, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 60
+    while not list(scratch.glob("brainsurgeon-*/*")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    assert list(scratch.glob("brainsurgeon-*/*")), "the streamed gradients never appeared"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "terminated" in err and "Traceback" not in err
+    assert list(scratch.iterdir()) == [] and not out.exists() and not list(tmp_path.glob(".o.safetensors*"))
+
+
+# 6. No raw tracebacks for bad input --------------------------------------------------------------------------
+
+def _rewrite(path, transform):
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(transform(gzip.compress(raw), raw))
+
+
+@pytest.mark.parametrize("fault, needle", [
+    ("truncated-gz", "corrupt or truncated"),
+    ("not-gz", "corrupt or truncated"),
+    ("label-count", "images but"),
+    ("header", "truncated"),
+])
+def test_broken_dataset_files_are_one_line(capsys, mnist_like, tmp_path, fault, needle):
+    data, checkpoint = mnist_like
+    images, labels = data / "train-images-idx3-ubyte.gz", data / "train-labels-idx1-ubyte.gz"
+    if fault == "truncated-gz":
+        _rewrite(images, lambda packed, raw: packed[: len(packed) // 2])
+    elif fault == "not-gz":
+        images.write_bytes(b"\x1f\x8b" + b"garbage" * 10)
+    elif fault == "label-count":
+        _rewrite(labels, lambda packed, raw: gzip.compress(raw[:4] + (299).to_bytes(4, "big") + raw[8:-1]))
+    else:
+        _rewrite(images, lambda packed, raw: gzip.compress(raw[:-100]))
+    code, _, err = run(capsys, *prune_args(data, checkpoint, tmp_path / "o.safetensors"))
+    one_line_error(code, err, needle)
+    with pytest.raises(BrainSurgeonError, match=needle):
+        load_mnist(data)
+
+
+def test_a_dataset_that_does_not_fit_the_model_is_one_line(capsys, mnist_like, tmp_path):
+    data, _ = mnist_like
+    checkpoint = tmp_path / "resnet.pt"
+    torch.save(ResNet20().state_dict(), checkpoint)
+    code, _, err = run(capsys, *prune_args(data, checkpoint, tmp_path / "o.safetensors"), "--model", "resnet20")
+    one_line_error(code, err, "cannot run on the calibration inputs")
+
+
+def test_no_network_for_download_is_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "download-mnist", tmp_path / "mnist", "--mirror", "http://127.0.0.1:9/")
+    one_line_error(code, err, "cannot download")
+    assert list((tmp_path / "mnist").iterdir()) == []
+
+
+def test_an_unreadable_checkpoint_is_one_line(capsys, mnist_like, tmp_path):
+    data, _ = mnist_like
+    for content in (b"", b"not a checkpoint at all", b"PK\x03\x04broken zip"):
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(content)
+        code, _, err = run(capsys, *prune_args(data, bad, tmp_path / "o.safetensors"))
+        one_line_error(code, err, "cannot read checkpoint")
