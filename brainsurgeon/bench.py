@@ -72,6 +72,7 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
                 row = dict(method=method, sparsity=sparsity, seed=seed,
                            accuracy=accuracy(pruned_model, dataset.test_x, dataset.test_y),
                            seconds=seconds, achieved_sparsity=result.sparsity, num_pruned=result.num_pruned,
+                           num_weights=result.num_weights,
                            peak_rss_bytes=peak, timings=result.timings, settings=result.settings,
                            stats=result.stats)
                 results.append(row)

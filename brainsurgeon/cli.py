@@ -19,12 +19,18 @@ from .pruning import DEFAULT_DAMPING, GIB, prune
 
 
 
-def _floats(text: str):
-    return [float(v) for v in text.split(",") if v]
+def _list_of(kind):
+    """An argparse type: comma-separated values of `kind`; a bad one is argparse's one-line error."""
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+    parse.__name__ = f"list of {kind.__name__}s"
+    return parse
 
 
-def _ints(text: str):
-    return [int(v) for v in text.split(",") if v]
+_floats, _ints = _list_of(float), _list_of(int)
 
 
 def _add_common(parser):
@@ -57,7 +63,7 @@ def _add_common(parser):
     joint.add_argument("--max-swaps", type=int, help="cap on swaps with the update inside")
     stages = parser.add_argument_group("stages (any method)")
     stages.add_argument("--stages", type=int, help="prune in this many stages, geometric in density")
-    stages.add_argument("--schedule", help="explicit sparsities per stage, e.g. 0.9,0.95,0.98")
+    stages.add_argument("--schedule", type=_floats, help="explicit sparsities per stage, e.g. 0.9,0.95,0.98")
     stages.add_argument("--refine", type=int, help="extra stages at the target sparsity (see prune's docstring)")
     stages.add_argument("--first-order", action="store_true", default=None,
                         help="model the mean gradient too (the model need not be at a minimum)")
@@ -68,7 +74,7 @@ def _method_options(args) -> dict:
              "max_swaps", "stages", "first_order", "refine")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.schedule:
-        options["schedule"] = _floats(args.schedule)
+        options["schedule"] = args.schedule
     return options
 
 
@@ -116,7 +122,7 @@ def _finish_bench(report, args):
 def _cmd_bench(args):
     check_outputs(args.json, args.plot)
     model, dataset = _load(args)
-    report = bench.run_benchmark(model, dataset, args.methods.split(","), _floats(args.sparsities), _ints(args.seeds),
+    report = bench.run_benchmark(model, dataset, args.methods.split(","), args.sparsities, args.seeds,
                                  _calib_samples(args, dataset), args.damp, model_name=args.model, progress=not args.quiet,
                                  max_memory=args.max_memory_gb * GIB, structure=args.structure,
                                  gradients=args.gradients,
@@ -128,7 +134,7 @@ def _cmd_demo(args):
     check_outputs(args.json, args.plot)
     print("Training a 64-64-32-10 MLP on scikit-learn's bundled 8x8 digits ...", file=sys.stderr)
     model, dataset = demo_setup(args.seed)
-    report = bench.run_benchmark(model, dataset, args.methods.split(","), _floats(args.sparsities), _ints(args.seeds),
+    report = bench.run_benchmark(model, dataset, args.methods.split(","), args.sparsities, args.seeds,
                                  calib_samples=dataset.num_train, damping=args.damp, model_name="digits-mlp",
                                  progress=not args.quiet)
     _finish_bench(report, args)
@@ -165,16 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="accuracy table of methods x sparsities x seeds")
     _add_common(b)
     b.add_argument("--methods", default="mp,wf,cbs")
-    b.add_argument("--sparsities", default="0.5,0.6,0.7,0.8,0.9,0.95,0.98")
-    b.add_argument("--seeds", default="0")
+    b.add_argument("--sparsities", type=_floats, default="0.5,0.6,0.7,0.8,0.9,0.95,0.98")
+    b.add_argument("--seeds", type=_ints, default="0")
     b.add_argument("--json", help="write results as JSON")
     b.add_argument("--plot", help="write accuracy-vs-sparsity PNG (needs matplotlib)")
     b.set_defaults(run=_cmd_bench)
 
     d = sub.add_parser("demo", help="the embedded default: no files, no network")
     d.add_argument("--methods", default="mp,wf,cbs")
-    d.add_argument("--sparsities", default="0.3,0.5,0.7,0.8")
-    d.add_argument("--seeds", default="0")
+    d.add_argument("--sparsities", type=_floats, default="0.3,0.5,0.7,0.8")
+    d.add_argument("--seeds", type=_ints, default="0")
     d.add_argument("--seed", type=int, default=0, help="seed of the demo model's training")
     d.add_argument("--damp", type=float, default=None)
     d.add_argument("--json")

@@ -245,6 +245,13 @@ def test_too_few_samples_for_a_fisher_method_warn():
         brainsurgeon.prune(model, (x[:8], y[:8]), 0.5, "wf", progress=False)
 
 
+@pytest.mark.parametrize("flag, value", [("--sparsities", "0.5,x"), ("--seeds", "0,1.5"), ("--schedule", "0.5,,a")])
+def test_bad_lists_are_argparse_errors(capsys, mnist_like, flag, value):
+    data, checkpoint = mnist_like
+    code, _, err = run(capsys, "bench", "--checkpoint", checkpoint, "--data-dir", data, flag, value)
+    one_line_error(code, err, "expected comma-separated")
+
+
 def test_bench_checks_every_sparsity_before_the_first_run(capsys, mnist_like, tmp_path):
     data, checkpoint = mnist_like
     started = time.perf_counter()
