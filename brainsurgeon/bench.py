@@ -1,4 +1,5 @@
-"""Benchmark: accuracy of each method at each sparsity and seed, as a table, JSON and an optional plot."""
+"""Benchmark: accuracy (or, for language models, perplexity) of each method at each sparsity and seed, as a
+table, JSON and an optional plot."""
 import json
 import resource
 import statistics
@@ -11,6 +12,7 @@ from .datasets import Dataset, accuracy
 from . import validation
 from .errors import BrainSurgeonError
 from .layers import copy_model
+from .rowwise import DEFAULT_RELATIVE_DAMPING
 from .pruning import GIB, accepted_options, plan_run, prune
 
 UNSTRUCTURED_NOTE = ("Unstructured sparsity alone does not make the model smaller or faster: "
@@ -92,14 +94,23 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
     }
 
 
+def metric_of(report: dict) -> str:
+    return report.get("metric", "accuracy")
+
+
+def label(sparsity) -> str:
+    """A column's name: a sparsity, or a pattern such as 2:4."""
+    return f"{sparsity:g}" if isinstance(sparsity, (int, float)) else str(sparsity)
+
+
 def summarise(report: dict) -> dict:
-    """{(method, sparsity): (mean accuracy, std accuracy, mean seconds)} over seeds."""
+    """{(method, sparsity): (mean metric, std metric, mean seconds)} over seeds."""
     groups = {}
     for row in report["results"]:
         groups.setdefault((row["method"], row["sparsity"]), []).append(row)
     summary = {}
     for key, rows in groups.items():
-        accs = [row["accuracy"] for row in rows]
+        accs = [row[metric_of(report)] for row in rows]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         summary[key] = (statistics.fmean(accs), std, statistics.fmean(row["seconds"] for row in rows))
     return summary
@@ -110,9 +121,10 @@ def format_table(report: dict) -> str:
     summary = summarise(report)
     sparsities = report["settings"]["sparsities"]
     width = 15
-    lines = [f"{report['model']} / {report['dataset']}: dense accuracy {report['dense_accuracy']:.2f}% "
+    metric = metric_of(report)
+    lines = [f"{report['model']} / {report['dataset']}: dense {metric} {report['dense_' + metric]:.2f} "
              f"(seeds {report['settings']['seeds']}, {report['settings']['calib_samples']} calibration samples)",
-             "method".ljust(12) + "".join(f"s={s:g}".rjust(width) for s in sparsities) + "   mean s/run"]
+             "method".ljust(12) + "".join(f"s={label(s)}".rjust(width) for s in sparsities) + "   mean s/run"]
     for method in report["settings"]["methods"]:
         cells, seconds = [], []
         for sparsity in sparsities:
@@ -138,14 +150,71 @@ def plot(report: dict, path) -> None:
     summary = summarise(report)
     sparsities = report["settings"]["sparsities"]
     figure, axes = plt.subplots(figsize=(7, 4.5))
+    numeric = all(isinstance(s, (int, float)) for s in sparsities)
+    positions = sparsities if numeric else list(range(len(sparsities)))
     for method in report["settings"]["methods"]:
         means = [summary[(method, s)][0] for s in sparsities]
         stds = [summary[(method, s)][1] for s in sparsities]
-        axes.errorbar(sparsities, means, yerr=stds, marker="o", capsize=3, label=method)
-    axes.axhline(report["dense_accuracy"], color="grey", linestyle=":", label="dense")
-    axes.set(xlabel="sparsity", ylabel="test accuracy (%)", title=f"{report['model']} / {report['dataset']}")
+        axes.errorbar(positions, means, yerr=stds, marker="o", capsize=3, label=method)
+    metric = metric_of(report)
+    axes.axhline(report[f"dense_{metric}"], color="grey", linestyle=":", label="dense")
+    if not numeric:
+        axes.set_xticks(positions, [label(s) for s in sparsities])
+    if metric == "perplexity":
+        axes.set_yscale("log")
+    axes.set(xlabel="sparsity or pattern", ylabel="test accuracy (%)" if metric == "accuracy" else metric,
+             title=f"{report['model']} / {report['dataset']}")
     axes.legend()
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
     plt.close(figure)
+
+
+def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_name="model", damping=None,
+                     progress=True, text_source="wiki", **options) -> dict:
+    """Prune a language model with every layer-wise method x pattern on the same calibration token windows and
+    score perplexity on the same evaluation windows. A pattern is a sparsity (unstructured per layer) or 'N:M'."""
+    from .sequential import method_options, plan_layerwise, prune_layerwise, split_pattern
+    from .text import perplexity
+
+    if not (len(methods) and len(patterns)):
+        raise BrainSurgeonError("bench needs at least one method and one sparsity or pattern")
+    runs = [(method, pattern) for pattern in patterns for method in methods]
+    damping = DEFAULT_RELATIVE_DAMPING if damping is None else damping
+    for method, pattern in runs:  # checked before the first run
+        plan_layerwise(model, *split_pattern(pattern), method, damping=damping, **method_options(method, options))
+    started = time.perf_counter()
+    dense = perplexity(model, evaluation, progress=progress)
+    results = []
+    for method, pattern in runs:
+        reset_peak_memory()
+        start = time.perf_counter()
+        sparsity, kind = split_pattern(pattern)
+        result = prune_layerwise(model, calibration, sparsity, method, pattern=kind, damping=damping,
+                                 progress=progress, **method_options(method, options))
+        seconds = time.perf_counter() - start
+        peak = peak_memory_bytes()
+        pruned_model = result.apply(copy_model(model))
+        row = dict(method=method, sparsity=pattern, seed=0, perplexity=perplexity(pruned_model, evaluation,
+                                                                                   progress=progress),
+                   seconds=seconds, achieved_sparsity=result.sparsity, num_pruned=result.num_pruned,
+                   num_weights=result.num_weights, peak_rss_bytes=peak, timings=result.timings,
+                   settings=result.settings, stats=result.stats)
+        del pruned_model
+        results.append(row)
+        if progress:
+            print(f"[{len(results)}/{len(runs)}] {method} {label(pattern)}: perplexity {row['perplexity']:.2f} "
+                  f"(dense {dense:.2f}) in {seconds:.1f}s", file=sys.stderr, flush=True)
+    return {
+        "model": model_name,
+        "dataset": text_source,
+        "metric": "perplexity",
+        "dense_perplexity": dense,
+        "settings": dict(methods=list(methods), sparsities=list(patterns), seeds=[0], damping=damping,
+                         calib_samples=len(calibration), calib_windows=list(calibration.shape),
+                         eval_windows=list(evaluation.shape), options=options,
+                         wall_seconds=time.perf_counter() - started),
+        "results": results,
+        "note": UNSTRUCTURED_NOTE,
+    }

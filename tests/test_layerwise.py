@@ -1,0 +1,193 @@
+"""The layer-wise objective |W X - W' X|^2: exact updates against least squares, every method's error computed
+directly, exact pattern counts, the joint method never above its warm start, block-by-block propagation, Hugging
+Face models (a tiny Llama and a tiny BERT built from a config) pruned, saved and reloaded."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import brainsurgeon
+from brainsurgeon import BrainSurgeonError
+from brainsurgeon.models import ResNet20
+from brainsurgeon.patterns import Pattern
+from brainsurgeon.rowwise import LAYER_METHODS, LayerObjective, SparseGPT
+from brainsurgeon.sequential import capture_block_inputs, find_blocks, model_calls, prune_layerwise
+
+
+PATTERNS = [("layer", 0.5), ("layer", 0.7), ("row", 0.6), ("2:4", None), ("4:8", None)]
+
+
+def layer_problem(seed=0, rows=12, cols=16, samples=200):
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(cols, cols, generator=generator) / cols**0.5 + torch.eye(cols)
+    inputs = torch.randn(samples, cols, generator=generator) @ mixing  # correlated, as real activations are
+    weight = torch.randn(rows, cols, generator=generator)
+    return weight, inputs, LayerObjective(weight, inputs.T.double() @ inputs.double() / samples)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), sparsity=st.floats(0.05, 0.95))
+def test_exact_update_equals_least_squares(seed, sparsity):
+    weight, _, objective = layer_problem(seed)
+    pruned = Pattern.parse("layer", sparsity).prune_lowest(torch.rand(weight.shape, generator=torch.Generator()
+                                                                      .manual_seed(seed)))
+    new = objective.exact_update(pruned)
+    factor = np.linalg.cholesky(objective.damped.numpy())  # damped H = L L^T: the error is |L^T (w - w')|^2
+    for row in range(weight.shape[0]):
+        kept = ~pruned[row].numpy()
+        expected = np.zeros(weight.shape[1])
+        if kept.any():
+            expected[kept] = np.linalg.lstsq(factor.T[:, kept], factor.T @ weight[row].double().numpy(), rcond=None)[0]
+        np.testing.assert_allclose(new[row].numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(LAYER_METHODS))
+@pytest.mark.parametrize("pattern, sparsity", PATTERNS)
+def test_every_method_meets_its_pattern_and_reports_the_true_error(method, pattern, sparsity):
+    weight, inputs, objective = layer_problem(1)
+    parsed = Pattern.parse(pattern, sparsity)
+    pruned, new = LAYER_METHODS[method]().prune(objective, parsed)
+    rows, cols = weight.shape
+    assert int(pruned.sum()) == int(parsed.sparsity * rows * cols + 0.5)
+    assert torch.all(new[pruned] == 0)
+    if parsed.kind == "nm":
+        groups = pruned.reshape(rows, cols // parsed.m, parsed.m).sum(-1)
+        assert torch.all(groups == parsed.n)
+    if parsed.kind == "row":
+        assert int(pruned.sum(1).max() - pruned.sum(1).min()) <= 1
+    direct = float(((weight - new).double() @ inputs.T.double()).pow(2).sum()) / len(inputs)
+    assert objective.error(new) == pytest.approx(direct, rel=1e-6)
+
+
+@pytest.mark.parametrize("pattern, sparsity", PATTERNS)
+def test_joint_is_never_worse_than_its_warm_start(pattern, sparsity):
+    for seed in range(4):
+        _, _, objective = layer_problem(seed, rows=24, cols=32)
+        parsed = Pattern.parse(pattern, sparsity)
+        _, start = SparseGPT().prune(objective, parsed)
+        _, joint = LAYER_METHODS["joint"]().prune(objective, parsed)
+        assert objective.error(joint) <= objective.error(start) * (1 + 1e-9)
+
+
+def test_sparsegpt_lazy_batches_are_exact():
+    """With the mask fixed per group (N:M), block sizes only batch the same updates."""
+    _, _, objective = layer_problem(2, rows=8, cols=64)
+    results = [SparseGPT(block_size).prune(objective, Pattern.parse("2:4")) for block_size in (4, 16, 64)]
+    for pruned, new in results[1:]:
+        assert torch.equal(pruned, results[0][0])
+        torch.testing.assert_close(new, results[0][1], rtol=1e-4, atol=1e-5)
+
+
+def test_patterns_refuse_bad_requests():
+    with pytest.raises(BrainSurgeonError, match="0 < N < M"):
+        Pattern.parse("4:4")
+    with pytest.raises(BrainSurgeonError, match="not 0.7"):
+        Pattern.parse("2:4", 0.7)
+    with pytest.raises(BrainSurgeonError, match="needs a sparsity"):
+        Pattern.parse("row")
+    with pytest.raises(BrainSurgeonError, match="groups of 8"):
+        Pattern.parse("4:8").check_shape(4, 12, "layer")
+
+
+def tiny_llama(layers=3, hidden=32, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def token_ids(count=8, length=24, seed=0):
+    return torch.randint(0, 96, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", sorted(LAYER_METHODS))
+def test_llama_blocks_pruned_in_order_and_the_model_handed_back(method):
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    result = prune_layerwise(model, token_ids(), 0.5, method, progress=False, batch_size=4)
+    assert [name for name, _ in find_blocks(model)] == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    assert len(result.masks) == 3 * 7 and "lm_head" in result.dense_layers
+    for name, mask in result.masks.items():
+        assert int((~mask).sum()) == int(0.5 * mask.numel() + 0.5), name
+        assert torch.all(result.weights[name][~mask] == 0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_each_block_sees_the_outputs_of_the_pruned_blocks_before_it():
+    model, ids = tiny_llama(), token_ids()
+    result = prune_layerwise(model, ids, 0.5, "sparsegpt", progress=False, batch_size=4)
+    pruned = result.apply(copy.deepcopy(model))
+    last = pruned.model.layers[2]
+    last.load_state_dict(model.model.layers[2].state_dict())  # the last block as the driver saw it: still dense
+    hessian, count = 0, 0
+    with torch.no_grad():
+        for args, _ in capture_block_inputs(pruned, last, model_calls(pruned, ids, 4)):
+            rows = last.input_layernorm(args[0]).reshape(-1, 32).double()
+            hessian, count = hessian + rows.T @ rows, count + len(rows)
+    weight = model.model.layers[2].self_attn.q_proj.weight.detach().double()
+    expected = float(((weight @ (hessian / count)) * weight).sum())  # |W X|^2 / N on those inputs
+    recorded = result.stats["layers"]["model.layers.2.self_attn.q_proj"]["dense_output"]
+    assert recorded == pytest.approx(expected, rel=1e-5)
+
+
+def test_pruned_llama_saves_and_reloads_with_plain_transformers(tmp_path):
+    model, ids = tiny_llama(), token_ids()
+    result = brainsurgeon.prune(model, ids, None, "joint", objective="layer", pattern="2:4", progress=False)
+    folder = brainsurgeon.hf.save_pruned(model, None, result, tmp_path / "pruned", {"method": "joint"})
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    assert torch.equal(reloaded.model.layers[0].mlp.up_proj.weight, result.weights["model.layers.0.mlp.up_proj.weight"])
+    assert json.loads((folder / "brainsurgeon_report.json").read_text())["method"] == "joint"
+    assert sorted(os.listdir(tmp_path)) == ["pruned"]  # no scratch folder left beside it
+
+
+def test_a_bert_encoder_and_a_cnn_take_the_same_path():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    bert = transformers.BertModel(config).eval()
+    result = prune_layerwise(bert, token_ids(), None, "sparsegpt", pattern="4:8", progress=False)
+    assert [name for name in result.settings["blocks"]] == ["encoder.layer.0", "encoder.layer.1"]
+    assert len(result.masks) == 2 * 6 and all(int((~m).sum()) * 2 == m.numel() for m in result.masks.values())
+    resnet = ResNet20().eval()
+    images = torch.randn(16, 3, 32, 32)
+    result = prune_layerwise(resnet, (images, torch.zeros(16, dtype=torch.long)), 0.5, "joint", progress=False)
+    assert result.settings["blocks"] == [""] and len(result.masks) == 18
+    assert result.num_pruned == sum(int(0.5 * m.numel() + 0.5) for m in result.masks.values())
+
+
+DRIVER_MEMORY = """
+import sys, torch, transformers
+sys.path.insert(0, {tests!r})
+from test_layerwise import tiny_llama
+from brainsurgeon.bench import peak_memory_bytes, reset_peak_memory
+from brainsurgeon.sequential import prune_layerwise
+torch.set_num_threads(1)
+model = tiny_llama(layers=int(sys.argv[1]), hidden=64)
+ids = torch.randint(0, 96, (64, 256), generator=torch.Generator().manual_seed(0))
+reset_peak_memory()
+start = peak_memory_bytes()
+result = prune_layerwise(model, ids, 0.5, "sparsegpt", progress=False, batch_size=16)
+kept = sum(w.numel() * 5 for w in result.weights.values())  # the result itself: weights and boolean masks
+print(peak_memory_bytes() - start - kept)
+"""
+
+
+def test_driver_memory_does_not_grow_with_the_number_of_blocks():
+    """Calibration activations are 64 x 256 x 64 floats (4 MiB); a driver that kept every block's would grow
+    by that much per block."""
+    script = DRIVER_MEMORY.format(tests=os.path.dirname(__file__))
+    peaks = [int(subprocess.run([sys.executable, "-c", script, str(layers)], capture_output=True, text=True,
+                                check=True).stdout) for layers in (2, 10)]
+    assert peaks[1] - peaks[0] < 12 * 2**20, peaks
