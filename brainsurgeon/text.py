@@ -59,7 +59,7 @@ def token_windows(tokenizer, articles, count: int, length: int, seed=None) -> to
     return ids[:needed].view(count, length).clone()
 
 
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+def perplexity(model, windows: torch.Tensor, batch_size: int = 2, progress: bool = False) -> float:
     """exp of the mean next-token loss over every window (each scored on its own, no context carried)."""
     total, tokens = 0.0, 0
     with torch.no_grad():
