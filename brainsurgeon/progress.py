@@ -1,8 +1,9 @@
-"""Progress on stderr for long work (tqdm), silent when asked."""
+"""Progress on stderr for long work (tqdm): silent when asked, and when stderr is not a terminal (a log file)."""
 import sys
 
 from tqdm.auto import tqdm
 
 
 def progress_bar(iterable, description: str, enabled: bool = True, total=None):
-    return tqdm(iterable, desc=description, total=total, disable=not enabled, file=sys.stderr, leave=False)
+    shown = enabled and sys.stderr.isatty()
+    return tqdm(iterable, desc=description, total=total, disable=not shown, file=sys.stderr, leave=False)

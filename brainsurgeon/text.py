@@ -31,12 +31,24 @@ def wiki_articles() -> list:
     return [entry["extract"] for entry in data.values() if entry.get("extract")]
 
 
-def evaluation_articles() -> list:
-    return wiki_articles()[:EVAL_ARTICLES]
-
-
-def calibration_articles() -> list:
-    return wiki_articles()[EVAL_ARTICLES:]
+def split_text(source: str = "wiki") -> tuple:
+    """(evaluation articles, calibration articles), a fixed split: 'wiki' gives its first EVAL_ARTICLES articles
+    in file order to evaluation and the rest to calibration; a UTF-8 text file is split into paragraphs at
+    blank lines, the first tenth for evaluation."""
+    if source == "wiki":
+        articles = wiki_articles()
+        return articles[:EVAL_ARTICLES], articles[EVAL_ARTICLES:]
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise BrainSurgeonError(f"cannot read text {path}: {error}; pass 'wiki' or a UTF-8 text file") from None
+    paragraphs = [part.strip() for part in text.split(SEPARATOR) if part.strip()]
+    if len(paragraphs) < 2:
+        raise BrainSurgeonError(f"text {path} has {len(paragraphs)} paragraph(s); evaluation and calibration need "
+                                "at least two, separated by blank lines")
+    cut = max(1, len(paragraphs) // 10)
+    return paragraphs[:cut], paragraphs[cut:]
 
 
 def token_windows(tokenizer, articles, count: int, length: int, seed=None) -> torch.Tensor:

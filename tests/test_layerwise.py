@@ -191,3 +191,49 @@ def test_driver_memory_does_not_grow_with_the_number_of_blocks():
     peaks = [int(subprocess.run([sys.executable, "-c", script, str(layers)], capture_output=True, text=True,
                                 check=True).stdout) for layers in (2, 10)]
     assert peaks[1] - peaks[0] < 12 * 2**20, peaks
+
+
+@pytest.fixture
+def tiny_lm_folder(tmp_path):
+    """A tiny Llama with a word-level tokenizer saved as a Hugging Face folder, and a text file to prune on."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(90)]
+    vocab = {word: index for index, word in enumerate(["<unk>", "<eos>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    folder = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    paragraphs = [" ".join(rng.choice(words, size=40)) for _ in range(60)]
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(paragraphs))
+    return folder, text
+
+
+def test_cli_prunes_saves_and_benches_a_hugging_face_model(capsys, tiny_lm_folder, tmp_path):
+    from brainsurgeon.cli import main
+    from brainsurgeon.text import perplexity, split_text, token_windows
+
+    folder, text = tiny_lm_folder
+    sizes = ["--calib-seqs", "6", "--seq-len", "16", "--eval-windows", "4", "--text", str(text), "--quiet"]
+    out, report = tmp_path / "pruned", tmp_path / "report.json"
+    code = main(["prune", "--hf-model", str(folder), "--pattern", "2:4", "--method", "joint", "--out", str(out),
+                 "--report", str(report), *sizes])
+    assert code == 0, capsys.readouterr().err
+    figures = json.loads(report.read_text())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    evaluation = token_windows(tokenizer, split_text(str(text))[0], 4, 16)
+    assert perplexity(reloaded, evaluation) == pytest.approx(figures["perplexity"], rel=1e-6)
+    assert figures["num_pruned"] * 2 == figures["num_weights"] and "lm_head" in figures["dense_layers"]
+    bench = tmp_path / "bench.json"
+    code = main(["bench", "--hf-model", str(folder), "--methods", "mp,sparsegpt", "--sparsities", "0.5,2:4",
+                 "--json", str(bench), *sizes])
+    assert code == 0
+    table = json.loads(bench.read_text())
+    assert table["metric"] == "perplexity" and len(table["results"]) == 4
+    assert {row["sparsity"] for row in table["results"]} == {0.5, "2:4"}
+    assert "perplexity" in capsys.readouterr().out
