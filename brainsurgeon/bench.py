@@ -7,13 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from .atomic import atomic_path, write_text
-from .datasets import Dataset, accuracy
 from . import validation
+from .atomic import atomic_path, write_text
+from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
+from .datasets.vision import Dataset, accuracy
+from .drivers.layers import copy_model
+from .drivers.oneshot import GIB, accepted_options, plan_run, prune
 from .errors import BrainSurgeonError
-from .layers import copy_model
-from .rowwise import DEFAULT_RELATIVE_DAMPING
-from .pruning import GIB, accepted_options, plan_run, prune
 
 UNSTRUCTURED_NOTE = ("Unstructured sparsity alone does not make the model smaller or faster: "
                      "the zeros need sparse storage or sparse kernels to pay off.")
@@ -175,8 +175,13 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
                      progress=True, text_source="wiki", **options) -> dict:
     """Prune a language model with every layer-wise method x pattern on the same calibration token windows and
     score perplexity on the same evaluation windows. A pattern is a sparsity (unstructured per layer) or 'N:M'."""
-    from .sequential import method_options, plan_layerwise, prune_layerwise, split_pattern
-    from .text import perplexity
+    from .datasets.text import perplexity
+    from .drivers.sequential import (
+        method_options,
+        plan_layerwise,
+        prune_layerwise,
+        split_pattern,
+    )
 
     if not (len(methods) and len(patterns)):
         raise BrainSurgeonError("bench needs at least one method and one sparsity or pattern")

@@ -6,22 +6,25 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
-
 from . import bench
-from .bench import DEFAULT_CALIB_SAMPLES
 from .atomic import check_outputs, write_text
-from .datasets import DATASETS, MNIST_MIRROR, accuracy, download_mnist, load_dataset
+from .bench import DEFAULT_CALIB_SAMPLES
+from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
+from .datasets.text import EVAL_ARTICLES, perplexity, split_text, token_windows
+from .datasets.vision import (
+    DATASETS,
+    MNIST_MIRROR,
+    accuracy,
+    download_mnist,
+    load_dataset,
+)
 from .demo import demo_setup
+from .drivers.oneshot import DEFAULT_DAMPING, GIB, prune
+from .drivers.sequential import prune_layerwise
 from .errors import BrainSurgeonError
-from .hf import convert_gguf, load_causal_lm, save_pruned
-from .loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
-from .rowwise import DEFAULT_RELATIVE_DAMPING
-from .sequential import prune_layerwise
-from .text import EVAL_ARTICLES, perplexity, split_text, token_windows
-from .models import MODELS, build_model
-from .pruning import DEFAULT_DAMPING, GIB, prune
-
+from .models.hf import convert_gguf, load_causal_lm, save_pruned
+from .models.loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
+from .models.vision import MODELS, build_model
 
 
 def _list_of(kind):

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from .datasets import Dataset, load_digits_dataset
+from .datasets.vision import Dataset, load_digits_dataset
 
 
 def train_digits_mlp(dataset: Dataset, seed: int = 0, epochs: int = 300) -> nn.Module:

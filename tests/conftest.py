@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from brainsurgeon.models import MLPNet
+from brainsurgeon.models.vision import MLPNet
 
 # CI runs the same examples every time: a failure there is reproducible, never a flake of the draw.
 settings.register_profile("ci", derandomize=True)

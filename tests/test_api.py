@@ -4,14 +4,14 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_problem
 from torch.nn.utils import prune as torch_prune
 
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError, PruneResult
 from brainsurgeon.demo import demo_setup
-from brainsurgeon.layers import find_prunable, flat_weights
-from brainsurgeon.pruning import accepted_options, calibration_loss_fn
-from conftest import tiny_problem
+from brainsurgeon.drivers.layers import find_prunable, flat_weights
+from brainsurgeon.drivers.oneshot import accepted_options, calibration_loss_fn
 
 METHODS = ["mp", "random", "wf", "cbs", "joint", "mp+cbsu", "wf+cbsu", "cbs+none", "random+obs", "max"]
 

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 import brainsurgeon
-from brainsurgeon.curvature import per_sample_gradients
-from brainsurgeon.datasets import accuracy, load_cifar10
-from brainsurgeon.layers import find_prunable
-from brainsurgeon.models import ResNet20, build_model
+from brainsurgeon.curvature.fisher import per_sample_gradients
+from brainsurgeon.datasets.vision import accuracy, load_cifar10
+from brainsurgeon.drivers.layers import find_prunable
+from brainsurgeon.models.vision import ResNet20, build_model
 
 
 def small_conv_net():
@@ -44,7 +44,7 @@ def test_conv_models_prune_to_exact_global_sparsity(method):
     model = small_conv_net()
     x, y = torch.randn(40, 3, 8, 8), torch.randint(0, 4, (40,))
     result = brainsurgeon.prune(model, (x, y), 0.6, method, include=["Conv2d"], progress=False,
-                                **brainsurgeon.pruning.accepted_options(method, {"init_trials": 2}))
+                                **brainsurgeon.drivers.oneshot.accepted_options(method, {"init_trials": 2}))
     p = 8 * 3 * 9 + 8 * 2 * 9 + 8 * 1 * 9
     assert result.num_weights == p and result.num_pruned == int(0.6 * p + 0.5)
 

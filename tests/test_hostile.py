@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_problem
 from torch import nn
 from torch.nn.utils import parametrizations
 from torch.nn.utils import prune as torch_prune
@@ -21,10 +22,9 @@ from torch.nn.utils import prune as torch_prune
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError
 from brainsurgeon.cli import main
-from brainsurgeon.datasets import load_cifar10, load_mnist
+from brainsurgeon.datasets.vision import load_cifar10, load_mnist
 from brainsurgeon.errors import FewSamplesWarning
-from brainsurgeon.models import MLPNet, ResNet20, load_checkpoint
-from conftest import tiny_problem
+from brainsurgeon.models.vision import MLPNet, ResNet20, load_checkpoint
 
 
 def run(capsys, *argv):
@@ -157,9 +157,9 @@ def test_every_numeric_option_refuses_nan_inf_negative_and_wrong_types(option):
     bad += [0] if option in ZERO_REFUSED else []
     for value in bad:
         with pytest.raises(BrainSurgeonError, match=option.split("_")[0]):
-            brainsurgeon.pruning.plan_run(model, 0.5, _method_for(option), **{option: value})
+            brainsurgeon.drivers.oneshot.plan_run(model, 0.5, _method_for(option), **{option: value})
     for value in OPTIONS[option]:
-        brainsurgeon.pruning.plan_run(model, 0.5, _method_for(option), **{option: value})
+        brainsurgeon.drivers.oneshot.plan_run(model, 0.5, _method_for(option), **{option: value})
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -0.1, 1.0, "0.5", None])
@@ -287,11 +287,11 @@ def test_a_model_already_pruned_with_torch_prune_is_pruned_further(method):
     model, x, y = small_mlp()
     torch_prune.l1_unstructured(model[0], "weight", amount=0.5)
     old_mask = model[0].weight_mask.bool().clone()
-    options = brainsurgeon.pruning.accepted_options(method, {"init_trials": 2})
+    options = brainsurgeon.drivers.oneshot.accepted_options(method, {"init_trials": 2})
     result = brainsurgeon.prune(model, (x, y), 0.7, method, progress=False, **options)
     assert result.num_pruned == int(0.7 * (8 * 16 + 16 * 12 + 12 * 5) + 0.5)
     assert not (result.masks["0.weight"] & ~old_mask).any()  # what was pruned stays pruned
-    pruned = result.apply_masks(brainsurgeon.layers.copy_model(model))
+    pruned = result.apply_masks(brainsurgeon.drivers.layers.copy_model(model))
     assert torch.equal(pruned[0].weight_mask.bool(), result.masks["0.weight"])
     assert torch.equal(pruned[0].weight, result.weights["0.weight"])
     with pytest.raises(BrainSurgeonError, match="already prune more"):
@@ -317,7 +317,7 @@ def test_each_modules_mode_is_restored():
     modes = [m.training for m in model.modules()]
     for method in ("mp", "cbs", "max"):
         brainsurgeon.prune(model, (x, y), 0.5, method, progress=False,
-                           **brainsurgeon.pruning.accepted_options(method, {"init_trials": 2}))
+                           **brainsurgeon.drivers.oneshot.accepted_options(method, {"init_trials": 2}))
         assert [m.training for m in model.modules()] == modes
 
 
@@ -378,7 +378,7 @@ def test_a_full_disk_is_one_error_and_leaves_nothing(monkeypatch, tmp_path):
             handle.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(brainsurgeon.result, "save_file", disk_full)
+    monkeypatch.setattr(brainsurgeon.drivers.result, "save_file", disk_full)
     with pytest.raises(BrainSurgeonError, match="No space left"):
         result.save(tmp_path / "o.safetensors")
     assert list(tmp_path.iterdir()) == []

@@ -3,16 +3,17 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_api import small_mlp
+from test_math import dense_hessian, draw_case, problems, random_problem
 
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError
-from brainsurgeon.curvature import EmpiricalFisher
-from brainsurgeon.joint import JointSearch, JointSelection
-from brainsurgeon.problem import PruningProblem, Segment
-from brainsurgeon.pruning import accepted_options, sparsity_schedule
-from test_api import small_mlp
-from test_math import dense_hessian, draw_case, problems, random_problem
+from brainsurgeon.curvature.fisher import EmpiricalFisher
+from brainsurgeon.drivers.oneshot import accepted_options, sparsity_schedule
+from brainsurgeon.methods.joint import JointSearch, JointSelection
+from brainsurgeon.methods.problem import PruningProblem, Segment
 
 
 def joint_objective(problem, pruned):

@@ -16,11 +16,17 @@ from hypothesis import strategies as st
 
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError
-from brainsurgeon.models import ResNet20
-from brainsurgeon.patterns import Pattern
-from brainsurgeon.rowwise import LAYER_METHODS, LayerObjective, SparseGPT
-from brainsurgeon.sequential import capture_block_inputs, find_blocks, model_calls, prune_layerwise
-
+from brainsurgeon.curvature.hessian import LayerObjective
+from brainsurgeon.drivers.sequential import (
+    capture_block_inputs,
+    find_blocks,
+    model_calls,
+    prune_layerwise,
+)
+from brainsurgeon.methods.layerwise import LAYER_METHODS, SparseGPT
+from brainsurgeon.methods.patterns import Pattern
+from brainsurgeon.models.hf import save_pruned
+from brainsurgeon.models.vision import ResNet20
 
 PATTERNS = [("layer", 0.5), ("layer", 0.7), ("row", 0.6), ("2:4", None), ("4:8", None)]
 
@@ -143,7 +149,7 @@ def test_each_block_sees_the_outputs_of_the_pruned_blocks_before_it():
 def test_pruned_llama_saves_and_reloads_with_plain_transformers(tmp_path):
     model, ids = tiny_llama(), token_ids()
     result = brainsurgeon.prune(model, ids, None, "joint", objective="layer", pattern="2:4", progress=False)
-    folder = brainsurgeon.hf.save_pruned(model, None, result, tmp_path / "pruned", {"method": "joint"})
+    folder = save_pruned(model, None, result, tmp_path / "pruned", {"method": "joint"})
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
@@ -172,7 +178,7 @@ import sys, torch, transformers
 sys.path.insert(0, {tests!r})
 from test_layerwise import tiny_llama
 from brainsurgeon.bench import peak_memory_bytes, reset_peak_memory
-from brainsurgeon.sequential import prune_layerwise
+from brainsurgeon.drivers.sequential import prune_layerwise
 torch.set_num_threads(1)
 model = tiny_llama(layers=int(sys.argv[1]), hidden=64)
 ids = torch.randint(0, 96, (64, 256), generator=torch.Generator().manual_seed(0))
@@ -215,7 +221,7 @@ def tiny_lm_folder(tmp_path):
 
 def test_cli_prunes_saves_and_benches_a_hugging_face_model(capsys, tiny_lm_folder, tmp_path):
     from brainsurgeon.cli import main
-    from brainsurgeon.text import perplexity, split_text, token_windows
+    from brainsurgeon.datasets.text import perplexity, split_text, token_windows
 
     folder, text = tiny_lm_folder
     sizes = ["--calib-seqs", "6", "--seq-len", "16", "--eval-windows", "4", "--text", str(text), "--quiet"]

@@ -2,12 +2,13 @@
 import itertools
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from brainsurgeon.curvature import EmpiricalFisher
-from brainsurgeon.problem import PruningProblem, Segment
-from brainsurgeon.selection import SwapSearch, WoodFisher
-from brainsurgeon.update import ExactOptimalBrainSurgeon, OptimalBrainSurgeon
+from brainsurgeon.curvature.fisher import EmpiricalFisher
+from brainsurgeon.methods.problem import PruningProblem, Segment
+from brainsurgeon.methods.selection import SwapSearch, WoodFisher
+from brainsurgeon.methods.update import ExactOptimalBrainSurgeon, OptimalBrainSurgeon
 
 torch.set_default_dtype(torch.float32)
 
@@ -163,7 +164,7 @@ def test_kept_gram_reusing_the_previous_sets_rows_equals_the_fresh_product(spec,
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 40), st.integers(0, 1000))
 def test_perturbed_magnitude_scores_rank_weights_inside_equal_random_groups(m, seed):
-    from brainsurgeon.selection import perturbed_magnitude_scores
+    from brainsurgeon.methods.selection import perturbed_magnitude_scores
 
     weights = torch.randn(m * m, generator=torch.Generator().manual_seed(seed))
     scores = perturbed_magnitude_scores(weights, torch.Generator().manual_seed(seed))

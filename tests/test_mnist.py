@@ -5,8 +5,13 @@ import pytest
 
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError
-from brainsurgeon.datasets import MNIST_FILES, accuracy, download_mnist, load_mnist
-from brainsurgeon.models import build_model
+from brainsurgeon.datasets.vision import (
+    MNIST_FILES,
+    accuracy,
+    download_mnist,
+    load_mnist,
+)
+from brainsurgeon.models.vision import build_model
 
 
 @pytest.fixture(scope="module")

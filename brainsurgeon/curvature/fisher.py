@@ -9,10 +9,10 @@ from functools import cached_property
 import torch
 from torch.func import functional_call, grad, vmap
 
-from .errors import BrainSurgeonError
+from ..drivers.layers import evaluating
+from ..errors import BrainSurgeonError
+from ..progress import progress_bar
 from .gradient_store import FLOAT_BYTES, TRANSPOSE_BUFFER_BYTES, InMemoryGradients
-from .layers import evaluating
-from .progress import progress_bar
 
 GIB = 1024**3
 

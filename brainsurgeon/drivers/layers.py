@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import BrainSurgeonError
+from ..errors import BrainSurgeonError
 
 DEFAULT_TYPES = ("Linear",)
 

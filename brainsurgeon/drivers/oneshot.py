@@ -1,6 +1,5 @@
 """The pruning driver: prune(model, calibration, sparsity, method) -> PruneResult."""
 import inspect
-import math
 import sys
 import time
 import warnings
@@ -14,19 +13,28 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from .. import validation
+from ..curvature.fisher import (
+    MAX_CHUNK_SIZE,
+    EmpiricalFisher,
+    choose_gradient_store,
+    per_sample_gradient_chunks,
+)
+from ..curvature.gradient_store import (
+    DiskGradients,
+    InMemoryGradients,
+    scratch_directory,
+)
+from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING
+from ..errors import BrainSurgeonError, FewSamplesWarning
+from ..methods.joint import JointSelection
+from ..methods.problem import PruningProblem, Segment
+from ..methods.selection import SELECTIONS as BASIC_SELECTIONS
+from ..methods.update import UPDATES
 from .calibration import check_usable, collect
-from .curvature import MAX_CHUNK_SIZE, EmpiricalFisher, choose_gradient_store, per_sample_gradient_chunks
-from .gradient_store import DiskGradients, InMemoryGradients, scratch_directory
-from . import validation
-from .errors import BrainSurgeonError, FewSamplesWarning
 from .layers import copy_model, evaluating, find_prunable, flat_weights
-from .problem import PruningProblem, Segment
 from .result import PruneResult
-from .rowwise import DEFAULT_RELATIVE_DAMPING
 from .sequential import prune_layerwise
-from .joint import JointSelection
-from .selection import SELECTIONS as BASIC_SELECTIONS
-from .update import UPDATES
 
 SELECTIONS = {**BASIC_SELECTIONS, JointSelection.name: JointSelection}
 DEFAULT_UPDATE = {"mp": "none", "random": "none", "wf": "obs", "cbs": "cbsu", "joint": "cbsu"}

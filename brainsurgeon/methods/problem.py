@@ -4,7 +4,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .curvature import EmpiricalFisher
+from ..curvature.fisher import EmpiricalFisher
 
 
 @dataclass(frozen=True)

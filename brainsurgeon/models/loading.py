@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.optim.lr_scheduler
 
-from .errors import BrainSurgeonError
+from ..errors import BrainSurgeonError
 
 try:  # numpy >= 2 moved it; pickles name either module
     from numpy._core.multiarray import _reconstruct

@@ -8,20 +8,20 @@ is pruned with its own H; the pruned block is run again to give the next block i
 block's Hessians and the calibration activations, on top of the model. The model is handed back unchanged.
 """
 import inspect
-import sys
 import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import validation
-from .errors import BrainSurgeonError
+from .. import validation
+from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING, LayerObjective
+from ..errors import BrainSurgeonError
+from ..methods.layerwise import LAYER_METHODS
+from ..methods.patterns import Pattern
+from ..progress import progress_bar
 from .layers import evaluating, find_prunable
-from .patterns import Pattern
-from .progress import progress_bar
 from .result import PruneResult
-from .rowwise import DEFAULT_RELATIVE_DAMPING, LAYER_METHODS, LayerObjective
 
 OUTSIDE_BLOCKS = "outside the repeated blocks the layer-wise driver prunes (embeddings, stem, output head stay dense)"
 

@@ -7,8 +7,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from .atomic import atomic_path
-from .errors import BrainSurgeonError
+from ..atomic import atomic_path
+from ..errors import BrainSurgeonError
 
 MASK_SUFFIX = "_mask"  # "fc1.weight" -> "fc1.weight_mask", the buffer name torch.nn.utils.prune uses
 

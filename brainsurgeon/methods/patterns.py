@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import validation
-from .errors import BrainSurgeonError
+from .. import validation
+from ..errors import BrainSurgeonError
 
 
 def round_half_up(value: float) -> int:

@@ -15,10 +15,10 @@ Q*(S) = |y|^2 + lam |w|^2 - c_S^T x_S. Three moves, each never raising Q:
 """
 import torch
 
-from .curvature import FisherBlock
-from . import validation
+from .. import validation
+from ..curvature.fisher import FisherBlock
+from ..progress import progress_bar
 from .problem import PruningProblem, prune_lowest
-from .progress import progress_bar
 from .selection import SELECTIONS, Selection
 
 

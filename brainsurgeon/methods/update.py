@@ -3,7 +3,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from . import validation
+from .. import validation
 from .problem import PruningProblem
 
 

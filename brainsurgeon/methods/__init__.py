@@ -1,0 +1,1 @@
+"""Selection and update methods, and the sparsity patterns they meet."""

@@ -1,0 +1,1 @@
+"""Models and loaders: the benchmark networks, Hugging Face models, files read safely."""
