@@ -136,6 +136,22 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(report: dict) -> str:
+    """The README's form of a bench JSON: methods as rows, sparsities (or patterns) as columns, mean (± std over
+    seeds where there are several), a dense row, and the mean seconds per run."""
+    summary, dense = summarise(report), report[f"dense_{metric_of(report)}"]
+    sparsities, seeds = report["settings"]["sparsities"], report["settings"]["seeds"]
+    lines = [f"| method | {' | '.join(label(s) for s in sparsities)} | s/run |",
+             "|---" * (len(sparsities) + 2) + "|",
+             "| dense | " + " | ".join(f"{dense:.2f}" for _ in sparsities) + " | |"]
+    for method in report["settings"]["methods"]:
+        cells = [summary[(method, s)] for s in sparsities]
+        values = [f"{mean:.2f}" + (f"±{std:.2f}" if len(seeds) > 1 else "") for mean, std, _ in cells]
+        seconds = statistics.fmean(secs for _, _, secs in cells)
+        lines.append(f"| {method} | {' | '.join(values)} | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
 def write_json(report: dict, path) -> None:
     write_text(path, json.dumps(report, indent=2) + "\n")
 

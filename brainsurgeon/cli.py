@@ -225,6 +225,14 @@ def _cmd_demo(args):
     _finish_bench(report, args)
 
 
+def _cmd_table(args):
+    try:
+        report = json.loads(Path(args.json_file).read_text())
+    except (OSError, ValueError) as error:
+        raise BrainSurgeonError(f"cannot read bench JSON {args.json_file}: {error}") from None
+    print(bench.markdown_table(report))
+
+
 def _cmd_download(args):
     print(f"MNIST files verified in {download_mnist(args.directory, args.mirror)}")
 
@@ -276,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plot")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(run=_cmd_demo)
+
+    t = sub.add_parser("table", help="a bench JSON as the README's markdown table")
+    t.add_argument("json_file")
+    t.set_defaults(run=_cmd_table)
 
     c = sub.add_parser("convert-gguf", help="dequantise a GGUF causal LM into a float32 Hugging Face folder")
     c.add_argument("gguf_file")
