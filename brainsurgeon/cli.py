@@ -91,13 +91,16 @@ def _add_common(parser):
     stages.add_argument("--stages", type=int, help="prune in this many stages, geometric in density")
     stages.add_argument("--schedule", type=_floats, help="explicit sparsities per stage, e.g. 0.9,0.95,0.98")
     stages.add_argument("--refine", type=int, help="extra stages at the target sparsity (see prune's docstring)")
+    stages.add_argument("--bn-recalibration", action="store_true", default=None,
+                        help="re-estimate BatchNorm running statistics on the calibration inputs after pruning (and "
+                             "between stages): forward passes only, no training step")
     stages.add_argument("--first-order", action="store_true", default=None,
                         help="model the mean gradient too (the model need not be at a minimum)")
 
 
 def _method_options(args) -> dict:
     names = ("epsilon", "rho", "tau", "max_passes", "init_trials", "selection_damping", "start", "iht_rounds",
-             "max_swaps", "stages", "first_order", "refine")
+             "max_swaps", "stages", "first_order", "refine", "bn_recalibration")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.schedule:
         options["schedule"] = args.schedule

@@ -8,7 +8,7 @@ from torch import nn
 import brainsurgeon
 from brainsurgeon.curvature.fisher import per_sample_gradients
 from brainsurgeon.datasets.vision import accuracy, load_cifar10
-from brainsurgeon.drivers.layers import find_prunable
+from brainsurgeon.drivers.layers import find_prunable, recalibrate_batchnorm
 from brainsurgeon.models.vision import ResNet20, build_model
 
 
@@ -76,3 +76,38 @@ def test_resnet20_cbs_end_to_end_is_exact_and_beats_magnitude(resnet20):
     mp_acc = accuracy(mp.apply(copy.deepcopy(model)), cifar.test_x, cifar.test_y)
     cbs_acc = accuracy(cbs.apply(copy.deepcopy(model)), cifar.test_x, cifar.test_y)
     assert cbs_acc > mp_acc
+
+
+def test_batchnorm_recalibration_changes_only_running_statistics_and_restores_modes():
+    model = ResNet20()
+    model.train()
+    model.layer2.eval()
+    modes = [m.training for m in model.modules()]
+    momenta = [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    images = torch.randn(24, 3, 32, 32)
+    seen = {}
+    handle = model.layer3[2].bn2.register_forward_hook(lambda m, args, out: seen.setdefault("x", args[0]))
+    stats = recalibrate_batchnorm(model, images, batch_size=len(images))
+    handle.remove()
+    assert [m.training for m in model.modules()] == modes
+    assert [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)] == momenta
+    assert all(torch.equal(v, params[k]) for k, v in model.named_parameters())
+    inputs = seen["x"].transpose(0, 1).reshape(64, -1)
+    torch.testing.assert_close(stats["layer3.2.bn2.running_mean"], inputs.mean(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats["layer3.2.bn2.running_var"], inputs.var(1), rtol=1e-4, atol=1e-5)
+    assert len(stats) == 3 * 21  # 21 BatchNorms (stem, 18 in blocks, 2 shortcuts): mean, variance, batch count
+
+
+def test_prune_with_batchnorm_recalibration_carries_the_statistics():
+    model = ResNet20().eval()
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    plain = brainsurgeon.prune(model, (images, labels), 0.5, "mp", progress=False)
+    recalibrated = brainsurgeon.prune(model, (images, labels), 0.5, "mp", progress=False, bn_recalibration=True)
+    assert all(torch.equal(plain.masks[k], recalibrated.masks[k]) for k in plain.masks)
+    assert plain.settings["bn_recalibration"] is False and recalibrated.settings["bn_recalibration"] is True
+    pruned = recalibrated.apply(copy.deepcopy(model))
+    assert torch.equal(pruned.bn1.running_mean, recalibrated.buffers["bn1.running_mean"])
+    assert not torch.equal(pruned.layer3[0].bn1.running_var, model.layer3[0].bn1.running_var)
+    trace = recalibrated.stats["stages"]
+    assert len(trace) == 1 and trace[0]["sparsity"] == 0.5 and trace[0]["calibration_loss"] > 0

@@ -60,29 +60,40 @@ def collect(calibration, num_samples=None):
     return inputs, targets
 
 
-def check_usable(model, inputs, targets, loss_fn) -> float:
-    """The mean loss of `model` on the calibration data, refusing data the model cannot run on and losses that
-    are not finite (e.g. every target ignored) or that the targets do not fit."""
+def mean_loss(model, inputs, targets, loss_fn) -> float:
+    """Mean loss over the calibration data in eval mode, in batches (every module's mode comes back)."""
     total = 0.0
     with torch.no_grad(), evaluating(model):
         for start in range(0, len(inputs), CHECK_BATCH):
-            batch = slice(start, start + CHECK_BATCH)
-            try:
-                outputs = model(inputs[batch])
-            except Exception as error:  # any failure of the user's forward is a data/model mismatch
-                raise BrainSurgeonError(
-                    f"the model cannot run on the calibration inputs (shape {tuple(inputs.shape[1:])}, dtype "
-                    f"{inputs.dtype}): {_first_line(error)}; pass inputs shaped and typed as the model expects"
-                ) from None
-            try:
-                loss = float(loss_fn(outputs, targets[batch]))
-            except Exception as error:
-                raise BrainSurgeonError(
-                    f"loss_fn cannot use the calibration targets (shape {tuple(targets.shape[1:])}, dtype "
-                    f"{targets.dtype}): {_first_line(error)}; pass targets the loss accepts"
-                ) from None
-            total += loss * len(outputs)
-    mean = total / len(inputs)
+            outputs = model(inputs[start : start + CHECK_BATCH])
+            total += float(loss_fn(outputs, targets[start : start + CHECK_BATCH])) * len(outputs)
+    return total / len(inputs)
+
+
+def check_usable(model, inputs, targets, loss_fn) -> float:
+    """The mean loss of `model` on the calibration data, refusing data the model cannot run on and losses that
+    are not finite (e.g. every target ignored) or that the targets do not fit."""
+    first = slice(0, CHECK_BATCH)
+    with torch.no_grad(), evaluating(model):
+        try:
+            outputs = model(inputs[first])
+        except Exception as error:  # any failure of the user's forward is a data/model mismatch
+            raise BrainSurgeonError(
+                f"the model cannot run on the calibration inputs (shape {tuple(inputs.shape[1:])}, dtype "
+                f"{inputs.dtype}): {_first_line(error)}; pass inputs shaped and typed as the model expects"
+            ) from None
+        try:
+            float(loss_fn(outputs, targets[first]))
+        except Exception as error:
+            raise BrainSurgeonError(
+                f"loss_fn cannot use the calibration targets (shape {tuple(targets.shape[1:])}, dtype "
+                f"{targets.dtype}): {_first_line(error)}; pass targets the loss accepts"
+            ) from None
+    try:
+        mean = mean_loss(model, inputs, targets, loss_fn)
+    except Exception as error:
+        raise BrainSurgeonError(f"the calibration data fail past their first {CHECK_BATCH} samples: "
+                                f"{_first_line(error)}; check every sample's shape, type and target") from None
     if not math.isfinite(mean):
         raise BrainSurgeonError(f"the calibration loss is {mean} on the unpruned model (targets all ignored, "
                                 "out of range, or a model that overflows); fix the targets or the loss")

@@ -169,3 +169,32 @@ def copy_model(model: nn.Module) -> nn.Module:
     finally:
         for module, name, tensor in computed:
             setattr(module, name, tensor)
+
+
+def recalibrate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 128) -> dict:
+    """Re-estimate every BatchNorm's running mean and variance on `inputs` with forward passes only (no gradient,
+    no weight changes): pruning shifts the activations, and the statistics of the dense model no longer fit
+    them. Each BatchNorm averages over all batches (momentum None); every module's mode and momentum come back.
+    Returns the new statistics as {buffer name: tensor}, empty when the model has no BatchNorm."""
+    norms = {name: module for name, module in model.named_modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats}
+    if not norms:
+        return {}
+    modes = [(module, module.training) for module in model.modules()]
+    momenta = {name: module.momentum for name, module in norms.items()}
+    model.eval()
+    for module in norms.values():
+        module.reset_running_stats()
+        module.momentum = None
+        module.train()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(inputs), batch_size):
+                model(inputs[start : start + batch_size])
+    finally:
+        for name, module in norms.items():
+            module.momentum = momenta[name]
+        for module, training in modes:
+            module.training = training
+    return {f"{name}.{buffer}".strip("."): getattr(module, buffer).detach().clone()
+            for name, module in norms.items() for buffer in ("running_mean", "running_var", "num_batches_tracked")}

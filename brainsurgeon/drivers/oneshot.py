@@ -31,8 +31,8 @@ from ..methods.joint import JointSelection
 from ..methods.problem import PruningProblem, Segment
 from ..methods.selection import SELECTIONS as BASIC_SELECTIONS
 from ..methods.update import UPDATES
-from .calibration import check_usable, collect
-from .layers import copy_model, evaluating, find_prunable, flat_weights
+from .calibration import check_usable, collect, mean_loss
+from .layers import copy_model, evaluating, find_prunable, flat_weights, recalibrate_batchnorm
 from .result import PruneResult
 from .sequential import prune_layerwise
 
@@ -135,7 +135,7 @@ def _option_names(cls) -> set:
 
 
 STAGE_OPTIONS = ("stages", "schedule", "first_order", "first_method", "refine", "later_damping",
-                 "later_damping_grid")
+                 "later_damping_grid", "bn_recalibration")
 
 
 def _methods_of(method: str) -> set:
@@ -282,7 +282,8 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
           scope: str = "global", structure: str = "full", gradients: str = "auto", scratch_dir=None,
           seed: int = 0, max_memory: float = 8 * GIB, chunk_size: int | None = None, progress: bool = True,
           stages: int | None = None, schedule=None, first_order: bool | None = None, first_method: str | None = None,
-          refine: int | None = None, objective: str = "fisher", pattern: str = "layer", **options) -> PruneResult:
+          refine: int | None = None, objective: str = "fisher", pattern: str = "layer",
+          bn_recalibration: bool = False, **options) -> PruneResult:
     """One-shot prune of `model` to `sparsity` with `method` ('SELECTION[+UPDATE]', e.g. 'cbs', 'wf+cbsu',
     or the preset 'max': the most accurate configuration measured).
 
@@ -304,7 +305,9 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     after a multi-stage schedule: with `first_order`, each is a damped Gauss-Newton step of the calibration
     loss on the current mask (the selection may still swap weights), using the calibration data the way a
     short fine-tuning would. `later_damping` and `later_damping_grid` set the damping and the CBS-U grid of
-    the stages after the first (default: those of the first).
+    the stages after the first (default: those of the first). `bn_recalibration` re-estimates every BatchNorm's
+    running statistics on the calibration inputs after each stage, with forward passes only (the result carries
+    them in `buffers`); every stage's sparsity, calibration loss and seconds are in `stats['stages']`.
     `options` go to whichever of the selection and the update takes them by name (e.g. rho, tau for cbs;
     damping_grid for cbsu). The model is not modified: call `result.apply(model)`.
     """
@@ -315,32 +318,42 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     plan = plan_run(model, sparsity, method, loss_fn, num_samples=num_samples, damping=damping, include=include,
                     ignore=ignore, scope=scope, structure=structure, gradients=gradients, scratch_dir=scratch_dir,
                     seed=seed, max_memory=max_memory, chunk_size=chunk_size, progress=progress, stages=stages,
-                    schedule=schedule, first_order=first_order, first_method=first_method, refine=refine, **options)
+                    schedule=schedule, first_order=first_order, first_method=first_method, refine=refine,
+                    bn_recalibration=bn_recalibration, **options)
     if calibration is not None:  # data-free methods (mp, random) may be given none
         calibration = collect(calibration, plan.num_samples)  # every stage sees the same samples
         check_usable(model, *calibration, loss_fn)
-    if len(plan.schedule) == 1:
-        return _prune_stage(model, calibration, plan.sparsity, *plan.methods[0], first_order=False,
-                            damping=plan.damping, options=plan.options, **plan.common)
+    if bn_recalibration and calibration is None:
+        raise BrainSurgeonError("bn_recalibration needs calibration inputs; pass (inputs, targets)")
+    if len(plan.schedule) == 1 and not bn_recalibration:
+        result = _prune_stage(model, calibration, plan.sparsity, *plan.methods[0], first_order=False,
+                              damping=plan.damping, options=plan.options, **plan.common)
+        result.settings["bn_recalibration"] = False
+        return result
     staged = copy_model(model)
     reports = []
     for stage, (target, (selection_name, update_name)) in enumerate(zip(plan.schedule, plan.methods), 1):
-        if progress:
-            print(f"stage {stage}/{len(plan.schedule)}: {selection_name}+{update_name} to sparsity {target:.4g}",
-                  file=sys.stderr, flush=True)
         # The trained model is taken to be at a minimum: its mean gradient is noise until a stage has moved it.
         result = _prune_stage(staged, calibration, target, selection_name, update_name,
                               first_order=plan.first_order and stage > 1,
                               damping=plan.damping if stage == 1 else plan.later_damping,
                               options=plan.options if stage == 1 else plan.later_options, **plan.common)
         result.apply(staged)
-        reports.append(dict(sparsity=target, method=f"{selection_name}+{update_name}", timings=result.timings,
-                            stats=result.stats))
+        if bn_recalibration:
+            result.buffers = recalibrate_batchnorm(staged, calibration[0])
+        report = dict(sparsity=target, method=f"{selection_name}+{update_name}", seconds=result.timings["total"],
+                      calibration_loss=None if calibration is None else mean_loss(staged, *calibration, loss_fn),
+                      timings=result.timings, stats=result.stats)
+        reports.append(report)
+        if progress:
+            loss = "" if report["calibration_loss"] is None else f", calibration loss {report['calibration_loss']:.4g}"
+            print(f"stage {stage}/{len(plan.schedule)}: {report['method']} to sparsity {target:.4g}{loss} in "
+                  f"{report['seconds']:.1f}s", file=sys.stderr, flush=True)
     result.timings = {key: sum(r["timings"].get(key, 0.0) for r in reports) for key in result.timings}
     result.stats = dict(result.stats, stages=reports)
     result.settings.update(stages=len(plan.schedule), schedule=plan.schedule, sparsity=plan.sparsity,
                            first_method="+".join(plan.methods[0]), first_order=plan.first_order, refine=plan.refine,
-                           first_damping=plan.damping)
+                           first_damping=plan.damping, bn_recalibration=bn_recalibration)
     return result
 
 
@@ -364,7 +377,8 @@ class RunPlan:
 def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
              num_samples=None, damping=None, include=None, ignore=(), scope="global", structure="full",
              gradients="auto", scratch_dir=None, seed=0, max_memory=8 * GIB, chunk_size=None, progress=True,
-             stages=None, schedule=None, first_order=None, first_method=None, refine=None, **options) -> RunPlan:
+             stages=None, schedule=None, first_order=None, first_method=None, refine=None, bn_recalibration=False,
+             **options) -> RunPlan:
     """Check every argument of `prune` against `model` (no data, no gradients) and return the plan it runs.
     `bench` plans every run of a sweep this way before the first one starts."""
     sparsity = validation.sparsity(sparsity)
@@ -386,6 +400,8 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     validation.choice("gradients", gradients, ("auto", "memory", "disk"))
     if scratch_dir is not None and not Path(scratch_dir).is_dir():
         raise BrainSurgeonError(f"scratch_dir {scratch_dir} is not a directory; create it or leave it unset")
+    if not isinstance(bn_recalibration, bool):
+        raise BrainSurgeonError(f"bn_recalibration must be True or False, got {bn_recalibration!r}")
     if not callable(loss_fn):
         raise BrainSurgeonError(f"loss_fn must be callable (outputs, targets) -> scalar loss, got {loss_fn!r}")
     targets = sparsity_schedule(sparsity, stages, schedule)

@@ -32,6 +32,7 @@ class PruneResult:
     timings: dict = field(default_factory=dict)  # seconds per phase
     stats: dict = field(default_factory=dict)  # method-specific figures (cbs passes, swaps, ...)
     dense_layers: dict = field(default_factory=dict)  # module name -> why it was left dense
+    buffers: dict = field(default_factory=dict)  # re-estimated BatchNorm statistics (bn_recalibration), by name
 
     @property
     def num_weights(self) -> int:
@@ -68,6 +69,11 @@ class PruneResult:
                     mask = getattr(module, f"{attr}_mask")
                     mask.copy_(self.masks[name].to(mask.dtype))
                     setattr(module, attr, target * mask)  # what torch's pruning hook computes at the next forward
+            buffers = dict(model.named_buffers())
+            for name, value in self.buffers.items():
+                if name not in buffers:
+                    raise BrainSurgeonError(f"model has no buffer {name}; apply the result to the model it came from")
+                buffers[name].copy_(value)
         return model
 
     def apply_masks(self, model: nn.Module) -> nn.Module:
@@ -88,6 +94,7 @@ class PruneResult:
             "num_pruned": self.num_pruned,
             "layer_sparsity": self.layer_sparsity,
             "dense_layers": self.dense_layers,
+            "recalibrated_buffers": sorted(self.buffers),
             "selection_objective": self.selection_objective,
             "predicted_loss_increase": self.predicted_loss_increase,
             "timings": self.timings,
@@ -104,6 +111,7 @@ class PruneResult:
         if model is not None:
             tensors.update({k: v.detach().clone() for k, v in model.state_dict().items()})
         tensors.update({name: weight.contiguous() for name, weight in self.weights.items()})
+        tensors.update({name: value.contiguous() for name, value in self.buffers.items()})
         tensors.update({name + MASK_SUFFIX: mask.to(torch.uint8) for name, mask in self.masks.items()})
         metadata = {"brainsurgeon": json.dumps(self.report())}
         with atomic_path(path) as tmp:
@@ -121,4 +129,5 @@ class PruneResult:
         return cls(masks=masks, weights=weights, settings=report["settings"],
                    selection_objective=report["selection_objective"],
                    predicted_loss_increase=report["predicted_loss_increase"], timings=report["timings"],
-                   stats=report["stats"], dense_layers=report["dense_layers"])
+                   stats=report["stats"], dense_layers=report["dense_layers"],
+                   buffers={name: tensors[name] for name in report.get("recalibrated_buffers", [])})
