@@ -243,3 +243,22 @@ def test_cli_prunes_saves_and_benches_a_hugging_face_model(capsys, tiny_lm_folde
     assert table["metric"] == "perplexity" and len(table["results"]) == 4
     assert {row["sparsity"] for row in table["results"]} == {0.5, "2:4"}
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_a_failure_inside_a_block_hands_the_model_back_unchanged(monkeypatch):
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+
+    def fail_in_the_second_block(self, objective, pattern):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return original(self, objective, pattern)
+
+    original = SparseGPT.prune
+    monkeypatch.setattr(SparseGPT, "prune", fail_in_the_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        prune_layerwise(model, token_ids(), 0.5, "sparsegpt", progress=False)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

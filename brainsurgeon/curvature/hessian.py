@@ -31,10 +31,10 @@ class LayerObjective:
     def shape(self):
         return tuple(self.weight.shape)
 
-    def error(self, new_weight: torch.Tensor, damped: bool = False) -> float:
-        """|W X - W' X|^2 / N, or the damped objective the solves minimise."""
+    def error(self, new_weight: torch.Tensor) -> float:
+        """|W X - W' X|^2 / N."""
         delta = (self.weight - new_weight.reshape(self.shape)).double()
-        return float(((delta @ (self.damped if damped else self.hessian)) * delta).sum())
+        return float(((delta @ self.hessian) * delta).sum())
 
     def exact_update(self, pruned: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         """The best weights with `pruned` zero: for each row, w'_S = H_SS^-1 (H w)_S on its kept set S (damped H).
@@ -52,7 +52,7 @@ class LayerObjective:
         scale = rhs.norm(dim=1, keepdim=True).clamp_min(1e-30)
         direction = residual * preconditioner
         rz = (residual * direction).sum(1, keepdim=True)
-        for self.solve_iterations in range(1, SOLVE_MAX_ITERATIONS + 1):
+        for iteration in range(SOLVE_MAX_ITERATIONS):
             if float((residual.norm(dim=1, keepdim=True) / scale).max()) < SOLVE_TOLERANCE:
                 break
             product = (direction @ hessian) * keep
@@ -62,4 +62,5 @@ class LayerObjective:
             preconditioned = residual * preconditioner
             rz, previous = (residual * preconditioned).sum(1, keepdim=True), rz
             direction = preconditioned + rz / previous.clamp_min(1e-30) * direction
+        self.solve_iterations = iteration  # for the report
         return solution * keep

@@ -175,7 +175,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                     batch_size: int = 8, progress: bool = True, **options) -> PruneResult:
     """Prune every prunable layer of `model`'s blocks on the layer-wise objective, block by block.
 
-    `method`: 'mp', 'wanda', 'sparsegpt' or 'joint' (rowwise.py). `pattern`: 'layer' (unstructured, exact count
+    `method`: 'mp', 'wanda', 'sparsegpt' or 'joint' (methods/layerwise.py). `pattern`: 'layer' (unstructured, exact count
     per layer), 'row' (exact count per output row) or 'N:M' such as '2:4' (sparsity N/M). `damping`: of H,
     relative to mean(diag H). `calibration`: model inputs (a tensor such as token ids, batched by `batch_size`,
     an (inputs, targets) pair, or an iterable of tensors or keyword dicts). `options` go to the method.
@@ -272,25 +272,33 @@ def _prune_block(block_name, block, layers, inputs, layer_method, pattern, dampi
             recorder.close()
     timings["hessians"] += time.perf_counter() - mark
     originals = {}
-    for name, full_name in layers:
+    try:
+        for name, full_name in layers:
+            originals[name] = modules[name].weight.detach().clone()
+            _prune_layer(modules[name], full_name, recorder.hessian(name) if recorder else None, layer_method,
+                         pattern, damping, timings, stats, masks, weights)
         mark = time.perf_counter()
-        module = modules[name]
-        hessian = recorder.hessian(name) if recorder else torch.eye(module.weight[0].numel(), dtype=torch.float64)
-        objective = LayerObjective(module.weight, hessian, damping)
-        pruned, new = layer_method.prune(objective, pattern)
-        originals[name] = module.weight.detach().clone()
-        module.weight.copy_(new.reshape(module.weight.shape))
-        masks[f"{full_name}.weight"] = ~pruned.reshape(module.weight.shape)
-        weights[f"{full_name}.weight"] = new.reshape(module.weight.shape).clone()
-        seconds = time.perf_counter() - mark
-        timings["prune"] += seconds
-        entry = {"seconds": seconds}
-        if recorder:
-            entry.update(error=objective.error(new), dense_output=objective.error(torch.zeros(objective.shape)))
-        stats[full_name] = {**entry, **getattr(layer_method, "last_stats", {})}
-    mark = time.perf_counter()
-    next_inputs = None if inputs is None else _with_first(inputs, _run_block(block, inputs))
-    for name, original in originals.items():  # the caller's model comes back unchanged
-        modules[name].weight.copy_(original)
-    timings["propagate"] += time.perf_counter() - mark
+        next_inputs = None if inputs is None else _with_first(inputs, _run_block(block, inputs))
+        timings["propagate"] += time.perf_counter() - mark
+    finally:  # the caller's model comes back unchanged, whatever happened
+        for name, original in originals.items():
+            modules[name].weight.copy_(original)
     return next_inputs
+
+
+def _prune_layer(module, full_name, hessian, layer_method, pattern, damping, timings, stats, masks, weights):
+    """Prune one layer and write the result into the module, so that the block's outputs are the pruned ones."""
+    mark = time.perf_counter()
+    shape = module.weight.shape
+    objective = LayerObjective(module.weight, torch.eye(shape[1:].numel(), dtype=torch.float64)
+                               if hessian is None else hessian, damping)
+    pruned, new = layer_method.prune(objective, pattern)
+    module.weight.copy_(new.reshape(shape))
+    masks[f"{full_name}.weight"] = ~pruned.reshape(shape)
+    weights[f"{full_name}.weight"] = new.reshape(shape).clone()
+    seconds = time.perf_counter() - mark
+    timings["prune"] += seconds
+    entry = {"seconds": seconds}
+    if hessian is not None:
+        entry.update(error=objective.error(new), dense_output=objective.error(torch.zeros(objective.shape)))
+    stats[full_name] = {**entry, **getattr(layer_method, "last_stats", {})}

@@ -25,7 +25,8 @@ from .patterns import Pattern
 
 
 class LayerMethod(ABC):
-    """Chooses the pruned set of one layer under a pattern and returns (pruned mask, new weights)."""
+    """Chooses the pruned set of one layer under a pattern and returns (pruned mask, new weights); a method may
+    leave figures of its last call in `last_stats` for the report."""
 
     name: str
     needs_hessian = True
