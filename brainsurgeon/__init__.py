@@ -6,5 +6,6 @@ from .errors import BrainSurgeonError
 from .methods.update import UPDATES
 from .models.vision import load_checkpoint
 
-__all__ = ["prune", "prune_layerwise", "PruneResult", "BrainSurgeonError", "load_checkpoint", "parse_method", "SELECTIONS", "UPDATES"]
+__all__ = ["prune", "prune_layerwise", "PruneResult", "BrainSurgeonError", "load_checkpoint", "parse_method",
+           "SELECTIONS", "UPDATES"]
 __version__ = "0.1.0"

@@ -41,6 +41,19 @@ def peak_memory_bytes() -> int:
 DEFAULT_CALIB_SAMPLES = 10000
 
 
+def measure_run(model, run_prune, score) -> dict:
+    """Time `run_prune()` and its peak resident memory, then `score` a pruned copy of `model`: the fields every
+    bench row has. `seconds` is the prune's wall time; `peak_rss_bytes` the process's peak during it."""
+    reset_peak_memory()
+    start = time.perf_counter()
+    result = run_prune()
+    seconds = time.perf_counter() - start
+    peak = peak_memory_bytes()
+    return dict(score=score(result.apply(copy_model(model))), seconds=seconds, achieved_sparsity=result.sparsity,
+                num_pruned=result.num_pruned, num_weights=result.num_weights, peak_rss_bytes=peak,
+                timings=result.timings, settings=result.settings, stats=result.stats)
+
+
 def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), calib_samples=DEFAULT_CALIB_SAMPLES,
                   damping=None, model_name="model", progress=True, max_memory=8 * GIB, structure="full",
                   gradients="auto", **options) -> dict:
@@ -63,24 +76,16 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
         calibration = dataset.calibration(calib_samples, seed)
         for sparsity in sparsities:
             for method in methods:
-                reset_peak_memory()
-                start = time.perf_counter()
-                result = prune(model, calibration, sparsity, method, damping=damping, seed=seed, progress=progress,
-                               max_memory=max_memory, structure=structure, gradients=gradients,
-                               **accepted_options(method, options))
-                seconds = time.perf_counter() - start
-                peak = peak_memory_bytes()
-                pruned_model = result.apply(copy_model(model))
-                row = dict(method=method, sparsity=sparsity, seed=seed,
-                           accuracy=accuracy(pruned_model, dataset.test_x, dataset.test_y),
-                           seconds=seconds, achieved_sparsity=result.sparsity, num_pruned=result.num_pruned,
-                           num_weights=result.num_weights,
-                           peak_rss_bytes=peak, timings=result.timings, settings=result.settings,
-                           stats=result.stats)
+                measured = measure_run(
+                    model, lambda: prune(model, calibration, sparsity, method, damping=damping, seed=seed,
+                                         progress=progress, max_memory=max_memory, structure=structure,
+                                         gradients=gradients, **accepted_options(method, options)),
+                    lambda pruned: accuracy(pruned, dataset.test_x, dataset.test_y))
+                row = dict(method=method, sparsity=sparsity, seed=seed, accuracy=measured.pop("score"), **measured)
                 results.append(row)
                 if progress:
                     print(f"[{len(results)}/{total}] {method} s={sparsity} seed={seed}: "
-                          f"{row['accuracy']:.2f}% in {seconds:.1f}s", file=sys.stderr, flush=True)
+                          f"{row['accuracy']:.2f}% in {row['seconds']:.1f}s", file=sys.stderr, flush=True)
     return {
         "model": model_name,
         "dataset": dataset.name,
@@ -209,24 +214,15 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
     dense = perplexity(model, evaluation, progress=progress)
     results = []
     for method, pattern in runs:
-        reset_peak_memory()
-        start = time.perf_counter()
         sparsity, kind = split_pattern(pattern)
-        result = prune_layerwise(model, calibration, sparsity, method, pattern=kind, damping=damping,
-                                 progress=progress, **method_options(method, options))
-        seconds = time.perf_counter() - start
-        peak = peak_memory_bytes()
-        pruned_model = result.apply(copy_model(model))
-        row = dict(method=method, sparsity=pattern, seed=0, perplexity=perplexity(pruned_model, evaluation,
-                                                                                   progress=progress),
-                   seconds=seconds, achieved_sparsity=result.sparsity, num_pruned=result.num_pruned,
-                   num_weights=result.num_weights, peak_rss_bytes=peak, timings=result.timings,
-                   settings=result.settings, stats=result.stats)
-        del pruned_model
+        measured = measure_run(model, lambda: prune_layerwise(
+            model, calibration, sparsity, method, pattern=kind, damping=damping, progress=progress,
+            **method_options(method, options)), lambda pruned: perplexity(pruned, evaluation, progress=progress))
+        row = dict(method=method, sparsity=pattern, seed=0, perplexity=measured.pop("score"), **measured)
         results.append(row)
         if progress:
             print(f"[{len(results)}/{len(runs)}] {method} {label(pattern)}: perplexity {row['perplexity']:.2f} "
-                  f"(dense {dense:.2f}) in {seconds:.1f}s", file=sys.stderr, flush=True)
+                  f"(dense {dense:.2f}) in {row['seconds']:.1f}s", file=sys.stderr, flush=True)
     return {
         "model": model_name,
         "dataset": text_source,

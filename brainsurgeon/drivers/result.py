@@ -62,7 +62,8 @@ class PruneResult:
             for name, weight in self.weights.items():
                 target, module = targets[name]
                 if target.shape != weight.shape:
-                    raise BrainSurgeonError(f"{name}: model shape {tuple(target.shape)} != result {tuple(weight.shape)}")
+                    raise BrainSurgeonError(f"{name}: model shape {tuple(target.shape)} != result "
+                                            f"{tuple(weight.shape)}")
                 target.copy_(weight)
                 if module is not None:
                     attr = name.rpartition(".")[2]

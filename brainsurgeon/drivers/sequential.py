@@ -175,8 +175,8 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                     batch_size: int = 8, progress: bool = True, **options) -> PruneResult:
     """Prune every prunable layer of `model`'s blocks on the layer-wise objective, block by block.
 
-    `method`: 'mp', 'wanda', 'sparsegpt' or 'joint' (methods/layerwise.py). `pattern`: 'layer' (unstructured, exact count
-    per layer), 'row' (exact count per output row) or 'N:M' such as '2:4' (sparsity N/M). `damping`: of H,
+    `method`: 'mp', 'wanda', 'sparsegpt' or 'joint' (methods/layerwise.py). `pattern`: 'layer' (unstructured,
+    exact count per layer), 'row' (exact count per output row) or 'N:M' such as '2:4' (sparsity N/M). `damping`: of H,
     relative to mean(diag H). `calibration`: model inputs (a tensor such as token ids, batched by `batch_size`,
     an (inputs, targets) pair, or an iterable of tensors or keyword dicts). `options` go to the method.
     The model is not modified: call `result.apply(model)`.
