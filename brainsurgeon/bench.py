@@ -56,11 +56,12 @@ def measure_run(model, run_prune, score) -> dict:
 
 def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), calib_samples=DEFAULT_CALIB_SAMPLES,
                   damping=None, model_name="model", progress=True, max_memory=8 * GIB, structure="full",
-                  gradients="auto", **options) -> dict:
+                  gradients="auto", json_path=None, **options) -> dict:
     """Prune `model` with every method x sparsity x seed; each run starts from the dense model.
 
     `seconds` is the wall time of the prune call, per-sample gradients included; `peak_rss_bytes` its peak
-    resident memory (the process's, data and model included).
+    resident memory (the process's, data and model included). With `json_path`, the report so far is written
+    after every run (`complete` is false until the last), so a long bench that is stopped keeps its figures.
     """
     if not (len(methods) and len(sparsities) and len(seeds)):
         raise BrainSurgeonError("bench needs at least one method, one sparsity and one seed")
@@ -70,7 +71,18 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
                 plan_run(model, sparsity, method, damping=damping, seed=seed, max_memory=max_memory,
                          structure=structure, gradients=gradients, **accepted_options(method, options))
     calib_samples = validation.count("calibration samples", calib_samples)
-    results = []
+    report = {
+        "model": model_name,
+        "dataset": dataset.name,
+        "dense_accuracy": accuracy(model, dataset.test_x, dataset.test_y),
+        "settings": dict(methods=list(methods), sparsities=list(sparsities), seeds=list(seeds),
+                         calib_samples=calib_samples, damping=damping, structure=structure, gradients=gradients,
+                         options=options, test_samples=len(dataset.test_x)),
+        "results": [],
+        "complete": False,
+        "note": UNSTRUCTURED_NOTE,
+    }
+    results = report["results"]
     total = len(methods) * len(sparsities) * len(seeds)
     for seed in seeds:
         calibration = dataset.calibration(calib_samples, seed)
@@ -82,21 +94,18 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
                                          gradients=gradients, **accepted_options(method, options)),
                     lambda pruned: accuracy(pruned, dataset.test_x, dataset.test_y))
                 row = dict(method=method, sparsity=sparsity, seed=seed, accuracy=measured.pop("score"), **measured)
-                results.append(row)
+                _record(report, row, json_path)
                 if progress:
                     print(f"[{len(results)}/{total}] {method} s={sparsity} seed={seed}: "
                           f"{row['accuracy']:.2f}% in {row['seconds']:.1f}s", file=sys.stderr, flush=True)
-    return {
-        "model": model_name,
-        "dataset": dataset.name,
-        "dense_accuracy": accuracy(model, dataset.test_x, dataset.test_y),
-        "settings": dict(methods=list(methods), sparsities=list(sparsities), seeds=list(seeds),
-                         calib_samples=calib_samples, damping=damping, structure=structure, gradients=gradients,
-                         options=options,
-                         test_samples=len(dataset.test_x)),
-        "results": results,
-        "note": UNSTRUCTURED_NOTE,
-    }
+    report["complete"] = True
+    return report
+
+
+def _record(report: dict, row: dict, json_path) -> None:
+    report["results"].append(row)
+    if json_path:
+        write_json(report, json_path)
 
 
 def metric_of(report: dict) -> str:
@@ -193,9 +202,10 @@ def plot(report: dict, path) -> None:
 
 
 def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_name="model", damping=None,
-                     progress=True, text_source="wiki", **options) -> dict:
+                     progress=True, text_source="wiki", json_path=None, **options) -> dict:
     """Prune a language model with every layer-wise method x pattern on the same calibration token windows and
-    score perplexity on the same evaluation windows. A pattern is a sparsity (unstructured per layer) or 'N:M'."""
+    score perplexity on the same evaluation windows. A pattern is a sparsity (unstructured per layer) or 'N:M'.
+    With `json_path`, the report so far is written after every run, as in run_benchmark."""
     from .datasets.text import perplexity
     from .drivers.sequential import (
         method_options,
@@ -212,26 +222,28 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         plan_layerwise(model, *split_pattern(pattern), method, damping=damping, **method_options(method, options))
     started = time.perf_counter()
     dense = perplexity(model, evaluation, progress=progress)
-    results = []
-    for method, pattern in runs:
-        sparsity, kind = split_pattern(pattern)
-        measured = measure_run(model, lambda: prune_layerwise(
-            model, calibration, sparsity, method, pattern=kind, damping=damping, progress=progress,
-            **method_options(method, options)), lambda pruned: perplexity(pruned, evaluation, progress=progress))
-        row = dict(method=method, sparsity=pattern, seed=0, perplexity=measured.pop("score"), **measured)
-        results.append(row)
-        if progress:
-            print(f"[{len(results)}/{len(runs)}] {method} {label(pattern)}: perplexity {row['perplexity']:.2f} "
-                  f"(dense {dense:.2f}) in {row['seconds']:.1f}s", file=sys.stderr, flush=True)
-    return {
+    report = {
         "model": model_name,
         "dataset": text_source,
         "metric": "perplexity",
         "dense_perplexity": dense,
         "settings": dict(methods=list(methods), sparsities=list(patterns), seeds=[0], damping=damping,
                          calib_samples=len(calibration), calib_windows=list(calibration.shape),
-                         eval_windows=list(evaluation.shape), options=options,
-                         wall_seconds=time.perf_counter() - started),
-        "results": results,
+                         eval_windows=list(evaluation.shape), options=options),
+        "results": [],
+        "complete": False,
         "note": UNSTRUCTURED_NOTE,
     }
+    for method, pattern in runs:
+        sparsity, kind = split_pattern(pattern)
+        measured = measure_run(model, lambda: prune_layerwise(
+            model, calibration, sparsity, method, pattern=kind, damping=damping, progress=progress,
+            **method_options(method, options)), lambda pruned: perplexity(pruned, evaluation, progress=progress))
+        row = dict(method=method, sparsity=pattern, seed=0, perplexity=measured.pop("score"), **measured)
+        report["settings"]["wall_seconds"] = time.perf_counter() - started
+        _record(report, row, json_path)
+        if progress:
+            print(f"[{len(report['results'])}/{len(runs)}] {method} {label(pattern)}: perplexity "
+                  f"{row['perplexity']:.2f} (dense {dense:.2f}) in {row['seconds']:.1f}s", file=sys.stderr, flush=True)
+    report["complete"] = True
+    return report

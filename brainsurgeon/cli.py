@@ -199,7 +199,7 @@ def _cmd_bench_language_model(args):
     options = {"start": args.start} if args.start else {}
     report = bench.run_lm_benchmark(model, calibration, evaluation, args.methods.split(","), args.sparsities,
                                     model_name=Path(args.hf_model).name, damping=args.damp,
-                                    text_source=_describe_text(args.text),
+                                    text_source=_describe_text(args.text), json_path=args.json,
                                     progress=not args.quiet, **options)
     _finish_bench(report, args)
 
@@ -214,7 +214,7 @@ def _cmd_bench(args):
     report = bench.run_benchmark(model, dataset, args.methods.split(","), args.sparsities, args.seeds,
                                  _calib_samples(args, dataset), args.damp, model_name=args.model, progress=not args.quiet,
                                  max_memory=args.max_memory_gb * GIB, structure=args.structure,
-                                 gradients=args.gradients,
+                                 gradients=args.gradients, json_path=args.json,
                                  **_method_options(args))
     _finish_bench(report, args)
 

@@ -36,7 +36,7 @@ def test_bench_writes_the_documented_json_shape(capsys, mnist_like, tmp_path):
     assert code == 0
     report = json.loads(out.read_text())
     assert {"model", "dataset", "dense_accuracy", "settings", "results"} <= set(report)
-    assert len(report["results"]) == 8
+    assert len(report["results"]) == 8 and report["complete"] is True
     assert {"method", "sparsity", "seed", "accuracy", "seconds", "achieved_sparsity", "peak_rss_bytes"} <= set(report["results"][0])
     assert all(row["peak_rss_bytes"] > 10 * 2**20 for row in report["results"])
     assert "±" in stdout and (tmp_path / "plot.png").stat().st_size > 0
@@ -98,3 +98,24 @@ def test_bench_honours_the_memory_budget(capsys, mnist_like):
     code, _, err = run(capsys, "bench", "--checkpoint", str(checkpoint), "--data-dir", str(data), "--methods", "wf",
                        "--sparsities", "0.5", "--calib-samples", "100", "--max-memory-gb", "0.0001", "--quiet")
     assert code == 2 and "max_memory" in err
+
+
+def test_a_stopped_bench_keeps_the_runs_it_finished(monkeypatch, tmp_path):
+    from brainsurgeon import bench
+    from brainsurgeon.demo import demo_setup
+
+    model, dataset = demo_setup()
+    calls, real_prune = [], bench.prune
+
+    def stop_on_the_second_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_prune(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "prune", stop_on_the_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_benchmark(model, dataset, ["mp"], [0.5, 0.9], calib_samples=100, progress=False,
+                            json_path=tmp_path / "partial.json")
+    partial = json.loads((tmp_path / "partial.json").read_text())
+    assert partial["complete"] is False and [row["sparsity"] for row in partial["results"]] == [0.5]
