@@ -193,7 +193,7 @@ def plot(report: dict, path) -> None:
     if metric == "perplexity":
         axes.set_yscale("log")
     axes.set(xlabel="sparsity or pattern", ylabel="test accuracy (%)" if metric == "accuracy" else metric,
-             title=f"{report['model']} / {report['dataset']}")
+             title=f"{report['model']} / {report['dataset'].split(' (')[0]}")
     axes.legend()
     figure.tight_layout()
     with atomic_path(path) as tmp:
