@@ -3,16 +3,20 @@ import math
 
 import torch
 
-from ..errors import BrainSurgeonError
+from ..errors import BrainSurgeonError, first_line
 from .layers import evaluating
 
 CHECK_BATCH = 128
 
 
+def is_tensor_pair(calibration) -> bool:
+    """An (inputs, targets) pair of tensors, rather than an iterable of batches."""
+    return isinstance(calibration, (tuple, list)) and len(calibration) == 2 and all(
+        isinstance(t, torch.Tensor) for t in calibration)
+
+
 def _as_batches(calibration, num_samples):
-    if isinstance(calibration, (tuple, list)) and len(calibration) == 2 and all(
-        isinstance(t, torch.Tensor) for t in calibration
-    ):
+    if is_tensor_pair(calibration):
         return [tuple(calibration)]
     try:
         iterator = iter(calibration)
@@ -80,25 +84,21 @@ def check_usable(model, inputs, targets, loss_fn) -> float:
         except Exception as error:  # any failure of the user's forward is a data/model mismatch
             raise BrainSurgeonError(
                 f"the model cannot run on the calibration inputs (shape {tuple(inputs.shape[1:])}, dtype "
-                f"{inputs.dtype}): {_first_line(error)}; pass inputs shaped and typed as the model expects"
+                f"{inputs.dtype}): {first_line(error)}; pass inputs shaped and typed as the model expects"
             ) from None
         try:
             float(loss_fn(outputs, targets[first]))
         except Exception as error:
             raise BrainSurgeonError(
                 f"loss_fn cannot use the calibration targets (shape {tuple(targets.shape[1:])}, dtype "
-                f"{targets.dtype}): {_first_line(error)}; pass targets the loss accepts"
+                f"{targets.dtype}): {first_line(error)}; pass targets the loss accepts"
             ) from None
     try:
         mean = mean_loss(model, inputs, targets, loss_fn)
     except Exception as error:
         raise BrainSurgeonError(f"the calibration data fail past their first {CHECK_BATCH} samples: "
-                                f"{_first_line(error)}; check every sample's shape, type and target") from None
+                                f"{first_line(error)}; check every sample's shape, type and target") from None
     if not math.isfinite(mean):
         raise BrainSurgeonError(f"the calibration loss is {mean} on the unpruned model (targets all ignored, "
                                 "out of range, or a model that overflows); fix the targets or the loss")
     return mean
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

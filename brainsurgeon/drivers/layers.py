@@ -180,21 +180,17 @@ def recalibrate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: in
              if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats}
     if not norms:
         return {}
-    modes = [(module, module.training) for module in model.modules()]
     momenta = {name: module.momentum for name, module in norms.items()}
-    model.eval()
-    for module in norms.values():
-        module.reset_running_stats()
-        module.momentum = None
-        module.train()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
+            for module in norms.values():
+                module.reset_running_stats()
+                module.momentum = None
+                module.train()
             for start in range(0, len(inputs), batch_size):
                 model(inputs[start : start + batch_size])
     finally:
         for name, module in norms.items():
             module.momentum = momenta[name]
-        for module, training in modes:
-            module.training = training
     return {f"{name}.{buffer}".strip("."): getattr(module, buffer).detach().clone()
             for name, module in norms.items() for buffer in ("running_mean", "running_var", "num_batches_tracked")}

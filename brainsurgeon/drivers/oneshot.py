@@ -28,6 +28,7 @@ from ..curvature.gradient_store import (
 from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from ..errors import BrainSurgeonError, FewSamplesWarning
 from ..methods.joint import JointSelection
+from ..methods.patterns import num_to_prune
 from ..methods.problem import PruningProblem, Segment
 from ..methods.selection import SELECTIONS as BASIC_SELECTIONS
 from ..methods.update import UPDATES
@@ -58,11 +59,6 @@ def parse_method(method: str):
     if update not in UPDATES:
         raise BrainSurgeonError(f"unknown update '{update}' in method '{method}'; choose from {sorted(UPDATES)}")
     return selection, update
-
-
-def num_to_prune(sparsity: float, size: int) -> int:
-    """round(s * size) with halves rounded up, the same on every platform."""
-    return int(sparsity * size + 0.5)
 
 
 def make_segments(layers, sparsity: float, scope: str):

@@ -16,10 +16,11 @@ from torch.nn import functional as F
 
 from .. import validation
 from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING, LayerObjective
-from ..errors import BrainSurgeonError
+from ..errors import BrainSurgeonError, first_line
 from ..methods.layerwise import LAYER_METHODS
 from ..methods.patterns import Pattern
 from ..progress import progress_bar
+from .calibration import is_tensor_pair
 from .layers import evaluating, find_prunable
 from .result import PruneResult
 
@@ -50,8 +51,7 @@ def model_calls(model: nn.Module, calibration, batch_size: int) -> list:
     """Calibration as the model's (args, kwargs) calls: a tensor of inputs (token ids, images) split into batches,
     an (inputs, targets) pair, or an iterable of tensors, (inputs, ...) tuples or keyword dicts."""
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    if isinstance(calibration, (tuple, list)) and len(calibration) == 2 and all(
-            isinstance(t, torch.Tensor) for t in calibration):
+    if is_tensor_pair(calibration):
         calibration = calibration[0]
     if isinstance(calibration, torch.Tensor):
         calibration = list(calibration.split(batch_size))
@@ -87,17 +87,13 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calls) -> list:
             except _StopForward:
                 continue
             except Exception as error:
-                raise BrainSurgeonError(f"the model cannot run on the calibration data: {_first_line(error)}; pass "
+                raise BrainSurgeonError(f"the model cannot run on the calibration data: {first_line(error)}; pass "
                                         "inputs shaped and typed as the model expects") from None
     finally:
         handle.remove()
     if len(captured) != len(calls):
         raise BrainSurgeonError("the first block never ran on the calibration data; name the blocks with blocks=[...]")
     return captured
-
-
-def _first_line(error) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _layer_inputs(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

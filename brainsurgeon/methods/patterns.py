@@ -9,8 +9,9 @@ from .. import validation
 from ..errors import BrainSurgeonError
 
 
-def round_half_up(value: float) -> int:
-    return int(value + 0.5)
+def num_to_prune(sparsity: float, size: int) -> int:
+    """round(s * size) with halves rounded up, the same on every platform: every exact count in the library."""
+    return int(sparsity * size + 0.5)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Pattern:
             raise BrainSurgeonError(f"{what}: sparsity {self.sparsity:g} would prune every weight; lower it")
 
     def count(self, total: int) -> int:
-        return round_half_up(self.sparsity * total)
+        return num_to_prune(self.sparsity, total)
 
     def row_counts(self, rows: int, cols: int) -> torch.Tensor:
         """Per-row counts adding up to exactly round(s * rows * cols): the first rows take the remainder."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.optim.lr_scheduler
 
-from ..errors import BrainSurgeonError
+from ..errors import BrainSurgeonError, first_line
 
 try:  # numpy >= 2 moved it; pickles name either module
     from numpy._core.multiarray import _reconstruct
@@ -58,16 +58,11 @@ def load_torch_file(path, trust_pickle: bool = False):
         if found:
             raise _refused(path, "checkpoint", f"it needs {next(g for g in found.groups() if g)}") from None
         raise BrainSurgeonError(f"cannot read checkpoint {path}: not a torch.save file of tensors and plain data "
-                                f"({_first_line(error)[:200]}); if it is a pickle you trust, pass "
+                                f"({first_line(error)[:200]}); if it is a pickle you trust, pass "
                                 f"{TRUST_PICKLE_FLAG}") from None
     except Exception as error:  # torch raises many kinds for truncated or foreign files
-        raise BrainSurgeonError(f"cannot read checkpoint {path}: {_first_line(error)}; pass a file written by "
+        raise BrainSurgeonError(f"cannot read checkpoint {path}: {first_line(error)}; pass a file written by "
                                 "torch.save") from None
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(error).__name__
 
 
 def _numpy_dtype(*args, **kwargs):
@@ -115,5 +110,5 @@ def load_plain_pickle(path, trust_pickle: bool = False, what: str = "file"):
             raise _refused(path, what, str(error)) from None
         raise BrainSurgeonError(f"{what} {path} is not a readable pickle ({error}); it may be truncated") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
-        raise BrainSurgeonError(f"{what} {path} is not a readable pickle ({_first_line(error)}); "
+        raise BrainSurgeonError(f"{what} {path} is not a readable pickle ({first_line(error)}); "
                                 "it may be truncated or corrupt") from None
