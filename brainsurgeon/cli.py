@@ -95,13 +95,16 @@ def _add_common(parser):
     stages.add_argument("--bn-recalibration", action="store_true", default=None,
                         help="re-estimate BatchNorm running statistics on the calibration inputs after pruning (and "
                              "between stages): forward passes only, no training step")
+    stages.add_argument("--layer-start", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run the layer-wise start (layers pruned towards the dense outputs, then --refine "
+                             "stages) and keep the path with the lower calibration loss (default: on for max only)")
     stages.add_argument("--first-order", action="store_true", default=None,
                         help="model the mean gradient too (the model need not be at a minimum)")
 
 
 def _method_options(args) -> dict:
     names = ("epsilon", "rho", "tau", "max_passes", "init_trials", "selection_damping", "start", "iht_rounds",
-             "max_swaps", "stages", "first_order", "refine", "bn_recalibration")
+             "max_swaps", "stages", "first_order", "refine", "bn_recalibration", "layer_start")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.schedule:
         options["schedule"] = args.schedule

@@ -1,8 +1,11 @@
 """The joint selection against brute force on small problems, and multi-stage pruning."""
+import copy
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.nn import functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_api import small_mlp
@@ -11,8 +14,10 @@ from test_math import dense_hessian, draw_case, problems, random_problem
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError
 from brainsurgeon.curvature.fisher import EmpiricalFisher
-from brainsurgeon.drivers.oneshot import accepted_options, sparsity_schedule
+from brainsurgeon.drivers.calibration import mean_loss
+from brainsurgeon.drivers.oneshot import accepted_options, exact_layer_sparsities, sparsity_schedule
 from brainsurgeon.methods.joint import JointSearch, JointSelection
+from brainsurgeon.methods.patterns import num_to_prune
 from brainsurgeon.methods.problem import PruningProblem, Segment
 
 
@@ -213,11 +218,12 @@ def test_bad_schedules_are_refused():
 
 
 def test_max_below_its_first_stage_is_cbs():
-    """Up to 0.86, 'max' is one cbs stage with the caller's settings: exactly plain cbs with them."""
+    """Up to 0.86, the Fisher path of 'max' is one cbs stage with the caller's settings: exactly plain cbs."""
     model, x, y = small_mlp()
     for overrides in ({}, {"damping": 1e-5, "selection_damping": 1e-2}):
         plain = brainsurgeon.prune(model, (x, y), 0.6, "cbs", progress=False, init_trials=3, **overrides)
-        preset = brainsurgeon.prune(model, (x, y), 0.6, "max", progress=False, init_trials=3, **overrides)
+        preset = brainsurgeon.prune(model, (x, y), 0.6, "max", progress=False, init_trials=3, layer_start=False,
+                                    **overrides)
         assert preset.settings["method"] == "cbs+cbsu"
         for name in plain.masks:
             assert torch.equal(plain.masks[name], preset.masks[name])
@@ -241,3 +247,42 @@ def test_zero_damping_and_zero_stages_are_refused_not_defaulted():
         brainsurgeon.prune(model, (x, y), 0.5, "wf", damping=0.0, progress=False)
     with pytest.raises(BrainSurgeonError, match="stages"):
         brainsurgeon.prune(model, (x, y), 0.5, "mp", stages=0, progress=False)
+
+
+def test_max_keeps_the_path_with_the_lower_calibration_loss_at_the_exact_count():
+    model, x, y = small_mlp()
+    runs = [brainsurgeon.prune(model, (x, y), sparsity, "max", progress=False, init_trials=2)
+            for sparsity in (0.6, 0.9, 0.9)]
+    for result in runs:
+        losses = result.stats["path_calibration_loss"]
+        assert set(losses) == {"fisher", "layer"}
+        assert result.settings["path"] == min(losses, key=losses.get)
+        assert result.num_pruned == int(result.settings["sparsity"] * result.num_weights + 0.5)
+        assert result.stats["stages"][-1]["calibration_loss"] == losses[result.settings["path"]]
+        trial = copy.deepcopy(model)
+        result.apply(trial)
+        assert abs(mean_loss(trial, x, y, F.cross_entropy) - losses[result.settings["path"]]) < 1e-6
+    layer_stages = [stage for stage in runs[1].stats["stages"] if stage.get("path") == "layer"]
+    assert not layer_stages or [stage["sparsity"] for stage in layer_stages] == [0.9] * 3
+    for name in runs[1].masks:  # deterministic
+        assert torch.equal(runs[1].masks[name], runs[2].masks[name])
+        assert torch.equal(runs[1].weights[name], runs[2].weights[name])
+
+
+def test_max_layer_start_is_skipped_with_its_reason_when_the_layer_driver_cannot_prune():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.Flatten(), torch.nn.Linear(24, 3))
+    x, y = torch.randn(64, 2, 8), torch.randint(0, 3, (64,))
+    result = brainsurgeon.prune(model, (x, y), 0.5, "max", progress=False, init_trials=2, include=["Conv1d", "Linear"])
+    assert result.settings["path"] == "fisher" and "Conv1d" in result.settings["layer_start_skipped"]
+    assert set(result.stats["path_calibration_loss"]) == {"fisher"}
+
+
+@settings(max_examples=50, deadline=None)
+@given(sizes=st.lists(st.integers(1, 500), min_size=1, max_size=8), sparsity=st.floats(0.01, 0.99))
+def test_exact_layer_sparsities_add_up_to_the_global_count(sizes, sparsity):
+    layers = [SimpleNamespace(module=f"layer{i}", size=size) for i, size in enumerate(sizes)]
+    shares = exact_layer_sparsities(layers, sparsity)
+    counts = [num_to_prune(shares[layer.module], layer.size) for layer in layers]
+    assert sum(counts) == num_to_prune(sparsity, sum(sizes))
+    assert all(abs(count - sparsity * size) < 1 for count, size in zip(counts, sizes))

@@ -265,3 +265,82 @@ def test_a_failure_inside_a_block_hands_the_model_back_unchanged(monkeypatch):
         prune_layerwise(model, token_ids(), 0.5, "sparsegpt", progress=False)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_reproducing_the_dense_output_is_a_least_squares_fit_up_to_a_constant(seed):
+    """|W X_d - W' X_p|^2 / N and the objective of W* differ by the same constant for every W'; W* is the
+    least-squares fit of W X_d on X_p, and W itself where the two inputs agree."""
+    weight, dense_inputs, _ = layer_problem(seed, samples=400)
+    generator = torch.Generator().manual_seed(seed + 1)
+    inputs = dense_inputs + 0.3 * torch.randn(dense_inputs.shape, generator=generator)  # the pruned model's
+    x_p, x_d = inputs.double(), dense_inputs.double()
+    hessian, cross = x_p.T @ x_p / len(x_p), x_p.T @ x_d / len(x_p)
+    objective = LayerObjective.reproducing(weight, hessian, cross, relative_damping=1e-12)
+    fit = np.linalg.lstsq(x_p.numpy(), (x_d @ weight.double().T).numpy(), rcond=None)[0].T
+    np.testing.assert_allclose(objective.weight.numpy(), fit, rtol=1e-4, atol=1e-4)
+
+    def direct(new):
+        return float(((x_d @ weight.double().T - x_p @ new.double().T) ** 2).sum()) / len(x_p)
+    candidates = torch.randn(5, *weight.shape, generator=generator)
+    gaps = [direct(new) - objective.error(new) for new in candidates]
+    assert max(gaps) - min(gaps) < 1e-6 * max(direct(new) for new in candidates)  # W* is stored in float32
+    same = LayerObjective.reproducing(weight, x_d.T @ x_d / len(x_d), x_d.T @ x_d / len(x_d))
+    torch.testing.assert_close(same.weight, weight, rtol=0, atol=1e-5)
+
+
+def two_layer_mlp():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6)).eval()
+    return model, torch.randn(300, 10) @ (torch.eye(10) + 0.3 * torch.randn(10, 10))
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "joint"])
+def test_target_dense_prunes_each_layer_towards_the_dense_output_from_the_pruned_inputs(method):
+    """Rebuilt by hand: layer 0 sees the calibration inputs, layer 2 the outputs of the pruned layer 0 and
+    reproduces the dense model's layer-2 output; the masks match the driver's, the weights to float32 rounding."""
+    model, inputs = two_layer_mlp()
+    result = prune_layerwise(model, inputs, 0.6, method, target="dense", batch_size=300, progress=False)
+    assert result.settings["target"] == "dense"
+    first = LayerObjective.reproducing(model[0].weight, *(inputs.T.double() @ inputs.double() / 300,) * 2)
+    pruned_first, new_first = LAYER_METHODS[method]().prune(first, Pattern.parse("layer", 0.6))
+    assert torch.equal(~result.masks["0.weight"], pruned_first)
+    torch.testing.assert_close(result.weights["0.weight"], new_first, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        x_d = torch.relu(model[0](inputs)).double()
+        x_p = torch.relu(inputs @ new_first.T + model[0].bias).double()
+    second = LayerObjective.reproducing(model[2].weight, x_p.T @ x_p / 300, x_p.T @ x_d / 300)
+    pruned_second, new_second = LAYER_METHODS[method]().prune(second, Pattern.parse("layer", 0.6))
+    assert torch.equal(~result.masks["2.weight"], pruned_second)
+    torch.testing.assert_close(result.weights["2.weight"], new_second, rtol=1e-5, atol=1e-6)
+    assert torch.equal(model[0].weight, two_layer_mlp()[0][0].weight)  # handed back unchanged
+
+
+def test_target_dense_lowers_the_output_error_of_a_deep_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[module for _ in range(4) for module in (torch.nn.Linear(24, 24), torch.nn.Tanh())])
+    inputs = torch.randn(400, 24)
+    errors = {}
+    for target in ("layer", "dense"):
+        pruned = copy.deepcopy(model)
+        prune_layerwise(model, inputs, 0.7, "joint", target=target, batch_size=400, progress=False).apply(pruned)
+        with torch.no_grad():
+            errors[target] = float((pruned(inputs) - model(inputs)).pow(2).mean())
+    assert errors["dense"] < errors["layer"]
+
+
+def test_per_layer_sparsities_are_exact_and_checked():
+    model, inputs = two_layer_mlp()
+    result = prune_layerwise(model, inputs, {"0": 0.25, "2": 0.75}, "sparsegpt", progress=False)
+    assert int((~result.masks["0.weight"]).sum()) == 40 and int((~result.masks["2.weight"]).sum()) == 72
+    assert result.settings["layer_sparsities"] == {"0": 0.25, "2": 0.75}
+    assert result.settings["sparsity"] == pytest.approx(112 / 256)
+    for bad, message in (({"0": 0.5}, "no sparsity for 2"), ({"0": 0.5, "2": 0.5, "9": 0.5}, "not pruned"),
+                         ({"0": 0.5, "2": float("nan")}, "sparsity of 2")):
+        with pytest.raises(BrainSurgeonError, match=message):
+            prune_layerwise(model, inputs, bad, "sparsegpt", progress=False)
+    with pytest.raises(BrainSurgeonError, match="N:M"):
+        prune_layerwise(model, inputs, {"0": 0.5, "2": 0.5}, "sparsegpt", pattern="2:4", progress=False)
+    with pytest.raises(BrainSurgeonError, match="target"):
+        prune_layerwise(model, inputs, 0.5, "sparsegpt", target="teacher", progress=False)

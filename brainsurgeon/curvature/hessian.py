@@ -27,6 +27,16 @@ class LayerObjective:
         damped.diagonal().add_(self.relative_damping * float(torch.diagonal(damped).mean()))
         self.damped = damped
 
+    @classmethod
+    def reproducing(cls, weight, hessian, cross, relative_damping=DEFAULT_RELATIVE_DAMPING) -> "LayerObjective":
+        """|W X_d - W' X_p|^2 / N up to a constant, with H = X_p X_p^T / N and cross = X_p X_d^T / N: the objective
+        of W* = W + W (C - H)^T H_damped^-1, the best dense weights on X_p (W itself where X_p = X_d)."""
+        objective = cls(weight, hessian, relative_damping)
+        weight = objective.weight.double()
+        correction = torch.linalg.solve(objective.damped, (cross.double() - objective.hessian) @ weight.T).T
+        objective.weight = (weight + correction).float()
+        return objective
+
     @property
     def shape(self):
         return tuple(self.weight.shape)
