@@ -5,17 +5,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.nn import functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_api import small_mlp
 from test_math import dense_hessian, draw_case, problems, random_problem
+from torch.nn import functional as F
 
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError
 from brainsurgeon.curvature.fisher import EmpiricalFisher
 from brainsurgeon.drivers.calibration import mean_loss
-from brainsurgeon.drivers.oneshot import accepted_options, exact_layer_sparsities, sparsity_schedule
+from brainsurgeon.drivers.oneshot import (
+    accepted_options,
+    exact_layer_sparsities,
+    sparsity_schedule,
+)
 from brainsurgeon.methods.joint import JointSearch, JointSelection
 from brainsurgeon.methods.patterns import num_to_prune
 from brainsurgeon.methods.problem import PruningProblem, Segment
