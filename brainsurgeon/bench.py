@@ -170,8 +170,36 @@ def write_json(report: dict, path) -> None:
     write_text(path, json.dumps(report, indent=2) + "\n")
 
 
+def staged_runs(report: dict) -> list:
+    """[(method, target sparsity, seed, [(sparsity, calibration loss) per stage])] of the runs pruned in stages."""
+    runs = []
+    for row in report["results"]:
+        stages = (row.get("stats") or {}).get("stages") or []
+        trace = [(stage["sparsity"], stage["calibration_loss"]) for stage in stages
+                 if stage.get("calibration_loss") is not None]
+        if len(trace) > 1:
+            runs.append((row["method"], row["sparsity"], row["seed"], trace))
+    return runs
+
+
+def _plot_stages(axes, runs) -> None:
+    """Calibration loss after each stage against the sparsity it reached: one line per staged run, one colour
+    per (method, target); refinement stages at the target are the vertical steps."""
+    colours = {}
+    for method, target, seed, trace in runs:
+        key = (method, target)
+        first = key not in colours
+        colours.setdefault(key, f"C{len(colours) % 10}")
+        sparsities, losses = zip(*trace)
+        axes.plot(sparsities, losses, marker=".", color=colours[key], alpha=0.8,
+                  label=f"{method} to {label(target)}" if first else None)
+    axes.set(xlabel="sparsity after the stage", ylabel="calibration loss", yscale="log", title="stages")
+    axes.legend(fontsize="small")
+
+
 def plot(report: dict, path) -> None:
-    """Accuracy versus sparsity, one line per method (needs the 'plot' extra: matplotlib)."""
+    """Accuracy versus sparsity, one line per method, and beside it each staged run's calibration loss after every
+    stage against the sparsity reached (needs the 'plot' extra: matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,7 +207,9 @@ def plot(report: dict, path) -> None:
 
     summary = summarise(report)
     sparsities = report["settings"]["sparsities"]
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    runs = staged_runs(report)
+    figure, panels = plt.subplots(1, 2 if runs else 1, figsize=(13 if runs else 7, 4.5), squeeze=False)
+    axes = panels[0][0]
     numeric = all(isinstance(s, (int, float)) for s in sparsities)
     positions = sparsities if numeric else list(range(len(sparsities)))
     for method in report["settings"]["methods"]:
@@ -195,6 +225,8 @@ def plot(report: dict, path) -> None:
     axes.set(xlabel="sparsity or pattern", ylabel="test accuracy (%)" if metric == "accuracy" else metric,
              title=f"{report['model']} / {report['dataset'].split(' (')[0]}")
     axes.legend()
+    if runs:
+        _plot_stages(panels[0][1], runs)
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)

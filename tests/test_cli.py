@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from brainsurgeon.bench import staged_runs
 from brainsurgeon.cli import main
 
 
@@ -119,3 +120,19 @@ def test_a_stopped_bench_keeps_the_runs_it_finished(monkeypatch, tmp_path):
                             json_path=tmp_path / "partial.json")
     partial = json.loads((tmp_path / "partial.json").read_text())
     assert partial["complete"] is False and [row["sparsity"] for row in partial["results"]] == [0.5]
+
+
+def test_bench_plot_draws_the_stage_trace_of_staged_runs(capsys, mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    out, picture = tmp_path / "bench.json", tmp_path / "plot.png"
+    code, _, _ = run(capsys, "bench", "--checkpoint", str(checkpoint), "--data-dir", str(data), "--methods", "mp,wf",
+                     "--sparsities", "0.9", "--stages", "3", "--calib-samples", "100", "--json", str(out),
+                     "--plot", str(picture), "--quiet")
+    assert code == 0
+    report = json.loads(out.read_text())
+    runs = staged_runs(report)
+    assert [(method, len(trace)) for method, _, _, trace in runs] == [("mp", 3), ("wf", 3)]
+    assert [sparsity for sparsity, _ in runs[1][3]] == pytest.approx([1 - 0.1 ** (1 / 3), 1 - 0.1 ** (2 / 3), 0.9])
+    assert all(loss > 0 for _, _, _, trace in runs for _, loss in trace)
+    import matplotlib.image
+    assert matplotlib.image.imread(picture).shape[1] > 1200  # two panels side by side
