@@ -204,12 +204,13 @@ def test_stages_reach_the_exact_count_deterministically_and_leave_the_model_unto
 
 def test_max_preset_resolves_to_stages_and_takes_overrides():
     model, x, y = small_mlp()
-    result = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2)
+    result = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2, layer_start=False)
     assert result.settings["schedule"] == sparsity_schedule(0.95, schedule="gradual") + [0.95] * 2
     assert result.settings["first_method"] == "cbs+cbsu" and result.settings["selection"] == "joint"
     assert result.settings["first_order"] is True
     assert result.num_pruned == int(0.95 * result.num_weights + 0.5)
-    light = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2, schedule=[0.9, 0.95])
+    light = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2, schedule=[0.9, 0.95],
+                               layer_start=False)
     assert light.settings["schedule"] == [0.9, 0.95, 0.95, 0.95]  # the two refinement stages
 
 
@@ -266,8 +267,12 @@ def test_max_keeps_the_path_with_the_lower_calibration_loss_at_the_exact_count()
         trial = copy.deepcopy(model)
         result.apply(trial)
         assert abs(mean_loss(trial, x, y, F.cross_entropy) - losses[result.settings["path"]]) < 1e-6
-    layer_stages = [stage for stage in runs[1].stats["stages"] if stage.get("path") == "layer"]
-    assert not layer_stages or [stage["sparsity"] for stage in layer_stages] == [0.9] * 3
+        stages = result.stats["stages"]
+        assert result.settings["schedule"] == [stage["sparsity"] for stage in stages]
+        if result.settings["path"] == "layer":
+            assert result.settings["schedule"] == [result.settings["sparsity"]] * 3
+            assert result.settings["first_method"] == "joint (layer-wise, to dense)"
+            assert all(stage["path"] == "layer" for stage in stages)
     for name in runs[1].masks:  # deterministic
         assert torch.equal(runs[1].masks[name], runs[2].masks[name])
         assert torch.equal(runs[1].weights[name], runs[2].weights[name])

@@ -333,7 +333,7 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     if len(plan.schedule) == 1 and not bn_recalibration and not plan.layer_start:
         result = _prune_stage(model, calibration, plan.sparsity, *plan.methods[0], first_order=False,
                               damping=plan.damping, options=plan.options, **plan.common)
-        result.settings["bn_recalibration"] = False
+        result.settings.update(bn_recalibration=False, layer_start=False)
         return result
     result, reports = _run_stages(model, calibration, plan, bn_recalibration, progress)
     paths, skipped = {}, None
@@ -348,11 +348,12 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
                 result, reports = layer_result, layer_reports
     result.timings = {key: sum(r["timings"].get(key, 0.0) for r in reports) for key in result.timings}
     result.stats = dict(result.stats, stages=reports)
-    result.settings.update(stages=len(plan.schedule), schedule=plan.schedule, sparsity=plan.sparsity,
-                           first_method="+".join(plan.methods[0]), first_order=plan.first_order, refine=plan.refine,
-                           first_damping=plan.damping, bn_recalibration=bn_recalibration)
+    result.settings.update(stages=len(reports), schedule=[report["sparsity"] for report in reports],
+                           sparsity=plan.sparsity, first_method=reports[0]["method"], first_order=plan.first_order,
+                           refine=plan.refine, first_damping=plan.damping, bn_recalibration=bn_recalibration,
+                           layer_start=plan.layer_start)
     if plan.layer_start:
-        result.settings.update(layer_start=True, path=reports[0].get("path", "fisher"), layer_start_skipped=skipped)
+        result.settings.update(path=reports[0].get("path", "fisher"), layer_start_skipped=skipped)
         result.stats["path_calibration_loss"] = paths
     return result
 
