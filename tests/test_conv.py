@@ -111,3 +111,21 @@ def test_prune_with_batchnorm_recalibration_carries_the_statistics():
     assert not torch.equal(pruned.layer3[0].bn1.running_var, model.layer3[0].bn1.running_var)
     trace = recalibrated.stats["stages"]
     assert len(trace) == 1 and trace[0]["sparsity"] == 0.5 and trace[0]["calibration_loss"] > 0
+
+
+@pytest.mark.parametrize("layer_start", [False, True])
+def test_max_with_batchnorm_recalibration_carries_the_final_models_statistics(layer_start):
+    """Whichever path wins, the buffers handed back are the re-estimate on the final pruned weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    images, labels = torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))
+    result = brainsurgeon.prune(model, (images, labels), 0.9, "max", progress=False, bn_recalibration=True,
+                                include=["Conv2d", "Linear"], init_trials=2, layer_start=layer_start)
+    assert result.settings["layer_start"] is layer_start and result.num_pruned == int(0.9 * result.num_weights + 0.5)
+    pruned = result.apply(copy.deepcopy(model))
+    again = recalibrate_batchnorm(copy.deepcopy(pruned), images)
+    for name, value in again.items():
+        torch.testing.assert_close(result.buffers[name], value)
+        assert torch.equal(dict(pruned.named_buffers())[name], result.buffers[name])
