@@ -5,6 +5,7 @@ SparseGPT does, for the solves."""
 import torch
 
 from .. import validation
+from .fisher import EmpiricalFisher
 
 DEFAULT_RELATIVE_DAMPING = 0.01  # SparseGPT's: 1% of the mean diagonal of H
 SOLVE_TOLERANCE = 1e-5  # relative residual of the exact update's solve: float32 precision
@@ -36,6 +37,16 @@ class LayerObjective:
         correction = torch.linalg.solve(objective.damped, (cross.double() - objective.hessian) @ weight.T).T
         objective.weight = (weight + correction).float()
         return objective
+
+    def as_fisher(self) -> EmpiricalFisher:
+        """The same quadratic in the empirical Fisher's form, so that every Fisher selection and update runs on it
+        unchanged: over the row-major flat weights, the damped H of each output row is G_r^T G_r + lam I with
+        G_r^T = L, the Cholesky factor of damped H - lam I, lam = half the damping; one Fisher block per row."""
+        rows, cols = self.shape
+        lam = 0.5 * float(torch.diagonal(self.damped - self.hessian).min().clamp_min(1e-12))
+        factor = torch.linalg.cholesky(self.damped - lam * torch.eye(cols, dtype=torch.float64))
+        regions = [slice(r * cols, (r + 1) * cols) for r in range(rows)]
+        return EmpiricalFisher(SharedFactorGradients(factor.float(), rows), lam, regions)
 
     @property
     def shape(self):
@@ -74,3 +85,26 @@ class LayerObjective:
             direction = preconditioned + rz / previous.clamp_min(1e-30) * direction
         self.solve_iterations = iteration  # for the report
         return solution * keep
+
+
+class SharedFactorGradients:
+    """G^T of a layer objective in the Fisher's form (`LayerObjective.as_fisher`): the d x d factor L once per
+    output row, (rows * d) x d, read through views instead of copies."""
+
+    streamed = False
+
+    def __init__(self, factor: torch.Tensor, rows: int):
+        self.factor, self.num_rows = factor, rows
+
+    @property
+    def shape(self):
+        return (self.num_rows * self.factor.shape[0], self.factor.shape[1])
+
+    def rows(self, region: slice) -> torch.Tensor:
+        cols = self.factor.shape[0]
+        if region.start % cols == 0 and region.stop - region.start == cols:
+            return self.factor
+        return self.factor[torch.arange(region.start, region.stop) % cols]
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        return self.factor[index % self.factor.shape[0]]

@@ -29,7 +29,7 @@ from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from ..errors import BrainSurgeonError, FewSamplesWarning
 from ..methods.joint import JointSelection
 from ..methods.patterns import num_to_prune
-from ..methods.problem import PruningProblem, Segment
+from ..methods.problem import PruningProblem, Segment, best_candidate
 from ..methods.selection import SELECTIONS as BASIC_SELECTIONS
 from ..methods.update import UPDATES
 from .calibration import check_usable, collect, mean_loss
@@ -178,21 +178,6 @@ def _gradient_store(chunks, num_weights: int, num_samples: int, streamed: bool, 
     store = DiskGradients.from_chunks(chunks, num_weights, num_samples, scratch)
     cleanup.callback(store.close)
     return store
-
-
-def _best_candidate(problem: PruningProblem, update, candidates):
-    """(mask, delta) of the candidate with the lowest real calibration loss after the update."""
-    if isinstance(candidates, torch.Tensor):
-        return candidates, update.delta(problem, candidates)
-    scored, stats = [], dict(problem.stats)
-    for mask in candidates:
-        problem.stats = dict(stats)
-        delta = update.delta(problem, mask)
-        scored.append((problem.calibration_loss(problem.weights + delta), mask, delta, problem.stats))
-    best = min(range(len(scored)), key=lambda k: scored[k][0])
-    loss, mask, delta, problem.stats = scored[best]
-    problem.stats.update(candidate_losses=[entry[0] for entry in scored], chosen_candidate=best)
-    return mask, delta
 
 
 FEW_SAMPLES = 32  # below this many gradients the empirical Fisher is little more than its damping
@@ -546,7 +531,7 @@ def _prune_stage(model, calibration, sparsity, selection_name, update_name, *, l
         candidates = selection.select(problem)
         timings["selection"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        pruned, delta = _best_candidate(problem, update, candidates)
+        pruned, delta = best_candidate(problem, update, candidates)
         timings["update"] = time.perf_counter() - mark
         if needs_fisher:
             selection_objective = problem.fisher.quadratic(problem.weights * pruned)

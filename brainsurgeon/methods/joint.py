@@ -110,8 +110,8 @@ class KeptSystem:
 class JointSelection(Selection):
     """Search the joint objective Q* (selection with the CBS-U update inside); see the module docstring.
 
-    Options: `start` (the warm-start selection; with several candidate masks the one with the lowest Q*
-    is used), `iht_rounds` (thresholding-plus-backsolve rounds), `max_swaps`, `swap_candidates` (pruned
+    Options: `start` (the warm-start selection, by name or as a Selection; with several candidate masks the one
+    with the lowest Q* is used), `iht_rounds` (thresholding-plus-backsolve rounds), `max_swaps`, `swap_candidates` (pruned
     weights per block, ranked by a bound on their gain, whose exact swap changes are evaluated each round)
     and `max_kept` (a block keeping more weights is backsolved through its n x n system and takes no
     swaps: its A^-1 would be too large).
@@ -122,7 +122,8 @@ class JointSelection(Selection):
 
     def __init__(self, start="cbs", iht_rounds=10, max_swaps=200, swap_candidates=64, max_kept=6000):
         # The basic selections: joint does not start from itself.
-        self.start = SELECTIONS[validation.choice("joint start", start, SELECTIONS)]()
+        self.start = start if isinstance(start, Selection) else SELECTIONS[validation.choice("joint start", start,
+                                                                                              SELECTIONS)]()
         self.iht_rounds = validation.count("iht_rounds", iht_rounds, minimum=0)
         self.max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
         self.swap_candidates = validation.count("swap_candidates", swap_candidates)
@@ -266,15 +267,23 @@ class JointSearch:
 
 class SwapMoves:
     """Swaps on the blocks small enough for a KeptSystem. Each round takes the best of: a swap inside a
-    block (exact pair change), or pruning one weight in a block and un-pruning one in another block of the
-    same segment (exact, as the blocks do not couple). Only the blocks a move touched are re-scored."""
+    block (exact pair change; inside one segment), or pruning one weight in a block and un-pruning one in another
+    block of the same segment (exact, as the blocks do not couple). Only the blocks a move touched are re-scored."""
 
     def __init__(self, search: JointSearch, candidates: int, rel_tol: float = 1e-9):
         self.search, self.candidates, self.rel_tol = search, candidates, rel_tol
         regions = search.fisher.regions
         self.systems = search.systems
-        starts = [segment.region.start for segment in search.problem.segments]
-        self.segment_of = {b: max(k for k, s in enumerate(starts) if s <= regions[b].start) for b in self.systems}
+        starts = torch.tensor([segment.region.start for segment in search.problem.segments])
+        # A block inside one segment may trade weights with the other blocks of that segment; a block cut by
+        # several segments (N:M groups of a row) only swaps within each of them, by its local segment ids.
+        self.segment_of, self.local_segment = {}, {}
+        for b in self.systems:
+            ids = torch.bucketize(torch.arange(regions[b].start, regions[b].stop), starts, right=True) - 1
+            if bool((ids == ids[0]).all()):
+                self.segment_of[b] = int(ids[0])
+            else:
+                self.local_segment[b] = ids
         self.moves = {}
 
     def _block_moves(self, b: int) -> dict:
@@ -292,6 +301,10 @@ class SwapMoves:
             bound = system.scores[outside].pow(2) / system.sq_norms[outside]  # <= the true gain
             chosen = outside[torch.topk(bound, min(self.candidates, len(outside))).indices]
             pair_deltas, gains = system.candidate_moves(chosen)
+            if b in self.local_segment:
+                local = self.local_segment[b]
+                same = local[system.kept].unsqueeze(1) == local[chosen].unsqueeze(0)
+                pair_deltas = torch.where(same, pair_deltas, torch.full_like(pair_deltas, inf))
             moves["add"] = (float(gains.max()), int(chosen[gains.argmax()]))
             if len(system.kept):
                 flat = int(pair_deltas.argmin())
@@ -308,7 +321,7 @@ class SwapMoves:
             delta, slot, j = moves["pair"]
             best = min(best, (delta, (b, slot, b, j)), key=lambda t: t[0])
         for segment in set(self.segment_of.values()):
-            blocks = [b for b in self.moves if self.segment_of[b] == segment]
+            blocks = [b for b in self.moves if self.segment_of.get(b) == segment]
             removals = sorted(blocks, key=lambda b: self.moves[b]["remove"][0])[:2]
             additions = sorted(blocks, key=lambda b: -self.moves[b]["add"][0])[:2]
             for a in removals:

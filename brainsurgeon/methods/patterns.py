@@ -7,6 +7,7 @@ import torch
 
 from .. import validation
 from ..errors import BrainSurgeonError
+from .problem import Segment
 
 
 def num_to_prune(sparsity: float, size: int) -> int:
@@ -59,6 +60,16 @@ class Pattern:
         """Per-row counts adding up to exactly round(s * rows * cols): the first rows take the remainder."""
         total = self.count(rows * cols)
         return total // rows + (torch.arange(rows) < total % rows).long()
+
+    def segments(self, rows: int, cols: int) -> list:
+        """The pattern as the Fisher methods' budget over the row-major flat weights: one Segment for the layer,
+        one per output row, or one per group of M inputs."""
+        if self.kind == "layer":
+            return [Segment(slice(0, rows * cols), self.count(rows * cols))]
+        if self.kind == "row":
+            return [Segment(slice(r * cols, (r + 1) * cols), int(count))
+                    for r, count in enumerate(self.row_counts(rows, cols))]
+        return [Segment(slice(start, start + self.m), self.n) for start in range(0, rows * cols, self.m)]
 
     def as_rows(self) -> "Pattern":
         """The same budget compared within each output row (Wanda's grouping); N:M already is."""

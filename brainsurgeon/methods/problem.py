@@ -43,3 +43,18 @@ def prune_lowest(scores: torch.Tensor, segments) -> torch.Tensor:
         order = torch.sort(part, stable=True).indices[: segment.count]
         pruned[segment.region][order] = True
     return pruned
+
+
+def best_candidate(problem: PruningProblem, update, candidates):
+    """(mask, delta) of the candidate with the lowest real calibration loss after the update."""
+    if isinstance(candidates, torch.Tensor):
+        return candidates, update.delta(problem, candidates)
+    scored, stats = [], dict(problem.stats)
+    for mask in candidates:
+        problem.stats = dict(stats)
+        delta = update.delta(problem, mask)
+        scored.append((problem.calibration_loss(problem.weights + delta), mask, delta, problem.stats))
+    best = min(range(len(scored)), key=lambda k: scored[k][0])
+    loss, mask, delta, problem.stats = scored[best]
+    problem.stats.update(candidate_losses=[entry[0] for entry in scored], chosen_candidate=best)
+    return mask, delta
