@@ -136,3 +136,14 @@ def test_bench_plot_draws_the_stage_trace_of_staged_runs(capsys, mnist_like, tmp
     assert all(loss > 0 for _, _, _, trace in runs for _, loss in trace)
     import matplotlib.image
     assert matplotlib.image.imread(picture).shape[1] > 1200  # two panels side by side
+
+
+def test_max_can_run_without_its_layer_start(capsys, mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    report = tmp_path / "report.json"
+    code, _, _ = run(capsys, "prune", "--checkpoint", str(checkpoint), "--data-dir", str(data), "--method", "max",
+                     "--sparsity", "0.6", "--no-layer-start", "--init-trials", "2", "--calib-samples", "100",
+                     "--out", str(tmp_path / "pruned.pt"), "--report", str(report), "--quiet")
+    assert code == 0
+    settings = json.loads(report.read_text())["settings"]
+    assert settings["layer_start"] is False and settings["method"] == "cbs+cbsu"

@@ -295,3 +295,9 @@ def test_exact_layer_sparsities_add_up_to_the_global_count(sizes, sparsity):
     counts = [num_to_prune(shares[layer.module], layer.size) for layer in layers]
     assert sum(counts) == num_to_prune(sparsity, sum(sizes))
     assert all(abs(count - sparsity * size) < 1 for count, size in zip(counts, sizes))
+
+
+def test_layer_start_must_be_a_bool():
+    model, x, y = small_mlp()
+    with pytest.raises(BrainSurgeonError, match="layer_start must be True or False"):
+        brainsurgeon.prune(model, (x, y), 0.9, "max", layer_start="yes", progress=False)
