@@ -359,7 +359,7 @@ def test_per_layer_sparsities_are_exact_and_checked():
     result = prune_layerwise(model, inputs, {"0": 0.25, "2": 0.75}, "sparsegpt", progress=False)
     assert int((~result.masks["0.weight"]).sum()) == 40 and int((~result.masks["2.weight"]).sum()) == 72
     assert result.settings["layer_sparsities"] == {"0": 0.25, "2": 0.75}
-    assert result.settings["sparsity"] == pytest.approx(112 / 256)
+    assert result.settings["sparsity"] == pytest.approx(112 / 256) and result.settings["pattern"] == "layer (per layer)"
     for bad, message in (({"0": 0.5}, "no sparsity for 2"), ({"0": 0.5, "2": 0.5, "9": 0.5}, "not pruned"),
                          ({"0": 0.5, "2": float("nan")}, "sparsity of 2")):
         with pytest.raises(BrainSurgeonError, match=message):

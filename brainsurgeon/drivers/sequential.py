@@ -181,7 +181,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                     batch_size: int = 8, target: str = "layer", progress: bool = True, **options) -> PruneResult:
     """Prune every prunable layer of `model`'s blocks on the layer-wise objective, block by block.
 
-    `method`: 'mp', 'wanda', 'sparsegpt' or 'joint' (methods/layerwise.py). `pattern`: 'layer' (unstructured,
+    `method`: 'mp', 'wanda', 'sparsegpt', 'joint', 'wf', 'cbs' or 'swaps' (methods/layerwise.py). `pattern`: 'layer' (unstructured,
     exact count per layer), 'row' (exact count per output row) or 'N:M' such as '2:4' (sparsity N/M). `damping`: of H,
     relative to mean(diag H). `calibration`: model inputs (a tensor such as token ids, batched by `batch_size`,
     an (inputs, targets) pair, or an iterable of tensors or keyword dicts). `target`: 'layer' (each layer keeps
@@ -193,6 +193,8 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
         model, sparsity, pattern, method, damping=damping, blocks=blocks, include=include, ignore=ignore,
         batch_size=batch_size, target=target, **options)
     to_dense = target == "dense" and layer_method.needs_hessian
+    per_layer = isinstance(sparsity, dict)
+    pattern_name = f"{pattern.kind} (per layer)" if per_layer else pattern.name
     timings, stats, masks, weights = {"capture": 0.0, "hessians": 0.0, "prune": 0.0, "propagate": 0.0}, {}, {}, {}
     started = mark = time.perf_counter()
     with torch.no_grad(), evaluating(model):
@@ -201,14 +203,13 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
             inputs = capture_block_inputs(model, blocks[0][1], model_calls(model, calibration, batch_size))
             dense_inputs = inputs if to_dense else None
         timings["capture"] = time.perf_counter() - mark
-        bar = progress_bar(blocks, f"{layer_method.name} {pattern.name}", progress)
-        for (block_name, block), layers in zip(bar, per_block):
+        bar = progress_bar(blocks, f"{layer_method.name} {pattern_name}", progress)
+        for (_, block), layers in zip(bar, per_block):
             run = _prune_block_to_dense if to_dense else _prune_block
-            inputs, dense_inputs = run(block_name, block, layers, inputs, dense_inputs, layer_method, damping, timings,
-                                       stats, masks, weights)
+            inputs, dense_inputs = run(block, layers, inputs, dense_inputs, layer_method, damping, timings, stats,
+                                       masks, weights)
     timings["total"] = time.perf_counter() - started
-    per_layer = isinstance(sparsity, dict)
-    settings = dict(objective="layer", method=layer_method.name, pattern=pattern.name,
+    settings = dict(objective="layer", method=layer_method.name, pattern=pattern_name,
                     sparsity=_fraction_pruned(masks) if per_layer else pattern.sparsity, target=target,
                     layer_sparsities=dict(sparsity) if per_layer else None, damping=damping,
                     blocks=[name for name, _ in blocks], layers=list(masks),
@@ -289,8 +290,7 @@ def plan_layerwise(model, sparsity, pattern, method, *, damping=DEFAULT_RELATIVE
     return layer_method, pattern, blocks, per_block, dense
 
 
-def _prune_block(block_name, block, layers, inputs, dense_inputs, layer_method, damping, timings, stats, masks,
-                 weights):
+def _prune_block(block, layers, inputs, dense_inputs, layer_method, damping, timings, stats, masks, weights):
     """Prune one block's layers from its (already pruned-upstream) inputs; return the next block's inputs."""
     modules = dict(block.named_modules())
     mark = time.perf_counter()
@@ -318,8 +318,8 @@ def _prune_block(block_name, block, layers, inputs, dense_inputs, layer_method, 
     return next_inputs, None
 
 
-def _prune_block_to_dense(block_name, block, layers, inputs, dense_inputs, layer_method, damping, timings, stats,
-                          masks, weights):
+def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, damping, timings, stats, masks,
+                          weights):
     """target='dense': prune the block's layers one at a time, each towards the dense block's output of that layer
     (module docstring); return the next block's pruned and dense inputs."""
     modules = dict(block.named_modules())
