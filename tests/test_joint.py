@@ -269,6 +269,8 @@ def test_max_keeps_the_path_with_the_lower_calibration_loss_at_the_exact_count()
         assert abs(mean_loss(trial, x, y, F.cross_entropy) - losses[result.settings["path"]]) < 1e-6
         stages = result.stats["stages"]
         assert result.settings["schedule"] == [stage["sparsity"] for stage in stages]
+        (other, other_stages), = result.stats["other_path_stages"].items()
+        assert other != result.settings["path"] and other_stages[-1]["calibration_loss"] == losses[other]
         if result.settings["path"] == "layer":
             assert result.settings["schedule"] == [result.settings["sparsity"]] * 3
             assert result.settings["first_method"] == "joint (layer-wise, to dense)"

@@ -321,15 +321,14 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
         result.settings.update(bn_recalibration=False, layer_start=False)
         return result
     result, reports = _run_stages(model, calibration, plan, bn_recalibration, progress)
-    paths, skipped = {}, None
+    paths, skipped = {"fisher": reports}, None
     if plan.layer_start:
-        paths["fisher"] = reports[-1]["calibration_loss"]
         layer_result, layer_reports = _layer_path(model, calibration, plan, bn_recalibration, progress)
         if layer_result is None:
             skipped = layer_reports
         else:
-            paths["layer"] = layer_reports[-1]["calibration_loss"]
-            if paths["layer"] < paths["fisher"]:
+            paths["layer"] = layer_reports
+            if layer_reports[-1]["calibration_loss"] < reports[-1]["calibration_loss"]:
                 result, reports = layer_result, layer_reports
     result.timings = {key: sum(r["timings"].get(key, 0.0) for r in reports) for key in result.timings}
     result.stats = dict(result.stats, stages=reports)
@@ -337,9 +336,11 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
                            sparsity=plan.sparsity, first_method=reports[0]["method"], first_order=plan.first_order,
                            refine=plan.refine, first_damping=plan.damping, bn_recalibration=bn_recalibration,
                            layer_start=plan.layer_start)
-    if plan.layer_start:
-        result.settings.update(path=reports[0].get("path", "fisher"), layer_start_skipped=skipped)
-        result.stats["path_calibration_loss"] = paths
+    if plan.layer_start:  # both paths' final losses, and the stages of the one not taken (where its seconds went)
+        chosen = reports[0].get("path", "fisher")
+        result.settings.update(path=chosen, layer_start_skipped=skipped)
+        result.stats["path_calibration_loss"] = {path: trace[-1]["calibration_loss"] for path, trace in paths.items()}
+        result.stats["other_path_stages"] = {path: trace for path, trace in paths.items() if path != chosen}
     return result
 
 
