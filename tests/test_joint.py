@@ -254,30 +254,45 @@ def test_zero_damping_and_zero_stages_are_refused_not_defaulted():
         brainsurgeon.prune(model, (x, y), 0.5, "mp", stages=0, progress=False)
 
 
-def test_max_keeps_the_path_with_the_lower_calibration_loss_at_the_exact_count():
+def test_max_refines_the_path_with_the_lower_calibration_loss_at_the_exact_count():
+    """The two paths are compared before refinement; only the chosen one is refined, and it ends at the exact
+    global count, deterministically."""
     model, x, y = small_mlp()
     runs = [brainsurgeon.prune(model, (x, y), sparsity, "max", progress=False, init_trials=2)
             for sparsity in (0.6, 0.9, 0.9)]
     for result in runs:
-        losses = result.stats["path_calibration_loss"]
-        assert set(losses) == {"fisher", "layer"}
-        assert result.settings["path"] == min(losses, key=losses.get)
+        losses, path = result.stats["path_calibration_loss"], result.settings["path"]
+        assert set(losses) == {"fisher", "layer"} and path == min(losses, key=losses.get)
         assert result.num_pruned == int(result.settings["sparsity"] * result.num_weights + 0.5)
-        assert result.stats["stages"][-1]["calibration_loss"] == losses[result.settings["path"]]
-        trial = copy.deepcopy(model)
-        result.apply(trial)
-        assert abs(mean_loss(trial, x, y, F.cross_entropy) - losses[result.settings["path"]]) < 1e-6
         stages = result.stats["stages"]
         assert result.settings["schedule"] == [stage["sparsity"] for stage in stages]
         (other, other_stages), = result.stats["other_path_stages"].items()
-        assert other != result.settings["path"] and other_stages[-1]["calibration_loss"] == losses[other]
-        if result.settings["path"] == "layer":
+        assert other != path and other_stages[-1]["calibration_loss"] == losses[other]
+        refined = 2 if path == "layer" or len(sparsity_schedule(result.settings["sparsity"], schedule="gradual")) > 1 \
+            else 0
+        assert stages[-1 - refined]["calibration_loss"] == losses[path]
+        trial = copy.deepcopy(model)
+        result.apply(trial)
+        assert abs(mean_loss(trial, x, y, F.cross_entropy) - stages[-1]["calibration_loss"]) < 1e-6
+        if path == "layer":
             assert result.settings["schedule"] == [result.settings["sparsity"]] * 3
             assert result.settings["first_method"] == "joint (layer-wise, to dense)"
             assert all(stage["path"] == "layer" for stage in stages)
-    for name in runs[1].masks:  # deterministic
+    for name in runs[1].masks:
         assert torch.equal(runs[1].masks[name], runs[2].masks[name])
         assert torch.equal(runs[1].weights[name], runs[2].weights[name])
+
+
+def test_max_without_its_layer_start_is_the_explicit_fisher_schedule_bit_for_bit():
+    model, x, y = small_mlp()
+    preset = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2, layer_start=False)
+    explicit = brainsurgeon.prune(model, (x, y), 0.95, "joint", progress=False, init_trials=2, first_method="cbs",
+                                  schedule=sparsity_schedule(0.95, schedule="gradual"), refine=2, first_order=True,
+                                  later_damping=1e-2, later_damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
+                                  start="mp", iht_rounds=1, max_swaps=10)
+    for name in preset.masks:
+        assert torch.equal(preset.masks[name], explicit.masks[name])
+        assert torch.equal(preset.weights[name], explicit.weights[name])
 
 
 def test_max_layer_start_is_skipped_with_its_reason_when_the_layer_driver_cannot_prune():

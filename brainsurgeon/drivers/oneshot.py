@@ -320,27 +320,38 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
                               damping=plan.damping, options=plan.options, **plan.common)
         result.settings.update(bn_recalibration=False, layer_start=False)
         return result
-    result, reports = _run_stages(model, calibration, plan, bn_recalibration, progress)
-    paths, skipped = {"fisher": reports}, None
+    # The Fisher path's stages up to the target, and the layer start beside it; the lower calibration loss
+    # before any refinement decides which path goes on to the refinement stages.
+    staged, main = copy_model(model), len(plan.schedule) - plan.refine_stages
+    result, reports = _run_stages(model, calibration, plan, bn_recalibration, progress, staged=staged,
+                                  schedule=list(zip(plan.schedule, plan.methods))[:main])
+    path, refine, skipped, compared, other = "fisher", plan.refine_stages, None, {}, {}
     if plan.layer_start:
-        layer_result, layer_reports = _layer_path(model, calibration, plan, bn_recalibration, progress)
-        if layer_result is None:
-            skipped = layer_reports
+        compared["fisher"] = reports[-1]["calibration_loss"]
+        layer = _layer_start(model, calibration, plan, bn_recalibration, progress)
+        if isinstance(layer, str):
+            skipped = layer
         else:
-            paths["layer"] = layer_reports
-            if layer_reports[-1]["calibration_loss"] < reports[-1]["calibration_loss"]:
-                result, reports = layer_result, layer_reports
+            compared["layer"] = layer[1][-1]["calibration_loss"]
+            if compared["layer"] < compared["fisher"]:
+                other = {"fisher": reports}
+                (result, reports, staged), path, refine = layer, "layer", plan.refine
+            else:
+                other = {"layer": layer[1]}
+    if refine:
+        result, refined = _run_stages(model, calibration, plan, bn_recalibration, progress, staged=staged,
+                                      schedule=[(plan.sparsity, plan.methods[-1])] * refine,
+                                      first=len(reports) + 1, path="layer" if path == "layer" else None)
+        reports = reports + refined
     result.timings = {key: sum(r["timings"].get(key, 0.0) for r in reports) for key in result.timings}
     result.stats = dict(result.stats, stages=reports)
     result.settings.update(stages=len(reports), schedule=[report["sparsity"] for report in reports],
                            sparsity=plan.sparsity, first_method=reports[0]["method"], first_order=plan.first_order,
                            refine=plan.refine, first_damping=plan.damping, bn_recalibration=bn_recalibration,
                            layer_start=plan.layer_start)
-    if plan.layer_start:  # both paths' final losses, and the stages of the one not taken (where its seconds went)
-        chosen = reports[0].get("path", "fisher")
-        result.settings.update(path=chosen, layer_start_skipped=skipped)
-        result.stats["path_calibration_loss"] = {path: trace[-1]["calibration_loss"] for path, trace in paths.items()}
-        result.stats["other_path_stages"] = {path: trace for path, trace in paths.items() if path != chosen}
+    if plan.layer_start:  # the losses compared, and the stages of the path not taken (where its seconds went)
+        result.settings.update(path=path, layer_start_skipped=skipped)
+        result.stats.update(path_calibration_loss=compared, other_path_stages=other)
     return result
 
 
@@ -403,29 +414,24 @@ def exact_layer_sparsities(layers, sparsity: float) -> dict:
     return {layer.module: count / size for layer, count, size in zip(layers, counts, sizes)}
 
 
-def _layer_path(model, calibration, plan, bn_recalibration, progress) -> tuple:
-    """The layer-wise start of 'max': every layer pruned towards the dense model's outputs (`joint`, one block,
-    exact counts adding up to the global one), then the plan's `refine` stages at the target. (None, why) when
+def _layer_start(model, calibration, plan, bn_recalibration, progress):
+    """The layer start of 'max': every layer pruned towards the dense model's outputs (`joint`, the model as one
+    block, exact counts adding up to the global one): (its result, its stage report, the pruned model), or why
     the layer-wise driver cannot prune these layers."""
     layers, _ = find_prunable(model, plan.common["include"], plan.common["ignore"])
     blocker = layer_path_blocker(model, layers)
     if blocker is not None:
-        return None, blocker
-    layer_result = prune_layerwise(model, calibration[0], exact_layer_sparsities(layers, plan.sparsity), "joint",
-                                   target="dense", blocks=[""], include=plan.common["include"],
-                                   ignore=plan.common["ignore"], batch_size=128, progress=False)
+        return blocker
+    result = prune_layerwise(model, calibration[0], exact_layer_sparsities(layers, plan.sparsity), "joint",
+                             target="dense", blocks=[""], include=plan.common["include"],
+                             ignore=plan.common["ignore"], batch_size=128, progress=False)
     staged = copy_model(model)
-    layer_result.apply(staged)
+    result.apply(staged)
     if bn_recalibration:
-        layer_result.buffers = recalibrate_batchnorm(staged, calibration[0])
-    total = 1 + plan.refine
-    reports = [_stage_report(staged, calibration, plan.common["loss_fn"], plan.sparsity, "joint (layer-wise, to dense)",
-                             layer_result, 1, total, progress, "layer")]
-    if not plan.refine:
-        return layer_result, reports
-    result, refined = _run_stages(model, calibration, plan, bn_recalibration, progress, staged=staged,
-                                  schedule=[(plan.sparsity, plan.methods[-1])] * plan.refine, first=2, path="layer")
-    return result, reports + refined
+        result.buffers = recalibrate_batchnorm(staged, calibration[0])
+    report = _stage_report(staged, calibration, plan.common["loss_fn"], plan.sparsity, "joint (layer-wise, to dense)",
+                           result, 1, 1, progress, "layer")
+    return result, [report], staged
 
 
 @dataclass
@@ -439,6 +445,7 @@ class RunPlan:
     later_damping: float
     first_order: bool
     refine: int
+    refine_stages: int  # the refinement stages the Fisher path runs (none after a single stage)
     layer_start: bool
     num_samples: int | None
     options: dict  # the first stage's method options
@@ -480,7 +487,8 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     if not callable(loss_fn):
         raise BrainSurgeonError(f"loss_fn must be callable (outputs, targets) -> scalar loss, got {loss_fn!r}")
     targets = sparsity_schedule(sparsity, stages, schedule)
-    targets += [sparsity] * refine if len(targets) > 1 else []  # a single stage is left as it is
+    refine_stages = refine if len(targets) > 1 else 0  # a single stage is left as it is
+    targets += [sparsity] * refine_stages
     first, main = parse_method(first_method), parse_method(method)
     _check_options({first, main}, chosen)
     _build_methods(*first, chosen)  # the methods check their own options
@@ -493,7 +501,7 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
                   gradients=gradients, scratch_dir=scratch_dir, seed=seed, max_memory=max_memory,
                   chunk_size=chunk_size, progress=progress)
     return RunPlan(sparsity, targets, [first] + [main] * (len(targets) - 1), damping, later_damping, first_order,
-                   refine, layer_start, num_samples, chosen, later_options, common)
+                   refine, refine_stages, layer_start, num_samples, chosen, later_options, common)
 
 
 def _prune_stage(model, calibration, sparsity, selection_name, update_name, *, loss_fn, damping,
