@@ -41,7 +41,7 @@ from .layers import (
     recalibrate_batchnorm,
 )
 from .result import PruneResult
-from .sequential import _unsupported, prune_layerwise
+from .sequential import prune_layerwise, unsupported_layer
 
 SELECTIONS = {**BASIC_SELECTIONS, JointSelection.name: JointSelection}
 DEFAULT_UPDATE = {"mp": "none", "random": "none", "wf": "obs", "cbs": "cbsu", "joint": "cbsu"}
@@ -237,9 +237,9 @@ PRESETS = {
     # that up to 0.86 it *is* cbs), then small joint stages with the mean gradient modelled, then two refinement
     # stages. Their damping x grid starts at cbs's 1e-4 and reaches 10: first-order steps on ResNet20 needed far
     # more damping than 0.1.
-    # Beside that Fisher path, 'max' runs the layer-wise start (every layer pruned towards the dense model's
-    # outputs, then the same two refinement stages) and keeps whichever ends with the lower calibration loss:
-    # the Fisher path wins on MLPNet, the layer path on ResNet20 (README).
+    # Beside that Fisher path, 'max' runs the layer start (every layer pruned towards the dense model's outputs)
+    # and refines whichever has the lower calibration loss before refinement: the Fisher path wins on MLPNet,
+    # the layer path on ResNet20 (README).
     "max": dict(method="joint", first_method="cbs", schedule="gradual", refine=2, first_order=True, layer_start=True,
                 later_damping=1e-2, later_damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0), start="mp",
                 iht_rounds=1, max_swaps=10),
@@ -298,6 +298,9 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     the stages after the first (default: those of the first). `bn_recalibration` re-estimates every BatchNorm's
     running statistics on the calibration inputs after each stage, with forward passes only (the result carries
     them in `buffers`); every stage's sparsity, calibration loss and seconds are in `stats['stages']`.
+    `layer_start` (on in 'max') also prunes every layer on the layer-wise objective towards the dense model's
+    outputs, compares that with the Fisher stages' result on calibration loss, and gives only the better one the
+    `refine` stages (`settings['path']`).
     `options` go to whichever of the selection and the update takes them by name (e.g. rho, tau for cbs;
     damping_grid for cbsu). The model is not modified: call `result.apply(model)`.
     """
@@ -323,8 +326,8 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     # The Fisher path's stages up to the target, and the layer start beside it; the lower calibration loss
     # before any refinement decides which path goes on to the refinement stages.
     staged, main = copy_model(model), len(plan.schedule) - plan.refine_stages
-    result, reports = _run_stages(model, calibration, plan, bn_recalibration, progress, staged=staged,
-                                  schedule=list(zip(plan.schedule, plan.methods))[:main])
+    result, reports = _run_stages(calibration, plan, bn_recalibration, progress, staged,
+                                  list(zip(plan.schedule, plan.methods))[:main])
     path, refine, skipped, compared, other = "fisher", plan.refine_stages, None, {}, {}
     if plan.layer_start:
         compared["fisher"] = reports[-1]["calibration_loss"]
@@ -339,9 +342,9 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
             else:
                 other = {"layer": layer[1]}
     if refine:
-        result, refined = _run_stages(model, calibration, plan, bn_recalibration, progress, staged=staged,
-                                      schedule=[(plan.sparsity, plan.methods[-1])] * refine,
-                                      first=len(reports) + 1, path="layer" if path == "layer" else None)
+        result, refined = _run_stages(calibration, plan, bn_recalibration, progress, staged,
+                                      [(plan.sparsity, plan.methods[-1])] * refine, first=len(reports) + 1,
+                                      path="layer" if path == "layer" else None)
         reports = reports + refined
     result.timings = {key: sum(r["timings"].get(key, 0.0) for r in reports) for key in result.timings}
     result.stats = dict(result.stats, stages=reports)
@@ -368,12 +371,9 @@ def _stage_report(staged, calibration, loss_fn, target, method, result, stage, t
     return report
 
 
-def _run_stages(model, calibration, plan, bn_recalibration, progress, staged=None, schedule=None, first=1,
-                path=None) -> tuple:
-    """The plan's stages (or `schedule`'s [(sparsity, (selection, update))] from stage `first` on), each on the
-    model the one before left: (the last stage's result, every stage's report)."""
-    staged = copy_model(model) if staged is None else staged
-    schedule = list(zip(plan.schedule, plan.methods)) if schedule is None else schedule
+def _run_stages(calibration, plan, bn_recalibration, progress, staged, schedule, first=1, path=None) -> tuple:
+    """`schedule`'s stages [(sparsity, (selection, update))], numbered from `first`, each pruning `staged` further
+    in place: (the last stage's result, every stage's report)."""
     total = first - 1 + len(schedule)
     result, reports = None, []
     for stage, (target, (selection_name, update_name)) in enumerate(schedule, first):
@@ -390,11 +390,11 @@ def _run_stages(model, calibration, plan, bn_recalibration, progress, staged=Non
     return result, reports
 
 
-def layer_path_blocker(model: nn.Module, layers) -> str | None:
+def _layer_start_blocker(model: nn.Module, layers) -> str | None:
     """Why the layer-wise start cannot prune these layers (None when it can)."""
     modules = dict(model.named_modules())
     for layer in layers:
-        why = _unsupported(modules[layer.module]) or (
+        why = unsupported_layer(modules[layer.module]) or (
             "carries a torch.nn.utils.prune mask" if layer.tensor != "weight" else None)
         if why:
             return f"{layer.module}: {why}"
@@ -419,7 +419,7 @@ def _layer_start(model, calibration, plan, bn_recalibration, progress):
     block, exact counts adding up to the global one): (its result, its stage report, the pruned model), or why
     the layer-wise driver cannot prune these layers."""
     layers, _ = find_prunable(model, plan.common["include"], plan.common["ignore"])
-    blocker = layer_path_blocker(model, layers)
+    blocker = _layer_start_blocker(model, layers)
     if blocker is not None:
         return blocker
     result = prune_layerwise(model, calibration[0], exact_layer_sparsities(layers, plan.sparsity), "joint",

@@ -114,7 +114,8 @@ def _layer_inputs(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return inputs.reshape(-1, inputs.shape[-1])
 
 
-def _unsupported(module: nn.Module) -> str | None:
+def unsupported_layer(module: nn.Module) -> str | None:
+    """Why this driver cannot prune the module (None for a Linear or a Conv2d with groups=1)."""
     if isinstance(module, nn.Linear):
         return None
     if isinstance(module, nn.Conv2d) and module.groups == 1 and isinstance(module.padding, tuple):
@@ -268,7 +269,7 @@ def plan_layerwise(model, sparsity, pattern, method, *, damping=DEFAULT_RELATIVE
         kept = []
         for layer in layers:
             full_name = f"{block_name}.{layer.module}".strip(".")
-            why = _unsupported(modules[layer.module]) or (
+            why = unsupported_layer(modules[layer.module]) or (
                 "carries a torch.nn.utils.prune mask; the layer-wise driver prunes plain weights"
                 if layer.tensor != "weight" else None)
             if why:
