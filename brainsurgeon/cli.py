@@ -151,7 +151,7 @@ def _cmd_prune_language_model(args):
     check_outputs(args.out, args.report)
     model, tokenizer, calibration, evaluation = _load_language_model(args)
     method = args.method or "joint"
-    result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern,
+    result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern, target=args.target,
                              damping=args.damp if args.damp is not None else DEFAULT_RELATIVE_DAMPING,
                              include=args.include, ignore=args.ignore or (), progress=not args.quiet)
     dense = perplexity(model, evaluation, progress=not args.quiet)
@@ -266,9 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="fraction of the prunable weights to prune (N:M implies N/M)")
     p.add_argument("--method", default=None,
                    help="SELECTION[+UPDATE], e.g. cbs (default), joint, wf, mp, wf+cbsu; or max, the most accurate "
-                        "preset. With --hf-model: mp, wanda, sparsegpt or joint (default, ours)")
+                        "preset. With --hf-model: mp, wanda, sparsegpt, joint (default, ours), wf, cbs or swaps")
     p.add_argument("--pattern", default="layer",
                    help="with --hf-model: layer (exact count per layer), row (per output row) or N:M, e.g. 2:4")
+    p.add_argument("--target", choices=("layer", "dense"), default="layer",
+                   help="with --hf-model: each layer keeps its own output on the pruned inputs (layer, as SparseGPT) "
+                        "or reproduces the dense model's (dense: twice the activation memory)")
     p.add_argument("--scope", choices=("global", "layer"), default="global")
     p.add_argument("--include", nargs="*", help="module types or name regexes to prune (default: Linear)")
     p.add_argument("--ignore", nargs="*", help="module types or name regexes to leave dense")

@@ -253,8 +253,8 @@ def test_cli_prunes_saves_and_benches_a_hugging_face_model(capsys, tiny_lm_folde
     folder, text = tiny_lm_folder
     sizes = ["--calib-seqs", "6", "--seq-len", "16", "--eval-windows", "4", "--text", str(text), "--quiet"]
     out, report = tmp_path / "pruned", tmp_path / "report.json"
-    code = main(["prune", "--hf-model", str(folder), "--pattern", "2:4", "--method", "joint", "--out", str(out),
-                 "--report", str(report), *sizes])
+    code = main(["prune", "--hf-model", str(folder), "--pattern", "2:4", "--method", "joint", "--target", "dense",
+                 "--out", str(out), "--report", str(report), *sizes])
     assert code == 0, capsys.readouterr().err
     figures = json.loads(report.read_text())
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -262,6 +262,7 @@ def test_cli_prunes_saves_and_benches_a_hugging_face_model(capsys, tiny_lm_folde
     evaluation = token_windows(tokenizer, split_text(str(text))[0], 4, 16)
     assert perplexity(reloaded, evaluation) == pytest.approx(figures["perplexity"], rel=1e-6)
     assert figures["num_pruned"] * 2 == figures["num_weights"] and "lm_head" in figures["dense_layers"]
+    assert figures["settings"]["target"] == "dense"
     bench = tmp_path / "bench.json"
     code = main(["bench", "--hf-model", str(folder), "--methods", "mp,sparsegpt", "--sparsities", "0.5,2:4",
                  "--json", str(bench), *sizes])

@@ -182,9 +182,9 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                     batch_size: int = 8, target: str = "layer", progress: bool = True, **options) -> PruneResult:
     """Prune every prunable layer of `model`'s blocks on the layer-wise objective, block by block.
 
-    `method`: 'mp', 'wanda', 'sparsegpt', 'joint', 'wf', 'cbs' or 'swaps' (methods/layerwise.py). `pattern`: 'layer' (unstructured,
-    exact count per layer), 'row' (exact count per output row) or 'N:M' such as '2:4' (sparsity N/M). `damping`: of H,
-    relative to mean(diag H). `calibration`: model inputs (a tensor such as token ids, batched by `batch_size`,
+    `method`: 'mp', 'wanda', 'sparsegpt', 'joint', 'wf', 'cbs' or 'swaps' (methods/layerwise.py). `pattern`:
+    'layer' (unstructured, exact count per layer), 'row' (exact count per output row) or 'N:M' such as '2:4'
+    (sparsity N/M). `damping`: of H, relative to mean(diag H). `calibration`: model inputs (a tensor such as token ids, batched by `batch_size`,
     an (inputs, targets) pair, or an iterable of tensors or keyword dicts). `target`: 'layer' (each layer keeps
     its own output on the pruned model's inputs, as SparseGPT) or 'dense' (each layer reproduces the dense
     model's output; module docstring). `sparsity` may also be a dict {layer name: sparsity} for 'layer' and
