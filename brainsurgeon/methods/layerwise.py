@@ -187,9 +187,9 @@ class FisherOnRows(LayerMethod):
     def __init__(self, seed: int = 0):
         self.seed = validation.count("seed", seed, minimum=0)
 
+    @abstractmethod
     def methods(self, objective, pattern) -> tuple:
         """(selection, update) for this layer."""
-        raise NotImplementedError
 
     def settings(self):
         return {"seed": self.seed}
