@@ -186,7 +186,7 @@ def _plot_stages(axes, runs) -> None:
     """Calibration loss after each stage against the sparsity it reached: one line per staged run, one colour
     per (method, target); refinement stages at the target are the vertical steps."""
     colours = {}
-    for method, target, seed, trace in runs:
+    for method, target, _, trace in runs:
         key = (method, target)
         first = key not in colours
         colours.setdefault(key, f"C{len(colours) % 10}")

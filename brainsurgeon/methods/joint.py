@@ -111,10 +111,10 @@ class JointSelection(Selection):
     """Search the joint objective Q* (selection with the CBS-U update inside); see the module docstring.
 
     Options: `start` (the warm-start selection, by name or as a Selection; with several candidate masks the one
-    with the lowest Q* is used), `iht_rounds` (thresholding-plus-backsolve rounds), `max_swaps`, `swap_candidates` (pruned
-    weights per block, ranked by a bound on their gain, whose exact swap changes are evaluated each round)
-    and `max_kept` (a block keeping more weights is backsolved through its n x n system and takes no
-    swaps: its A^-1 would be too large).
+    with the lowest Q* is used), `iht_rounds` (thresholding-plus-backsolve rounds), `max_swaps`,
+    `swap_candidates` (pruned weights per block, ranked by a bound on their gain, whose exact swap changes are
+    evaluated each round) and `max_kept` (a block keeping more weights is backsolved through its n x n system
+    and takes no swaps: its A^-1 would be too large).
     """
 
     name = "joint"
