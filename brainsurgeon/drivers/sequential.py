@@ -188,7 +188,8 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     token ids, batched by `batch_size`, an (inputs, targets) pair, or an iterable of tensors or keyword dicts).
     `target`: 'layer' (each layer keeps its own output on the pruned model's inputs, as SparseGPT) or 'dense'
     (each layer reproduces the dense model's output; module docstring). `sparsity` may also be a dict
-    {layer name: sparsity} for 'layer' and 'row' patterns. `options` go to the method. The model is not modified: call `result.apply(model)`.
+    {layer name: sparsity} for 'layer' and 'row' patterns. `options` go to the method. The model is not
+    modified: call `result.apply(model)`.
     """
     layer_method, pattern, blocks, per_block, dense = plan_layerwise(
         model, sparsity, pattern, method, damping=damping, blocks=blocks, include=include, ignore=ignore,
