@@ -85,11 +85,14 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
     results = report["results"]
     total = len(methods) * len(sparsities) * len(seeds)
     for seed in seeds:
-        calibration = dataset.calibration(calib_samples, seed)
+        # The whole training split in a seeded order: every method fits its first calib_samples, and staged
+        # methods with fresh samples draw further ones from it.
+        calibration = dataset.calibration(dataset.num_train, seed)
         for sparsity in sparsities:
             for method in methods:
                 measured = measure_run(
-                    model, lambda: prune(model, calibration, sparsity, method, damping=damping, seed=seed,
+                    model, lambda: prune(model, calibration, sparsity, method, num_samples=calib_samples,
+                                         damping=damping, seed=seed,
                                          progress=progress, max_memory=max_memory, structure=structure,
                                          gradients=gradients, **accepted_options(method, options)),
                     lambda pruned: accuracy(pruned, dataset.test_x, dataset.test_y))

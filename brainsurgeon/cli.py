@@ -6,7 +6,7 @@ import sys
 import threading
 from pathlib import Path
 
-from . import bench
+from . import bench, validation
 from .atomic import check_outputs, write_text
 from .bench import DEFAULT_CALIB_SAMPLES
 from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
@@ -46,6 +46,16 @@ def _sparsity_or_pattern(text: str):
 
 
 _sparsity_or_pattern.__name__ = "sparsity or N:M pattern"
+
+
+def _count_or_auto(text: str):
+    """A stage count, or 'auto' (the library checks the range)."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
 _floats, _ints, _sparsities = _list_of(float), _list_of(int), _list_of(_sparsity_or_pattern)
 
 
@@ -91,7 +101,11 @@ def _add_common(parser):
     stages = parser.add_argument_group("stages (any method)")
     stages.add_argument("--stages", type=int, help="prune in this many stages, geometric in density")
     stages.add_argument("--schedule", type=_floats, help="explicit sparsities per stage, e.g. 0.9,0.95,0.98")
-    stages.add_argument("--refine", type=int, help="extra stages at the target sparsity (see prune's docstring)")
+    stages.add_argument("--refine", type=_count_or_auto,
+                        help="extra stages at the target sparsity, or 'auto' (see prune's docstring)")
+    stages.add_argument("--fresh-samples", action=argparse.BooleanOptionalAction, default=None,
+                        help="each stage fits --calib-samples samples of its own, and as many more are held out to "
+                             "judge the stages (default: on for max only)")
     stages.add_argument("--bn-recalibration", action="store_true", default=None,
                         help="re-estimate BatchNorm running statistics on the calibration inputs after pruning (and "
                              "between stages): forward passes only, no training step")
@@ -104,7 +118,7 @@ def _add_common(parser):
 
 def _method_options(args) -> dict:
     names = ("epsilon", "rho", "tau", "max_passes", "init_trials", "selection_damping", "start", "iht_rounds",
-             "max_swaps", "stages", "first_order", "refine", "bn_recalibration", "layer_start")
+             "max_swaps", "stages", "first_order", "refine", "bn_recalibration", "layer_start", "fresh_samples")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.schedule:
         options["schedule"] = args.schedule
@@ -115,6 +129,9 @@ def _calib_samples(args, dataset) -> int:
     """An explicit --calib-samples must exist in the data; the default shrinks to a small training split."""
     if args.calib_samples is None:
         return min(DEFAULT_CALIB_SAMPLES, dataset.num_train)
+    if validation.count("calibration samples", args.calib_samples) > dataset.num_train:
+        raise BrainSurgeonError(f"not enough training samples: --calib-samples {args.calib_samples} requested, "
+                                f"{dataset.num_train} exist; lower --calib-samples")
     return args.calib_samples
 
 
@@ -177,8 +194,9 @@ def _cmd_prune(args):
         raise BrainSurgeonError("--sparsity is required (N:M patterns are for --hf-model)")
     check_outputs(args.out, args.report)
     model, dataset = _load(args)
-    calibration = dataset.calibration(_calib_samples(args, dataset), args.seed)
-    result = prune(model, calibration, args.sparsity, args.method or "cbs", damping=args.damp, seed=args.seed,
+    calibration = dataset.calibration(dataset.num_train, args.seed)  # staged methods may draw fresh samples
+    result = prune(model, calibration, args.sparsity, args.method or "cbs", num_samples=_calib_samples(args, dataset),
+                   damping=args.damp, seed=args.seed,
                    scope=args.scope, structure=args.structure, gradients=args.gradients,
                    include=args.include, ignore=args.ignore or (),
                    max_memory=args.max_memory_gb * GIB, progress=not args.quiet, **_method_options(args))

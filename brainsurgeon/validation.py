@@ -61,6 +61,12 @@ def choice(name: str, value, options) -> str:
     return value
 
 
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise BrainSurgeonError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def patterns(name: str, value) -> tuple:
     """Module-type names or regexes on module names: one string is one pattern, not a list of letters."""
     if value is None:

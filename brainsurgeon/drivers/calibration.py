@@ -37,12 +37,14 @@ def _as_batches(calibration, num_samples):
     return batches
 
 
-def collect(calibration, num_samples=None):
+def collect(calibration, num_samples=None, limit=None):
     """Accept an (X, y) pair of tensors or any iterable of (inputs, targets) batches.
 
-    Returns the first `num_samples` samples (all of them if None) as tensors, checked for NaNs.
+    Returns the first `num_samples` samples (all of them if None) as tensors, checked for NaNs; with `limit`, up to
+    that many (at least `num_samples`).
     """
-    batches = _as_batches(calibration, num_samples)
+    limit = num_samples if limit is None else limit
+    batches = _as_batches(calibration, limit)
     if not batches or not sum(len(b[0]) for b in batches):
         raise BrainSurgeonError("calibration data is empty; pass an (X, y) pair or batches of (inputs, targets)")
     try:
@@ -58,7 +60,8 @@ def collect(calibration, num_samples=None):
                 f"not enough calibration samples: {num_samples} requested, {len(inputs)} given; "
                 "pass more data or lower num_samples"
             )
-        inputs, targets = inputs[:num_samples], targets[:num_samples]
+    if limit is not None:
+        inputs, targets = inputs[:limit], targets[:limit]
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
         raise BrainSurgeonError("calibration inputs contain NaN or Inf; clean or re-normalise the data")
     return inputs, targets
@@ -102,3 +105,33 @@ def check_usable(model, inputs, targets, loss_fn) -> float:
         raise BrainSurgeonError(f"the calibration loss is {mean} on the unpruned model (targets all ignored, "
                                 "out of range, or a model that overflows); fix the targets or the loss")
     return mean
+
+
+class CalibrationPool:
+    """The calibration samples of a staged prune. Every stage fits `per_stage` of them: stage 0 the first ones,
+    and, when the pool holds at least twice that many, the last `per_stage` are held out (never fitted) to judge
+    the stages by, and each later stage fits the next unused ones, or once all are used a random subset (seeded by
+    `seed` and the stage) of those not held out: never a repeat of an earlier stage's. A smaller pool has no
+    held-out part: every stage fits the same samples."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, per_stage: int | None = None, seed: int = 0):
+        self.inputs, self.targets, self.seed = inputs, targets, seed
+        self.per_stage = len(inputs) if per_stage is None else per_stage
+        self.fresh = len(inputs) >= 2 * self.per_stage
+
+    @property
+    def held_out(self):
+        """The held-out (inputs, targets), or None."""
+        return (self.inputs[-self.per_stage:], self.targets[-self.per_stage:]) if self.fresh else None
+
+    def stage(self, index: int):
+        """The (inputs, targets) that stage `index` (from 0) fits."""
+        if not self.fresh or index == 0:
+            return self.inputs[: self.per_stage], self.targets[: self.per_stage]
+        fitted = len(self.inputs) - self.per_stage
+        if (index + 1) * self.per_stage <= fitted:
+            rows = torch.arange(index * self.per_stage, (index + 1) * self.per_stage)
+        else:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            rows = torch.randperm(fitted, generator=generator)[: self.per_stage]
+        return self.inputs[rows], self.targets[rows]

@@ -32,7 +32,7 @@ from ..methods.patterns import num_to_prune
 from ..methods.problem import PruningProblem, Segment, best_candidate
 from ..methods.selection import SELECTIONS as BASIC_SELECTIONS
 from ..methods.update import UPDATES
-from .calibration import check_usable, collect, mean_loss
+from .calibration import CalibrationPool, check_usable, collect, mean_loss
 from .layers import (
     copy_model,
     evaluating,
@@ -137,7 +137,7 @@ def _option_names(cls) -> set:
 
 
 STAGE_OPTIONS = ("stages", "schedule", "first_order", "first_method", "refine", "later_damping",
-                 "later_damping_grid", "bn_recalibration", "layer_start")
+                 "later_damping_grid", "bn_recalibration", "layer_start", "fresh_samples")
 
 
 def _methods_of(method: str) -> set:
@@ -232,6 +232,13 @@ def sparsity_schedule(sparsity: float, stages: int = 1, schedule=None) -> list:
     return [1 - (1 - sparsity) ** (t / stages) for t in range(1, stages)] + [sparsity]
 
 
+# refine='auto': refinement stages judged on held-out samples stop once one lowers their loss by less than
+# REFINE_MIN_GAIN of it, after REFINE_LIMIT at most; without held-out samples every stage fits the same ones and the
+# held-out judge is missing, so REFINE_WITHOUT_HELD_OUT run (more of them fitted only the calibration set on MLPNet).
+REFINE_LIMIT = 8
+REFINE_MIN_GAIN = 0.01
+REFINE_WITHOUT_HELD_OUT = 2
+
 PRESETS = {
     # The most accurate configuration measured on MLPNet (README): CBS to 0.86 with the caller's settings (so
     # that up to 0.86 it *is* cbs), then small joint stages with the mean gradient modelled, then two refinement
@@ -240,7 +247,8 @@ PRESETS = {
     # Beside that Fisher path, 'max' runs the layer start (every layer pruned towards the dense model's outputs)
     # and refines whichever has the lower calibration loss before refinement: the Fisher path wins on MLPNet,
     # the layer path on ResNet20 (README).
-    "max": dict(method="joint", first_method="cbs", schedule="gradual", refine=2, first_order=True, layer_start=True,
+    "max": dict(method="joint", first_method="cbs", schedule="gradual", refine="auto", fresh_samples=True,
+                first_order=True, layer_start=True,
                 later_damping=1e-2, later_damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0), start="mp",
                 iht_rounds=1, max_swaps=10),
 }
@@ -294,13 +302,17 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     trained model is taken to be at a minimum). `refine` adds that many stages at the target sparsity itself
     after a multi-stage schedule: with `first_order`, each is a damped Gauss-Newton step of the calibration
     loss on the current mask (the selection may still swap weights), using the calibration data the way a
-    short fine-tuning would. `later_damping` and `later_damping_grid` set the damping and the CBS-U grid of
+    short fine-tuning would; refine='auto' stops once they no longer lower the held-out loss (REFINE_MIN_GAIN).
+    `fresh_samples` (on in 'max'): when the calibration data holds at least twice `num_samples`, the last
+    `num_samples` are held out to judge stages by, and every stage fits `num_samples` of its own (the first stage
+    the first ones, so a single stage is unchanged): refinement on fresh samples stops fitting the same ones.
+    `later_damping` and `later_damping_grid` set the damping and the CBS-U grid of
     the stages after the first (default: those of the first). `bn_recalibration` re-estimates every BatchNorm's
     running statistics on the calibration inputs after each stage, with forward passes only (the result carries
     them in `buffers`); every stage's sparsity, calibration loss and seconds are in `stats['stages']`.
     `layer_start` (on in 'max') also prunes every layer on the layer-wise objective towards the dense model's
-    outputs, compares that with the Fisher stages' result on calibration loss, and gives only the better one the
-    `refine` stages (`settings['path']`).
+    outputs, compares that with the Fisher stages' result on the held-out loss (without held-out samples, the
+    calibration loss), and gives only the better one the `refine` stages (`settings['path']`).
     `options` go to whichever of the selection and the update takes them by name (e.g. rho, tau for cbs;
     damping_grid for cbsu). The model is not modified: call `result.apply(model)`.
     """
@@ -313,70 +325,120 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
                     seed=seed, max_memory=max_memory, chunk_size=chunk_size, progress=progress, stages=stages,
                     schedule=schedule, first_order=first_order, first_method=first_method, refine=refine,
                     bn_recalibration=bn_recalibration, **options)
+    pool = None
     if calibration is not None:  # data-free methods (mp, random) may be given none
-        calibration = collect(calibration, plan.num_samples)  # every stage sees the same samples
-        check_usable(model, *calibration, loss_fn)
-    if bn_recalibration and calibration is None:
+        pool = _collect_pool(calibration, plan)
+        check_usable(model, *pool.stage(0), loss_fn)
+    if bn_recalibration and pool is None:
         raise BrainSurgeonError("bn_recalibration needs calibration inputs; pass (inputs, targets)")
     if len(plan.schedule) == 1 and not bn_recalibration and not plan.layer_start:
-        result = _prune_stage(model, calibration, plan.sparsity, *plan.methods[0], first_order=False,
+        result = _prune_stage(model, pool and pool.stage(0), plan.sparsity, *plan.methods[0], first_order=False,
                               damping=plan.damping, options=plan.options, **plan.common)
         result.settings.update(bn_recalibration=False, layer_start=False)
         return result
-    # The Fisher path's stages up to the target, and the layer start beside it; the lower calibration loss
-    # before any refinement decides which path goes on to the refinement stages.
-    staged, main = copy_model(model), len(plan.schedule) - plan.refine_stages
-    result, reports = _run_stages(calibration, plan, bn_recalibration, progress, staged,
-                                  list(zip(plan.schedule, plan.methods))[:main])
+    return _prune_in_stages(model, pool, plan, bn_recalibration, progress)
+
+
+def _collect_pool(calibration, plan) -> CalibrationPool:
+    """The samples the stages fit and judge by: with fresh samples, enough for every stage that may run and a
+    held-out part (as many as the data holds, up to that)."""
+    if not plan.fresh_samples or plan.num_samples is None:
+        return CalibrationPool(*collect(calibration, plan.num_samples))
+    stages = len(plan.schedule) + max(plan.refine_limit, plan.refine_stages)
+    return CalibrationPool(*collect(calibration, plan.num_samples, limit=plan.num_samples * (stages + 1)),
+                           plan.num_samples, plan.common["seed"])
+
+
+def _judged_loss(report: dict) -> float | None:
+    """What stages are judged by: the held-out loss, or without held-out samples the loss on the fitted ones."""
+    return report["calibration_loss"] if report.get("held_out_loss") is None else report["held_out_loss"]
+
+
+def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResult:
+    """The Fisher path's stages up to the target, and the layer start beside it; the lower loss before any
+    refinement (held out when the pool has such samples) decides which path goes on to the refinement stages."""
+    staged = copy_model(model)
+    result, reports = _run_stages(pool, plan, bn_recalibration, progress, staged,
+                                  list(zip(plan.schedule, plan.methods)))
     path, refine, skipped, compared, other = "fisher", plan.refine_stages, None, {}, {}
     if plan.layer_start:
-        compared["fisher"] = reports[-1]["calibration_loss"]
-        layer = _layer_start(model, calibration, plan, bn_recalibration, progress)
+        compared["fisher"] = _judged_loss(reports[-1])
+        layer = _layer_start(model, pool, plan, bn_recalibration, progress)
         if isinstance(layer, str):
             skipped = layer
         else:
-            compared["layer"] = layer[1][-1]["calibration_loss"]
+            compared["layer"] = _judged_loss(layer[1][-1])
             if compared["layer"] < compared["fisher"]:
                 other = {"fisher": reports}
-                (result, reports, staged), path, refine = layer, "layer", plan.refine
+                (result, reports, staged), path, refine = layer, "layer", plan.refine_limit
             else:
                 other = {"layer": layer[1]}
+    rejected = None
     if refine:
-        result, refined = _run_stages(calibration, plan, bn_recalibration, progress, staged,
-                                      [(plan.sparsity, plan.methods[-1])] * refine, first=len(reports) + 1,
-                                      path="layer" if path == "layer" else None)
-        reports = reports + refined
+        result, reports, rejected = _refine(pool, plan, bn_recalibration, progress, staged, result, reports, refine,
+                                            "layer" if path == "layer" else None)
     result.timings = {key: sum(r["timings"].get(key, 0.0) for r in reports) for key in result.timings}
-    result.stats = dict(result.stats, stages=reports)
+    result.stats = dict(result.stats, stages=reports, rejected_stage=rejected)
     result.settings.update(stages=len(reports), schedule=[report["sparsity"] for report in reports],
                            sparsity=plan.sparsity, first_method=reports[0]["method"], first_order=plan.first_order,
                            refine=plan.refine, first_damping=plan.damping, bn_recalibration=bn_recalibration,
-                           layer_start=plan.layer_start)
+                           layer_start=plan.layer_start, fresh_samples=plan.fresh_samples,
+                           pool_samples=pool and len(pool.inputs),
+                           held_out_samples=pool.per_stage if pool and pool.fresh else 0)
     if plan.layer_start:  # the losses compared, and the stages of the path not taken (where its seconds went)
         result.settings.update(path=path, layer_start_skipped=skipped)
         result.stats.update(path_calibration_loss=compared, other_path_stages=other)
     return result
 
 
-def _stage_report(staged, calibration, loss_fn, target, method, result, stage, total, progress, path=None) -> dict:
-    """A stage's line of the trace (and of stderr): sparsity reached, calibration loss, seconds."""
+def _refine(pool, plan, bn_recalibration, progress, staged, result, reports, limit, path) -> tuple:
+    """Up to `limit` refinement stages at the target. With refine='auto' and held-out samples, they stop once a
+    stage lowers the held-out loss by less than REFINE_MIN_GAIN of it, and a stage that raises it is undone:
+    (the result, the stages kept, the undone stage's report or None)."""
+    adaptive = plan.refine == "auto" and pool is not None and pool.fresh
+    if plan.refine == "auto" and not adaptive:
+        limit = min(limit, REFINE_WITHOUT_HELD_OUT)
+    best, most = _judged_loss(reports[-1]), len(reports) + limit
+    for _ in range(limit):
+        before = copy_model(staged) if adaptive else None
+        stage_result, (report,) = _run_stages(pool, plan, bn_recalibration, progress, staged,
+                                              [(plan.sparsity, plan.methods[-1])], first=len(reports) + 1, path=path,
+                                              total=most)
+        if adaptive and _judged_loss(report) >= best:
+            staged.load_state_dict(before.state_dict())
+            return result, reports, report
+        result, reports = stage_result, reports + [report]
+        gain, best = (best - _judged_loss(report)) / best, _judged_loss(report)
+        if adaptive and gain < REFINE_MIN_GAIN:
+            break
+    return result, reports, None
+
+
+def _stage_report(staged, pool, index, loss_fn, target, method, result, total, progress, path=None) -> dict:
+    """A stage's line of the trace (and of stderr): sparsity reached, loss on the samples it fitted and on the
+    held-out ones, seconds."""
     report = dict(sparsity=target, method=method, seconds=result.timings["total"],
-                  calibration_loss=None if calibration is None else mean_loss(staged, *calibration, loss_fn),
+                  calibration_loss=None if pool is None else mean_loss(staged, *pool.stage(index), loss_fn),
+                  held_out_loss=None if pool is None or not pool.fresh else mean_loss(staged, *pool.held_out, loss_fn),
                   timings=result.timings, stats=result.stats, **({"path": path} if path else {}))
     if progress:
-        loss = "" if report["calibration_loss"] is None else f", calibration loss {report['calibration_loss']:.4g}"
+        losses = "".join(f", {name} loss {report[key]:.4g}" for key, name in
+                         (("calibration_loss", "calibration"), ("held_out_loss", "held-out"))
+                         if report[key] is not None)
         where = f"{path} path " if path else ""
-        print(f"{where}stage {stage}/{total}: {method} to sparsity {target:.4g}{loss} in {report['seconds']:.1f}s",
-              file=sys.stderr, flush=True)
+        print(f"{where}stage {index + 1}/{total}: {method} to sparsity {target:.4g}{losses} in "
+              f"{report['seconds']:.1f}s", file=sys.stderr, flush=True)
     return report
 
 
-def _run_stages(calibration, plan, bn_recalibration, progress, staged, schedule, first=1, path=None) -> tuple:
-    """`schedule`'s stages [(sparsity, (selection, update))], numbered from `first`, each pruning `staged` further
-    in place: (the last stage's result, every stage's report)."""
-    total = first - 1 + len(schedule)
+def _run_stages(pool, plan, bn_recalibration, progress, staged, schedule, first=1, path=None, total=None) -> tuple:
+    """`schedule`'s stages [(sparsity, (selection, update))], numbered from `first` (of `total`, for progress),
+    each pruning `staged` further in place on its own samples of the pool: (the last stage's result, every stage's
+    report)."""
+    total = total or first - 1 + len(schedule)
     result, reports = None, []
     for stage, (target, (selection_name, update_name)) in enumerate(schedule, first):
+        calibration = pool and pool.stage(stage - 1)
         # The trained model is taken to be at a minimum: its mean gradient is noise until a stage has moved it.
         result = _prune_stage(staged, calibration, target, selection_name, update_name,
                               first_order=plan.first_order and stage > 1,
@@ -385,8 +447,8 @@ def _run_stages(calibration, plan, bn_recalibration, progress, staged, schedule,
         result.apply(staged)
         if bn_recalibration:
             result.buffers = recalibrate_batchnorm(staged, calibration[0])
-        reports.append(_stage_report(staged, calibration, plan.common["loss_fn"], target,
-                                     f"{selection_name}+{update_name}", result, stage, total, progress, path))
+        reports.append(_stage_report(staged, pool, stage - 1, plan.common["loss_fn"], target,
+                                     f"{selection_name}+{update_name}", result, total, progress, path))
     return result, reports
 
 
@@ -414,7 +476,7 @@ def exact_layer_sparsities(layers, sparsity: float) -> dict:
     return {layer.module: count / size for layer, count, size in zip(layers, counts, sizes)}
 
 
-def _layer_start(model, calibration, plan, bn_recalibration, progress):
+def _layer_start(model, pool, plan, bn_recalibration, progress):
     """The layer start of 'max': every layer pruned towards the dense model's outputs (`joint`, the model as one
     block, exact counts adding up to the global one): (its result, its stage report, the pruned model), or why
     the layer-wise driver cannot prune these layers."""
@@ -422,15 +484,16 @@ def _layer_start(model, calibration, plan, bn_recalibration, progress):
     blocker = _layer_start_blocker(model, layers)
     if blocker is not None:
         return blocker
-    result = prune_layerwise(model, calibration[0], exact_layer_sparsities(layers, plan.sparsity), "joint",
+    inputs, _ = pool.stage(0)
+    result = prune_layerwise(model, inputs, exact_layer_sparsities(layers, plan.sparsity), "joint",
                              target="dense", blocks=[""], include=plan.common["include"],
                              ignore=plan.common["ignore"], batch_size=128, progress=False)
     staged = copy_model(model)
     result.apply(staged)
     if bn_recalibration:
-        result.buffers = recalibrate_batchnorm(staged, calibration[0])
-    report = _stage_report(staged, calibration, plan.common["loss_fn"], plan.sparsity, "joint (layer-wise, to dense)",
-                           result, 1, 1, progress, "layer")
+        result.buffers = recalibrate_batchnorm(staged, inputs)
+    report = _stage_report(staged, pool, 0, plan.common["loss_fn"], plan.sparsity, "joint (layer-wise, to dense)",
+                           result, 1, progress, "layer")
     return result, [report], staged
 
 
@@ -444,9 +507,11 @@ class RunPlan:
     damping: float
     later_damping: float
     first_order: bool
-    refine: int
-    refine_stages: int  # the refinement stages the Fisher path runs (none after a single stage)
+    refine: int | str  # a count, or 'auto'
+    refine_limit: int  # the most refinement stages a path runs
+    refine_stages: int  # the most the Fisher path runs (none after a single stage)
     layer_start: bool
+    fresh_samples: bool
     num_samples: int | None
     options: dict  # the first stage's method options
     later_options: dict
@@ -469,10 +534,10 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     first_order = bool(chosen.pop("first_order", None))
     schedule = chosen.pop("schedule", None)
     first_method = chosen.pop("first_method", None) or method
-    refine = validation.count("refine", _pop_or(chosen, "refine", 0), minimum=0)
-    layer_start = chosen.pop("layer_start", False)
-    if not isinstance(layer_start, bool):
-        raise BrainSurgeonError(f"layer_start must be True or False, got {layer_start!r}")
+    refine = _pop_or(chosen, "refine", 0)
+    refine_limit = REFINE_LIMIT if refine == "auto" else validation.count("refine (or 'auto')", refine, minimum=0)
+    layer_start = validation.flag("layer_start", chosen.pop("layer_start", False))
+    fresh_samples = validation.flag("fresh_samples", chosen.pop("fresh_samples", False))
     later_damping = validation.positive("later_damping", _pop_or(chosen, "later_damping", damping))
     later_grid = chosen.pop("later_damping_grid", None)
     later_options = {**chosen, **({"damping_grid": later_grid} if later_grid is not None else {})}
@@ -482,13 +547,11 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     validation.choice("gradients", gradients, ("auto", "memory", "disk"))
     if scratch_dir is not None and not Path(scratch_dir).is_dir():
         raise BrainSurgeonError(f"scratch_dir {scratch_dir} is not a directory; create it or leave it unset")
-    if not isinstance(bn_recalibration, bool):
-        raise BrainSurgeonError(f"bn_recalibration must be True or False, got {bn_recalibration!r}")
+    validation.flag("bn_recalibration", bn_recalibration)
     if not callable(loss_fn):
         raise BrainSurgeonError(f"loss_fn must be callable (outputs, targets) -> scalar loss, got {loss_fn!r}")
     targets = sparsity_schedule(sparsity, stages, schedule)
-    refine_stages = refine if len(targets) > 1 else 0  # a single stage is left as it is
-    targets += [sparsity] * refine_stages
+    refine_stages = refine_limit if len(targets) > 1 else 0  # a single stage is left as it is
     first, main = parse_method(first_method), parse_method(method)
     _check_options({first, main}, chosen)
     _build_methods(*first, chosen)  # the methods check their own options
@@ -501,7 +564,8 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
                   gradients=gradients, scratch_dir=scratch_dir, seed=seed, max_memory=max_memory,
                   chunk_size=chunk_size, progress=progress)
     return RunPlan(sparsity, targets, [first] + [main] * (len(targets) - 1), damping, later_damping, first_order,
-                   refine, refine_stages, layer_start, num_samples, chosen, later_options, common)
+                   refine, refine_limit, refine_stages, layer_start, fresh_samples, num_samples, chosen, later_options,
+                   common)
 
 
 def _prune_stage(model, calibration, sparsity, selection_name, update_name, *, loss_fn, damping,
