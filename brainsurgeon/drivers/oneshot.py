@@ -232,11 +232,10 @@ def sparsity_schedule(sparsity: float, stages: int = 1, schedule=None) -> list:
     return [1 - (1 - sparsity) ** (t / stages) for t in range(1, stages)] + [sparsity]
 
 
-# refine='auto': refinement stages judged on held-out samples stop once one lowers their loss by less than
-# REFINE_MIN_GAIN of it, after REFINE_LIMIT at most; without held-out samples every stage fits the same ones and the
-# held-out judge is missing, so REFINE_WITHOUT_HELD_OUT run (more of them fitted only the calibration set on MLPNet).
+# refine='auto': refinement stages judged on held-out samples go on while each lowers their loss, REFINE_LIMIT at
+# most (the first one that raises it is undone); without held-out samples every stage fits the same ones and there
+# is no judge, so REFINE_WITHOUT_HELD_OUT run (more of them fitted only the calibration set on MLPNet).
 REFINE_LIMIT = 8
-REFINE_MIN_GAIN = 0.01
 REFINE_WITHOUT_HELD_OUT = 2
 
 PRESETS = {
@@ -302,7 +301,7 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     trained model is taken to be at a minimum). `refine` adds that many stages at the target sparsity itself
     after a multi-stage schedule: with `first_order`, each is a damped Gauss-Newton step of the calibration
     loss on the current mask (the selection may still swap weights), using the calibration data the way a
-    short fine-tuning would; refine='auto' stops once they no longer lower the held-out loss (REFINE_MIN_GAIN).
+    short fine-tuning would; refine='auto' goes on while they lower the held-out loss (REFINE_LIMIT at most).
     `fresh_samples` (on in 'max'): when the calibration data holds at least twice `num_samples`, the last
     `num_samples` are held out to judge stages by, and every stage fits `num_samples` of its own (the first stage
     the first ones, so a single stage is unchanged): refinement on fresh samples stops fitting the same ones.
@@ -392,9 +391,9 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
 
 
 def _refine(pool, plan, bn_recalibration, progress, staged, result, reports, limit, path) -> tuple:
-    """Up to `limit` refinement stages at the target. With refine='auto' and held-out samples, they stop once a
-    stage lowers the held-out loss by less than REFINE_MIN_GAIN of it, and a stage that raises it is undone:
-    (the result, the stages kept, the undone stage's report or None)."""
+    """Up to `limit` refinement stages at the target with the main method. With refine='auto' and held-out
+    samples, the first stage that does not lower the held-out loss is undone and ends them: (the result, the stages
+    kept, the undone stage's report or None)."""
     adaptive = plan.refine == "auto" and pool is not None and pool.fresh
     if plan.refine == "auto" and not adaptive:
         limit = min(limit, REFINE_WITHOUT_HELD_OUT)
@@ -402,15 +401,12 @@ def _refine(pool, plan, bn_recalibration, progress, staged, result, reports, lim
     for _ in range(limit):
         before = copy_model(staged) if adaptive else None
         stage_result, (report,) = _run_stages(pool, plan, bn_recalibration, progress, staged,
-                                              [(plan.sparsity, plan.methods[-1])], first=len(reports) + 1, path=path,
+                                              [(plan.sparsity, plan.refine_method)], first=len(reports) + 1, path=path,
                                               total=most)
         if adaptive and _judged_loss(report) >= best:
             staged.load_state_dict(before.state_dict())
             return result, reports, report
-        result, reports = stage_result, reports + [report]
-        gain, best = (best - _judged_loss(report)) / best, _judged_loss(report)
-        if adaptive and gain < REFINE_MIN_GAIN:
-            break
+        result, reports, best = stage_result, reports + [report], _judged_loss(report)
     return result, reports, None
 
 
@@ -504,6 +500,7 @@ class RunPlan:
     sparsity: float
     schedule: list  # sparsity after each stage
     methods: list  # (selection, update) per stage
+    refine_method: tuple
     damping: float
     later_damping: float
     first_order: bool
@@ -563,7 +560,7 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     common = dict(loss_fn=loss_fn, include=include, ignore=ignore, scope=scope, structure=structure,
                   gradients=gradients, scratch_dir=scratch_dir, seed=seed, max_memory=max_memory,
                   chunk_size=chunk_size, progress=progress)
-    return RunPlan(sparsity, targets, [first] + [main] * (len(targets) - 1), damping, later_damping, first_order,
+    return RunPlan(sparsity, targets, [first] + [main] * (len(targets) - 1), main, damping, later_damping, first_order,
                    refine, refine_limit, refine_stages, layer_start, fresh_samples, num_samples, chosen, later_options,
                    common)
 
