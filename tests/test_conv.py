@@ -8,7 +8,13 @@ from torch import nn
 import brainsurgeon
 from brainsurgeon.curvature.fisher import per_sample_gradients
 from brainsurgeon.datasets.vision import accuracy, load_cifar10
-from brainsurgeon.drivers.layers import find_prunable, recalibrate_batchnorm
+from brainsurgeon.drivers.calibration import CalibrationPool
+from brainsurgeon.drivers.layers import (
+    batchnorm_statistics,
+    find_prunable,
+    recalibrate_batchnorm,
+)
+from brainsurgeon.drivers.oneshot import _recalibrate_if_better
 from brainsurgeon.models.vision import ResNet20, build_model
 
 
@@ -129,3 +135,29 @@ def test_max_with_batchnorm_recalibration_carries_the_final_models_statistics(la
     for name, value in again.items():
         torch.testing.assert_close(result.buffers[name], value)
         assert torch.equal(dict(pruned.named_buffers())[name], result.buffers[name])
+
+
+@pytest.mark.parametrize("shift, kept", [(0.0, True), (8.0, False)])
+def test_re_estimated_statistics_are_kept_only_where_they_lower_the_held_out_loss(shift, kept):
+    """Statistics re-estimated on inputs unlike the held-out ones (shifted) lose and are put back; on like inputs,
+    where the stored statistics are wrong, they win."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(96, 4)
+    y = (x[:, :3] + 0.1 * torch.randn(96, 3)).argmax(1)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(100):
+        model.train()
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimiser.step()
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        model[1].running_mean.add_(3.0)  # stored statistics that no longer fit
+    fitted = x.clone()
+    fitted[:32] += shift
+    pool = CalibrationPool(fitted, y, per_stage=32)
+    stored = batchnorm_statistics(model)
+    assert _recalibrate_if_better(model, pool, 0, nn.functional.cross_entropy) is kept
+    after = batchnorm_statistics(model)
+    assert all(torch.equal(after[name], stored[name]) for name in stored) is not kept

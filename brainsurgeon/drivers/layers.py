@@ -176,8 +176,7 @@ def recalibrate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: in
     no weight changes): pruning shifts the activations, and the statistics of the dense model no longer fit
     them. Each BatchNorm averages over all batches (momentum None); every module's mode and momentum come back.
     Returns the new statistics as {buffer name: tensor}, empty when the model has no BatchNorm."""
-    norms = {name: module for name, module in model.named_modules()
-             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats}
+    norms = _batchnorms(model)
     if not norms:
         return {}
     momenta = {name: module.momentum for name, module in norms.items()}
@@ -192,5 +191,16 @@ def recalibrate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: in
     finally:
         for name, module in norms.items():
             module.momentum = momenta[name]
+    return batchnorm_statistics(model)
+
+
+def _batchnorms(model: nn.Module) -> dict:
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats}
+
+
+def batchnorm_statistics(model: nn.Module) -> dict:
+    """Every BatchNorm's running statistics as {buffer name: copy}."""
     return {f"{name}.{buffer}".strip("."): getattr(module, buffer).detach().clone()
-            for name, module in norms.items() for buffer in ("running_mean", "running_var", "num_batches_tracked")}
+            for name, module in _batchnorms(model).items()
+            for buffer in ("running_mean", "running_var", "num_batches_tracked")}
