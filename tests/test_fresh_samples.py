@@ -1,6 +1,5 @@
 """Fresh calibration samples per stage, the held-out samples that judge the stages, and refine='auto'."""
 import copy
-import math
 
 import pytest
 import torch
@@ -120,51 +119,3 @@ def test_bad_stage_options_are_refused(option, value, message):
     model, x, y = small_mlp()
     with pytest.raises(BrainSurgeonError, match=message):
         brainsurgeon.prune(model, (x, y), 0.9, "max", progress=False, **{option: value})
-
-
-def adaptive(model, x, y, sparsity=0.6, **overrides):
-    settings = dict(num_samples=32, progress=False, init_trials=2, layer_start=False, refine=0, schedule="adaptive")
-    return brainsurgeon.prune(model, (x, y), sparsity, "max", **{**settings, **overrides})
-
-
-def test_the_adaptive_schedule_ends_at_the_exact_count_and_is_deterministic():
-    model, x, y = pooled_mlp()
-    runs = [adaptive(model, x, y) for _ in range(2)]
-    assert runs[0].num_pruned == int(0.6 * runs[0].num_weights + 0.5)
-    assert runs[0].settings["schedule"][-1] == 0.6
-    for name in runs[0].masks:
-        assert torch.equal(runs[0].masks[name], runs[1].masks[name])
-        assert torch.equal(runs[0].weights[name], runs[1].weights[name])
-
-
-def test_the_adaptive_schedule_undoes_every_step_beyond_its_bound_until_the_smallest_step():
-    model, x, y = pooled_mlp()
-    result = adaptive(model, x, y)
-    others, kept = result.stats["undone_steps"], result.stats["stages"]
-    (straight,) = [step for step in others if step["undone"] == "the walk ended lower"]
-    undone = [step for step in others if step["undone"] == "beyond the step bound"]
-    assert undone, "the case must make the walk shrink a step"
-    dense_loss = mean_loss(model, x[-32:], y[-32:], F.cross_entropy)
-    assert straight["sparsity"] == 0.6 and straight["held_out_loss"] > kept[-1]["held_out_loss"]
-    allowed = oneshot.STEP_BOUND * (straight["held_out_loss"] - dense_loss)
-    smallest = math.log(1 - 0.6) / oneshot.MAX_STAGES
-    losses = [dense_loss] + [stage["held_out_loss"] for stage in kept]
-    densities = [1.0] + [1 - stage["sparsity"] for stage in kept]
-    for before, stage in enumerate(kept):  # a kept step beyond the bound could not be halved
-        step = math.log((1 - stage["sparsity"]) / densities[before])
-        assert stage["held_out_loss"] - losses[before] <= allowed + 1e-12 or step / 2 > smallest
-    for report in undone:  # an undone step was beyond the bound, and the next try from there is smaller
-        before = report["after_stage"]
-        assert report["held_out_loss"] - losses[before] > allowed
-        assert kept[before]["sparsity"] < report["sparsity"]
-
-
-@pytest.mark.parametrize("sparsity", [0.6, 0.9])  # the walk is kept at 0.6, the straight stage at 0.9
-def test_the_adaptive_schedule_pinned_is_the_explicit_schedule_bit_for_bit(sparsity):
-    model, x, y = pooled_mlp()
-    walked = adaptive(model, x, y, sparsity, refine="auto")
-    main = [stage["sparsity"] for stage in walked.stats["stages"][: -walked.settings["refined_stages"] or None]]
-    pinned = adaptive(model, x, y, sparsity, refine=walked.settings["refined_stages"], schedule=main)
-    for name in walked.masks:
-        assert torch.equal(walked.masks[name], pinned.masks[name])
-        assert torch.equal(walked.weights[name], pinned.weights[name])

@@ -1,6 +1,5 @@
 """The pruning driver: prune(model, calibration, sparsity, method) -> PruneResult."""
 import inspect
-import math
 import sys
 import time
 import warnings
@@ -209,7 +208,7 @@ def _gradual(sparsity: float) -> list:
     densities = [density]
     while True:
         density *= next(keep for below, keep in GRADUAL_STEPS if density <= below)
-        if density <= target * LAST_STEP_MERGE:  # a last step of under 5% is merged into the final one
+        if density <= target / 0.95:  # a last step of under 5% is merged into the final one
             break
         densities.append(density)
     return [1 - d for d in densities if d > target] + [sparsity]
@@ -218,13 +217,11 @@ def _gradual(sparsity: float) -> list:
 def sparsity_schedule(sparsity: float, stages: int = 1, schedule=None) -> list:
     """The sparsity after each stage. `schedule` is a list (increasing, ending at `sparsity`); or 'gradual':
     one stage to GRADUAL_FIRST, then stages keeping 70% of the weights left, 85% once below 5% density; or
-    None: `stages` steps geometric in density; or 'adaptive': None, the stages are chosen as they go."""
+    None: `stages` steps geometric in density."""
     if schedule == "gradual":
         return _gradual(sparsity)
-    if schedule == "adaptive":
-        return None
     if isinstance(schedule, str):
-        raise BrainSurgeonError(f"schedule must be a list of sparsities, 'gradual' or 'adaptive', got {schedule!r}")
+        raise BrainSurgeonError(f"schedule must be a list of sparsities or 'gradual', got {schedule!r}")
     if schedule is not None:
         schedule = [validation.sparsity(s, "every sparsity of schedule") for s in schedule]
         if not schedule or schedule[-1] != sparsity or any(b <= a for a, b in zip(schedule, schedule[1:])) \
@@ -241,15 +238,6 @@ def sparsity_schedule(sparsity: float, stages: int = 1, schedule=None) -> list:
 # is no judge, so REFINE_WITHOUT_HELD_OUT run (more of them fitted only the calibration set on MLPNet).
 REFINE_LIMIT = 8
 REFINE_WITHOUT_HELD_OUT = 2
-
-# schedule='adaptive' (see _adaptive_stages): a straight stage that raised the judged loss by under STEP_BOUND of the
-# dense loss is kept; otherwise each step of the walk may raise it by STEP_BOUND of what the straight stage did
-# (measured on MLPNet and ResNet20, README). A step is never shrunk below 1/MAX_STAGES of the way in log density
-# (CHITA++'s 16 stages), so the walk ends. LAST_STEP_MERGE as in 'gradual'.
-STEP_BOUND = 0.25
-MAX_STAGES = 16
-LAST_STEP_MERGE = 1 / 0.95
-ADAPTIVE_POOL_STAGES = 2 * MAX_STAGES  # draws the pool holds for the stages, undone ones included
 
 PRESETS = {
     # The most accurate configuration measured on MLPNet (README): CBS to 0.86 with the caller's settings (so
@@ -309,10 +297,6 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     or 'auto' (disk only when memory would exceed `max_memory`). `damping` defaults to 1e-3.
     `stages` > 1 (or an explicit increasing `schedule` of sparsities) prunes in stages, each with the
     gradients recomputed at the previous stage's pruned and updated weights; still no training step.
-    schedule='adaptive' chooses them from the calibration loss (held out with `fresh_samples`): one stage straight
-    to the target, and if that raised the loss by more than STEP_BOUND of the dense loss, a walk of smaller steps
-    too, each undone and halved when it raises the loss by more than STEP_BOUND of what the straight stage did; the
-    lower of the two is kept (`stats['undone_steps']` lists the other's stages and the undone steps).
     `first_method` prunes the first stage (default: `method`). `first_order` adds the mean gradient's linear
     term to the loss model of the Fisher updates and the joint selection in every stage after the first (the
     trained model is taken to be at a minimum). `refine` adds that many stages at the target sparsity itself
@@ -348,9 +332,7 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
         check_usable(model, *pool.stage(0), loss_fn)
     if bn_recalibration and pool is None:
         raise BrainSurgeonError("bn_recalibration needs calibration inputs; pass (inputs, targets)")
-    if plan.schedule is None and pool is None:
-        raise BrainSurgeonError("schedule='adaptive' judges its steps on calibration data; pass (inputs, targets)")
-    if plan.schedule and len(plan.schedule) == 1 and not bn_recalibration and not plan.layer_start:
+    if len(plan.schedule) == 1 and not bn_recalibration and not plan.layer_start:
         result = _prune_stage(model, pool and pool.stage(0), plan.sparsity, *plan.methods[0], first_order=False,
                               damping=plan.damping, options=plan.options, **plan.common)
         result.settings.update(bn_recalibration=False, layer_start=False)
@@ -363,7 +345,7 @@ def _collect_pool(calibration, plan) -> CalibrationPool:
     held-out part (as many as the data holds, up to that)."""
     if not plan.fresh_samples or plan.num_samples is None:
         return CalibrationPool(*collect(calibration, plan.num_samples))
-    stages = (len(plan.schedule) if plan.schedule else ADAPTIVE_POOL_STAGES) + plan.refine_limit
+    stages = len(plan.schedule) + plan.refine_limit
     return CalibrationPool(*collect(calibration, plan.num_samples, limit=plan.num_samples * (stages + 1)),
                            plan.num_samples, plan.common["seed"])
 
@@ -376,12 +358,9 @@ def _judged_loss(report: dict) -> float | None:
 def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResult:
     """The Fisher path's stages up to the target, and the layer start beside it; the lower loss before any
     refinement (held out when the pool has such samples) decides which path goes on to the refinement stages."""
-    if plan.schedule:
-        staged, undone = copy_model(model), []
-        result, reports = _run_stages(pool, plan, bn_recalibration, progress, staged,
-                                      list(zip(plan.schedule, plan.methods)))
-    else:
-        result, reports, staged, undone = _adaptive_stages(model, pool, plan, bn_recalibration, progress)
+    staged = copy_model(model)
+    result, reports = _run_stages(pool, plan, bn_recalibration, progress, staged,
+                                  list(zip(plan.schedule, plan.methods)))
     path, skipped, compared, other = "fisher", None, {}, {}
     refine = plan.refine_limit if len(reports) > 1 else 0  # a single stage is left as it is
     if plan.layer_start:
@@ -401,7 +380,7 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
         result, reports, rejected = _refine(pool, plan, bn_recalibration, progress, staged, result, reports, refine,
                                             "layer" if path == "layer" else None)
     result.timings = {key: sum(r["timings"].get(key, 0.0) for r in reports) for key in result.timings}
-    result.stats = dict(result.stats, stages=reports, rejected_stage=rejected, undone_steps=undone)
+    result.stats = dict(result.stats, stages=reports, rejected_stage=rejected)
     result.settings.update(stages=len(reports), schedule=[report["sparsity"] for report in reports],
                            sparsity=plan.sparsity, first_method=reports[0]["method"], first_order=plan.first_order,
                            refine=plan.refine, first_damping=plan.damping, bn_recalibration=bn_recalibration,
@@ -413,53 +392,6 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
         result.settings.update(path=path, layer_start_skipped=skipped)
         result.stats.update(path_calibration_loss=compared, other_path_stages=other)
     return result
-
-
-def _adaptive_stages(model, pool, plan, bn_recalibration, progress) -> tuple:
-    """The Fisher path's stages chosen from the judged loss. The first stage goes straight to the target. If it
-    raised the judged loss by more than STEP_BOUND of the dense model's, a walk from the dense model follows, and
-    the one of the two that ends with the lower judged loss is kept. (Its result, its stages, its model, and the
-    other's stages and the undone steps, each with `undone` saying why.)"""
-    loss_fn = plan.common["loss_fn"]
-    dense = mean_loss(model, *(pool.held_out or pool.stage(0)), loss_fn)
-    straight = copy_model(model)
-    result, reports = _run_stages(pool, plan, bn_recalibration, progress, straight,
-                                  [(plan.sparsity, plan.methods[0])])
-    rise = _judged_loss(reports[0]) - dense
-    if rise <= STEP_BOUND * dense:
-        return result, reports, straight, []
-    walked = copy_model(model)
-    walk_result, walk, undone = _walk(pool, plan, bn_recalibration, progress, walked, dense, STEP_BOUND * rise)
-    if _judged_loss(walk[-1]) < _judged_loss(reports[0]):
-        return walk_result, walk, walked, undone + [dict(reports[0], undone="the walk ended lower")]
-    return result, reports, straight, undone + [dict(r, undone="the straight stage ended lower") for r in walk]
-
-
-def _walk(pool, plan, bn_recalibration, progress, staged, loss, allowed) -> tuple:
-    """Steps from the dense model to the target, each proposed at the last kept step's size in log density (half
-    the way at first), twice that after a step that raised the judged loss by under half `allowed`. A step that
-    raises it by more than `allowed` is undone and proposed again at half the size, unless that would be under
-    1/MAX_STAGES of the way. (The last result, the steps kept, the undone ones.)"""
-    density, target = 1.0, 1 - plan.sparsity
-    log_step, smallest = math.log(target) / 2, math.log(target) / MAX_STAGES
-    result, reports, undone = None, [], []
-    while not reports or reports[-1]["sparsity"] != plan.sparsity:
-        proposed = density * math.exp(log_step)
-        sparsity = plan.sparsity if proposed <= target * LAST_STEP_MERGE else 1 - proposed  # merge a last step <5%
-        before = copy_model(staged)
-        stage_result, (report,) = _run_stages(pool, plan, bn_recalibration, progress, staged,
-                                              [(sparsity, plan.methods[0 if not reports else -1])],
-                                              first=len(reports) + 1, total=len(reports) + 1, path="walk")
-        rise, taken = _judged_loss(report) - loss, math.log((1 - sparsity) / density)
-        if rise > allowed and taken / 2 <= smallest:
-            staged.load_state_dict(before.state_dict())
-            undone.append(dict(report, after_stage=len(reports), undone="beyond the step bound"))
-            log_step = taken / 2
-            continue
-        if rise <= allowed / 2:
-            log_step *= 2
-        result, reports, density, loss = stage_result, reports + [report], 1 - sparsity, _judged_loss(report)
-    return result, reports, undone
 
 
 def _refine(pool, plan, bn_recalibration, progress, staged, result, reports, limit, path) -> tuple:
@@ -591,7 +523,7 @@ class RunPlan:
     """A prune's settings, every one checked, and the stages it will run: built before any work."""
 
     sparsity: float
-    schedule: list | None  # sparsity after each stage; None: chosen as the stages go ('adaptive')
+    schedule: list  # sparsity after each stage
     methods: list  # (selection, update) per stage
     refine_method: tuple
     damping: float
@@ -639,7 +571,7 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     validation.flag("bn_recalibration", bn_recalibration)
     if not callable(loss_fn):
         raise BrainSurgeonError(f"loss_fn must be callable (outputs, targets) -> scalar loss, got {loss_fn!r}")
-    targets = sparsity_schedule(sparsity, stages, schedule)  # None: adaptive
+    targets = sparsity_schedule(sparsity, stages, schedule)
     first, main = parse_method(first_method), parse_method(method)
     _check_options({first, main}, chosen)
     _build_methods(*first, chosen)  # the methods check their own options
@@ -651,7 +583,7 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     common = dict(loss_fn=loss_fn, include=include, ignore=ignore, scope=scope, structure=structure,
                   gradients=gradients, scratch_dir=scratch_dir, seed=seed, max_memory=max_memory,
                   chunk_size=chunk_size, progress=progress)
-    return RunPlan(sparsity, targets, [first] + [main] * (len(targets or [0, 0]) - 1), main, damping, later_damping,
+    return RunPlan(sparsity, targets, [first] + [main] * (len(targets) - 1), main, damping, later_damping,
                    first_order, refine, refine_limit, layer_start, fresh_samples, num_samples, chosen, later_options,
                    common)
 
