@@ -174,19 +174,20 @@ def write_json(report: dict, path) -> None:
 
 
 def staged_runs(report: dict) -> list:
-    """[(method, target sparsity, seed, [(sparsity, calibration loss) per stage])] of the runs pruned in stages."""
+    """[(method, target sparsity, seed, [(sparsity, loss) per stage])] of the runs pruned in stages: the held-out
+    loss where the run had held-out samples, else the calibration loss."""
     runs = []
     for row in report["results"]:
         stages = (row.get("stats") or {}).get("stages") or []
-        trace = [(stage["sparsity"], stage["calibration_loss"]) for stage in stages
-                 if stage.get("calibration_loss") is not None]
+        losses = [stage.get("held_out_loss") or stage.get("calibration_loss") for stage in stages]
+        trace = [(stage["sparsity"], loss) for stage, loss in zip(stages, losses) if loss is not None]
         if len(trace) > 1:
             runs.append((row["method"], row["sparsity"], row["seed"], trace))
     return runs
 
 
 def _plot_stages(axes, runs) -> None:
-    """Calibration loss after each stage against the sparsity it reached: one line per staged run, one colour
+    """The loss after each stage against the sparsity it reached: one line per staged run, one colour
     per (method, target); refinement stages at the target are the vertical steps."""
     colours = {}
     for method, target, _, trace in runs:
@@ -196,7 +197,8 @@ def _plot_stages(axes, runs) -> None:
         sparsities, losses = zip(*trace)
         axes.plot(sparsities, losses, marker=".", color=colours[key], alpha=0.8,
                   label=f"{method} to {label(target)}" if first else None)
-    axes.set(xlabel="sparsity after the stage", ylabel="calibration loss", yscale="log", title="stages")
+    axes.set(xlabel="sparsity after the stage", ylabel="held-out (else calibration) loss", yscale="log",
+             title="stages")
     axes.legend(fontsize="small")
 
 

@@ -138,6 +138,19 @@ def test_bench_plot_draws_the_stage_trace_of_staged_runs(capsys, mnist_like, tmp
     assert matplotlib.image.imread(picture).shape[1] > 1200  # two panels side by side
 
 
+def test_bench_with_fresh_samples_traces_the_held_out_loss(capsys, mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    out = tmp_path / "bench.json"
+    code, _, _ = run(capsys, "bench", "--checkpoint", str(checkpoint), "--data-dir", str(data), "--methods", "wf",
+                     "--sparsities", "0.9", "--stages", "3", "--calib-samples", "100", "--fresh-samples",
+                     "--json", str(out), "--quiet")
+    assert code == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["settings"]["held_out_samples"] == 100 and row["settings"]["pool_samples"] == 300
+    (_, _, _, trace), = staged_runs({"results": [row]})
+    assert [loss for _, loss in trace] == [stage["held_out_loss"] for stage in row["stats"]["stages"]]
+
+
 def test_max_can_run_without_its_layer_start(capsys, mnist_like, tmp_path):
     data, checkpoint = mnist_like
     report = tmp_path / "report.json"
