@@ -388,7 +388,8 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
                            refined_stages=len(reports) - unrefined,
                            pool_samples=pool and len(pool.inputs),
                            held_out_samples=pool.per_stage if pool and pool.fresh else 0)
-    if plan.layer_start:  # the losses compared, and the stages of the path not taken (where its seconds went)
+    if plan.layer_start:  # the losses compared (held out where the pool has such samples), and the stages of the
+        # path not taken (where its seconds went)
         result.settings.update(path=path, layer_start_skipped=skipped)
         result.stats.update(path_calibration_loss=compared, other_path_stages=other)
     return result
