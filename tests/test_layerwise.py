@@ -96,7 +96,9 @@ def test_the_fisher_form_of_a_layer_is_the_same_damped_quadratic(seed, rows, col
     assert fisher.quadratic(d) == pytest.approx(float(d.double() @ dense @ d.double()), rel=1e-5)
     inverse = torch.linalg.inv(dense)
     torch.testing.assert_close(fisher.inverse_diagonal, inverse.diagonal(), rtol=1e-3, atol=1e-6)
-    torch.testing.assert_close(fisher.inverse_apply(d).double(), inverse @ d.double(), rtol=1e-3, atol=1e-5)
+    expected = inverse @ d.double()  # float32 solves: errors scale with the largest entry, not each one
+    torch.testing.assert_close(fisher.inverse_apply(d).double(), expected, rtol=1e-3,
+                               atol=1e-3 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("method", ["cbs", "swaps"])
