@@ -42,7 +42,7 @@ from .layers import (
     recalibrate_batchnorm,
 )
 from .result import PruneResult
-from .sequential import prune_layerwise, unsupported_layer
+from .sequential import prune_layerwise, unprunable_layer
 
 SELECTIONS = {**BASIC_SELECTIONS, JointSelection.name: JointSelection}
 DEFAULT_UPDATE = {"mp": "none", "random": "none", "wf": "obs", "cbs": "cbsu", "joint": "cbsu"}
@@ -477,8 +477,7 @@ def _layer_start_blocker(model: nn.Module, layers) -> str | None:
     """Why the layer-wise start cannot prune these layers (None when it can)."""
     modules = dict(model.named_modules())
     for layer in layers:
-        why = unsupported_layer(modules[layer.module]) or (
-            "carries a torch.nn.utils.prune mask" if layer.tensor != "weight" else None)
+        why = unprunable_layer(modules[layer.module], layer)
         if why:
             return f"{layer.module}: {why}"
     return None

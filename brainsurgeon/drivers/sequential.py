@@ -123,6 +123,13 @@ def unsupported_layer(module: nn.Module) -> str | None:
     return f"{type(module).__name__} has no weight-times-input form here (Linear, or Conv2d with groups=1)"
 
 
+def unprunable_layer(module: nn.Module, layer) -> str | None:
+    """Why this driver cannot prune `layer` (a PrunableLayer of `module`), None when it can."""
+    masked = layer.tensor != "weight"
+    return unsupported_layer(module) or (
+        "carries a torch.nn.utils.prune mask; the layer-wise driver prunes plain weights" if masked else None)
+
+
 class HessianRecorder:
     """Forward hooks that add X X^T of every listed layer's inputs (float64 sums of float32 products). Layers fed
     the same tensor (a transformer's q, k and v projections) share one product."""
@@ -270,9 +277,7 @@ def plan_layerwise(model, sparsity, pattern, method, *, damping=DEFAULT_RELATIVE
         kept = []
         for layer in layers:
             full_name = f"{block_name}.{layer.module}".strip(".")
-            why = unsupported_layer(modules[layer.module]) or (
-                "carries a torch.nn.utils.prune mask; the layer-wise driver prunes plain weights"
-                if layer.tensor != "weight" else None)
+            why = unprunable_layer(modules[layer.module], layer)
             if why:
                 dense[full_name] = why
                 continue
