@@ -158,6 +158,6 @@ def test_re_estimated_statistics_are_kept_only_where_they_lower_the_held_out_los
     fitted[:32] += shift
     pool = CalibrationPool(fitted, y, per_stage=32)
     stored = batchnorm_statistics(model)
-    assert _recalibrate_if_better(model, pool, 0, nn.functional.cross_entropy) is kept
+    assert _recalibrate_if_better(model, pool.stage(0)[0], pool.held_out, nn.functional.cross_entropy) is kept
     after = batchnorm_statistics(model)
     assert all(torch.equal(after[name], stored[name]) for name in stored) is not kept

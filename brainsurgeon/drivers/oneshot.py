@@ -241,12 +241,12 @@ REFINE_WITHOUT_HELD_OUT = 2
 
 PRESETS = {
     # The most accurate configuration measured on MLPNet (README): CBS to 0.86 with the caller's settings (so
-    # that up to 0.86 it *is* cbs), then small joint stages with the mean gradient modelled, then two refinement
+    # that up to 0.86 it *is* cbs), then small joint stages with the mean gradient modelled, then refinement
     # stages. Their damping x grid starts at cbs's 1e-4 and reaches 10: first-order steps on ResNet20 needed far
     # more damping than 0.1.
     # Beside that Fisher path, 'max' runs the layer start (every layer pruned towards the dense model's outputs)
-    # and refines whichever has the lower calibration loss before refinement: the Fisher path wins on MLPNet,
-    # the layer path on ResNet20 (README).
+    # and refines whichever has the lower held-out loss before refinement, on fresh samples while that loss falls:
+    # the Fisher path wins on MLPNet, the layer path on ResNet20 (README).
     "max": dict(method="joint", first_method="cbs", schedule="gradual", refine="auto", fresh_samples=True,
                 first_order=True, layer_start=True,
                 later_damping=1e-2, later_damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0), start="mp",
@@ -415,16 +415,16 @@ def _refine(pool, plan, bn_recalibration, progress, staged, result, reports, lim
     return result, reports, None
 
 
-def _recalibrate_if_better(staged, pool, index, loss_fn) -> bool:
-    """Re-estimate the BatchNorm statistics of `staged` on stage `index`'s inputs; with held-out samples, keep them
+def _recalibrate_if_better(staged, inputs, held_out, loss_fn) -> bool:
+    """Re-estimate the BatchNorm statistics of `staged` on the stage's `inputs`; with `held_out` samples, keep them
     only if they lower the held-out loss (a model that reproduces its dense activations can lose by it). Whether
     they were kept."""
-    if not pool.fresh:
-        recalibrate_batchnorm(staged, pool.stage(index)[0])
+    if held_out is None:
+        recalibrate_batchnorm(staged, inputs)
         return True
-    before, kept = mean_loss(staged, *pool.held_out, loss_fn), batchnorm_statistics(staged)
-    recalibrate_batchnorm(staged, pool.stage(index)[0])
-    if mean_loss(staged, *pool.held_out, loss_fn) <= before:
+    before, kept = mean_loss(staged, *held_out, loss_fn), batchnorm_statistics(staged)
+    recalibrate_batchnorm(staged, inputs)
+    if mean_loss(staged, *held_out, loss_fn) <= before:
         return True
     buffers = dict(staged.named_buffers())
     with torch.no_grad():
@@ -433,20 +433,20 @@ def _recalibrate_if_better(staged, pool, index, loss_fn) -> bool:
     return False
 
 
-def _stage_report(staged, pool, index, loss_fn, target, method, result, total, progress, path=None,
+def _stage_report(staged, fitted, held_out, loss_fn, target, method, result, stage, total, progress, path=None,
                   recalibrated=False) -> dict:
-    """A stage's line of the trace (and of stderr): sparsity reached, loss on the samples it fitted and on the
-    held-out ones, seconds, whether re-estimated BatchNorm statistics were kept."""
+    """A stage's line of the trace (and of stderr): sparsity reached, loss on the samples it `fitted` and on the
+    `held_out` ones, seconds, whether re-estimated BatchNorm statistics were kept."""
     report = dict(sparsity=target, method=method, seconds=result.timings["total"], bn_recalibrated=recalibrated,
-                  calibration_loss=None if pool is None else mean_loss(staged, *pool.stage(index), loss_fn),
-                  held_out_loss=None if pool is None or not pool.fresh else mean_loss(staged, *pool.held_out, loss_fn),
+                  calibration_loss=None if fitted is None else mean_loss(staged, *fitted, loss_fn),
+                  held_out_loss=None if held_out is None else mean_loss(staged, *held_out, loss_fn),
                   timings=result.timings, stats=result.stats, **({"path": path} if path else {}))
     if progress:
         losses = "".join(f", {name} loss {report[key]:.4g}" for key, name in
                          (("calibration_loss", "calibration"), ("held_out_loss", "held-out"))
                          if report[key] is not None)
         where = f"{path} path " if path else ""
-        print(f"{where}stage {index + 1}/{total}: {method} to sparsity {target:.4g}{losses} in "
+        print(f"{where}stage {stage}/{total}: {method} to sparsity {target:.4g}{losses} in "
               f"{report['seconds']:.1f}s", file=sys.stderr, flush=True)
     return report
 
@@ -456,7 +456,7 @@ def _run_stages(pool, plan, bn_recalibration, progress, staged, schedule, first=
     each pruning `staged` further in place on its own samples of the pool: (the last stage's result, every stage's
     report)."""
     total = total or first - 1 + len(schedule)
-    result, reports = None, []
+    result, reports, held_out = None, [], pool and pool.held_out
     for stage, (target, (selection_name, update_name)) in enumerate(schedule, first):
         calibration = pool and pool.stage(stage - 1)
         # The trained model is taken to be at a minimum: its mean gradient is noise until a stage has moved it.
@@ -465,11 +465,13 @@ def _run_stages(pool, plan, bn_recalibration, progress, staged, schedule, first=
                               damping=plan.damping if stage == 1 else plan.later_damping,
                               options=plan.options if stage == 1 else plan.later_options, **plan.common)
         result.apply(staged)
-        recalibrated = bn_recalibration and _recalibrate_if_better(staged, pool, stage - 1, plan.common["loss_fn"])
+        recalibrated = bn_recalibration and _recalibrate_if_better(staged, calibration[0], held_out,
+                                                                   plan.common["loss_fn"])
         if bn_recalibration:
             result.buffers = batchnorm_statistics(staged)
-        reports.append(_stage_report(staged, pool, stage - 1, plan.common["loss_fn"], target,
-                                     f"{selection_name}+{update_name}", result, total, progress, path, recalibrated))
+        reports.append(_stage_report(staged, calibration, held_out, plan.common["loss_fn"], target,
+                                     f"{selection_name}+{update_name}", result, stage, total, progress, path,
+                                     recalibrated))
     return result, reports
 
 
@@ -504,17 +506,18 @@ def _layer_start(model, pool, plan, bn_recalibration, progress):
     blocker = _layer_start_blocker(model, layers)
     if blocker is not None:
         return blocker
-    inputs, _ = pool.stage(0)
-    result = prune_layerwise(model, inputs, exact_layer_sparsities(layers, plan.sparsity), "joint",
+    fitted = pool.stage(0)
+    result = prune_layerwise(model, fitted[0], exact_layer_sparsities(layers, plan.sparsity), "joint",
                              target="dense", blocks=[""], include=plan.common["include"],
                              ignore=plan.common["ignore"], batch_size=128, progress=False)
     staged = copy_model(model)
     result.apply(staged)
-    recalibrated = bn_recalibration and _recalibrate_if_better(staged, pool, 0, plan.common["loss_fn"])
+    recalibrated = bn_recalibration and _recalibrate_if_better(staged, fitted[0], pool.held_out,
+                                                               plan.common["loss_fn"])
     if bn_recalibration:
         result.buffers = batchnorm_statistics(staged)
-    report = _stage_report(staged, pool, 0, plan.common["loss_fn"], plan.sparsity, "joint (layer-wise, to dense)",
-                           result, 1, progress, "layer", recalibrated)
+    report = _stage_report(staged, fitted, pool.held_out, plan.common["loss_fn"], plan.sparsity,
+                           "joint (layer-wise, to dense)", result, 1, 1, progress, "layer", recalibrated)
     return result, [report], staged
 
 
