@@ -49,8 +49,8 @@ _sparsity_or_pattern.__name__ = "sparsity or N:M pattern"
 
 
 def _schedule(text: str):
-    """'gradual' or comma-separated sparsities."""
-    return "gradual" if text.strip() == "gradual" else _floats(text)
+    """'adaptive' or comma-separated sparsities."""
+    return "adaptive" if text.strip() == "adaptive" else _floats(text)
 
 
 def _count_or_auto(text: str):
@@ -106,7 +106,7 @@ def _add_common(parser):
     stages = parser.add_argument_group("stages (any method)")
     stages.add_argument("--stages", type=int, help="prune in this many stages, geometric in density")
     stages.add_argument("--schedule", type=_schedule,
-                        help="sparsities per stage, e.g. 0.9,0.95,0.98, or 'gradual' (prune's docstring)")
+                        help="sparsities per stage, e.g. 0.9,0.95,0.98, or 'adaptive' (prune's docstring)")
     stages.add_argument("--refine", type=_count_or_auto,
                         help="extra stages at the target sparsity, or 'auto' (see prune's docstring)")
     stages.add_argument("--fresh-samples", action=argparse.BooleanOptionalAction, default=None,

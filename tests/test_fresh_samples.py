@@ -12,6 +12,7 @@ import brainsurgeon
 from brainsurgeon import BrainSurgeonError
 from brainsurgeon.drivers import oneshot
 from brainsurgeon.drivers.calibration import CalibrationPool, mean_loss
+from brainsurgeon.drivers.layers import find_prunable, flat_weights
 
 
 @settings(max_examples=60, deadline=None)
@@ -68,7 +69,7 @@ def test_auto_refinement_keeps_only_stages_that_lower_the_held_out_loss():
     assert result.settings["held_out_samples"] == 32 and result.settings["refine"] == "auto"
     assert result.num_pruned == int(0.9 * result.num_weights + 0.5)
     stages = result.stats["stages"]
-    refined = stages[-(len(stages) - len(oneshot.sparsity_schedule(0.9, schedule="gradual"))):] \
+    refined = [stage for stage in stages if "step_loss_bound" not in stage] \
         if result.settings["path"] == "fisher" else stages[1:]
     assert len(refined) <= oneshot.REFINE_LIMIT
     losses = [stage["held_out_loss"] for stage in stages[-len(refined) - 1:]]
@@ -119,3 +120,76 @@ def test_bad_stage_options_are_refused(option, value, message):
     model, x, y = small_mlp()
     with pytest.raises(BrainSurgeonError, match=message):
         brainsurgeon.prune(model, (x, y), 0.9, "max", progress=False, **{option: value})
+
+
+@settings(max_examples=40, deadline=None)
+@given(sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 1000), scope=st.sampled_from(["global", "layer"]))
+def test_magnitude_pruning_zeroes_each_segments_smallest_weights(sparsity, seed, scope):
+    model, _, _ = small_mlp(seed)
+    layers, _ = find_prunable(model)
+    flat = flat_weights(model, layers)
+    pruned = oneshot.magnitude_pruned(flat, layers, sparsity, scope)
+    for segment in oneshot.make_segments(layers, sparsity, scope):
+        kept, region = pruned[segment.region] != 0, flat[segment.region]
+        assert int((~kept).sum()) == segment.count
+        assert torch.equal(pruned[segment.region][kept], region[kept])
+        if segment.count and kept.any():
+            assert region[~kept].abs().max() <= region[kept].abs().min()
+
+
+def _walked(result) -> list:
+    """The stages of an adaptive walk (those with a step bound): the refinement stages come after them."""
+    return [stage for stage in result.stats["stages"] if "step_loss_bound" in stage]
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.97])
+def test_the_adaptive_schedule_ends_exactly_at_the_target_count(sparsity):
+    model, x, y = pooled_mlp()
+    result = brainsurgeon.prune(model, (x, y), sparsity, "max", num_samples=32, schedule="adaptive",
+                                layer_start=False, progress=False, init_trials=2)
+    assert result.num_pruned == int(sparsity * result.num_weights + 0.5)
+    walked = [stage["sparsity"] for stage in _walked(result)]
+    assert walked[-1] == sparsity and all(a < b for a, b in zip(walked, walked[1:]))
+
+
+def test_each_adaptive_step_keeps_its_bound_unless_it_is_the_shortest():
+    """A step's magnitude-pruned loss is within its bound, or the step is the shortest one (1/MAX_WALK_STAGES of
+    the log-density to the target); and the bound is STEP_LOSS_RATIO times the judged loss of the model the step
+    starts from."""
+    model, x, y = pooled_mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.97, "max", num_samples=32, schedule="adaptive", refine=0,
+                                layer_start=False, progress=False, init_trials=2)
+    walked, previous = _walked(result), dict(sparsity=0.0, held_out_loss=mean_loss(model, x[-32:], y[-32:],
+                                                                                    F.cross_entropy))
+    assert 2 < len(walked) <= oneshot.MAX_WALK_STAGES
+    for stage in walked:
+        assert stage["step_loss_bound"] == pytest.approx(oneshot.STEP_LOSS_RATIO * previous["held_out_loss"])
+        shortest = 1 - (1 - previous["sparsity"]) * 0.03 ** (1 / oneshot.MAX_WALK_STAGES)
+        assert stage["step_magnitude_loss"] <= stage["step_loss_bound"] or \
+            stage["sparsity"] == pytest.approx(min(shortest, 0.97))
+        previous = stage
+
+
+def test_the_adaptive_schedule_is_deterministic_and_pinned_reproduces_it_bit_for_bit():
+    model, x, y = pooled_mlp()
+    settings = dict(num_samples=32, layer_start=False, progress=False, init_trials=2)
+    first = brainsurgeon.prune(model, (x, y), 0.9, "max", schedule="adaptive", seed=3, **settings)
+    again = brainsurgeon.prune(model, (x, y), 0.9, "max", schedule="adaptive", seed=3, **settings)
+    walked = [stage["sparsity"] for stage in _walked(first)]
+    pinned = brainsurgeon.prune(model, (x, y), 0.9, "max", schedule=walked, refine=first.settings["refined_stages"],
+                                seed=3, **settings)
+    assert first.settings["schedule"] == again.settings["schedule"] == pinned.settings["schedule"]
+    for other in (again, pinned):
+        for name in first.weights:
+            assert torch.equal(first.masks[name], other.masks[name])
+            assert torch.equal(first.weights[name], other.weights[name])
+
+
+def test_a_walk_stops_once_its_loss_is_above_the_other_paths():
+    model, x, y = pooled_mlp()
+    plan = oneshot.plan_run(model, 0.97, "max", num_samples=32, progress=False, init_trials=2)
+    pool = oneshot._collect_pool((x, y), plan)
+    _, whole = oneshot._walk(pool, plan, False, False, copy.deepcopy(model))
+    _, stopped = oneshot._walk(pool, plan, False, False, copy.deepcopy(model), rival=whole[0]["held_out_loss"] / 2)
+    assert len(whole) > 1 and whole[-1]["sparsity"] == 0.97
+    assert [stage["sparsity"] for stage in stopped] == [whole[0]["sparsity"]]

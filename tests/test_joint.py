@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_api import small_mlp
+from test_fresh_samples import pooled_mlp
 from test_math import dense_hessian, draw_case, problems, random_problem
 from torch.nn import functional as F
 
@@ -203,9 +204,10 @@ def test_stages_reach_the_exact_count_deterministically_and_leave_the_model_unto
 
 
 def test_max_preset_resolves_to_stages_and_takes_overrides():
-    model, x, y = small_mlp()
+    model, x, y = pooled_mlp()  # trained: pruning it to 0.95 takes the adaptive schedule several steps
     result = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2, layer_start=False)
-    assert result.settings["schedule"] == sparsity_schedule(0.95, schedule="gradual") + [0.95] * 2
+    walked = [stage["sparsity"] for stage in result.stats["stages"] if "step_loss_bound" in stage]
+    assert len(walked) > 1 and result.settings["schedule"] == walked + [0.95] * 2
     assert result.settings["first_method"] == "cbs+cbsu" and result.settings["selection"] == "joint"
     assert result.settings["first_order"] is True
     assert result.num_pruned == int(0.95 * result.num_weights + 0.5)
@@ -268,8 +270,8 @@ def test_max_refines_the_path_with_the_lower_calibration_loss_at_the_exact_count
         assert result.settings["schedule"] == [stage["sparsity"] for stage in stages]
         (other, other_stages), = result.stats["other_path_stages"].items()
         assert other != path and other_stages[-1]["calibration_loss"] == losses[other]
-        refined = 2 if path == "layer" or len(sparsity_schedule(result.settings["sparsity"], schedule="gradual")) > 1 \
-            else 0
+        walked = [stage for stage in stages if "step_loss_bound" in stage]
+        refined = 2 if path == "layer" or len(walked) > 1 else 0
         assert stages[-1 - refined]["calibration_loss"] == losses[path]
         trial = copy.deepcopy(model)
         result.apply(trial)
@@ -287,7 +289,7 @@ def test_max_without_its_layer_start_is_the_explicit_fisher_schedule_bit_for_bit
     model, x, y = small_mlp()
     preset = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2, layer_start=False)
     explicit = brainsurgeon.prune(model, (x, y), 0.95, "joint", progress=False, init_trials=2, first_method="cbs",
-                                  schedule=sparsity_schedule(0.95, schedule="gradual"), refine=2, first_order=True,
+                                  schedule="adaptive", refine=2, first_order=True,
                                   later_damping=1e-2, later_damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
                                   start="mp", iht_rounds=1, max_swaps=10)
     for name in preset.masks:

@@ -1,5 +1,6 @@
 """The pruning driver: prune(model, calibration, sparsity, method) -> PruneResult."""
 import inspect
+import math
 import sys
 import time
 import warnings
@@ -197,40 +198,71 @@ def _check_finite(model: nn.Module):
         raise BrainSurgeonError(f"model has NaN or Inf in {bad[:5]}; load a healthy checkpoint before pruning")
 
 
-GRADUAL_FIRST = 0.86  # the first stage: between CBS's 94.00 at 0.8 and 93.13 at 0.9 on MLPNet (dense 93.97)
-# (density below which, fraction of the remaining weights each later stage keeps): the last weights matter
-# most, so the steps shrink as the model thins (measured on MLPNet at 0.98).
-GRADUAL_STEPS = ((0.05, 0.85), (1.0, 0.7))
-
-
-def _gradual(sparsity: float) -> list:
-    density, target = 1 - min(sparsity, GRADUAL_FIRST), 1 - sparsity
-    densities = [density]
-    while True:
-        density *= next(keep for below, keep in GRADUAL_STEPS if density <= below)
-        if density <= target / 0.95:  # a last step of under 5% is merged into the final one
-            break
-        densities.append(density)
-    return [1 - d for d in densities if d > target] + [sparsity]
-
-
-def sparsity_schedule(sparsity: float, stages: int = 1, schedule=None) -> list:
-    """The sparsity after each stage. `schedule` is a list (increasing, ending at `sparsity`); or 'gradual':
-    one stage to GRADUAL_FIRST, then stages keeping 70% of the weights left, 85% once below 5% density; or
-    None: `stages` steps geometric in density."""
-    if schedule == "gradual":
-        return _gradual(sparsity)
+def sparsity_schedule(sparsity: float, stages: int = 1, schedule=None) -> list | None:
+    """The sparsity after each stage. `schedule` is a list (increasing, ending at `sparsity`); or 'adaptive'
+    (None: each stage's size is chosen from the model when it starts, see next_sparsity); or None: `stages` steps
+    geometric in density."""
+    if schedule == "adaptive":
+        return None
     if isinstance(schedule, str):
-        raise BrainSurgeonError(f"schedule must be a list of sparsities or 'gradual', got {schedule!r}")
+        raise BrainSurgeonError(f"schedule must be a list of sparsities or 'adaptive', got {schedule!r}")
     if schedule is not None:
         schedule = [validation.sparsity(s, "every sparsity of schedule") for s in schedule]
         if not schedule or schedule[-1] != sparsity or any(b <= a for a, b in zip(schedule, schedule[1:])) \
                 or schedule[0] <= 0:
             raise BrainSurgeonError(f"schedule {schedule} must increase strictly from above 0 and end at the "
-                                    f"target sparsity {sparsity}, or be 'gradual'")
+                                    f"target sparsity {sparsity}, or be 'adaptive'")
         return schedule
     stages = validation.count("stages", stages)
     return [1 - (1 - sparsity) ** (t / stages) for t in range(1, stages)] + [sparsity]
+
+
+# schedule='adaptive': each stage goes as far as magnitude pruning the current weights (no update) keeps the judged
+# loss within STEP_LOSS_RATIO times the current one, searched by bisection in log-density, but at least
+# 1/MAX_WALK_STAGES of the log-density from the dense model to the target (CHITA++ ran 16 stages).
+STEP_LOSS_RATIO = 1.5
+MAX_WALK_STAGES = 16
+STEP_BISECTIONS = 6
+
+
+def magnitude_pruned(flat: torch.Tensor, layers, sparsity: float, scope: str) -> torch.Tensor:
+    """`flat` with each segment's smallest weights (by magnitude) zeroed to `sparsity`."""
+    pruned = flat.clone()
+    for segment in make_segments(layers, sparsity, scope):
+        region = pruned[segment.region]
+        region[region.abs().argsort(stable=True)[: segment.count]] = 0.0
+    return pruned
+
+
+def next_sparsity(model, layers, judged, reached: float, target: float, loss_fn, scope: str) -> tuple:
+    """The adaptive schedule's next stage from sparsity `reached`: (its sparsity, the bound on the loss of the
+    magnitude-pruned weights on the `judged` (inputs, targets), that loss at the chosen sparsity)."""
+    flat = flat_weights(model, layers).float()
+    loss = calibration_loss_fn(model, layers, *judged, loss_fn)
+    bound = STEP_LOSS_RATIO * loss(flat)
+    density, final = 1 - reached, 1 - target
+    shortest = math.log(final) / MAX_WALK_STAGES / math.log(final / density)  # of the log-density left
+    if shortest > 1 - 1e-9:  # the last step (up to rounding)
+        shortest = 1.0
+
+    def step(fraction: float) -> tuple:
+        sparsity = target if fraction >= 1 else 1 - density * (final / density) ** fraction
+        return sparsity, loss(magnitude_pruned(flat, layers, sparsity, scope))
+
+    chosen = step(1.0)
+    if chosen[1] <= bound:
+        return chosen[0], bound, chosen[1]
+    low, high = shortest, 1.0
+    chosen = step(low)
+    if chosen[1] > bound:
+        return chosen[0], bound, chosen[1]
+    for _ in range(STEP_BISECTIONS):
+        middle = step((low + high) / 2)
+        if middle[1] <= bound:
+            low, chosen = (low + high) / 2, middle
+        else:
+            high = (low + high) / 2
+    return chosen[0], bound, chosen[1]
 
 
 # refine='auto': refinement stages judged on held-out samples go on while each lowers their loss, REFINE_LIMIT at
@@ -240,14 +272,14 @@ REFINE_LIMIT = 8
 REFINE_WITHOUT_HELD_OUT = 2
 
 PRESETS = {
-    # The most accurate configuration measured on MLPNet (README): CBS to 0.86 with the caller's settings (so
-    # that up to 0.86 it *is* cbs), then small joint stages with the mean gradient modelled, then refinement
-    # stages. Their damping x grid starts at cbs's 1e-4 and reaches 10: first-order steps on ResNet20 needed far
-    # more damping than 0.1.
-    # Beside that Fisher path, 'max' runs the layer start (every layer pruned towards the dense model's outputs)
-    # and refines whichever has the lower held-out loss before refinement, on fresh samples while that loss falls:
-    # the Fisher path wins on MLPNet, the layer path on ResNet20 (README).
-    "max": dict(method="joint", first_method="cbs", schedule="gradual", refine="auto", fresh_samples=True,
+    # The most accurate configuration measured (README), with nothing sized to one model. The Fisher path: cbs
+    # with the caller's settings as far as the adaptive schedule's first step goes (to the target when that is
+    # mild: it *is* cbs there), then joint stages with the mean gradient modelled, each sized by the adaptive
+    # schedule. Their damping x grid starts at cbs's 1e-4 and reaches 10: first-order steps on ResNet20 needed far
+    # more damping than 0.1. The layer path: every layer pruned towards the dense model's outputs. The one with
+    # the lower held-out loss at the target is refined, on fresh samples while that loss falls: the Fisher path
+    # wins on MLPNet, the layer path on ResNet20 (README).
+    "max": dict(method="joint", first_method="cbs", schedule="adaptive", refine="auto", fresh_samples=True,
                 first_order=True, layer_start=True,
                 later_damping=1e-2, later_damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0), start="mp",
                 iht_rounds=1, max_swaps=10),
@@ -332,7 +364,7 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
         check_usable(model, *pool.stage(0), loss_fn)
     if bn_recalibration and pool is None:
         raise BrainSurgeonError("bn_recalibration needs calibration inputs; pass (inputs, targets)")
-    if len(plan.schedule) == 1 and not bn_recalibration and not plan.layer_start:
+    if plan.schedule is not None and len(plan.schedule) == 1 and not bn_recalibration and not plan.layer_start:
         result = _prune_stage(model, pool and pool.stage(0), plan.sparsity, *plan.methods[0], first_order=False,
                               damping=plan.damping, options=plan.options, **plan.common)
         result.settings.update(bn_recalibration=False, layer_start=False)
@@ -345,7 +377,7 @@ def _collect_pool(calibration, plan) -> CalibrationPool:
     held-out part (as many as the data holds, up to that)."""
     if not plan.fresh_samples or plan.num_samples is None:
         return CalibrationPool(*collect(calibration, plan.num_samples))
-    stages = len(plan.schedule) + plan.refine_limit
+    stages = (MAX_WALK_STAGES if plan.schedule is None else len(plan.schedule)) + plan.refine_limit
     return CalibrationPool(*collect(calibration, plan.num_samples, limit=plan.num_samples * (stages + 1)),
                            plan.num_samples, plan.common["seed"])
 
@@ -356,25 +388,30 @@ def _judged_loss(report: dict) -> float | None:
 
 
 def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResult:
-    """The Fisher path's stages up to the target, and the layer start beside it; the lower loss before any
+    """The layer start, and the Fisher path's stages up to the target beside it; the lower loss before any
     refinement (held out when the pool has such samples) decides which path goes on to the refinement stages."""
-    staged = copy_model(model)
-    result, reports = _run_stages(pool, plan, bn_recalibration, progress, staged,
-                                  list(zip(plan.schedule, plan.methods)))
-    path, skipped, compared, other = "fisher", None, {}, {}
-    refine = plan.refine_limit if len(reports) > 1 else 0  # a single stage is left as it is
+    layer, skipped, compared, other = None, None, {}, {}
     if plan.layer_start:
-        compared["fisher"] = _judged_loss(reports[-1])
         layer = _layer_start(model, pool, plan, bn_recalibration, progress)
         if isinstance(layer, str):
-            skipped = layer
+            skipped, layer = layer, None
         else:
             compared["layer"] = _judged_loss(layer[1][-1])
-            if compared["layer"] < compared["fisher"]:
-                other = {"fisher": reports}
-                (result, reports, staged), path, refine = layer, "layer", plan.refine_limit
-            else:
-                other = {"layer": layer[1]}
+    staged = copy_model(model)
+    if plan.schedule is None:
+        result, reports = _walk(pool, plan, bn_recalibration, progress, staged, compared.get("layer"))
+    else:
+        result, reports = _run_stages(pool, plan, bn_recalibration, progress, staged,
+                                      list(zip(plan.schedule, plan.methods)))
+    path, refine = "fisher", plan.refine_limit if len(reports) > 1 else 0  # a single stage is left as it is
+    if plan.layer_start:
+        compared["fisher"] = _judged_loss(reports[-1])
+    if layer is not None:
+        if compared["layer"] < compared["fisher"]:
+            other = {"fisher": reports}
+            (result, reports, staged), path, refine = layer, "layer", plan.refine_limit
+        else:
+            other = {"layer": layer[1]}
     rejected, unrefined = None, len(reports)
     if refine:
         result, reports, rejected = _refine(pool, plan, bn_recalibration, progress, staged, result, reports, refine,
@@ -389,7 +426,7 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
                            pool_samples=pool and len(pool.inputs),
                            held_out_samples=pool.per_stage if pool and pool.fresh else 0)
     if plan.layer_start:  # the losses compared (held out where the pool has such samples), and the stages of the
-        # path not taken (where its seconds went)
+        # path not taken (where its seconds went; an adaptive walk that lost stops short of the target)
         result.settings.update(path=path, layer_start_skipped=skipped)
         result.stats.update(path_calibration_loss=compared, other_path_stages=other)
     return result
@@ -413,6 +450,24 @@ def _refine(pool, plan, bn_recalibration, progress, staged, result, reports, lim
             return result, reports, report
         result, reports, best = stage_result, reports + [report], _judged_loss(report)
     return result, reports, None
+
+
+def _walk(pool, plan, bn_recalibration, progress, staged, rival=None) -> tuple:
+    """The adaptive schedule's stages: each sized by next_sparsity on the held-out samples (without them, the
+    first stage's) from the model the previous one left: (the last stage's result, every stage's report, with
+    its step bound). The walk stops short of the target once its judged loss is above `rival`'s, the other path's
+    at the target: the loss of a walk rises with its steps, so it could not win."""
+    layers, _ = find_prunable(staged, plan.common["include"], plan.common["ignore"])
+    judged = pool.held_out or pool.stage(0)
+    result, reports, reached = None, [], 0.0
+    while reached < plan.sparsity and not (reports and rival is not None and _judged_loss(reports[-1]) > rival):
+        reached, bound, proxy = next_sparsity(staged, layers, judged, reached, plan.sparsity,
+                                              plan.common["loss_fn"], plan.common["scope"])
+        method = plan.methods[min(len(reports), 1)]
+        result, (report,) = _run_stages(pool, plan, bn_recalibration, progress, staged, [(reached, method)],
+                                        first=len(reports) + 1, total=0)
+        reports.append(dict(report, step_loss_bound=bound, step_magnitude_loss=proxy))
+    return result, reports
 
 
 def _recalibrate_if_better(staged, inputs, held_out, loss_fn) -> bool:
@@ -446,7 +501,7 @@ def _stage_report(staged, fitted, held_out, loss_fn, target, method, result, sta
                          (("calibration_loss", "calibration"), ("held_out_loss", "held-out"))
                          if report[key] is not None)
         where = f"{path} path " if path else ""
-        print(f"{where}stage {stage}/{total}: {method} to sparsity {target:.4g}{losses} in "
+        print(f"{where}stage {stage}{f'/{total}' if total else ''}: {method} to sparsity {target:.4g}{losses} in "
               f"{report['seconds']:.1f}s", file=sys.stderr, flush=True)
     return report
 
@@ -455,7 +510,7 @@ def _run_stages(pool, plan, bn_recalibration, progress, staged, schedule, first=
     """`schedule`'s stages [(sparsity, (selection, update))], numbered from `first` (of `total`, for progress),
     each pruning `staged` further in place on its own samples of the pool: (the last stage's result, every stage's
     report)."""
-    total = total or first - 1 + len(schedule)
+    total = first - 1 + len(schedule) if total is None else total  # 0: not known in advance
     result, reports, held_out = None, [], pool and pool.held_out
     for stage, (target, (selection_name, update_name)) in enumerate(schedule, first):
         calibration = pool and pool.stage(stage - 1)
@@ -526,7 +581,7 @@ class RunPlan:
     """A prune's settings, every one checked, and the stages it will run: built before any work."""
 
     sparsity: float
-    schedule: list  # sparsity after each stage
+    schedule: list | None  # sparsity after each stage (None: adaptive)
     methods: list  # (selection, update) per stage
     refine_method: tuple
     damping: float
@@ -586,7 +641,8 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     common = dict(loss_fn=loss_fn, include=include, ignore=ignore, scope=scope, structure=structure,
                   gradients=gradients, scratch_dir=scratch_dir, seed=seed, max_memory=max_memory,
                   chunk_size=chunk_size, progress=progress)
-    return RunPlan(sparsity, targets, [first] + [main] * (len(targets) - 1), main, damping, later_damping,
+    methods = [first, main] if targets is None else [first] + [main] * (len(targets) - 1)
+    return RunPlan(sparsity, targets, methods, main, damping, later_damping,
                    first_order, refine, refine_limit, layer_start, fresh_samples, num_samples, chosen, later_options,
                    common)
 
