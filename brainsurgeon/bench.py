@@ -173,32 +173,46 @@ def write_json(report: dict, path) -> None:
     write_text(path, json.dumps(report, indent=2) + "\n")
 
 
+def _loss_trace(stages) -> list:
+    """[(sparsity, loss)] per stage: the held-out loss where the run had held-out samples, else the calibration
+    loss."""
+    losses = [stage.get("held_out_loss") or stage.get("calibration_loss") for stage in stages]
+    return [(stage["sparsity"], loss) for stage, loss in zip(stages, losses) if loss is not None]
+
+
 def staged_runs(report: dict) -> list:
-    """[(method, target sparsity, seed, [(sparsity, loss) per stage])] of the runs pruned in stages: the held-out
-    loss where the run had held-out samples, else the calibration loss."""
+    """[(method, target sparsity, seed, [(sparsity, loss) per stage])] of the runs pruned in stages, and of those
+    that compared two paths (even where the one taken is a single stage)."""
     runs = []
     for row in report["results"]:
-        stages = (row.get("stats") or {}).get("stages") or []
-        losses = [stage.get("held_out_loss") or stage.get("calibration_loss") for stage in stages]
-        trace = [(stage["sparsity"], loss) for stage, loss in zip(stages, losses) if loss is not None]
-        if len(trace) > 1:
+        stats = row.get("stats") or {}
+        trace = _loss_trace(stats.get("stages") or [])
+        if len(trace) > 1 or (trace and stats.get("other_path_stages")):
             runs.append((row["method"], row["sparsity"], row["seed"], trace))
     return runs
 
 
-def _plot_stages(axes, runs) -> None:
+def paths_not_taken(report: dict) -> list:
+    """[(method, target sparsity, seed, [(sparsity, loss) per stage])] of the path each 'max' run did not take
+    (an adaptive walk that lost stops short of the target)."""
+    return [(row["method"], row["sparsity"], row["seed"], _loss_trace(stages))
+            for row in report["results"] for stages in ((row.get("stats") or {}).get("other_path_stages") or {}).values()
+            if _loss_trace(stages)]
+
+
+def _plot_stages(axes, runs, others) -> None:
     """The loss after each stage against the sparsity it reached: one line per staged run, one colour
-    per (method, target); refinement stages at the target are the vertical steps."""
+    per (method, target); refinement stages at the target are the vertical steps; the paths not taken dashed."""
     colours = {}
-    for method, target, _, trace in runs:
+    for (method, target, _, trace), dashed in [(run, False) for run in runs] + [(run, True) for run in others]:
         key = (method, target)
         first = key not in colours
         colours.setdefault(key, f"C{len(colours) % 10}")
         sparsities, losses = zip(*trace)
-        axes.plot(sparsities, losses, marker=".", color=colours[key], alpha=0.8,
-                  label=f"{method} to {label(target)}" if first else None)
+        axes.plot(sparsities, losses, marker=".", color=colours[key], alpha=0.5 if dashed else 0.8,
+                  linestyle="--" if dashed else "-", label=f"{method} to {label(target)}" if first else None)
     axes.set(xlabel="sparsity after the stage", ylabel="held-out (else calibration) loss", yscale="log",
-             title="stages")
+             title="stages (dashed: the path not taken)" if others else "stages")
     axes.legend(fontsize="small")
 
 
@@ -212,8 +226,9 @@ def plot(report: dict, path) -> None:
 
     summary = summarise(report)
     sparsities = report["settings"]["sparsities"]
-    runs = staged_runs(report)
-    figure, panels = plt.subplots(1, 2 if runs else 1, figsize=(13 if runs else 7, 4.5), squeeze=False)
+    runs, others = staged_runs(report), paths_not_taken(report)
+    staged = bool(runs or others)
+    figure, panels = plt.subplots(1, 2 if staged else 1, figsize=(13 if staged else 7, 4.5), squeeze=False)
     axes = panels[0][0]
     numeric = all(isinstance(s, (int, float)) for s in sparsities)
     positions = sparsities if numeric else list(range(len(sparsities)))
@@ -230,8 +245,8 @@ def plot(report: dict, path) -> None:
     axes.set(xlabel="sparsity or pattern", ylabel="test accuracy (%)" if metric == "accuracy" else metric,
              title=f"{report['model']} / {report['dataset'].split(' (')[0]}")
     axes.legend()
-    if runs:
-        _plot_stages(panels[0][1], runs)
+    if staged:
+        _plot_stages(panels[0][1], runs, others)
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)

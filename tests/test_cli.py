@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from brainsurgeon.bench import staged_runs
+from brainsurgeon.bench import paths_not_taken, staged_runs
 from brainsurgeon.cli import main
 
 
@@ -149,6 +149,15 @@ def test_bench_with_fresh_samples_traces_the_held_out_loss(capsys, mnist_like, t
     assert row["settings"]["held_out_samples"] == 100 and row["settings"]["pool_samples"] == 300
     (_, _, _, trace), = staged_runs({"results": [row]})
     assert [loss for _, loss in trace] == [stage["held_out_loss"] for stage in row["stats"]["stages"]]
+
+
+def test_the_stage_panel_has_a_single_stage_path_taken_and_the_path_not_taken():
+    stage = lambda sparsity, loss: dict(sparsity=sparsity, held_out_loss=loss, calibration_loss=loss / 2)  # noqa: E731
+    row = dict(method="max", sparsity=0.9, seed=0, stats=dict(stages=[stage(0.9, 0.5)],
+                                                              other_path_stages={"fisher": [stage(0.3, 0.1),
+                                                                                            stage(0.6, 0.7)]}))
+    assert staged_runs({"results": [row]}) == [("max", 0.9, 0, [(0.9, 0.5)])]
+    assert paths_not_taken({"results": [row]}) == [("max", 0.9, 0, [(0.3, 0.1), (0.6, 0.7)])]
 
 
 def test_max_can_run_without_its_layer_start(capsys, mnist_like, tmp_path):

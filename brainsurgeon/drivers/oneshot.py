@@ -327,8 +327,9 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     per layer, cross-layer curvature dropped) or 'block:K'; sparsity stays global unless scope='layer'.
     `gradients`: keep G in 'memory', stream it one block at a time from a file in `scratch_dir` ('disk'),
     or 'auto' (disk only when memory would exceed `max_memory`). `damping` defaults to 1e-3.
-    `stages` > 1 (or an explicit increasing `schedule` of sparsities) prunes in stages, each with the
-    gradients recomputed at the previous stage's pruned and updated weights; still no training step.
+    `stages` > 1 (or an explicit increasing `schedule` of sparsities, or schedule='adaptive': each stage sized from
+    the model the previous one left, see next_sparsity) prunes in stages, each with the gradients recomputed at
+    the previous stage's pruned and updated weights; still no training step.
     `first_method` prunes the first stage (default: `method`). `first_order` adds the mean gradient's linear
     term to the loss model of the Fisher updates and the joint selection in every stage after the first (the
     trained model is taken to be at a minimum). `refine` adds that many stages at the target sparsity itself
