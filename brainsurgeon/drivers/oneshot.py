@@ -239,11 +239,9 @@ def next_sparsity(model, layers, judged, reached: float, target: float, loss_fn,
     magnitude-pruned weights on the `judged` (inputs, targets), that loss at the chosen sparsity)."""
     flat = flat_weights(model, layers).float()
     loss = calibration_loss_fn(model, layers, *judged, loss_fn)
-    bound = STEP_LOSS_RATIO * loss(flat)
+    current = loss(flat)
+    bound = current + (STEP_LOSS_RATIO - 1) * abs(current)  # a loss may be negative
     density, final = 1 - reached, 1 - target
-    shortest = math.log(final) / MAX_WALK_STAGES / math.log(final / density)  # of the log-density left
-    if shortest > 1 - 1e-9:  # the last step (up to rounding)
-        shortest = 1.0
 
     def step(fraction: float) -> tuple:
         sparsity = target if fraction >= 1 else 1 - density * (final / density) ** fraction
@@ -251,6 +249,9 @@ def next_sparsity(model, layers, judged, reached: float, target: float, loss_fn,
 
     chosen = step(1.0)
     if chosen[1] <= bound:
+        return chosen[0], bound, chosen[1]
+    shortest = math.log(final) / MAX_WALK_STAGES / math.log(final / density)  # of the log-density left
+    if shortest > 1 - 1e-9:  # the last step (up to rounding)
         return chosen[0], bound, chosen[1]
     low, high = shortest, 1.0
     chosen = step(low)
@@ -461,7 +462,7 @@ def _walk(pool, plan, bn_recalibration, progress, staged, rival=None) -> tuple:
     layers, _ = find_prunable(staged, plan.common["include"], plan.common["ignore"])
     judged = pool.held_out or pool.stage(0)
     result, reports, reached = None, [], 0.0
-    while reached < plan.sparsity and not (reports and rival is not None and _judged_loss(reports[-1]) > rival):
+    while not reports or reached < plan.sparsity and not (rival is not None and _judged_loss(reports[-1]) > rival):
         reached, bound, proxy = next_sparsity(staged, layers, judged, reached, plan.sparsity,
                                               plan.common["loss_fn"], plan.common["scope"])
         method = plan.methods[min(len(reports), 1)]
