@@ -1,5 +1,6 @@
 """Fresh calibration samples per stage, the held-out samples that judge the stages, and refine='auto'."""
 import copy
+import re
 
 import pytest
 import torch
@@ -193,3 +194,13 @@ def test_a_walk_stops_once_its_loss_is_above_the_other_paths():
     _, stopped = oneshot._walk(pool, plan, False, False, copy.deepcopy(model), rival=whole[0]["held_out_loss"] / 2)
     assert len(whole) > 1 and whole[-1]["sparsity"] == 0.97
     assert [stage["sparsity"] for stage in stopped] == [whole[0]["sparsity"]]
+
+
+@pytest.mark.parametrize("method, options, named", [
+    ("max", {}, "layer_start, schedule='adaptive'"),
+    ("mp", {"schedule": "adaptive"}, "schedule='adaptive'"),
+])
+def test_what_needs_calibration_data_is_named_when_there_is_none(method, options, named):
+    model, _, _ = small_mlp()
+    with pytest.raises(BrainSurgeonError, match=f"{re.escape(named)} need calibration data"):
+        brainsurgeon.prune(model, None, 0.9, method, progress=False, **options)

@@ -364,8 +364,11 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     if calibration is not None:  # data-free methods (mp, random) may be given none
         pool = _collect_pool(calibration, plan)
         check_usable(model, *pool.stage(0), loss_fn)
-    if bn_recalibration and pool is None:
-        raise BrainSurgeonError("bn_recalibration needs calibration inputs; pass (inputs, targets)")
+    if pool is None:
+        needs = [name for name, used in (("bn_recalibration", bn_recalibration), ("layer_start", plan.layer_start),
+                                         ("schedule='adaptive'", plan.schedule is None)) if used]
+        if needs:
+            raise BrainSurgeonError(f"{', '.join(needs)} need calibration data; pass (inputs, targets)")
     if plan.schedule is not None and len(plan.schedule) == 1 and not bn_recalibration and not plan.layer_start:
         result = _prune_stage(model, pool and pool.stage(0), plan.sparsity, *plan.methods[0], first_order=False,
                               damping=plan.damping, options=plan.options, **plan.common)
