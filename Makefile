@@ -28,7 +28,7 @@ bench-mnist: $(STAMP)
 	  --sparsities 0.5,0.6,0.7,0.8,0.9,0.95,0.98 --seeds 0,1,2 --json bench/mlpnet_mnist.json --plot bench/mlpnet_mnist.png
 
 # Issue 4's and 10's MLPNet tables: the 'max' preset with the library's defaults (about 15 minutes for three seeds
-# at 0.9-0.98 on 2 cores, 10 more at 0.5-0.8).
+# at 0.9-0.98 on 2 cores, 7 more at 0.5-0.8).
 MNIST_MAX = $(BIN)/brainsurgeon bench --model mlpnet --checkpoint $(DATA)/checkpoints/mnist_25_epoch_93.97.ckpt \
 	  --dataset mnist --data-dir $(DATA)/mnist --methods max --seeds 0,1,2
 bench-max: $(STAMP)
@@ -49,7 +49,7 @@ bench-resnet20-bn: $(STAMP)
 	$(R20_MAX) --sparsities 0.8,0.9 --bn-recalibration --json bench/resnet20_max_bn.json
 
 # Issue 10's ResNet20 tables: 'max' with the library's defaults on the 1,000 calibration images of the sweep above,
-# at the sparsities of the published anchors (about 45 minutes for three seeds on 2 cores), then at 0.3 and 0.5.
+# at the sparsities of the published anchors (about 40 minutes for three seeds on 2 cores), then 0.3 and 0.5 (15 more).
 R20_MAX = $(BIN)/brainsurgeon bench --model resnet20 --checkpoint $(DATA)/checkpoints/resnet20_cifar10.pth.tar \
 	  --dataset cifar10 --data-dir $(DATA)/cifar10 --methods max --seeds 0,1,2 --calib-samples 1000
 bench-resnet20-max: $(STAMP)
