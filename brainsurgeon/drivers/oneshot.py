@@ -30,7 +30,7 @@ from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from ..errors import BrainSurgeonError, FewSamplesWarning
 from ..methods.joint import JointSelection
 from ..methods.patterns import num_to_prune
-from ..methods.problem import PruningProblem, Segment, best_candidate
+from ..methods.problem import PruningProblem, Segment, best_candidate, prune_lowest
 from ..methods.selection import SELECTIONS as BASIC_SELECTIONS
 from ..methods.update import UPDATES
 from .calibration import CalibrationPool, check_usable, collect, mean_loss
@@ -228,9 +228,7 @@ STEP_BISECTIONS = 6
 def magnitude_pruned(flat: torch.Tensor, layers, sparsity: float, scope: str) -> torch.Tensor:
     """`flat` with each segment's smallest weights (by magnitude) zeroed to `sparsity`."""
     pruned = flat.clone()
-    for segment in make_segments(layers, sparsity, scope):
-        region = pruned[segment.region]
-        region[region.abs().argsort(stable=True)[: segment.count]] = 0.0
+    pruned[prune_lowest(flat.abs(), make_segments(layers, sparsity, scope))] = 0.0
     return pruned
 
 
