@@ -462,15 +462,16 @@ def _walk(pool, plan, bn_recalibration, progress, staged, rival=None) -> tuple:
     at the target: the loss of a walk rises with its steps, so it could not win."""
     layers, _ = find_prunable(staged, plan.common["include"], plan.common["ignore"])
     judged = pool.held_out or pool.stage(0)
-    result, reports, reached = None, [], 0.0
-    while not reports or reached < plan.sparsity and not (rival is not None and _judged_loss(reports[-1]) > rival):
+    reports, reached = [], 0.0
+    while True:
         reached, bound, proxy = next_sparsity(staged, layers, judged, reached, plan.sparsity,
                                               plan.common["loss_fn"], plan.common["scope"])
         method = plan.methods[min(len(reports), 1)]
         result, (report,) = _run_stages(pool, plan, bn_recalibration, progress, staged, [(reached, method)],
                                         first=len(reports) + 1, total=0)
         reports.append(dict(report, step_loss_bound=bound, step_magnitude_loss=proxy))
-    return result, reports
+        if reached >= plan.sparsity or (rival is not None and _judged_loss(report) > rival):
+            return result, reports
 
 
 def _recalibrate_if_better(staged, inputs, held_out, loss_fn) -> bool:
