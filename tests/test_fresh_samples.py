@@ -12,7 +12,11 @@ from torch.nn import functional as F
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError
 from brainsurgeon.drivers import oneshot
-from brainsurgeon.drivers.calibration import CalibrationPool, mean_loss
+from brainsurgeon.drivers.calibration import (
+    CalibrationPool,
+    mean_loss,
+    per_sample_losses,
+)
 from brainsurgeon.drivers.layers import find_prunable, flat_weights
 
 
@@ -186,14 +190,48 @@ def test_the_adaptive_schedule_is_deterministic_and_pinned_reproduces_it_bit_for
             assert torch.equal(first.weights[name], other.weights[name])
 
 
-def test_a_walk_stops_once_its_loss_is_above_the_other_paths():
+def test_a_walk_stops_once_the_other_path_is_better_beyond_the_noise_and_not_at_a_tie():
     model, x, y = pooled_mlp()
     plan = oneshot.plan_run(model, 0.97, "max", num_samples=32, progress=False, init_trials=2)
     pool = oneshot._collect_pool((x, y), plan)
     _, whole = oneshot._walk(pool, plan, False, False, copy.deepcopy(model))
-    _, stopped = oneshot._walk(pool, plan, False, False, copy.deepcopy(model), rival=whole[0]["held_out_loss"] / 2)
+    first = copy.deepcopy(model)
+    oneshot._run_stages(pool, plan, False, False, first, [(whole[0]["sparsity"], plan.methods[0])])
+    tie = per_sample_losses(first, *pool.held_out, F.cross_entropy)  # as good as the walk's first stage
+    _, stopped = oneshot._walk(pool, plan, False, False, copy.deepcopy(model), rival=tie - 1e-3)
+    _, past_tie = oneshot._walk(pool, plan, False, False, copy.deepcopy(model), rival=tie)
     assert len(whole) > 1 and whole[-1]["sparsity"] == 0.97
     assert [stage["sparsity"] for stage in stopped] == [whole[0]["sparsity"]]
+    assert len(past_tie) > 1 and [stage["sparsity"] for stage in past_tie] == \
+        [stage["sparsity"] for stage in whole[:len(past_tie)]]
+
+
+def test_per_sample_losses_average_to_the_mean_loss():
+    model, x, y = pooled_mlp()
+    losses = per_sample_losses(model, x, y, F.cross_entropy)
+    assert losses.shape == (len(x),)
+    assert float(losses.mean()) == pytest.approx(mean_loss(model, x, y, F.cross_entropy), rel=1e-5)
+    assert float(losses[7]) == pytest.approx(float(F.cross_entropy(model(x[7:8]), y[7:8])), rel=1e-5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(losses=st.lists(st.tuples(st.floats(0, 10), st.floats(0, 10)), min_size=2, max_size=40),
+       shift=st.floats(-1, 1))
+def test_the_layer_path_wins_only_beyond_the_margin_and_a_short_walk_never(losses, shift):
+    """choose_path's evidence is the paired mean difference and its standard error; moving the layer path's losses
+    by a constant moves only the mean, and the choice flips where the mean passes PATH_MARGIN errors."""
+    fisher = torch.tensor([a for a, _ in losses], dtype=torch.float64)
+    layer = torch.tensor([b for _, b in losses], dtype=torch.float64)
+    path, evidence = oneshot.choose_path(fisher, layer - shift, True)
+    difference = fisher - layer
+    error = float(difference.std()) / len(losses) ** 0.5
+    assert evidence["standard_error"] == pytest.approx(error, abs=1e-9)
+    assert evidence["fisher_minus_layer"] == pytest.approx(float(difference.mean()) + shift, abs=1e-9)
+    margin = evidence["fisher_minus_layer"] - oneshot.PATH_MARGIN * error
+    if abs(margin) > 1e-9:
+        assert path == ("layer" if margin > 0 else "fisher")
+    assert oneshot.choose_path(fisher, layer - shift, False)[0] == "layer"
+    assert oneshot.choose_path(fisher, fisher, True)[0] == "fisher"
 
 
 @pytest.mark.parametrize("method, options, named", [

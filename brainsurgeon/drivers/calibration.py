@@ -77,6 +77,16 @@ def mean_loss(model, inputs, targets, loss_fn) -> float:
     return total / len(inputs)
 
 
+def per_sample_losses(model, inputs, targets, loss_fn) -> torch.Tensor:
+    """Every sample's loss in eval mode (`loss_fn` on a batch of one, as the per-sample gradients take it)."""
+    losses = []
+    with torch.no_grad(), evaluating(model):
+        for start in range(0, len(inputs), CHECK_BATCH):
+            outputs, batch = model(inputs[start : start + CHECK_BATCH]), targets[start : start + CHECK_BATCH]
+            losses += [float(loss_fn(outputs[i : i + 1], batch[i : i + 1])) for i in range(len(outputs))]
+    return torch.tensor(losses, dtype=torch.float64)
+
+
 def check_usable(model, inputs, targets, loss_fn) -> float:
     """The mean loss of `model` on the calibration data, refusing data the model cannot run on and losses that
     are not finite (e.g. every target ignored) or that the targets do not fit."""

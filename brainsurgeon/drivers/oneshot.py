@@ -33,7 +33,13 @@ from ..methods.patterns import num_to_prune
 from ..methods.problem import PruningProblem, Segment, best_candidate, prune_lowest
 from ..methods.selection import SELECTIONS as BASIC_SELECTIONS
 from ..methods.update import UPDATES
-from .calibration import CalibrationPool, check_usable, collect, mean_loss
+from .calibration import (
+    CalibrationPool,
+    check_usable,
+    collect,
+    mean_loss,
+    per_sample_losses,
+)
 from .layers import (
     batchnorm_statistics,
     copy_model,
@@ -390,19 +396,37 @@ def _judged_loss(report: dict) -> float | None:
     return report["calibration_loss"] if report.get("held_out_loss") is None else report["held_out_loss"]
 
 
+# 'max' keeps the Fisher path where it reached the target (at mild sparsities a single cbs stage: cbs itself) unless
+# the layer path's judged loss is lower by more than PATH_MARGIN standard errors of the mean per-sample difference:
+# both are judged on the same samples, and a difference within their noise is no evidence for either path.
+PATH_MARGIN = 2.0
+
+
+def choose_path(fisher_losses: torch.Tensor, layer_losses: torch.Tensor, fisher_at_target: bool) -> tuple:
+    """('fisher' or 'layer', the evidence: the mean of the paths' per-sample judged loss difference and its standard
+    error). A Fisher walk that stopped short of the target is never chosen."""
+    difference = fisher_losses - layer_losses
+    error = float(difference.std() / math.sqrt(len(difference))) if len(difference) > 1 else 0.0
+    evidence = dict(fisher_minus_layer=float(difference.mean()), standard_error=error)
+    better = evidence["fisher_minus_layer"] > PATH_MARGIN * error
+    return ("layer" if better or not fisher_at_target else "fisher"), evidence
+
+
 def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResult:
-    """The layer start, and the Fisher path's stages up to the target beside it; the lower loss before any
-    refinement (held out when the pool has such samples) decides which path goes on to the refinement stages."""
-    layer, skipped, compared, other = None, None, {}, {}
+    """The layer start, and the Fisher path's stages up to the target beside it; their losses before any
+    refinement (held out when the pool has such samples) decide which path goes on to the refinement stages
+    (choose_path)."""
+    layer, skipped, compared, other, evidence, layer_losses = None, None, {}, {}, None, None
+    judged, loss_fn = pool and (pool.held_out or pool.stage(0)), plan.common["loss_fn"]
     if plan.layer_start:
         layer = _layer_start(model, pool, plan, bn_recalibration, progress)
         if isinstance(layer, str):
             skipped, layer = layer, None
         else:
-            compared["layer"] = _judged_loss(layer[1][-1])
+            compared["layer"], layer_losses = _judged_loss(layer[1][-1]), per_sample_losses(layer[2], *judged, loss_fn)
     staged = copy_model(model)
     if plan.schedule is None:
-        result, reports = _walk(pool, plan, bn_recalibration, progress, staged, compared.get("layer"))
+        result, reports = _walk(pool, plan, bn_recalibration, progress, staged, layer_losses)
     else:
         result, reports = _run_stages(pool, plan, bn_recalibration, progress, staged,
                                       list(zip(plan.schedule, plan.methods)))
@@ -410,7 +434,9 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
     if plan.layer_start:
         compared["fisher"] = _judged_loss(reports[-1])
     if layer is not None:
-        if compared["layer"] < compared["fisher"]:
+        chosen, evidence = choose_path(per_sample_losses(staged, *judged, loss_fn), layer_losses,
+                                       reports[-1]["sparsity"] >= plan.sparsity)
+        if chosen == "layer":
             other = {"fisher": reports}
             (result, reports, staged), path, refine = layer, "layer", plan.refine_limit
         else:
@@ -431,7 +457,7 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
     if plan.layer_start:  # the losses compared (held out where the pool has such samples), and the stages of the
         # path not taken (where its seconds went; an adaptive walk that lost stops short of the target)
         result.settings.update(path=path, layer_start_skipped=skipped)
-        result.stats.update(path_calibration_loss=compared, other_path_stages=other)
+        result.stats.update(path_calibration_loss=compared, path_evidence=evidence, other_path_stages=other)
     return result
 
 
@@ -458,20 +484,26 @@ def _refine(pool, plan, bn_recalibration, progress, staged, result, reports, lim
 def _walk(pool, plan, bn_recalibration, progress, staged, rival=None) -> tuple:
     """The adaptive schedule's stages: each sized by next_sparsity on the held-out samples (without them, the
     first stage's) from the model the previous one left: (the last stage's result, every stage's report, with
-    its step bound). The walk stops short of the target once its judged loss is above `rival`'s, the other path's
-    at the target: the loss of a walk rises with its steps, so it could not win."""
+    its step bound). Given the other path's per-sample judged losses at the target (`rival`), the walk stops short
+    of the target once choose_path would prefer that path even to this stage: the loss of a walk rises with its
+    steps, so it could not win."""
     layers, _ = find_prunable(staged, plan.common["include"], plan.common["ignore"])
-    judged = pool.held_out or pool.stage(0)
+    judged, loss_fn = pool.held_out or pool.stage(0), plan.common["loss_fn"]
     reports, reached = [], 0.0
     while True:
-        reached, bound, proxy = next_sparsity(staged, layers, judged, reached, plan.sparsity,
-                                              plan.common["loss_fn"], plan.common["scope"])
+        reached, bound, proxy = next_sparsity(staged, layers, judged, reached, plan.sparsity, loss_fn,
+                                              plan.common["scope"])
         method = plan.methods[min(len(reports), 1)]
         result, (report,) = _run_stages(pool, plan, bn_recalibration, progress, staged, [(reached, method)],
                                         first=len(reports) + 1, total=0)
         reports.append(dict(report, step_loss_bound=bound, step_magnitude_loss=proxy))
-        if reached >= plan.sparsity or (rival is not None and _judged_loss(report) > rival):
+        if reached >= plan.sparsity or (rival is not None and _loses_to(staged, judged, loss_fn, rival)):
             return result, reports
+
+
+def _loses_to(staged, judged, loss_fn, rival) -> bool:
+    """Whether choose_path prefers the path with per-sample judged losses `rival` to `staged` at the target."""
+    return choose_path(per_sample_losses(staged, *judged, loss_fn), rival, True)[0] == "layer"
 
 
 def _recalibrate_if_better(staged, inputs, held_out, loss_fn) -> bool:
