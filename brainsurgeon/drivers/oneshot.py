@@ -351,7 +351,8 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     `bn_recalibrated`); every stage's sparsity, calibration loss and seconds are in `stats['stages']`.
     `layer_start` (on in 'max') also prunes every layer on the layer-wise objective towards the dense model's
     outputs, compares that with the Fisher stages' result on the held-out loss (without held-out samples, the
-    calibration loss), and gives only the better one the `refine` stages (`settings['path']`).
+    calibration loss), and gives only the one it keeps the `refine` stages (`settings['path']`): the Fisher path
+    unless the layer path is better beyond the noise of the judged samples (choose_path).
     `options` go to whichever of the selection and the update takes them by name (e.g. rho, tau for cbs;
     damping_grid for cbsu). The model is not modified: call `result.apply(model)`.
     """
