@@ -117,7 +117,8 @@ def _add_common(parser):
                              "between stages): forward passes only, no training step")
     stages.add_argument("--layer-start", action=argparse.BooleanOptionalAction, default=None,
                         help="also run the layer-wise start (layers pruned towards the dense outputs, then --refine "
-                             "stages) and keep the path with the lower calibration loss (default: on for max only)")
+                             "stages) and keep it where its held-out loss is lower than the Fisher path's beyond "
+                             "2 standard errors (default: on for max only)")
     stages.add_argument("--first-order", action="store_true", default=None,
                         help="model the mean gradient too (the model need not be at a minimum)")
 
