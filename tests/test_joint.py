@@ -257,9 +257,10 @@ def test_zero_damping_and_zero_stages_are_refused_not_defaulted():
         brainsurgeon.prune(model, (x, y), 0.5, "mp", stages=0, progress=False)
 
 
-def test_max_refines_the_path_with_the_lower_calibration_loss_at_the_exact_count():
-    """The two paths are compared before refinement; only the chosen one is refined, and it ends at the exact
-    global count, deterministically."""
+def test_max_refines_the_path_its_judge_keeps_at_the_exact_count():
+    """The two paths are compared before refinement (the layer path is kept only where it is better beyond the
+    noise, or the Fisher walk stopped short); only the kept one is refined, and it ends at the exact global count,
+    deterministically."""
     model, x, y = small_mlp()
     runs = [brainsurgeon.prune(model, (x, y), sparsity, "max", progress=False, init_trials=2)
             for sparsity in (0.6, 0.9, 0.9)]
