@@ -281,9 +281,10 @@ PRESETS = {
     # with the caller's settings as far as the adaptive schedule's first step goes (to the target when that is
     # mild: it *is* cbs there), then joint stages with the mean gradient modelled, each sized by the adaptive
     # schedule. Their damping x grid starts at cbs's 1e-4 and reaches 10: first-order steps on ResNet20 needed far
-    # more damping than 0.1. The layer path: every layer pruned towards the dense model's outputs. The one with
-    # the lower held-out loss at the target is refined, on fresh samples while that loss falls: the Fisher path
-    # wins on MLPNet, the layer path on ResNet20 (README).
+    # more damping than 0.1. The layer path: every layer pruned towards the dense model's outputs. The one
+    # choose_path keeps at the target (the Fisher path unless the layer path's held-out loss is lower beyond the
+    # noise) is refined, on fresh samples while that loss falls: the Fisher path wins on MLPNet, the layer path on
+    # ResNet20 above 0.3 (README).
     "max": dict(method="joint", first_method="cbs", schedule="adaptive", refine="auto", fresh_samples=True,
                 first_order=True, layer_start=True,
                 later_damping=1e-2, later_damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0), start="mp",
