@@ -134,6 +134,12 @@ class CalibrationPool:
         """The held-out (inputs, targets), or None."""
         return (self.inputs[-self.per_stage:], self.targets[-self.per_stage:]) if self.fresh else None
 
+    @property
+    def judged(self):
+        """The (inputs, targets) that stages and paths are judged by: the held-out ones, or without them the first
+        stage's."""
+        return self.held_out or self.stage(0)
+
     def stage(self, index: int):
         """The (inputs, targets) that stage `index` (from 0) fits."""
         if not self.fresh or index == 0:

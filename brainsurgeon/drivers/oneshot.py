@@ -419,13 +419,14 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
     refinement (held out when the pool has such samples) decide which path goes on to the refinement stages
     (choose_path)."""
     layer, skipped, compared, other, evidence, layer_losses = None, None, {}, {}, None, None
-    judged, loss_fn = pool and (pool.held_out or pool.stage(0)), plan.common["loss_fn"]
+    loss_fn = plan.common["loss_fn"]
     if plan.layer_start:
         layer = _layer_start(model, pool, plan, bn_recalibration, progress)
         if isinstance(layer, str):
             skipped, layer = layer, None
         else:
-            compared["layer"], layer_losses = _judged_loss(layer[1][-1]), per_sample_losses(layer[2], *judged, loss_fn)
+            compared["layer"] = _judged_loss(layer[1][-1])
+            layer_losses = per_sample_losses(layer[2], *pool.judged, loss_fn)
     staged = copy_model(model)
     if plan.schedule is None:
         result, reports = _walk(pool, plan, bn_recalibration, progress, staged, layer_losses)
@@ -436,7 +437,7 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
     if plan.layer_start:
         compared["fisher"] = _judged_loss(reports[-1])
     if layer is not None:
-        chosen, evidence = choose_path(per_sample_losses(staged, *judged, loss_fn), layer_losses,
+        chosen, evidence = choose_path(per_sample_losses(staged, *pool.judged, loss_fn), layer_losses,
                                        reports[-1]["sparsity"] >= plan.sparsity)
         if chosen == "layer":
             other = {"fisher": reports}
@@ -490,7 +491,7 @@ def _walk(pool, plan, bn_recalibration, progress, staged, rival=None) -> tuple:
     of the target once choose_path would prefer that path even to this stage: the loss of a walk rises with its
     steps, so it could not win."""
     layers, _ = find_prunable(staged, plan.common["include"], plan.common["ignore"])
-    judged, loss_fn = pool.held_out or pool.stage(0), plan.common["loss_fn"]
+    judged, loss_fn = pool.judged, plan.common["loss_fn"]
     reports, reached = [], 0.0
     while True:
         reached, bound, proxy = next_sparsity(staged, layers, judged, reached, plan.sparsity, loss_fn,
