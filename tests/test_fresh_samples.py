@@ -68,7 +68,7 @@ def test_a_single_stage_on_a_larger_pool_is_the_prune_of_its_first_samples():
         assert torch.equal(plain.weights[name], pooled.weights[name])
 
 
-def test_auto_refinement_keeps_only_stages_that_lower_the_held_out_loss():
+def test_auto_refinement_keeps_stages_while_they_stay_below_the_unrefined_held_out_loss():
     model, x, y = pooled_mlp()
     result = brainsurgeon.prune(model, (x, y), 0.9, "max", num_samples=32, progress=False, init_trials=2)
     assert result.settings["held_out_samples"] == 32 and result.settings["refine"] == "auto"
@@ -76,11 +76,13 @@ def test_auto_refinement_keeps_only_stages_that_lower_the_held_out_loss():
     stages = result.stats["stages"]
     refined = [stage for stage in stages if "step_loss_bound" not in stage] \
         if result.settings["path"] == "fisher" else stages[1:]
-    assert len(refined) <= oneshot.REFINE_LIMIT
-    losses = [stage["held_out_loss"] for stage in stages[-len(refined) - 1:]]
-    assert all(after < before for before, after in zip(losses, losses[1:]))
-    if result.stats["rejected_stage"] is not None:
-        assert result.stats["rejected_stage"]["held_out_loss"] >= losses[-1]
+    assert len(refined) == result.settings["refined_stages"] <= oneshot.REFINE_LIMIT
+    unrefined = stages[-len(refined) - 1]["held_out_loss"]
+    assert all(stage["held_out_loss"] < unrefined for stage in refined)
+    rejected = result.stats["rejected_stage"]
+    assert (rejected is None) == (len(refined) == oneshot.REFINE_LIMIT)
+    if rejected is not None:
+        assert rejected["held_out_loss"] >= unrefined
     pruned = result.apply(copy.deepcopy(model))
     assert abs(mean_loss(pruned, x[-32:], y[-32:], F.cross_entropy) - stages[-1]["held_out_loss"]) < 1e-6
 
@@ -106,6 +108,41 @@ def test_a_refinement_stage_that_raises_the_held_out_loss_is_undone(monkeypatch)
     assert refined.stats["rejected_stage"]["held_out_loss"] > refined.stats["stages"][-1]["held_out_loss"]
     for name in unrefined.weights:
         assert torch.equal(unrefined.weights[name], refined.weights[name])
+
+
+@pytest.mark.parametrize("held_out_losses, kept", [
+    ([0.8, 0.9, 0.85, 1.0, 0.7], 3),  # above the best stage so far but below the unrefined 1.0: kept
+    ([1.0, 0.5], 0),  # level with the unrefined model: undone at once
+    ([0.9] * 20, oneshot.REFINE_LIMIT),
+])
+def test_auto_refinement_stops_at_the_first_stage_not_below_the_unrefined_held_out_loss(monkeypatch, held_out_losses,
+                                                                                      kept):
+    """Stages with made-up held-out losses after an unrefined 1.0: the first one at or above it is undone (the
+    model is back to what the stage before it left) and reported, and no stage runs after it."""
+    model, x, y = pooled_mlp()
+    plan = oneshot.plan_run(model, 0.5, "max", num_samples=32, progress=False)
+    pool = oneshot._collect_pool((x, y), plan)
+    losses, ran = iter(held_out_losses), []
+
+    def made_up_stage(pool, plan, bn_recalibration, progress, staged, schedule, **where):
+        with torch.no_grad():
+            next(staged.parameters()).add_(1.0)  # a change the undoing must reverse
+        ran.append(copy.deepcopy(staged.state_dict()))
+        return f"result {len(ran)}", [dict(held_out_loss=next(losses), calibration_loss=0.0)]
+
+    monkeypatch.setattr(oneshot, "_run_stages", made_up_stage)
+    staged, unrefined = copy.deepcopy(model), [dict(held_out_loss=1.0, calibration_loss=0.0)]
+    result, reports, rejected = oneshot._refine(pool, plan, False, False, staged, "unrefined", unrefined,
+                                                oneshot.REFINE_LIMIT, None)
+    assert [r["held_out_loss"] for r in reports[1:]] == held_out_losses[:kept]
+    assert result == (f"result {kept}" if kept else "unrefined")
+    if kept == oneshot.REFINE_LIMIT:
+        assert rejected is None and len(ran) == kept
+    else:
+        assert rejected["held_out_loss"] == held_out_losses[kept] and len(ran) == kept + 1
+    state = ran[kept - 1] if kept else model.state_dict()
+    for name, value in staged.state_dict().items():
+        assert torch.equal(value, state[name])
 
 
 def test_auto_refinement_without_held_out_samples_runs_a_fixed_number_of_stages():
