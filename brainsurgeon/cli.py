@@ -113,8 +113,9 @@ def _add_common(parser):
                         help="each stage fits --calib-samples samples of its own, and as many more are held out to "
                              "judge the stages (default: on for max only)")
     stages.add_argument("--bn-recalibration", action="store_true", default=None,
-                        help="re-estimate BatchNorm running statistics on the calibration inputs after pruning (and "
-                             "between stages): forward passes only, no training step")
+                        help="re-estimate BatchNorm running statistics after pruning (and between stages) so that their "
+                             "outputs on the calibration inputs have the dense model's mean and variance: forward "
+                             "passes only, no training step")
     stages.add_argument("--layer-start", action=argparse.BooleanOptionalAction, default=None,
                         help="also run the layer-wise start (layers pruned towards the dense outputs, then --refine "
                              "stages) and keep it where its held-out loss is lower than the Fisher path's beyond "

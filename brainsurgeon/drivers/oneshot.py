@@ -41,7 +41,6 @@ from .calibration import (
     per_sample_losses,
 )
 from .layers import (
-    batchnorm_statistics,
     copy_model,
     evaluating,
     find_prunable,
@@ -356,9 +355,9 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     the first ones, so a single stage is unchanged): refinement on fresh samples stops fitting the same ones.
     `later_damping` and `later_damping_grid` set the damping and the CBS-U grid of
     the stages after the first (default: those of the first). `bn_recalibration` re-estimates every BatchNorm's
-    running statistics on the calibration inputs after each stage, with forward passes only (the result carries
-    them in `buffers`; with held-out samples they are kept only where they lower the held-out loss, the stage's
-    `bn_recalibrated`); every stage's sparsity, calibration loss and seconds are in `stats['stages']`.
+    running statistics after each stage so that its outputs on the stage's calibration inputs have the dense
+    model's per-channel mean and variance (recalibrate_batchnorm: forward passes only; the result carries them in
+    `buffers`); every stage's sparsity, calibration loss and seconds are in `stats['stages']`.
     `layer_start` (on in 'max') also prunes every layer on the layer-wise objective towards the dense model's
     outputs, compares that with the Fisher stages' result on the held-out loss (without held-out samples, the
     calibration loss), and gives only the one it keeps the `refine` stages (`settings['path']`): the Fisher path
@@ -428,9 +427,9 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
     refinement (held out when the pool has such samples) decide which path goes on to the refinement stages
     (choose_path)."""
     layer, skipped, compared, other, evidence, layer_losses = None, None, {}, {}, None, None
-    loss_fn = plan.common["loss_fn"]
+    loss_fn, dense = plan.common["loss_fn"], model if bn_recalibration else None
     if plan.layer_start:
-        layer = _layer_start(model, pool, plan, bn_recalibration, progress)
+        layer = _layer_start(model, pool, plan, dense, progress)
         if isinstance(layer, str):
             skipped, layer = layer, None
         else:
@@ -438,10 +437,9 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
             layer_losses = per_sample_losses(layer[2], *pool.judged, loss_fn)
     staged = copy_model(model)
     if plan.schedule is None:
-        result, reports = _walk(pool, plan, bn_recalibration, progress, staged, layer_losses)
+        result, reports = _walk(pool, plan, dense, progress, staged, layer_losses)
     else:
-        result, reports = _run_stages(pool, plan, bn_recalibration, progress, staged,
-                                      list(zip(plan.schedule, plan.methods)))
+        result, reports = _run_stages(pool, plan, dense, progress, staged, list(zip(plan.schedule, plan.methods)))
     path, refine = "fisher", plan.refine_limit if len(reports) > 1 else 0  # a single stage is left as it is
     if plan.layer_start:
         compared["fisher"] = _judged_loss(reports[-1])
@@ -455,7 +453,7 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
             other = {"layer": layer[1]}
     rejected, unrefined = None, len(reports)
     if refine:
-        result, reports, rejected = _refine(pool, plan, bn_recalibration, progress, staged, result, reports, refine,
+        result, reports, rejected = _refine(pool, plan, dense, progress, staged, result, reports, refine,
                                             "layer" if path == "layer" else None)
     result.timings = {key: sum(r["timings"].get(key, 0.0) for r in reports) for key in result.timings}
     result.stats = dict(result.stats, stages=reports, rejected_stage=rejected)
@@ -473,7 +471,7 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
     return result
 
 
-def _refine(pool, plan, bn_recalibration, progress, staged, result, reports, limit, path) -> tuple:
+def _refine(pool, plan, dense, progress, staged, result, reports, limit, path) -> tuple:
     """Up to `limit` refinement stages at the target with the main method. With refine='auto' and held-out
     samples, the first stage that leaves the held-out loss at or above the unrefined model's is undone and ends
     them: (the result, the stages kept, the undone stage's report or None)."""
@@ -483,7 +481,7 @@ def _refine(pool, plan, bn_recalibration, progress, staged, result, reports, lim
     unrefined, most = _judged_loss(reports[-1]), len(reports) + limit
     for _ in range(limit):
         before = copy_model(staged) if adaptive else None
-        stage_result, (report,) = _run_stages(pool, plan, bn_recalibration, progress, staged,
+        stage_result, (report,) = _run_stages(pool, plan, dense, progress, staged,
                                               [(plan.sparsity, plan.refine_method)], first=len(reports) + 1, path=path,
                                               total=most)
         if adaptive and _judged_loss(report) >= unrefined:
@@ -493,7 +491,7 @@ def _refine(pool, plan, bn_recalibration, progress, staged, result, reports, lim
     return result, reports, None
 
 
-def _walk(pool, plan, bn_recalibration, progress, staged, rival=None) -> tuple:
+def _walk(pool, plan, dense, progress, staged, rival=None) -> tuple:
     """The adaptive schedule's stages: each sized by next_sparsity on the held-out samples (without them, the
     first stage's) from the model the previous one left: (the last stage's result, every stage's report, with
     its step bound). Given the other path's per-sample judged losses at the target (`rival`), the walk stops short
@@ -506,7 +504,7 @@ def _walk(pool, plan, bn_recalibration, progress, staged, rival=None) -> tuple:
         reached, bound, proxy = next_sparsity(staged, layers, judged, reached, plan.sparsity, loss_fn,
                                               plan.common["scope"])
         method = plan.methods[min(len(reports), 1)]
-        result, (report,) = _run_stages(pool, plan, bn_recalibration, progress, staged, [(reached, method)],
+        result, (report,) = _run_stages(pool, plan, dense, progress, staged, [(reached, method)],
                                         first=len(reports) + 1, total=0)
         reports.append(dict(report, step_loss_bound=bound, step_magnitude_loss=proxy))
         if reached >= plan.sparsity or (rival is not None and _loses_to(staged, judged, loss_fn, rival)):
@@ -518,29 +516,20 @@ def _loses_to(staged, judged, loss_fn, rival) -> bool:
     return choose_path(per_sample_losses(staged, *judged, loss_fn), rival, True)[0] == "layer"
 
 
-def _recalibrate_if_better(staged, inputs, held_out, loss_fn) -> bool:
-    """Re-estimate the BatchNorm statistics of `staged` on the stage's `inputs`; with `held_out` samples, keep them
-    only if they lower the held-out loss (a model that reproduces its dense activations can lose by it). Whether
-    they were kept."""
-    if held_out is None:
-        recalibrate_batchnorm(staged, inputs)
-        return True
-    before, kept = mean_loss(staged, *held_out, loss_fn), batchnorm_statistics(staged)
-    recalibrate_batchnorm(staged, inputs)
-    if mean_loss(staged, *held_out, loss_fn) <= before:
-        return True
-    buffers = dict(staged.named_buffers())
-    with torch.no_grad():
-        for name, value in kept.items():
-            buffers[name].copy_(value)
-    return False
+def _recalibrate(staged, dense, inputs, result) -> None:
+    """BatchNorm statistics of `staged` re-estimated towards `dense` on `inputs` (recalibrate_batchnorm), carried
+    by the stage's `result`, their seconds in its timings."""
+    started = time.perf_counter()
+    result.buffers = recalibrate_batchnorm(staged, dense, inputs)
+    seconds = time.perf_counter() - started
+    result.timings = dict(result.timings, batchnorm=seconds, total=result.timings["total"] + seconds)
 
 
-def _stage_report(staged, fitted, held_out, loss_fn, target, method, result, stage, total, progress, path=None,
-                  recalibrated=False) -> dict:
+def _stage_report(staged, fitted, held_out, loss_fn, target, method, result, stage, total, progress,
+                  path=None) -> dict:
     """A stage's line of the trace (and of stderr): sparsity reached, loss on the samples it `fitted` and on the
     `held_out` ones, seconds, whether re-estimated BatchNorm statistics were kept."""
-    report = dict(sparsity=target, method=method, seconds=result.timings["total"], bn_recalibrated=recalibrated,
+    report = dict(sparsity=target, method=method, seconds=result.timings["total"],
                   calibration_loss=None if fitted is None else mean_loss(staged, *fitted, loss_fn),
                   held_out_loss=None if held_out is None else mean_loss(staged, *held_out, loss_fn),
                   timings=result.timings, stats=result.stats, **({"path": path} if path else {}))
@@ -554,7 +543,7 @@ def _stage_report(staged, fitted, held_out, loss_fn, target, method, result, sta
     return report
 
 
-def _run_stages(pool, plan, bn_recalibration, progress, staged, schedule, first=1, path=None, total=None) -> tuple:
+def _run_stages(pool, plan, dense, progress, staged, schedule, first=1, path=None, total=None) -> tuple:
     """`schedule`'s stages [(sparsity, (selection, update))], numbered from `first` (of `total`, for progress),
     each pruning `staged` further in place on its own samples of the pool: (the last stage's result, every stage's
     report)."""
@@ -568,13 +557,10 @@ def _run_stages(pool, plan, bn_recalibration, progress, staged, schedule, first=
                               damping=plan.damping if stage == 1 else plan.later_damping,
                               options=plan.options if stage == 1 else plan.later_options, **plan.common)
         result.apply(staged)
-        recalibrated = bn_recalibration and _recalibrate_if_better(staged, calibration[0], held_out,
-                                                                   plan.common["loss_fn"])
-        if bn_recalibration:
-            result.buffers = batchnorm_statistics(staged)
+        if dense is not None:
+            _recalibrate(staged, dense, calibration[0], result)
         reports.append(_stage_report(staged, calibration, held_out, plan.common["loss_fn"], target,
-                                     f"{selection_name}+{update_name}", result, stage, total, progress, path,
-                                     recalibrated))
+                                     f"{selection_name}+{update_name}", result, stage, total, progress, path))
     return result, reports
 
 
@@ -601,7 +587,7 @@ def exact_layer_sparsities(layers, sparsity: float) -> dict:
     return {layer.module: count / size for layer, count, size in zip(layers, counts, sizes)}
 
 
-def _layer_start(model, pool, plan, bn_recalibration, progress):
+def _layer_start(model, pool, plan, dense, progress):
     """The layer start of 'max': every layer pruned towards the dense model's outputs (`joint`, the model as one
     block, exact counts adding up to the global one): (its result, its stage report, the pruned model), or why
     the layer-wise driver cannot prune these layers."""
@@ -615,12 +601,10 @@ def _layer_start(model, pool, plan, bn_recalibration, progress):
                              ignore=plan.common["ignore"], batch_size=128, progress=False)
     staged = copy_model(model)
     result.apply(staged)
-    recalibrated = bn_recalibration and _recalibrate_if_better(staged, fitted[0], pool.held_out,
-                                                               plan.common["loss_fn"])
-    if bn_recalibration:
-        result.buffers = batchnorm_statistics(staged)
+    if dense is not None:
+        _recalibrate(staged, dense, fitted[0], result)
     report = _stage_report(staged, fitted, pool.held_out, plan.common["loss_fn"], plan.sparsity,
-                           "joint (layer-wise, to dense)", result, 1, 1, progress, "layer", recalibrated)
+                           "joint (layer-wise, to dense)", result, 1, 1, progress, "layer")
     return result, [report], staged
 
 
