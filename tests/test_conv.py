@@ -163,6 +163,7 @@ def test_prune_with_batchnorm_recalibration_carries_the_statistics():
     assert not torch.equal(pruned.layer3[0].bn1.running_var, model.layer3[0].bn1.running_var)
     trace = recalibrated.stats["stages"]
     assert len(trace) == 1 and trace[0]["sparsity"] == 0.5 and trace[0]["calibration_loss"] > 0
+    assert 0 < trace[0]["timings"]["batchnorm"] < trace[0]["seconds"] == recalibrated.timings["total"]
 
 
 @pytest.mark.parametrize("layer_start", [False, True])

@@ -124,7 +124,7 @@ def test_auto_refinement_stops_at_the_first_stage_not_below_the_unrefined_held_o
     pool = oneshot._collect_pool((x, y), plan)
     losses, ran = iter(held_out_losses), []
 
-    def made_up_stage(pool, plan, bn_recalibration, progress, staged, schedule, **where):
+    def made_up_stage(pool, plan, dense, progress, staged, schedule, **where):
         with torch.no_grad():
             next(staged.parameters()).add_(1.0)  # a change the undoing must reverse
         ran.append(copy.deepcopy(staged.state_dict()))
@@ -132,7 +132,7 @@ def test_auto_refinement_stops_at_the_first_stage_not_below_the_unrefined_held_o
 
     monkeypatch.setattr(oneshot, "_run_stages", made_up_stage)
     staged, unrefined = copy.deepcopy(model), [dict(held_out_loss=1.0, calibration_loss=0.0)]
-    result, reports, rejected = oneshot._refine(pool, plan, False, False, staged, "unrefined", unrefined,
+    result, reports, rejected = oneshot._refine(pool, plan, None, False, staged, "unrefined", unrefined,
                                                 oneshot.REFINE_LIMIT, None)
     assert [r["held_out_loss"] for r in reports[1:]] == held_out_losses[:kept]
     assert result == (f"result {kept}" if kept else "unrefined")
