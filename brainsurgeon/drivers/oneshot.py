@@ -528,7 +528,7 @@ def _recalibrate(staged, dense, inputs, result) -> None:
 def _stage_report(staged, fitted, held_out, loss_fn, target, method, result, stage, total, progress,
                   path=None) -> dict:
     """A stage's line of the trace (and of stderr): sparsity reached, loss on the samples it `fitted` and on the
-    `held_out` ones, seconds, whether re-estimated BatchNorm statistics were kept."""
+    `held_out` ones, seconds (where they went in `timings`)."""
     report = dict(sparsity=target, method=method, seconds=result.timings["total"],
                   calibration_loss=None if fitted is None else mean_loss(staged, *fitted, loss_fn),
                   held_out_loss=None if held_out is None else mean_loss(staged, *held_out, loss_fn),
