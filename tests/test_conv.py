@@ -184,3 +184,24 @@ def test_max_with_batchnorm_recalibration_carries_the_final_models_statistics(la
         assert torch.equal(dict(pruned.named_buffers())[name], result.buffers[name])
 
 
+
+
+def test_layer_objective_with_batchnorm_recalibration_matches_the_dense_model():
+    """On the layer-wise objective too the result carries statistics re-estimated on the pruned weights; a
+    calibration it cannot take the inputs from is refused before any work."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    images, labels = torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))
+    options = dict(objective="layer", include=["Conv2d", "Linear"], progress=False)
+    plain = brainsurgeon.prune(model, (images, labels), 0.5, "sparsegpt", **options)
+    result = brainsurgeon.prune(model, (images, labels), 0.5, "sparsegpt", bn_recalibration=True, **options)
+    assert result.settings["bn_recalibration"] is True and plain.settings["bn_recalibration"] is False
+    assert not plain.buffers and all(torch.equal(plain.masks[k], result.masks[k]) for k in plain.masks)
+    expected = recalibrate_batchnorm(plain.apply(copy.deepcopy(model)), model, images)
+    assert set(result.buffers) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(result.buffers[name], value)
+    with pytest.raises(brainsurgeon.BrainSurgeonError, match="one tensor or an \\(inputs, targets\\) pair"):
+        brainsurgeon.prune(model, list(images.split(16)), 0.5, "sparsegpt", bn_recalibration=True, **options)

@@ -37,6 +37,7 @@ from .calibration import (
     CalibrationPool,
     check_usable,
     collect,
+    is_tensor_pair,
     mean_loss,
     per_sample_losses,
 )
@@ -366,9 +367,15 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     damping_grid for cbsu). The model is not modified: call `result.apply(model)`.
     """
     if validation.choice("objective", objective, ("fisher", "layer")) == "layer":
-        return prune_layerwise(model, calibration, sparsity, method, pattern=pattern, include=include, ignore=ignore,
-                               progress=progress, damping=DEFAULT_RELATIVE_DAMPING if damping is None else damping,
-                               **options)
+        recalibrating = validation.flag("bn_recalibration", bn_recalibration)
+        inputs = _batchnorm_inputs(calibration) if recalibrating else None
+        result = prune_layerwise(model, calibration, sparsity, method, pattern=pattern, include=include,
+                                 ignore=ignore, progress=progress,
+                                 damping=DEFAULT_RELATIVE_DAMPING if damping is None else damping, **options)
+        if recalibrating:
+            _recalibrate(result.apply(copy_model(model)), model, inputs, result)
+        result.settings.update(bn_recalibration=recalibrating)
+        return result
     plan = plan_run(model, sparsity, method, loss_fn, num_samples=num_samples, damping=damping, include=include,
                     ignore=ignore, scope=scope, structure=structure, gradients=gradients, scratch_dir=scratch_dir,
                     seed=seed, max_memory=max_memory, chunk_size=chunk_size, progress=progress, stages=stages,
@@ -514,6 +521,17 @@ def _walk(pool, plan, dense, progress, staged, rival=None) -> tuple:
 def _loses_to(staged, judged, loss_fn, rival) -> bool:
     """Whether choose_path prefers the path with per-sample judged losses `rival` to `staged` at the target."""
     return choose_path(per_sample_losses(staged, *judged, loss_fn), rival, True)[0] == "layer"
+
+
+def _batchnorm_inputs(calibration) -> torch.Tensor:
+    """The model inputs that BatchNorm statistics are re-estimated on, for the layer-wise objective: a tensor of
+    inputs or the inputs of an (inputs, targets) pair."""
+    if isinstance(calibration, torch.Tensor):
+        return calibration
+    if is_tensor_pair(calibration):
+        return calibration[0]
+    raise BrainSurgeonError("bn_recalibration with objective='layer' needs the calibration inputs as one tensor or "
+                            "an (inputs, targets) pair of tensors; pass them that way")
 
 
 def _recalibrate(staged, dense, inputs, result) -> None:
