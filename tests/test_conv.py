@@ -16,6 +16,13 @@ from brainsurgeon.drivers.layers import (
 from brainsurgeon.models.vision import ResNet20, build_model
 
 
+def two_batchnorm_conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
 def small_conv_net():
     torch.manual_seed(0)
     return nn.Sequential(
@@ -169,10 +176,7 @@ def test_prune_with_batchnorm_recalibration_carries_the_statistics():
 @pytest.mark.parametrize("layer_start", [False, True])
 def test_max_with_batchnorm_recalibration_carries_the_final_models_statistics(layer_start):
     """Whichever path wins, the buffers handed back are the re-estimate on the final pruned weights."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    model = two_batchnorm_conv_net()
     images, labels = torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))
     result = brainsurgeon.prune(model, (images, labels), 0.9, "max", progress=False, bn_recalibration=True,
                                 include=["Conv2d", "Linear"], init_trials=2, layer_start=layer_start)
@@ -189,10 +193,7 @@ def test_max_with_batchnorm_recalibration_carries_the_final_models_statistics(la
 def test_layer_objective_with_batchnorm_recalibration_matches_the_dense_model():
     """On the layer-wise objective too the result carries statistics re-estimated on the pruned weights; a
     calibration it cannot take the inputs from is refused before any work."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    model = two_batchnorm_conv_net()
     images, labels = torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))
     options = dict(objective="layer", include=["Conv2d", "Linear"], progress=False)
     plain = brainsurgeon.prune(model, (images, labels), 0.5, "sparsegpt", **options)
