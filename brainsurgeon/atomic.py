@@ -1,71 +1,236 @@
-"""File output: a run writes each output whole, as a regular file with the usual permissions, or leaves nothing."""
+"""File and folder outputs. A run never deletes or replaces what it did not write: an existing output is refused
+unless the caller passes `overwrite`, and even then a folder is replaced only when a marker file shows that
+brainsurgeon wrote it and it holds nothing else. Every output of a run is built in scratch beside its target and
+renamed into place together at the end; on any failure (SIGTERM included: the CLI turns it into an exception)
+the scratch is removed and every pre-existing file is left as it was. Modes follow the umask."""
+import json
 import os
+import shutil
 import stat
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import BrainSurgeonError
+from .errors import BrainSurgeonError, first_line
+
+MARKER = ".brainsurgeon-output.json"  # in every folder this library writes: what it wrote there
+OVERWRITE_HINT = "choose a new path, or pass --overwrite (API: overwrite=True) to replace it"
 
 
-def check_writable(path) -> Path:
-    """Fail before any work unless `path` can become a regular file: its directory exists and is writable, and
-    it is not a directory, a device, a pipe or a symlink (replacing a symlink would not write where it points,
-    and as root replacing /dev/full would destroy the device)."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
+def write_errors() -> tuple:
+    """Exception types that mean a write failed (a full disk, a quota): OSError, and safetensors' own error,
+    which is not an OSError."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        return (OSError,)
+    return (OSError, SafetensorError)
+
+
+def _parent(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
+
+
+def _check_place(path: Path, what: str) -> None:
+    """`path` may become a new `what`: not a symlink, its directory exists and is writable."""
     if path.is_symlink():
         raise BrainSurgeonError(f"cannot write {path}: it is a symbolic link; give the path it points to "
-                                f"({os.path.realpath(path)}) or another file name")
-    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
-        kind = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket)"
-        raise BrainSurgeonError(f"cannot write {path}: it is {kind}; give a file name")
+                                f"({os.path.realpath(path)}) or another {what} name")
+    parent = _parent(path)
     if not parent.is_dir():
-        raise BrainSurgeonError(f"cannot write {path}: directory {parent} does not exist; create it or choose another path")
+        raise BrainSurgeonError(f"cannot write {path}: directory {parent} does not exist; create it or choose "
+                                "another path")
     if not os.access(parent, os.W_OK):
-        raise BrainSurgeonError(f"cannot write {path}: directory {parent} is not writable; choose another output path")
+        raise BrainSurgeonError(f"cannot write {path}: directory {parent} is not writable; choose another path")
+
+
+def check_writable(path, overwrite: bool = False) -> Path:
+    """Fail before any work unless `path` can become a regular file: its directory exists and is writable; it is
+    not a directory, a device, a pipe or a symlink (replacing a symlink would not write where it points, and as
+    root replacing /dev/full would destroy the device); and it does not exist, unless `overwrite`."""
+    path = Path(path)
+    _check_place(path, "file")
+    if path.exists():
+        if not stat.S_ISREG(path.stat().st_mode):
+            kind = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+            raise BrainSurgeonError(f"cannot write {path}: it is {kind}; give a file name")
+        if not overwrite:
+            raise BrainSurgeonError(f"cannot write {path}: the file exists; {OVERWRITE_HINT}")
     return path
 
 
-def check_outputs(*paths) -> None:
-    """Every given output path writable, and no two the same file (one would overwrite the other)."""
-    seen = {}
-    for path in filter(None, paths):
-        check_writable(path)
-        real = os.path.realpath(path)
-        if real in seen:
-            raise BrainSurgeonError(f"two outputs go to the same file {path} (also given as {seen[real]}); "
-                                    "give each output its own path")
-        seen[real] = path
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _creation_mode() -> int:
-    """0o666 less the process umask: what open() would give a new file (mkstemp gives 0o600)."""
+def check_folder(target, inputs=(), overwrite: bool = False) -> Path:
+    """Fail before any work unless `target` can become a folder of outputs: a new folder, or with `overwrite` one
+    that brainsurgeon wrote and that holds only what it wrote; never one that holds or lies inside an input
+    (`inputs`: files or folders the run reads) or the current directory."""
+    target = Path(target)
+    _check_place(target, "folder")
+    real = os.path.realpath(target)
+    for given in [*inputs, "."]:
+        source = os.path.realpath(given)
+        if _inside(source, real) or (given != "." and _inside(real, source)):
+            kind = "the current directory" if given == "." else f"the input {given}"
+            raise BrainSurgeonError(f"cannot write folder {target}: it overlaps {kind}, which must stay as it is; "
+                                    "choose a new folder outside it")
+    if target.exists():
+        if not target.is_dir():
+            raise BrainSurgeonError(f"cannot write folder {target}: a file of that name exists; choose another path")
+        if not overwrite:
+            raise BrainSurgeonError(f"cannot write folder {target}: it exists; {OVERWRITE_HINT} (only a folder "
+                                    "brainsurgeon wrote is replaced)")
+        _check_written_here(target)
+    return target
+
+
+def _check_written_here(folder: Path) -> None:
+    """Refuse to replace `folder` unless its marker lists exactly what it holds."""
+    try:
+        listed = set(json.loads((folder / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise BrainSurgeonError(f"cannot replace folder {folder}: brainsurgeon did not write it (no valid {MARKER}); "
+                                "choose a new folder") from None
+    found = {str(path.relative_to(folder)) for path in folder.rglob("*") if not path.is_dir()} - {MARKER}
+    extra = sorted(found - listed)
+    if extra:
+        raise BrainSurgeonError(f"cannot replace folder {folder}: it holds files brainsurgeon did not write "
+                                f"({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}); move them or choose "
+                                "a new folder")
+
+
+def _umask() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _finish_folder(folder: Path) -> None:
+    """Write the marker and give every file and folder the modes open() and mkdir() would (mkdtemp gives 0700,
+    and some writers 0600)."""
+    files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if not path.is_dir())
+    (folder / MARKER).write_text(json.dumps({"written_by": "brainsurgeon", "files": files}, indent=1) + "\n")
+    umask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+class Outputs:
+    """The outputs of one run, staged in scratch beside their targets and published together by `commit`."""
+
+    def __init__(self, overwrite: bool = False):
+        self.overwrite = overwrite
+        self.staged = []  # (target, scratch, is_folder)
+
+    def file(self, path) -> Path:
+        """A scratch path to write the file `path` to."""
+        path = check_writable(path, self.overwrite)
+        self._check_distinct(path)
+        scratch = _parent(path) / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+        self.staged.append((path, scratch, False))
+        return scratch
+
+    def folder(self, path, inputs=()) -> Path:
+        """A scratch folder (created) to build the folder `path` in."""
+        path = check_folder(path, inputs, self.overwrite)
+        self._check_distinct(path)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=_parent(path)))
+        self.staged.append((path, scratch, True))
+        return scratch
+
+    def _check_distinct(self, path: Path) -> None:
+        real = os.path.realpath(path)
+        for other, _, _ in self.staged:
+            if os.path.realpath(other) == real:
+                raise BrainSurgeonError(f"two outputs go to the same path {path} (also given as {other}); give each "
+                                        "output its own path")
+
+    def commit(self) -> None:
+        """Rename every scratch into place; if one rename fails, put back what was there before."""
+        umask = _umask()
+        for _, scratch, is_folder in self.staged:
+            if is_folder:
+                _finish_folder(scratch)
+            elif scratch.exists():
+                os.chmod(scratch, 0o666 & ~umask)
+        done = []  # (target, previous moved aside or None)
+        try:
+            for target, scratch, is_folder in self.staged:
+                if not scratch.exists():
+                    continue  # a writer that chose not to write (nothing to plot)
+                aside = None
+                if target.exists():  # only with overwrite, and for a folder only one this library wrote
+                    aside = _parent(target) / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
+                    target.rename(aside)
+                done.append((target, aside))
+                scratch.rename(target)
+        except BaseException:
+            for target, aside in reversed(done):
+                _remove(target)
+                if aside is not None:
+                    aside.rename(target)
+            raise
+        for _, aside in done:
+            if aside is not None:
+                _remove(aside)
+        self.staged = []
+
+    def discard(self) -> None:
+        for _, scratch, _ in self.staged:
+            _remove(scratch)
+        self.staged = []
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or folder this library wrote (scratch, or an output being rolled back)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds. The temporary
-    file is removed on any exit, SIGTERM included (the CLI turns it into an exception)."""
-    path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def outputs(overwrite: bool = False):
+    """`with outputs() as out:` stage with out.file(path) / out.folder(path); all are published when the block
+    ends without an error, none otherwise. A write that fails (a full disk) is one BrainSurgeonError."""
+    staged = Outputs(overwrite)
     try:
-        try:
-            yield Path(tmp)
-            os.chmod(tmp, _creation_mode())
-            os.replace(tmp, path)
-        except OSError as error:  # a full disk, a quota, a vanished directory
-            raise BrainSurgeonError(f"cannot write {path}: {error.strerror or error}; free space or choose "
-                                    "another path") from None
+        yield staged
+        staged.commit()
+    except write_errors() as error:
+        targets = ", ".join(str(target) for target, _, _ in staged.staged) or "the outputs"
+        staged.discard()
+        raise BrainSurgeonError(f"cannot write {targets}: {_reason(error)}; free space or choose another "
+                                "path") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        staged.discard()
         raise
 
 
-def write_text(path, text: str) -> None:
-    with atomic_path(path) as tmp:
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = first_line(error)
+    return "No space left on device" if "StorageFull" in text or "No space" in text else text
+
+
+@contextmanager
+def atomic_path(path, overwrite: bool = False):
+    """Yield a scratch path beside `path`, renamed over it only if the block succeeds."""
+    with outputs(overwrite) as staged:
+        yield staged.file(path)
+
+
+def write_text(path, text: str, overwrite: bool = False) -> None:
+    with atomic_path(path, overwrite) as tmp:
         tmp.write_text(text)
+
+
+def check_outputs(*paths, overwrite: bool = False) -> None:
+    """Every given output file writable, and no two the same path (one would overwrite the other)."""
+    staged = Outputs(overwrite)
+    for path in filter(None, paths):
+        staged.file(path)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from . import validation
-from .atomic import atomic_path, write_text
+from .atomic import atomic_path, check_writable, write_text
 from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from .datasets.vision import Dataset, accuracy
 from .drivers.layers import copy_model
@@ -56,13 +56,16 @@ def measure_run(model, run_prune, score) -> dict:
 
 def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), calib_samples=DEFAULT_CALIB_SAMPLES,
                   damping=None, model_name="model", progress=True, max_memory=8 * GIB, structure="full",
-                  gradients="auto", json_path=None, **options) -> dict:
+                  gradients="auto", json_path=None, overwrite=False, **options) -> dict:
     """Prune `model` with every method x sparsity x seed; each run starts from the dense model.
 
     `seconds` is the wall time of the prune call, per-sample gradients included; `peak_rss_bytes` its peak
     resident memory (the process's, data and model included). With `json_path`, the report so far is written
-    after every run (`complete` is false until the last), so a long bench that is stopped keeps its figures.
+    after every run (`complete` is false until the last), so a long bench that is stopped keeps its figures;
+    an existing file there is refused before the first run unless `overwrite`.
     """
+    if json_path:
+        check_writable(json_path, overwrite)
     if not (len(methods) and len(sparsities) and len(seeds)):
         raise BrainSurgeonError("bench needs at least one method, one sparsity and one seed")
     for seed in seeds:  # every run is checked before the first one starts
@@ -106,9 +109,10 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
 
 
 def _record(report: dict, row: dict, json_path) -> None:
+    """Add a run's row; rewrite the run's own JSON (checked before the first run) with the report so far."""
     report["results"].append(row)
     if json_path:
-        write_json(report, json_path)
+        write_json(report, json_path, overwrite=True)
 
 
 def metric_of(report: dict) -> str:
@@ -169,8 +173,8 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(report: dict, path) -> None:
-    write_text(path, json.dumps(report, indent=2) + "\n")
+def write_json(report: dict, path, overwrite: bool = False) -> None:
+    write_text(path, json.dumps(report, indent=2) + "\n", overwrite)
 
 
 def _loss_trace(stages) -> list:
@@ -216,7 +220,7 @@ def _plot_stages(axes, runs, others) -> None:
     axes.legend(fontsize="small")
 
 
-def plot(report: dict, path) -> None:
+def plot(report: dict, path, overwrite: bool = False) -> None:
     """Accuracy versus sparsity, one line per method, and beside it each staged run's calibration loss after every
     stage against the sparsity reached (needs the 'plot' extra: matplotlib)."""
     import matplotlib
@@ -248,16 +252,18 @@ def plot(report: dict, path) -> None:
     if staged:
         _plot_stages(panels[0][1], runs, others)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
     plt.close(figure)
 
 
 def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_name="model", damping=None,
-                     progress=True, text_source="wiki", json_path=None, **options) -> dict:
+                     progress=True, text_source="wiki", json_path=None, overwrite=False, **options) -> dict:
     """Prune a language model with every layer-wise method x pattern on the same calibration token windows and
     score perplexity on the same evaluation windows. A pattern is a sparsity (unstructured per layer) or 'N:M'.
     With `json_path`, the report so far is written after every run, as in run_benchmark."""
+    if json_path:
+        check_writable(json_path, overwrite)
     from .datasets.text import perplexity
     from .drivers.sequential import (
         method_options,

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 from . import bench, validation
-from .atomic import check_outputs, write_text
+from .atomic import check_outputs, outputs
 from .bench import DEFAULT_CALIB_SAMPLES
 from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from .datasets.text import EVAL_ARTICLES, perplexity, split_text, token_windows
@@ -22,7 +22,7 @@ from .demo import demo_setup
 from .drivers.oneshot import DEFAULT_DAMPING, GIB, prune
 from .drivers.sequential import prune_layerwise
 from .errors import BrainSurgeonError
-from .models.hf import convert_gguf, load_causal_lm, save_pruned
+from .models.hf import convert_gguf, load_causal_lm, write_pruned_folder
 from .models.loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
 from .models.vision import MODELS, build_model
 
@@ -90,6 +90,7 @@ def _add_common(parser):
     parser.add_argument("--gradients", choices=("auto", "memory", "disk"), default="auto",
                         help="keep per-sample gradients in memory, or stream them block by block from disk")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument(TRUST_PICKLE_FLAG, action="store_true", help=TRUST_PICKLE_HELP)
     cbs = parser.add_argument_group("cbs options")
     cbs.add_argument("--epsilon", type=float, help="minimum improvement of a swap (default 1e-4)")
@@ -152,7 +153,7 @@ def _load(args):
 
 def _load_language_model(args):
     """Model, tokenizer, calibration windows (seeded shuffle of the calibration articles) and evaluation windows."""
-    model, tokenizer = load_causal_lm(args.hf_model)
+    model, tokenizer = load_causal_lm(args.hf_model, progress=not args.quiet)
     evaluation_text, calibration_text = split_text(args.text)
     calibration = token_windows(tokenizer, calibration_text, args.calib_seqs, args.seq_len, seed=_text_seed(args))
     evaluation = token_windows(tokenizer, evaluation_text, args.eval_windows, args.seq_len)
@@ -172,23 +173,30 @@ def _describe_text(source: str, seed: int) -> str:
             f"seed {seed}")
 
 
+def _language_model_inputs(args) -> list:
+    """The files and folders a language-model run reads: no output may overlap them."""
+    return [args.hf_model] + ([] if args.text == "wiki" else [args.text])
+
+
 def _cmd_prune_language_model(args):
-    check_outputs(args.out, args.report)
-    model, tokenizer, calibration, evaluation = _load_language_model(args)
-    method = args.method or "joint"
-    result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern, target=args.target,
-                             damping=args.damp if args.damp is not None else DEFAULT_RELATIVE_DAMPING,
-                             include=args.include, ignore=args.ignore or (), progress=not args.quiet)
-    dense = perplexity(model, evaluation, progress=not args.quiet)
-    result.apply(model)
-    pruned = perplexity(model, evaluation, progress=not args.quiet)
-    report = {**result.report(), "dense_perplexity": dense, "perplexity": pruned,
-              "text": _describe_text(args.text, _text_seed(args)),
-              "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape),
-              "note": bench.UNSTRUCTURED_NOTE}
-    save_pruned(model, tokenizer, result, args.out, report)
-    if args.report:
-        write_text(args.report, json.dumps(report, indent=2) + "\n")
+    with outputs(args.overwrite) as staged:  # every output checked before any work, published together
+        folder = staged.folder(args.out, inputs=_language_model_inputs(args))
+        report_path = staged.file(args.report) if args.report else None
+        model, tokenizer, calibration, evaluation = _load_language_model(args)
+        method = args.method or "joint"
+        result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern, target=args.target,
+                                 damping=args.damp if args.damp is not None else DEFAULT_RELATIVE_DAMPING,
+                                 include=args.include, ignore=args.ignore or (), progress=not args.quiet)
+        dense = perplexity(model, evaluation, progress=not args.quiet)
+        result.apply(model)
+        pruned = perplexity(model, evaluation, progress=not args.quiet)
+        report = {**result.report(), "dense_perplexity": dense, "perplexity": pruned,
+                  "text": _describe_text(args.text, _text_seed(args)),
+                  "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape),
+                  "note": bench.UNSTRUCTURED_NOTE}
+        write_pruned_folder(folder, model, tokenizer, result, report)
+        if report_path:
+            report_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{method} {result.settings['pattern']}: pruned {result.num_pruned} of the {result.num_weights} weights "
           f"of {len(result.masks)} layers ({len(result.dense_layers)} modules left dense, listed in the report); "
           f"perplexity {dense:.2f} -> {pruned:.2f} in {result.timings['total']:.1f}s; wrote {args.out}")
@@ -200,20 +208,23 @@ def _cmd_prune(args):
         return _cmd_prune_language_model(args)
     if args.sparsity is None:
         raise BrainSurgeonError("--sparsity is required (N:M patterns are for --hf-model)")
-    check_outputs(args.out, args.report)
-    model, dataset = _load(args)
-    calibration = dataset.calibration(dataset.num_train, args.seed)  # staged methods may draw fresh samples
-    result = prune(model, calibration, args.sparsity, args.method or "cbs", num_samples=_calib_samples(args, dataset),
-                   damping=args.damp, seed=args.seed,
-                   scope=args.scope, structure=args.structure, gradients=args.gradients,
-                   include=args.include, ignore=args.ignore or (),
-                   max_memory=args.max_memory_gb * GIB, progress=not args.quiet, **_method_options(args))
-    dense_acc = accuracy(model, dataset.test_x, dataset.test_y)
-    pruned_acc = accuracy(result.apply(model), dataset.test_x, dataset.test_y)
-    result.save(args.out, model)
-    report = {**result.report(), "dense_accuracy": dense_acc, "accuracy": pruned_acc, "note": bench.UNSTRUCTURED_NOTE}
-    if args.report:
-        write_text(args.report, json.dumps(report, indent=2) + "\n")
+    with outputs(args.overwrite) as staged:
+        out_path = staged.file(args.out)
+        report_path = staged.file(args.report) if args.report else None
+        model, dataset = _load(args)
+        calibration = dataset.calibration(dataset.num_train, args.seed)  # staged methods may draw fresh samples
+        result = prune(model, calibration, args.sparsity, args.method or "cbs",
+                       num_samples=_calib_samples(args, dataset), damping=args.damp, seed=args.seed,
+                       scope=args.scope, structure=args.structure, gradients=args.gradients,
+                       include=args.include, ignore=args.ignore or (),
+                       max_memory=args.max_memory_gb * GIB, progress=not args.quiet, **_method_options(args))
+        dense_acc = accuracy(model, dataset.test_x, dataset.test_y)
+        pruned_acc = accuracy(result.apply(model), dataset.test_x, dataset.test_y)
+        result.save(out_path, model)
+        report = {**result.report(), "dense_accuracy": dense_acc, "accuracy": pruned_acc,
+                  "note": bench.UNSTRUCTURED_NOTE}
+        if report_path:
+            report_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{result.settings['method']} at sparsity {args.sparsity}: pruned {result.num_pruned} of the "
           f"{result.num_weights} weights of {len(result.masks)} prunable layers ({len(result.dense_layers)} left "
           f"dense, listed in the report); test accuracy {dense_acc:.2f}% -> {pruned_acc:.2f}% "
@@ -223,10 +234,10 @@ def _cmd_prune(args):
 
 def _finish_bench(report, args):
     print(bench.format_table(report))
-    if args.json:
-        bench.write_json(report, args.json)
+    if args.json:  # checked before the first run, and rewritten by the bench after every run
+        bench.write_json(report, args.json, overwrite=True)
     if args.plot:
-        bench.plot(report, args.plot)
+        bench.plot(report, args.plot, overwrite=args.overwrite)
 
 
 def _cmd_bench_language_model(args):
@@ -235,12 +246,12 @@ def _cmd_bench_language_model(args):
     report = bench.run_lm_benchmark(model, calibration, evaluation, args.methods.split(","), args.sparsities,
                                     model_name=Path(args.hf_model).name, damping=args.damp,
                                     text_source=_describe_text(args.text, _text_seed(args)), json_path=args.json,
-                                    progress=not args.quiet, **options)
+                                    overwrite=args.overwrite, progress=not args.quiet, **options)
     _finish_bench(report, args)
 
 
 def _cmd_bench(args):
-    check_outputs(args.json, args.plot)
+    check_outputs(args.json, args.plot, overwrite=args.overwrite)
     if args.hf_model:
         return _cmd_bench_language_model(args)
     if any(isinstance(s, str) for s in args.sparsities):
@@ -249,13 +260,13 @@ def _cmd_bench(args):
     report = bench.run_benchmark(model, dataset, args.methods.split(","), args.sparsities, args.seeds,
                                  _calib_samples(args, dataset), args.damp, model_name=args.model, progress=not args.quiet,
                                  max_memory=args.max_memory_gb * GIB, structure=args.structure,
-                                 gradients=args.gradients, json_path=args.json,
+                                 gradients=args.gradients, json_path=args.json, overwrite=args.overwrite,
                                  **_method_options(args))
     _finish_bench(report, args)
 
 
 def _cmd_demo(args):
-    check_outputs(args.json, args.plot)
+    check_outputs(args.json, args.plot, overwrite=args.overwrite)
     print("Training a 64-64-32-10 MLP on scikit-learn's bundled 8x8 digits ...", file=sys.stderr)
     model, dataset = demo_setup(args.seed)
     report = bench.run_benchmark(model, dataset, args.methods.split(","), args.sparsities, args.seeds,
@@ -272,8 +283,17 @@ def _cmd_table(args):
     print(bench.markdown_table(report))
 
 
+def _cmd_convert_gguf(args):
+    folder = convert_gguf(args.gguf_file, args.directory, args.overwrite, progress=not args.quiet)
+    print(f"wrote {folder}")
+
+
 def _cmd_download(args):
     print(f"MNIST files verified in {download_mnist(args.directory, args.mirror)}")
+
+
+OVERWRITE_HELP = ("replace existing outputs: a file you name, or a folder brainsurgeon wrote (one holding other files "
+                  "is still refused); default: refuse any output that exists")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -325,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json")
     d.add_argument("--plot")
     d.add_argument("--quiet", action="store_true")
+    d.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     d.set_defaults(run=_cmd_demo)
 
     t = sub.add_parser("table", help="a bench JSON as the README's markdown table")
@@ -333,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert-gguf", help="dequantise a GGUF causal LM into a float32 Hugging Face folder")
     c.add_argument("gguf_file")
-    c.add_argument("directory")
-    c.set_defaults(run=lambda args: print(f"wrote {convert_gguf(args.gguf_file, args.directory)}"))
+    c.add_argument("directory", help="the new folder (refused if it exists, unless --overwrite)")
+    c.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    c.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    c.set_defaults(run=_cmd_convert_gguf)
 
     dl = sub.add_parser("download-mnist", help="fetch the canonical MNIST files (md5-verified; needs a network)")
     dl.add_argument("directory")

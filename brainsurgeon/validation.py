@@ -2,6 +2,7 @@
 import math
 import numbers
 import re
+from pathlib import Path
 
 from .errors import BrainSurgeonError
 
@@ -100,3 +101,24 @@ def positive_list(name: str, values) -> tuple:
     if not values:
         raise BrainSurgeonError(f"{name} must hold at least one positive number")
     return tuple(sorted(positive(f"every value of {name}", v) for v in values))
+
+
+# Input files are read whole into memory: caps far above any real input, so that a device or a runaway file
+# (/dev/zero, a log) is refused before it is read.
+MAX_TEXT_BYTES = 256 * 2**20  # 40x the 6.2 MB Wikipedia text
+MAX_MODEL_FILE_BYTES = 64 * 2**30  # a 16B-parameter float32 model; the machines this runs on have far less memory
+
+
+def input_file(path, what: str, max_bytes: int) -> Path:
+    """An existing regular file of at most `max_bytes` (symlinks to one are fine); anything else is refused."""
+    path = Path(path)
+    if not path.exists():
+        raise BrainSurgeonError(f"{what} {path} not found; pass an existing file")
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise BrainSurgeonError(f"{what} {path} is {kind}; pass a regular file")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise BrainSurgeonError(f"{what} {path} has {size / 2**20:.0f} MiB, above the cap of {max_bytes / 2**20:.0f} "
+                                "MiB; pass a smaller file")
+    return path

@@ -350,10 +350,10 @@ def test_two_outputs_on_one_path_are_refused(capsys, mnist_like, tmp_path):
     data, checkpoint = mnist_like
     out = tmp_path / "same"
     code, _, err = run(capsys, *prune_args(data, checkpoint, out), "--report", out)
-    one_line_error(code, err, "same file")
+    one_line_error(code, err, "same path")
     assert not out.exists()
     code, _, err = run(capsys, "demo", "--json", out, "--plot", tmp_path / "." / "same", "--quiet")
-    one_line_error(code, err, "same file")
+    one_line_error(code, err, "same path")
 
 
 def test_outputs_get_the_usual_permissions(capsys, mnist_like, tmp_path):

@@ -34,11 +34,11 @@ def wiki_articles() -> list:
 def split_text(source: str = "wiki") -> tuple:
     """(evaluation articles, calibration articles), a fixed split: 'wiki' gives its first EVAL_ARTICLES articles
     in file order to evaluation and the rest to calibration; a UTF-8 text file is split into paragraphs at
-    blank lines, the first tenth for evaluation."""
+    blank lines, the first tenth for evaluation (a regular file of at most validation.MAX_TEXT_BYTES)."""
     if source == "wiki":
         articles = wiki_articles()
         return articles[:EVAL_ARTICLES], articles[EVAL_ARTICLES:]
-    path = Path(source)
+    path = validation.input_file(source, "text", validation.MAX_TEXT_BYTES)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:

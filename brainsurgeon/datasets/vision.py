@@ -109,6 +109,9 @@ def download_mnist(directory, mirror: str = MNIST_MIRROR) -> Path:
         target = directory / name
         if target.is_file() and _md5(target) == md5:
             continue
+        if target.exists() or target.is_symlink():
+            raise BrainSurgeonError(f"{target} exists but is not the canonical MNIST file (md5 differs); move it "
+                                    "away and run again")
         with atomic_path(target) as partial:
             try:
                 urllib.request.urlretrieve(mirror + name, partial)

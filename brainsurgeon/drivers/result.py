@@ -7,9 +7,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from .. import validation
 from ..atomic import atomic_path
-from ..errors import BrainSurgeonError
+from ..errors import BrainSurgeonError, first_line
 
+REPORT_KEY = "brainsurgeon"  # the safetensors metadata entry holding the report
 MASK_SUFFIX = "_mask"  # "fc1.weight" -> "fc1.weight_mask", the buffer name torch.nn.utils.prune uses
 
 
@@ -103,32 +105,58 @@ class PruneResult:
             "settings": self.settings,
         }
 
-    def save(self, path, model: nn.Module | None = None) -> None:
+    def save(self, path, model: nn.Module | None = None, overwrite: bool = False) -> None:
         """Write safetensors: new weights, masks ("<param>_mask", uint8) and the report as metadata.
 
-        With `model`, its other tensors are included too, so the file is a whole pruned state_dict.
+        With `model` (the one this result came from: every pruned weight and re-estimated buffer must be in it,
+        with the same shape), its other tensors are included too, so the file is a whole pruned state_dict.
+        An existing `path` is refused unless `overwrite`.
         """
         tensors = {}
         if model is not None:
-            tensors.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+            state = model.state_dict()
+            self._check_matches(state)
+            tensors.update({k: v.detach().clone() for k, v in state.items()})
         tensors.update({name: weight.contiguous() for name, weight in self.weights.items()})
         tensors.update({name: value.contiguous() for name, value in self.buffers.items()})
         tensors.update({name + MASK_SUFFIX: mask.to(torch.uint8) for name, mask in self.masks.items()})
-        metadata = {"brainsurgeon": json.dumps(self.report())}
-        with atomic_path(path) as tmp:
+        metadata = {REPORT_KEY: json.dumps(self.report())}
+        with atomic_path(path, overwrite) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
+
+    def _check_matches(self, state: dict) -> None:
+        """Refuse a state_dict that is not of the model this result came from (a file mixing two models)."""
+        for name, tensor in [*self.weights.items(), *self.buffers.items()]:
+            found = state.get(name, state.get(f"{name}_orig"))  # torch.nn.utils.prune keeps weight_orig
+            if found is None or tuple(found.shape) != tuple(tensor.shape):
+                what = "has no tensor" if found is None else f"has shape {tuple(found.shape)} for"
+                raise BrainSurgeonError(f"the model {what} {name} (the result's is {tuple(tensor.shape)}); save the "
+                                        "result with the model it came from, or without a model")
 
     @classmethod
     def load(cls, path) -> "PruneResult":
+        """A result written by `save`; any other file is refused in one line."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            report = json.loads(handle.metadata()["brainsurgeon"])
-        tensors = load_file(str(path))
-        masks = {k[: -len(MASK_SUFFIX)]: v.bool() for k, v in tensors.items() if k.endswith(MASK_SUFFIX)}
-        weights = {name: tensors[name] for name in masks}
-        return cls(masks=masks, weights=weights, settings=report["settings"],
-                   selection_objective=report["selection_objective"],
-                   predicted_loss_increase=report["predicted_loss_increase"], timings=report["timings"],
-                   stats=report["stats"], dense_layers=report["dense_layers"],
-                   buffers={name: tensors[name] for name in report.get("recalibrated_buffers", [])})
+        path = validation.input_file(path, "pruning result", validation.MAX_MODEL_FILE_BYTES)
+        foreign = f"pruning result {path} was not written by PruneResult.save"
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                report = json.loads((handle.metadata() or {})[REPORT_KEY])
+            tensors = load_file(str(path))
+            masks = {k[: -len(MASK_SUFFIX)]: v.bool() for k, v in tensors.items() if k.endswith(MASK_SUFFIX)}
+            weights = {name: tensors[name] for name in masks}
+            buffers = {name: tensors[name] for name in report.get("recalibrated_buffers", [])}
+            result = cls(masks=masks, weights=weights, settings=dict(report["settings"]),
+                         selection_objective=report["selection_objective"],
+                         predicted_loss_increase=report["predicted_loss_increase"], timings=report["timings"],
+                         stats=report["stats"], dense_layers=report["dense_layers"], buffers=buffers)
+        except KeyError as error:
+            raise BrainSurgeonError(f"{foreign} (it lacks {error}); load a file that save wrote") from None
+        except Exception as error:  # safetensors, json and torch each raise their own kinds for a foreign file
+            raise BrainSurgeonError(f"{foreign} ({first_line(error)[:200]}); load a file that save wrote") from None
+        bad = [name for name in masks if masks[name].shape != weights[name].shape]
+        if not masks or bad:
+            raise BrainSurgeonError(f"{foreign} ({'no masks' if not masks else f'mask shapes differ for {bad[:3]}'}); "
+                                    "load a file that save wrote")
+        return result
