@@ -154,6 +154,10 @@ def _load(args):
 def _load_language_model(args):
     """Model, tokenizer, calibration windows (seeded shuffle of the calibration articles) and evaluation windows."""
     model, tokenizer = load_causal_lm(args.hf_model, progress=not args.quiet)
+    longest = getattr(model.config, "max_position_embeddings", None)
+    if longest and validation.count("--seq-len", args.seq_len, minimum=2) > longest:
+        raise BrainSurgeonError(f"--seq-len {args.seq_len} is longer than the model's {longest} positions; "
+                                f"pass at most {longest}")
     evaluation_text, calibration_text = split_text(args.text)
     calibration = token_windows(tokenizer, calibration_text, args.calib_seqs, args.seq_len, seed=_text_seed(args))
     evaluation = token_windows(tokenizer, evaluation_text, args.eval_windows, args.seq_len)

@@ -1,4 +1,7 @@
 """The one exception type users see: every message names the problem and the fix."""
+import functools
+
+import torch
 
 
 class BrainSurgeonError(ValueError):
@@ -13,3 +16,16 @@ def first_line(error: BaseException) -> str:
 
 class FewSamplesWarning(UserWarning):
     """Fewer calibration samples than a Fisher method should be given (README: Safety)."""
+
+
+def solver_errors_as_one_line(function):
+    """Decorate an entry point so that a failed factorisation (a curvature that is singular or not finite, which the
+    checks before it did not catch) reaches the user as one BrainSurgeonError naming the fix."""
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except torch.linalg.LinAlgError as error:
+            raise BrainSurgeonError(f"a curvature solve failed ({first_line(error)[:160]}): the curvature is singular "
+                                    "or not finite; raise the damping, or rescale the calibration inputs") from None
+    return wrapped

@@ -44,8 +44,19 @@ def non_negative(name: str, value) -> float:
     return number(name, value, low=0)
 
 
-def count(name: str, value, minimum: int = 1) -> int:
-    return number(name, value, low=minimum, integer=True)
+MAX_COUNT = 10**7  # any count option: far above every useful setting, below what would run for days
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
+MAX_INIT_TRIALS = 100_000  # CBS's perturbed starting masks: 2,000x the default 50
+MAX_KEPT = 32_768  # joint's kept-weight system: its |S| x |S| float64 inverse fills 8 GiB at this size
+MAX_REFINE = 1_000  # refinement stages: each is a full prune
+
+
+def count(name: str, value, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    return number(name, value, low=minimum, high=maximum, integer=True)
+
+
+def seed(value, name: str = "seed") -> int:
+    return count(name, value, minimum=0, maximum=MAX_SEED)
 
 
 def sparsity(value, name: str = "sparsity") -> float:

@@ -2,6 +2,7 @@ import gzip
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import settings
@@ -53,3 +54,24 @@ def mnist_like(tmp_path):
     checkpoint = tmp_path / "mlp.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in MLPNet().state_dict().items()}}, checkpoint)
     return tmp_path, checkpoint
+
+
+def lm_folder(root: Path, model, name: str = "tiny-lm"):
+    """`model` with a 92-word word-level tokenizer saved as a Hugging Face folder under `root`, and a text file of
+    60 paragraphs to prune on: (folder, text file)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(90)]
+    vocab = {word: index for index, word in enumerate(["<unk>", "<eos>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    folder = root / name
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    paragraphs = [" ".join(rng.choice(words, size=40)) for _ in range(60)]
+    text = root / "text.txt"
+    text.write_text("\n\n".join(paragraphs))
+    return folder, text

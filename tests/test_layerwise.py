@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import lm_folder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -230,22 +231,7 @@ def test_driver_memory_does_not_grow_with_the_number_of_blocks():
 
 @pytest.fixture
 def tiny_lm_folder(tmp_path):
-    """A tiny Llama with a word-level tokenizer saved as a Hugging Face folder, and a text file to prune on."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = [f"w{i}" for i in range(90)]
-    vocab = {word: index for index, word in enumerate(["<unk>", "<eos>", *words])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
-    folder = tmp_path / "tiny-llama"
-    tiny_llama().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    rng = np.random.default_rng(0)
-    paragraphs = [" ".join(rng.choice(words, size=40)) for _ in range(60)]
-    text = tmp_path / "text.txt"
-    text.write_text("\n\n".join(paragraphs))
-    return folder, text
+    return lm_folder(tmp_path, tiny_llama())
 
 
 def test_cli_prunes_saves_and_benches_a_hugging_face_model(capsys, tiny_lm_folder, tmp_path):

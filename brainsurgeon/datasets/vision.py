@@ -47,7 +47,7 @@ class Dataset:
     def calibration(self, num_samples: int, seed: int):
         """A seeded random subset of the training split, normalised."""
         num_samples = validation.count("calibration samples", num_samples)
-        seed = validation.count("seed", seed, minimum=0)
+        seed = validation.seed(seed)
         if num_samples > self.num_train:
             raise BrainSurgeonError(f"not enough training samples: {num_samples} requested, {self.num_train} exist")
         index = torch.randperm(self.num_train, generator=torch.Generator().manual_seed(seed))[:num_samples]

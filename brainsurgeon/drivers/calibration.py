@@ -1,6 +1,7 @@
 """Calibration data: whatever the user hands over, as one (X, y) pair of tensors, checked to be usable."""
 import math
 
+import numpy as np
 import torch
 
 from ..errors import BrainSurgeonError, first_line
@@ -9,15 +10,34 @@ from .layers import evaluating
 CHECK_BATCH = 128
 
 
+ARRAYS = (torch.Tensor, np.ndarray)
+LIST_HINT = "pass an (X, y) pair of tensors or numpy arrays (Python lists: torch.tensor(X), torch.tensor(y))"
+
+
 def is_tensor_pair(calibration) -> bool:
-    """An (inputs, targets) pair of tensors, rather than an iterable of batches."""
+    """An (inputs, targets) pair of tensors or numpy arrays, rather than an iterable of batches."""
     return isinstance(calibration, (tuple, list)) and len(calibration) == 2 and all(
-        isinstance(t, torch.Tensor) for t in calibration)
+        isinstance(t, ARRAYS) for t in calibration)
+
+
+def as_tensor(array, what: str) -> torch.Tensor:
+    """A tensor or a numeric numpy array as a tensor (numpy's float64 kept: the model decides what it takes)."""
+    if isinstance(array, torch.Tensor):
+        return array
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    except TypeError as error:
+        raise BrainSurgeonError(f"{what} is a numpy array torch cannot take ({error}); pass numbers") from None
+
+
+def tensor_pair(calibration) -> tuple:
+    """An (inputs, targets) pair (is_tensor_pair) as two tensors."""
+    return as_tensor(calibration[0], "calibration inputs"), as_tensor(calibration[1], "calibration targets")
 
 
 def _as_batches(calibration, num_samples):
     if is_tensor_pair(calibration):
-        return [tuple(calibration)]
+        return [tensor_pair(calibration)]
     try:
         iterator = iter(calibration)
     except TypeError:
@@ -28,9 +48,12 @@ def _as_batches(calibration, num_samples):
         try:
             inputs, targets = batch[0], batch[1]
             batches.append((torch.as_tensor(inputs), torch.as_tensor(targets)))
-        except (TypeError, IndexError, ValueError, RuntimeError) as error:
+        except (TypeError, IndexError, ValueError, RuntimeError, KeyError) as error:
             raise BrainSurgeonError(f"each calibration batch must be an (inputs, targets) pair of tensors "
-                                    f"({error})") from None
+                                    f"({first_line(error)}); {LIST_HINT}") from None
+        if batches[-1][0].dim() == 0 or batches[-1][1].dim() == 0:
+            raise BrainSurgeonError(f"a calibration batch has a scalar where a batch of inputs or targets should be "
+                                    f"(batch {len(batches) - 1}); {LIST_HINT}")
         total += len(batches[-1][0])
         if num_samples is not None and total >= num_samples:
             break

@@ -67,6 +67,14 @@ class PrunableLayer:
         return full.view(self.shape)
 
 
+def check_finite_model(model: nn.Module) -> None:
+    """Refuse a model with NaN or Inf in a parameter or buffer: no objective is defined on it."""
+    bad = [name for name, value in model.state_dict().items()
+           if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise BrainSurgeonError(f"model has NaN or Inf in {bad[:5]}; load a healthy checkpoint before pruning")
+
+
 def _matches(name: str, module: nn.Module, patterns) -> bool:
     """A pattern matches a module type name exactly (the module's class or a base class, so that "Linear" also
     matches the subclasses torch makes, e.g. for a parametrized Linear), or the module name as a regex search."""

@@ -27,7 +27,7 @@ from ..curvature.gradient_store import (
     scratch_directory,
 )
 from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING
-from ..errors import BrainSurgeonError, FewSamplesWarning
+from ..errors import BrainSurgeonError, FewSamplesWarning, solver_errors_as_one_line
 from ..methods.joint import JointSelection
 from ..methods.patterns import num_to_prune
 from ..methods.problem import PruningProblem, Segment, best_candidate, prune_lowest
@@ -40,8 +40,10 @@ from .calibration import (
     is_tensor_pair,
     mean_loss,
     per_sample_losses,
+    tensor_pair,
 )
 from .layers import (
+    check_finite_model,
     copy_model,
     evaluating,
     find_prunable,
@@ -198,12 +200,6 @@ def _warn_if_few(num_samples: int) -> None:
                       FewSamplesWarning, stacklevel=4)
 
 
-def _check_finite(model: nn.Module):
-    bad = [name for name, value in model.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
-    if bad:
-        raise BrainSurgeonError(f"model has NaN or Inf in {bad[:5]}; load a healthy checkpoint before pruning")
-
-
 def sparsity_schedule(sparsity: float, stages: int = 1, schedule=None) -> list | None:
     """The sparsity after each stage. `schedule` is a list (increasing, ending at `sparsity`); or 'adaptive'
     (None: each stage's size is chosen from the model when it starts, see next_sparsity); or None: `stages` steps
@@ -305,7 +301,7 @@ def _check_run_settings(num_samples, chunk_size, max_memory, seed):
     return (None if num_samples is None else validation.count("num_samples", num_samples),
             None if chunk_size is None else validation.count("chunk_size", chunk_size),
             validation.positive("max_memory (bytes)", max_memory),
-            validation.count("seed", seed, minimum=0))
+            validation.seed(seed))
 
 
 def _pop_or(settings: dict, key: str, default):
@@ -321,6 +317,7 @@ def resolve_preset(method: str, settings: dict) -> tuple:
     return preset.pop("method"), {**preset, **{k: v for k, v in settings.items() if v is not None}}
 
 
+@solver_errors_as_one_line
 def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
           num_samples: int | None = None, damping: float | None = None, include=None, ignore=(),
           scope: str = "global", structure: str = "full", gradients: str = "auto", scratch_dir=None,
@@ -529,7 +526,7 @@ def _batchnorm_inputs(calibration) -> torch.Tensor:
     if isinstance(calibration, torch.Tensor):
         return calibration
     if is_tensor_pair(calibration):
-        return calibration[0]
+        return tensor_pair(calibration)[0]
     raise BrainSurgeonError("bn_recalibration with objective='layer' needs the calibration inputs as one tensor or "
                             "an (inputs, targets) pair of tensors; pass them that way")
 
@@ -664,7 +661,8 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     schedule = chosen.pop("schedule", None)
     first_method = chosen.pop("first_method", None) or method
     refine = _pop_or(chosen, "refine", 0)
-    refine_limit = REFINE_LIMIT if refine == "auto" else validation.count("refine (or 'auto')", refine, minimum=0)
+    refine_limit = REFINE_LIMIT if refine == "auto" else validation.count("refine (or 'auto')", refine, minimum=0,
+                                                                                  maximum=validation.MAX_REFINE)
     layer_start = validation.flag("layer_start", chosen.pop("layer_start", False))
     fresh_samples = validation.flag("fresh_samples", chosen.pop("fresh_samples", False))
     later_damping = validation.positive("later_damping", _pop_or(chosen, "later_damping", damping))
@@ -684,9 +682,12 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     _check_options({first, main}, chosen)
     _build_methods(*first, chosen)  # the methods check their own options
     _build_methods(*main, later_options)
-    _check_finite(model)
+    check_finite_model(model)
     layers, _ = find_prunable(model, include, ignore)
-    make_segments(layers, sparsity, scope)  # refuses a sparsity that would empty the prunable set
+    to_prune = sum(segment.count for segment in make_segments(layers, sparsity, scope))  # refuses emptying them
+    if targets is not None and len(targets) > max(to_prune, 1):
+        raise BrainSurgeonError(f"{len(targets)} stages for {to_prune} weights to prune: a stage would prune none; "
+                                f"ask for at most {max(to_prune, 1)} stages")
     fisher_regions(layers, structure)
     common = dict(loss_fn=loss_fn, include=include, ignore=ignore, scope=scope, structure=structure,
                   gradients=gradients, scratch_dir=scratch_dir, seed=seed, max_memory=max_memory,

@@ -26,12 +26,12 @@ from torch.nn import functional as F
 
 from .. import validation
 from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING, LayerObjective
-from ..errors import BrainSurgeonError, first_line
+from ..errors import BrainSurgeonError, first_line, solver_errors_as_one_line
 from ..methods.layerwise import LAYER_METHODS
 from ..methods.patterns import Pattern
 from ..progress import progress_bar
-from .calibration import is_tensor_pair
-from .layers import evaluating, find_prunable
+from .calibration import ARRAYS, LIST_HINT, as_tensor, is_tensor_pair
+from .layers import check_finite_model, evaluating, find_prunable
 from .result import PruneResult
 
 OUTSIDE_BLOCKS = "outside the repeated blocks the layer-wise driver prunes (embeddings, stem, output head stay dense)"
@@ -63,21 +63,25 @@ def model_calls(model: nn.Module, calibration, batch_size: int) -> list:
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     if is_tensor_pair(calibration):
         calibration = calibration[0]
-    if isinstance(calibration, torch.Tensor):
-        calibration = list(calibration.split(batch_size))
+    if isinstance(calibration, ARRAYS):
+        calibration = list(as_tensor(calibration, "calibration inputs").split(batch_size))
     calls = []
     for item in calibration:
         if isinstance(item, dict):
             calls.append(((), {**extra, **item}))
-        elif isinstance(item, torch.Tensor):
-            calls.append(((item,), extra))
-        elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
-            calls.append(((item[0],), extra))
+        elif isinstance(item, ARRAYS):
+            calls.append(((as_tensor(item, "calibration inputs"),), extra))
+        elif isinstance(item, (tuple, list)) and item and isinstance(item[0], ARRAYS):
+            calls.append(((as_tensor(item[0], "calibration inputs"),), extra))
         else:
             raise BrainSurgeonError(f"calibration items must be tensors, (inputs, ...) tuples or keyword dicts, "
-                                    f"got {type(item).__name__}")
+                                    f"got {type(item).__name__}; {LIST_HINT}")
     if not calls:
         raise BrainSurgeonError("calibration data is empty; pass model inputs (e.g. token ids, num_seqs x seq_len)")
+    for args, kwargs in calls:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise BrainSurgeonError("calibration inputs contain NaN or Inf; clean or re-normalise the data")
     return calls
 
 
@@ -156,12 +160,20 @@ class HessianRecorder:
         return record
 
     def hessian(self, name) -> torch.Tensor:
-        return self.sums[name] / self.counts[name]
+        hessian = self.sums[name] / self.counts[name]
+        check_finite_hessian(hessian, name)
+        return hessian
 
     def close(self):
         self.last = (None, None, None)
         for handle in self.handles:
             handle.remove()
+
+
+def check_finite_hessian(hessian: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(hessian).all():
+        raise BrainSurgeonError(f"the inputs of layer {name} overflow: X X^T is not finite (activations too large for "
+                                "float32); rescale the calibration inputs or check the model's weights")
 
 
 def _layout(module: nn.Module):
@@ -184,6 +196,7 @@ def _with_first(inputs, hidden) -> list:
     return [((h, *args[1:]), kwargs) for (args, kwargs), h in zip(inputs, hidden)]
 
 
+@solver_errors_as_one_line
 def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = "sparsegpt", *, pattern="layer",
                     damping: float = DEFAULT_RELATIVE_DAMPING, blocks=None, include=None, ignore=(),
                     batch_size: int = 8, target: str = "layer", progress: bool = True, **options) -> PruneResult:
@@ -266,6 +279,7 @@ def plan_layerwise(model, sparsity, pattern, method, *, damping=DEFAULT_RELATIVE
     validation.positive("damping", damping)
     validation.count("batch_size", batch_size)
     include, ignore = validation.patterns("include", include) or None, validation.patterns("ignore", ignore)
+    check_finite_model(model)
     blocks = find_blocks(model, blocks)
     in_blocks = {f"{name}.{sub}".strip(".") for name, block in blocks for sub, _ in block.named_modules()}
     dense = {name: OUTSIDE_BLOCKS for name, module in model.named_modules()
@@ -384,7 +398,10 @@ def _cross_products(block, dense_block, name, inputs, dense_inputs) -> tuple:
     finally:
         for handle in handles:
             handle.remove()
-    return hessian / rows, cross / rows
+    hessian, cross = hessian / rows, cross / rows
+    check_finite_hessian(hessian, name)
+    check_finite_hessian(cross, name)
+    return hessian, cross
 
 
 def _prune_layer(module, full_name, objective, has_hessian, layer_method, pattern, timings, stats, masks, weights):

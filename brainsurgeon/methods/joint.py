@@ -127,7 +127,7 @@ class JointSelection(Selection):
         self.iht_rounds = validation.count("iht_rounds", iht_rounds, minimum=0)
         self.max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
         self.swap_candidates = validation.count("swap_candidates", swap_candidates)
-        self.max_kept = validation.count("max_kept", max_kept)
+        self.max_kept = validation.count("max_kept", max_kept, maximum=validation.MAX_KEPT)
 
     @property
     def needs_loss(self) -> bool:

@@ -185,7 +185,7 @@ class FisherOnRows(LayerMethod):
     H on the kept set, as `LayerObjective.exact_update` does."""
 
     def __init__(self, seed: int = 0):
-        self.seed = validation.count("seed", seed, minimum=0)
+        self.seed = validation.seed(seed)
 
     @abstractmethod
     def methods(self, objective, pattern) -> tuple:
@@ -220,7 +220,7 @@ class CBSLayer(FisherOnRows):
 
     def __init__(self, seed: int = 0, init_trials: int = 10):
         super().__init__(seed)
-        self.init_trials = validation.count("init_trials", init_trials, minimum=0)
+        self.init_trials = validation.count("init_trials", init_trials, minimum=0, maximum=validation.MAX_INIT_TRIALS)
 
     def settings(self):
         return {**super().settings(), "init_trials": self.init_trials}

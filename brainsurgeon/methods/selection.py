@@ -90,7 +90,7 @@ class CombinatorialBrainSurgeon(Selection):
         self.epsilon = validation.non_negative("epsilon", epsilon)
         self.rho, self.tau = validation.count("rho", rho), validation.count("tau", tau)
         self.max_passes = validation.count("max_passes", max_passes, minimum=0)
-        self.init_trials = validation.count("init_trials", init_trials, minimum=0)
+        self.init_trials = validation.count("init_trials", init_trials, minimum=0, maximum=validation.MAX_INIT_TRIALS)
         self.candidates = validation.count("candidates", candidates)
         # The reference searched on the undamped F. Measured on MLPNet (10,000 gradients, seeds 0-2), a search
         # damped by 1e-3 did no better: 93.87 vs 93.95 at 0.8, 88.61 vs 88.87 at 0.95.
