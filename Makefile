@@ -1,4 +1,5 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both build .venv themselves.
+# The bench targets pass --overwrite: they rewrite the JSON and plots this repository keeps under bench/.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -23,20 +24,20 @@ test: $(STAMP)
 # The paper's MLPNet/MNIST table (about 35 minutes for three seeds on 2 cores).
 DATA ?= ../shared/data
 bench-mnist: $(STAMP)
-	$(BIN)/brainsurgeon bench --model mlpnet --checkpoint $(DATA)/checkpoints/mnist_25_epoch_93.97.ckpt \
+	$(BIN)/brainsurgeon bench --overwrite --model mlpnet --checkpoint $(DATA)/checkpoints/mnist_25_epoch_93.97.ckpt \
 	  --dataset mnist --data-dir $(DATA)/mnist --methods mp,wf,cbs,mp+cbsu,wf+cbsu \
 	  --sparsities 0.5,0.6,0.7,0.8,0.9,0.95,0.98 --seeds 0,1,2 --json bench/mlpnet_mnist.json --plot bench/mlpnet_mnist.png
 
 # Issue 4's and 10's MLPNet tables: the 'max' preset with the library's defaults (about 15 minutes for three seeds
 # at 0.9-0.98 on 2 cores, 7 more at 0.5-0.8).
-MNIST_MAX = $(BIN)/brainsurgeon bench --model mlpnet --checkpoint $(DATA)/checkpoints/mnist_25_epoch_93.97.ckpt \
+MNIST_MAX = $(BIN)/brainsurgeon bench --overwrite --model mlpnet --checkpoint $(DATA)/checkpoints/mnist_25_epoch_93.97.ckpt \
 	  --dataset mnist --data-dir $(DATA)/mnist --methods max --seeds 0,1,2
 bench-max: $(STAMP)
 	$(MNIST_MAX) --sparsities 0.9,0.95,0.98 --json bench/mlpnet_max.json
 	$(MNIST_MAX) --sparsities 0.5,0.6,0.7,0.8 --json bench/mlpnet_max_low.json
 
 # Issue 3's ResNet20/CIFAR-10 sweep: the paper's damping 1e-5, and a swap search damped by 1e-2 (measured).
-R20_SWEEP = $(BIN)/brainsurgeon bench --model resnet20 --checkpoint $(DATA)/checkpoints/resnet20_cifar10.pth.tar \
+R20_SWEEP = $(BIN)/brainsurgeon bench --overwrite --model resnet20 --checkpoint $(DATA)/checkpoints/resnet20_cifar10.pth.tar \
 	  --dataset cifar10 --data-dir $(DATA)/cifar10 --methods mp,wf,cbs,mp+cbsu --structure layer \
 	  --sparsities 0.3,0.5,0.7,0.8,0.9 --seeds 0,1,2 --calib-samples 1000 --damp 1e-5 --selection-damping 1e-2
 bench-resnet20: $(STAMP)
@@ -50,7 +51,7 @@ bench-resnet20-bn: $(STAMP)
 
 # Issue 10's ResNet20 tables: 'max' with the library's defaults on the 1,000 calibration images of the sweep above,
 # at the sparsities of the published anchors (about 40 minutes for three seeds on 2 cores), then 0.3 and 0.5 (15 more).
-R20_MAX = $(BIN)/brainsurgeon bench --model resnet20 --checkpoint $(DATA)/checkpoints/resnet20_cifar10.pth.tar \
+R20_MAX = $(BIN)/brainsurgeon bench --overwrite --model resnet20 --checkpoint $(DATA)/checkpoints/resnet20_cifar10.pth.tar \
 	  --dataset cifar10 --data-dir $(DATA)/cifar10 --methods max --seeds 0,1,2 --calib-samples 1000
 bench-resnet20-max: $(STAMP)
 	$(R20_MAX) --sparsities 0.7,0.8,0.9 --json bench/resnet20_max.json --plot bench/resnet20_max.png
@@ -76,5 +77,5 @@ $(LM_DIR)/config.json: $(LM_STAMP)
 # The language-model table: dense, mp, wanda, sparsegpt and joint at 50% and 70% unstructured, 4:8 and 2:4, on the
 # same 64 calibration windows of 512 tokens, perplexity on 32 evaluation windows (about 100 minutes on 2 cores).
 bench-lm: $(LM_DIR)/config.json
-	$(BIN)/brainsurgeon bench --hf-model $(LM_DIR) --methods mp,wanda,sparsegpt,joint --sparsities 0.5,0.7,4:8,2:4 \
+	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --methods mp,wanda,sparsegpt,joint --sparsities 0.5,0.7,4:8,2:4 \
 	  --calib-seqs 64 --seq-len 512 --eval-windows 32 --json bench/smollm2_wiki.json --plot bench/smollm2_wiki.png

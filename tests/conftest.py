@@ -75,3 +75,14 @@ def lm_folder(root: Path, model, name: str = "tiny-lm"):
     text = root / "text.txt"
     text.write_text("\n\n".join(paragraphs))
     return folder, text
+
+
+def tiny_llama(layers=3, hidden=32, seed=0):
+    """A randomly initialised Llama with grouped-query attention, small enough for unit tests."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(config).eval()

@@ -2,6 +2,7 @@
 checked where it enters; every prunable weight is accounted for; the model comes back as handed over; outputs
 are whole regular files or nothing; bad input is one line and exit code 2 on the command line."""
 import gzip
+import json
 import math
 import os
 import pickle
@@ -14,16 +15,17 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_problem
+from conftest import lm_folder, tiny_llama, tiny_problem
 from torch import nn
 from torch.nn.utils import parametrizations
 from torch.nn.utils import prune as torch_prune
 
 import brainsurgeon
-from brainsurgeon import BrainSurgeonError
+from brainsurgeon import BrainSurgeonError, validation
 from brainsurgeon.cli import main
 from brainsurgeon.datasets.vision import load_cifar10, load_mnist
 from brainsurgeon.errors import FewSamplesWarning
+from brainsurgeon.models.hf import GGUF_MAGIC, save_pruned
 from brainsurgeon.models.vision import MLPNet, ResNet20, load_checkpoint
 
 
@@ -393,12 +395,16 @@ def test_sigterm_during_a_streamed_prune_leaves_no_file(mnist_like, tmp_path):
                "--method", "cbs", "--gradients", "disk", "--structure", "layer", "--init-trials", "100000"]
     process = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(scratch)}, stderr=subprocess.PIPE,
                                text=True)
-    deadline = time.monotonic() + 60
-    while not list(scratch.glob("brainsurgeon-*/*")) and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.01)
-    assert list(scratch.glob("brainsurgeon-*/*")), "the streamed gradients never appeared"
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(scratch.glob("brainsurgeon-*/*")) and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        assert list(scratch.glob("brainsurgeon-*/*")), "the streamed gradients never appeared"
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:  # a timed-out run must not outlive the test
+        process.kill()
+        process.wait()
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "terminated" in err and "Traceback" not in err
     assert list(scratch.iterdir()) == [] and not out.exists() and not list(tmp_path.glob(".o.safetensors*"))
@@ -455,3 +461,384 @@ def test_an_unreadable_checkpoint_is_one_line(capsys, mnist_like, tmp_path):
         bad.write_bytes(content)
         code, _, err = run(capsys, *prune_args(data, bad, tmp_path / "o.safetensors"))
         one_line_error(code, err, "cannot read checkpoint")
+
+
+# 7. Outputs never replace what the user has -------------------------------------------------------------------
+
+def _tree(root):
+    """Every path under `root` with its bytes (folders as None) and mode: what must survive untouched."""
+    return {str(path.relative_to(root)): (None if path.is_dir() else path.read_bytes(), path.stat().st_mode)
+            for path in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def user_files(tmp_path):
+    """A folder of a user's files, and a file of theirs beside it."""
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "thesis.tex").write_text("\\section{years of work}")
+    (folder / "sub" / "data.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "notes.txt").write_text("keep me")
+    return folder, tmp_path / "notes.txt"
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    return lm_folder(tmp_path_factory.mktemp("lm"), tiny_llama(layers=2))
+
+
+def _fake_gguf(path):
+    path.write_bytes(GGUF_MAGIC + bytes(64))
+    return path
+
+
+LM_SIZES = ("--calib-seqs", "4", "--seq-len", "16", "--eval-windows", "2", "--quiet")
+
+
+def _output_commands(mnist, checkpoint, llama, text, gguf, folder, file):
+    """(name, argv) of every command that writes, pointed at the user's folder or file."""
+    lm = ("--hf-model", llama, "--text", text, *LM_SIZES)
+    bench = ("bench", "--checkpoint", checkpoint, "--data-dir", mnist, "--methods", "mp", "--sparsities", "0.5",
+             "--calib-samples", "50", "--quiet")
+    return [
+        ("prune --out file", prune_args(mnist, checkpoint, file)),
+        ("prune --out folder", prune_args(mnist, checkpoint, folder)),
+        ("prune --report", prune_args(mnist, checkpoint, folder.parent / "new.safetensors", "--report", file)),
+        ("prune --hf-model --out folder", ("prune", *lm, "--sparsity", "0.5", "--out", folder)),
+        ("prune --hf-model --out folder --overwrite", ("prune", *lm, "--sparsity", "0.5", "--out", folder,
+                                                       "--overwrite")),
+        ("prune --hf-model --out file", ("prune", *lm, "--sparsity", "0.5", "--out", file)),
+        ("prune --hf-model --report", ("prune", *lm, "--sparsity", "0.5", "--out", folder.parent / "new",
+                                       "--report", file)),
+        ("bench --json", (*bench, "--json", file)),
+        ("bench --plot", (*bench, "--plot", file)),
+        ("bench --hf-model --json", ("bench", *lm, "--methods", "mp", "--sparsities", "0.5", "--json", file)),
+        ("demo --json", ("demo", "--json", file, "--quiet")),
+        ("demo --plot", ("demo", "--plot", file, "--quiet")),
+        ("convert-gguf", ("convert-gguf", gguf, folder)),
+        ("convert-gguf --overwrite", ("convert-gguf", gguf, folder, "--overwrite")),
+        ("convert-gguf onto a file", ("convert-gguf", gguf, file)),
+        ("download-mnist", ("download-mnist", folder, "--mirror", "http://127.0.0.1:9/")),
+    ]
+
+
+def test_no_command_replaces_or_deletes_a_users_files(capsys, mnist_like, llama_folder, user_files, tmp_path):
+    data, checkpoint = mnist_like
+    folder, file = user_files
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(b"the user's own, not the canonical file")
+    gguf = _fake_gguf(tmp_path / "model.gguf")
+    before = _tree(tmp_path)
+    for name, argv in _output_commands(data, checkpoint, *llama_folder, gguf, folder, file):
+        code, _, err = run(capsys, *argv)
+        one_line_error(code, err)
+        assert any(word in err for word in ("exists", "not the canonical", "did not write", "not a folder",
+                                            "is a directory", "a file of that name")), (name, err)
+        assert _tree(tmp_path) == before, name
+
+
+def test_a_folder_output_never_overlaps_an_input_or_the_working_directory(capsys, llama_folder, tmp_path,
+                                                                          monkeypatch):
+    llama, text = llama_folder
+    source = tmp_path / "d"
+    source.mkdir()
+    gguf = _fake_gguf(source / "model.gguf")
+    (source / "thesis.tex").write_text("x")
+    before = _tree(tmp_path)
+    for argv in [("convert-gguf", gguf, source), ("convert-gguf", gguf, source, "--overwrite"),
+                 ("prune", "--hf-model", llama, "--text", text, *LM_SIZES, "--sparsity", "0.5", "--out", llama,
+                  "--overwrite"),
+                 ("prune", "--hf-model", llama, "--text", text, *LM_SIZES, "--sparsity", "0.5", "--out",
+                  llama / "pruned")]:
+        code, _, err = run(capsys, *argv)
+        one_line_error(code, err)
+    monkeypatch.chdir(source)
+    code, _, err = run(capsys, "convert-gguf", "model.gguf", ".", "--overwrite")
+    one_line_error(code, err, "overlaps")
+    assert _tree(tmp_path) == before
+
+
+def test_overwrite_replaces_only_a_folder_brainsurgeon_wrote_whole(capsys, llama_folder, tmp_path):
+    llama, text = llama_folder
+    out = tmp_path / "pruned"
+    argv = ("prune", "--hf-model", llama, "--text", text, *LM_SIZES, "--sparsity", "0.5", "--out", out)
+    assert run(capsys, *argv)[0] == 0
+    assert run(capsys, *argv, "--method", "mp", "--overwrite")[0] == 0
+    assert json.loads((out / "brainsurgeon_report.json").read_text())["settings"]["method"] == "mp"
+    (out / "my-notes.txt").write_text("mine now")
+    before = _tree(tmp_path)
+    code, _, err = run(capsys, *argv, "--overwrite")
+    one_line_error(code, err, "my-notes.txt")
+    assert _tree(tmp_path) == before and not list(tmp_path.glob(".pruned*"))
+
+
+def test_outputs_are_checked_before_the_inputs_are_read(capsys, tmp_path, user_files):
+    folder, file = user_files
+    code, _, err = run(capsys, "prune", "--hf-model", tmp_path / "no-such-model", "--sparsity", "0.5", "--out", file)
+    one_line_error(code, err, f"cannot write folder {file}")
+    code, _, err = run(capsys, "convert-gguf", _fake_gguf(tmp_path / "m.gguf"), folder)  # a GGUF only in name
+    one_line_error(code, err, "exists")
+
+
+def test_the_api_refuses_an_existing_folder_and_file(llama_folder, user_files):
+    folder, file = user_files
+    model, x, y = small_mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.5, "mp", progress=False)
+    before = _tree(folder.parent)
+    with pytest.raises(BrainSurgeonError, match="exists"):
+        save_pruned(model, None, result, folder, {})
+    with pytest.raises(BrainSurgeonError, match="exists"):
+        result.save(file)
+    assert _tree(folder.parent) == before
+    result.save(file, overwrite=True)
+    assert brainsurgeon.PruneResult.load(file).num_pruned == result.num_pruned
+
+
+def _small_tmpfs(path, size="120k"):
+    """A tmpfs of `size` at `path` (root only), or skip with the reason."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip() or 'not root'}")
+    return path
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    disk = _small_tmpfs(tmp_path / "disk")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_leaves_only_the_users_files(capsys, mnist_like, llama_folder, full_disk,
+                                                                 tmp_path):
+    data, checkpoint = mnist_like
+    llama, text = llama_folder
+    (full_disk / "user.txt").write_text("keep me")
+    lm = ("prune", "--hf-model", llama, "--text", text, *LM_SIZES, "--sparsity", "0.5")
+    for argv in [prune_args(data, checkpoint, full_disk / "o.safetensors"), (*lm, "--out", full_disk / "pruned")]:
+        code, _, err = run(capsys, *argv)
+        one_line_error(code, err, "No space left on device")
+        assert sorted(p.name for p in full_disk.iterdir()) == ["user.txt"]
+    # The report does not fit: the model folder, written fine elsewhere, is not published either.
+    (full_disk / "filler").write_bytes(bytes(118_000))
+    code, _, err = run(capsys, *lm, "--out", tmp_path / "pruned", "--report", full_disk / "r.json")
+    one_line_error(code, err, "No space left on device")
+    assert not (tmp_path / "pruned").exists() and not list(tmp_path.glob(".pruned*"))
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "user.txt"]
+
+
+def test_folders_follow_the_umask(capsys, llama_folder, tmp_path):
+    llama, text = llama_folder
+    old = os.umask(0o027)
+    try:
+        code, _, err = run(capsys, "prune", "--hf-model", llama, "--text", text, *LM_SIZES, "--sparsity", "0.5",
+                           "--out", tmp_path / "pruned")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in [tmp_path / "pruned",
+                                                                      *(tmp_path / "pruned").rglob("*")]}
+    assert modes.pop("pruned") == 0o750 and set(modes.values()) == {0o640}, modes
+
+
+# 8. One error type at the boundary: every command against a directory of broken files ----------------------
+
+@pytest.fixture
+def broken_files(tmp_path):
+    """Files no command can use, one per way of being broken; `marker` appears if any of them ran code."""
+    folder, marker = tmp_path / "broken", tmp_path / "marker"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    good = tmp_path / "good.safetensors"
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(64, 64)}, str(good))
+    files = {
+        "empty": b"",
+        "random": rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        "truncated-safetensors": good.read_bytes()[:300],
+        "gguf-header-then-junk": GGUF_MAGIC + rng.integers(0, 256, 512, dtype=np.uint8).tobytes(),
+        "json": b'{"not": "what was asked for"',
+        "latin1-text": "caf\xe9 cr\xe8me".encode("latin-1"),
+        "malicious-pickle": pickle.dumps({"x": Payload(marker)}),
+    }
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    torch.save(MLPNet().state_dict(), folder / "torch-checkpoint")
+    torch.save({"x": Payload(marker)}, folder / "malicious-torch")
+    return folder, marker
+
+
+def _model_folder_with(root, llama, weights, name):
+    folder = root / f"model-{weights.name}-{name}"
+    folder.mkdir()
+    for part in llama.glob("*.json"):
+        (folder / part.name).write_bytes(part.read_bytes())
+    (folder / name).write_bytes(weights.read_bytes())
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_every_command_refuses_every_broken_file_in_one_line(capsys, mnist_like, llama_folder, broken_files,
+                                                             tmp_path):
+    data, _ = mnist_like
+    llama, text = llama_folder
+    folder, marker = broken_files
+    for bad in sorted(folder.iterdir()):
+        models = [_model_folder_with(tmp_path, llama, bad, name)
+                  for name in ("model.safetensors", "pytorch_model.bin")]
+        commands = [
+            prune_args(data, bad, tmp_path / "o.safetensors"),
+            ("convert-gguf", bad, tmp_path / "converted"),
+            ("table", bad),
+            ("prune", "--hf-model", llama, "--text", bad, *LM_SIZES, "--sparsity", "0.5", "--out", tmp_path / "p"),
+            *[("prune", "--hf-model", model, "--text", text, *LM_SIZES, "--sparsity", "0.5", "--out",
+               tmp_path / "p") for model in models],
+        ]
+        for argv in commands:
+            code, _, err = run(capsys, *argv)
+            if bad.name == "torch-checkpoint" and argv[0] == "prune" and "--checkpoint" in argv:
+                assert code == 0, err  # the one file here that is what it claims to be
+                (tmp_path / "o.safetensors").unlink()
+                continue
+            one_line_error(code, err)
+            assert not marker.exists(), (bad.name, argv)
+        with pytest.raises(BrainSurgeonError, match="pruning result"):
+            brainsurgeon.PruneResult.load(bad)
+    assert not (tmp_path / "converted").exists() and not (tmp_path / "p").exists()
+
+
+def test_a_model_that_is_not_causal_is_refused(capsys, tmp_path):
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64)
+    bert, text = lm_folder(tmp_path, transformers.BertForMaskedLM(config), "bert")
+    code, _, err = run(capsys, "prune", "--hf-model", bert, "--text", text, *LM_SIZES, "--sparsity", "0.5",
+                       "--out", tmp_path / "p")
+    one_line_error(code, err, "not a causal language model")
+
+
+# 9. Inputs are bounded and checked the same way on both objectives ----------------------------------------
+
+def test_text_must_be_a_bounded_regular_file(capsys, llama_folder, tmp_path):
+    llama, _ = llama_folder
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as handle:  # sparse: no disk used
+        handle.truncate(validation.MAX_TEXT_BYTES + 1)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "texts").mkdir()
+    for text, needle in (("/dev/zero", "not a regular file"), (tmp_path / "texts", "is a directory"),
+                         (fifo, "not a regular file"), (huge, "above the cap")):
+        code, _, err = run(capsys, "prune", "--hf-model", llama, "--text", text, *LM_SIZES, "--sparsity", "0.5",
+                           "--out", tmp_path / "p")
+        one_line_error(code, err, needle)
+
+
+def _relu_mlp(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    return model, torch.randn(64, 8), torch.randint(0, 5, (64,))
+
+
+@pytest.mark.parametrize("objective, method", [("fisher", "wf"), ("fisher", "cbs"), ("fisher", "joint"),
+                                               ("layer", "sparsegpt"), ("layer", "joint")])
+def test_non_finite_weights_inputs_and_curvature_are_one_line_on_both_objectives(objective, method):
+    model, x, y = _relu_mlp()
+    options = {"init_trials": 2} if method == "cbs" else {}
+
+    def attempt(model, inputs, needle):
+        with pytest.raises(BrainSurgeonError, match=needle):
+            brainsurgeon.prune(model, (inputs, y), 0.5, method, objective=objective, progress=False, **options)
+
+    attempt(model, x * math.nan, "NaN")
+    attempt(model, x * 1e30, "overflow")
+    broken = brainsurgeon.drivers.layers.copy_model(model)
+    with torch.no_grad():
+        broken[0].weight[0, 0] = math.inf
+    attempt(broken, x, "NaN or Inf")
+
+
+def test_numpy_pairs_are_accepted_and_python_lists_refused_on_both_objectives():
+    model, x, y = _relu_mlp()
+    for objective, method in (("fisher", "wf"), ("layer", "sparsegpt")):
+        from_tensors = brainsurgeon.prune(model, (x, y), 0.5, method, objective=objective, progress=False)
+        from_numpy = brainsurgeon.prune(model, (x.numpy(), y.numpy()), 0.5, method, objective=objective,
+                                        progress=False)
+        for name, mask in from_tensors.masks.items():
+            assert torch.equal(mask, from_numpy.masks[name])
+            assert torch.allclose(from_tensors.weights[name], from_numpy.weights[name])
+        with pytest.raises(BrainSurgeonError, match="torch.tensor"):
+            brainsurgeon.prune(model, (x.tolist(), y.tolist()), 0.5, method, objective=objective, progress=False)
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("stages", 10**6, "a stage would prune none"),
+    ("init_trials", validation.MAX_INIT_TRIALS + 1, "init_trials"),
+    ("seed", 2**64, "seed"),
+    ("refine", validation.MAX_REFINE + 1, "refine"),
+    ("max_passes", validation.MAX_COUNT + 1, "max_passes"),
+])
+def test_every_count_has_an_upper_bound(option, value, needle):
+    model, x, y = small_mlp()
+    options = {option: value, **({"stages": 2} if option == "refine" else {})}
+    with pytest.raises(BrainSurgeonError, match=needle):
+        brainsurgeon.prune(model, (x, y), 0.5, "cbs", progress=False, **options)
+
+
+def test_windows_are_bounded_by_the_models_positions(capsys, llama_folder, tmp_path):
+    llama, text = llama_folder
+    code, _, err = run(capsys, "prune", "--hf-model", llama, "--text", text, "--calib-seqs", "2", "--seq-len",
+                       "4096", "--quiet", "--sparsity", "0.5", "--out", tmp_path / "p")
+    one_line_error(code, err, "longer than the model's 128 positions")
+
+
+# 10. A saved result belongs to one model -------------------------------------------------------------------
+
+def test_a_result_is_saved_only_with_its_own_model(tmp_path):
+    model, x, y = small_mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.5, "mp", progress=False)
+    other, _, _ = tiny_problem(1, n=4, sizes=((8, 4), (4, 5)))
+    with pytest.raises(BrainSurgeonError, match="save the result with the model it came from"):
+        result.save(tmp_path / "mixed.safetensors", other)
+    assert list(tmp_path.iterdir()) == []
+    result.save(tmp_path / "own.safetensors", model)
+    loaded = brainsurgeon.PruneResult.load(tmp_path / "own.safetensors")
+    assert all(torch.equal(loaded.masks[name], mask) for name, mask in result.masks.items())
+
+
+def test_load_refuses_a_file_it_did_not_write(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other-metadata.safetensors"), metadata={"brainsurgeon": "{"})
+    for path, needle in ((tmp_path / "foreign.safetensors", "lacks 'brainsurgeon'"),
+                         (tmp_path / "other-metadata.safetensors", "not written by PruneResult.save"),
+                         (tmp_path / "missing", "not found"), (tmp_path, "is a directory"),
+                         ("/dev/zero", "not a regular file")):
+        with pytest.raises(BrainSurgeonError, match=needle):
+            brainsurgeon.PruneResult.load(path)
+
+
+# 11. Quiet means quiet, for the libraries we call too -------------------------------------------------------
+
+def test_quiet_silences_the_language_model_path_even_on_a_terminal(llama_folder, tmp_path):
+    import pty
+
+    llama, text = llama_folder
+    main_side, terminal = pty.openpty()
+    process = subprocess.run([sys.executable, "-m", "brainsurgeon.cli", "prune", "--hf-model", str(llama), "--text",
+                              str(text), *LM_SIZES, "--sparsity", "0.5", "--out", str(tmp_path / "p")],
+                             stderr=terminal, stdout=subprocess.PIPE, timeout=120)
+    os.close(terminal)
+    written = b""
+    try:
+        while chunk := os.read(main_side, 4096):
+            written += chunk
+    except OSError:  # the terminal's other side is closed: everything was read
+        pass
+    os.close(main_side)
+    assert process.returncode == 0 and written == b"", written

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import lm_folder
+from conftest import lm_folder, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -130,14 +130,6 @@ def test_patterns_refuse_bad_requests():
         Pattern.parse("4:8").check_shape(4, 12, "layer")
 
 
-def tiny_llama(layers=3, hidden=32, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def token_ids(count=8, length=24, seed=0):
     return torch.randint(0, 96, (count, length), generator=torch.Generator().manual_seed(seed))
 
@@ -203,7 +195,7 @@ def test_a_bert_encoder_and_a_cnn_take_the_same_path():
 DRIVER_MEMORY = """
 import sys, torch, transformers
 sys.path.insert(0, {tests!r})
-from test_layerwise import tiny_llama
+from conftest import tiny_llama
 from brainsurgeon.bench import peak_memory_bytes, reset_peak_memory
 from brainsurgeon.drivers.sequential import prune_layerwise
 torch.set_num_threads(1)

@@ -2,6 +2,8 @@
 float32 folder), and the pruned model saved so that plain `transformers` reloads it. Every failure of the
 libraries underneath (transformers, tokenizers, safetensors, gguf, torch's weights-only unpickler) is one
 BrainSurgeonError naming the file."""
+import contextlib
+import io
 import json
 import pickle
 import sys
@@ -27,14 +29,24 @@ def _transformers(progress: bool = False):
     except ImportError:
         raise BrainSurgeonError(f"language models need the transformers package; {TRANSFORMERS_HINT}") from None
     transformers.utils.logging.set_verbosity_error()
-    shown = progress and sys.stderr.isatty()
+    shown = _shown(progress)
     (transformers.utils.logging.enable_progress_bar if shown else transformers.utils.logging.disable_progress_bar)()
-    try:
-        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-        (enable_progress_bars if shown else disable_progress_bars)()
-    except ImportError:  # pragma: no cover - a dependency of transformers
-        pass
     return transformers
+
+
+def _shown(progress: bool) -> bool:
+    return progress and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def _library_output(progress: bool):
+    """Around calls into transformers: unless progress is shown, whatever they print on stderr is dropped (the GGUF
+    reader draws a tqdm bar of its own that no switch of transformers turns off). Errors still raise."""
+    if _shown(progress):
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def _check_model_folder(directory: Path) -> None:
@@ -66,13 +78,19 @@ def load_causal_lm(directory, progress: bool = False):
     _check_model_folder(directory)
     transformers = _transformers(progress)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                                  local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        with _library_output(progress):
+            model, loading = transformers.AutoModelForCausalLM.from_pretrained(
+                directory, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except BrainSurgeonError:
         raise
     except Exception as error:  # transformers, tokenizers, safetensors and torch each raise their own kinds
         raise _load_failure("the model in", directory, error, "pass a folder written by save_pretrained") from None
+    unfit = sorted(loading.get("missing_keys") or []) + [str(k) for k in loading.get("mismatched_keys") or []]
+    if unfit:  # transformers would initialise them at random and go on
+        raise BrainSurgeonError(f"the weights in {directory} do not fit its config.json: {len(unfit)} of the model's "
+                                f"tensors are missing or misshapen (e.g. {unfit[0]}); pass the folder save_pretrained "
+                                "wrote")
     check_causal(model.eval(), str(directory))
     return model, tokenizer
 
@@ -112,9 +130,10 @@ def convert_gguf(gguf_file, target, overwrite: bool = False, progress: bool = Fa
         transformers = _transformers(progress)
         kwargs = dict(gguf_file=gguf_file.name, local_files_only=True)
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32,
-                                                                      **kwargs)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+            with _library_output(progress):
+                model = transformers.AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32,
+                                                                          **kwargs)
+                tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
         except BrainSurgeonError:
             raise
         except Exception as error:
@@ -124,17 +143,18 @@ def convert_gguf(gguf_file, target, overwrite: bool = False, progress: bool = Fa
         model.hf_quantizer = None
         model.is_quantized = False
         model.config.__dict__.pop("quantization_config", None)
-        _save(folder, model, tokenizer)
+        _save(folder, model, tokenizer, progress)
     return Path(target)
 
 
-def _save(folder: Path, model, tokenizer) -> None:
+def _save(folder: Path, model, tokenizer, progress: bool = False) -> None:
     """save_pretrained of the model and the tokenizer; a failed write of either is an OSError (the caller's
     `outputs` turns it into one line and removes the scratch)."""
     try:
-        model.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+        with _library_output(progress):
+            model.save_pretrained(folder)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
     except (BrainSurgeonError, OSError):
         raise
     except Exception as error:  # safetensors' and tokenizers' own error types
