@@ -128,7 +128,7 @@ class Outputs:
     def file(self, path) -> Path:
         """A scratch path to write the file `path` to."""
         path = check_writable(path, self.overwrite)
-        self._check_distinct(path)
+        self._check_distinct(path, False)
         scratch = _parent(path) / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
         self.staged.append((path, scratch, False))
         return scratch
@@ -136,17 +136,23 @@ class Outputs:
     def folder(self, path, inputs=()) -> Path:
         """A scratch folder (created) to build the folder `path` in."""
         path = check_folder(path, inputs, self.overwrite)
-        self._check_distinct(path)
+        self._check_distinct(path, True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=_parent(path)))
         self.staged.append((path, scratch, True))
         return scratch
 
-    def _check_distinct(self, path: Path) -> None:
+    def _check_distinct(self, path: Path, is_folder: bool) -> None:
+        """No two outputs on one path, and none inside an output folder (it is built elsewhere and renamed)."""
         real = os.path.realpath(path)
-        for other, _, _ in self.staged:
-            if os.path.realpath(other) == real:
+        for other, _, other_is_folder in self.staged:
+            other_real = os.path.realpath(other)
+            if other_real == real:
                 raise BrainSurgeonError(f"two outputs go to the same path {path} (also given as {other}); give each "
                                         "output its own path")
+            if (other_is_folder and _inside(real, other_real)) or (is_folder and _inside(other_real, real)):
+                inner, outer = (path, other) if other_is_folder else (other, path)
+                raise BrainSurgeonError(f"output {inner} lies inside the output folder {outer}; put it beside the "
+                                        "folder")
 
     def commit(self) -> None:
         """Rename every scratch into place; if one rename fails, put back what was there before."""

@@ -21,7 +21,7 @@ from .datasets.vision import (
 from .demo import demo_setup
 from .drivers.oneshot import DEFAULT_DAMPING, GIB, prune
 from .drivers.sequential import prune_layerwise
-from .errors import BrainSurgeonError
+from .errors import BrainSurgeonError, first_line
 from .models.hf import convert_gguf, load_causal_lm, write_pruned_folder
 from .models.loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
 from .models.vision import MODELS, build_model
@@ -280,11 +280,16 @@ def _cmd_demo(args):
 
 
 def _cmd_table(args):
+    path = validation.input_file(args.json_file, "bench JSON", validation.MAX_TEXT_BYTES)
     try:
-        report = json.loads(Path(args.json_file).read_text())
+        report = json.loads(path.read_text())
+        table = bench.markdown_table(report)
     except (OSError, ValueError) as error:
-        raise BrainSurgeonError(f"cannot read bench JSON {args.json_file}: {error}") from None
-    print(bench.markdown_table(report))
+        raise BrainSurgeonError(f"cannot read bench JSON {path}: {first_line(error)}") from None
+    except (KeyError, TypeError, IndexError, AttributeError) as error:
+        raise BrainSurgeonError(f"{path} is not a bench JSON written by 'brainsurgeon bench' "
+                                f"({type(error).__name__}: {first_line(error)}); pass one that is") from None
+    print(table)
 
 
 def _cmd_convert_gguf(args):

@@ -118,6 +118,7 @@ def positive_list(name: str, values) -> tuple:
 # (/dev/zero, a log) is refused before it is read.
 MAX_TEXT_BYTES = 256 * 2**20  # 40x the 6.2 MB Wikipedia text
 MAX_MODEL_FILE_BYTES = 64 * 2**30  # a 16B-parameter float32 model; the machines this runs on have far less memory
+MAX_DATA_FILE_BYTES = 4 * 2**30  # one dataset file, decompressed: 85x MNIST's training images
 
 
 def input_file(path, what: str, max_bytes: int) -> Path:

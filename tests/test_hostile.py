@@ -571,6 +571,17 @@ def test_overwrite_replaces_only_a_folder_brainsurgeon_wrote_whole(capsys, llama
     assert _tree(tmp_path) == before and not list(tmp_path.glob(".pruned*"))
 
 
+def test_no_output_lies_inside_an_output_folder(capsys, llama_folder, tmp_path):
+    llama, text = llama_folder
+    out = tmp_path / "pruned"
+    argv = ("prune", "--hf-model", llama, "--text", text, *LM_SIZES, "--sparsity", "0.5", "--out", out)
+    assert run(capsys, *argv)[0] == 0
+    before = _tree(tmp_path)
+    code, _, err = run(capsys, *argv, "--overwrite", "--report", out / "report.json")
+    one_line_error(code, err, "lies inside the output folder")
+    assert _tree(tmp_path) == before
+
+
 def test_outputs_are_checked_before_the_inputs_are_read(capsys, tmp_path, user_files):
     folder, file = user_files
     code, _, err = run(capsys, "prune", "--hf-model", tmp_path / "no-such-model", "--sparsity", "0.5", "--out", file)
@@ -661,6 +672,7 @@ def broken_files(tmp_path):
         "truncated-safetensors": good.read_bytes()[:300],
         "gguf-header-then-junk": GGUF_MAGIC + rng.integers(0, 256, 512, dtype=np.uint8).tobytes(),
         "json": b'{"not": "what was asked for"',
+        "json-of-another-shape": b'{"results": 3, "settings": []}',
         "latin1-text": "caf\xe9 cr\xe8me".encode("latin-1"),
         "malicious-pickle": pickle.dumps({"x": Payload(marker)}),
     }

@@ -73,12 +73,16 @@ def resolve_data_dir(data_dir=None) -> Path:
 
 def read_idx(path: Path) -> np.ndarray:
     """Read a (gzipped) idx file: magic (0, 0, dtype 0x08 = uint8, ndim), big-endian dims, data."""
+    validation.input_file(path, "dataset file", validation.MAX_DATA_FILE_BYTES)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
-            raw = handle.read()
+            raw = handle.read(validation.MAX_DATA_FILE_BYTES + 1)  # a gzip bomb stops at the cap
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise BrainSurgeonError(f"{path} is corrupt or truncated ({error}); download it again") from None
+    if len(raw) > validation.MAX_DATA_FILE_BYTES:
+        raise BrainSurgeonError(f"{path} decompresses to more than {validation.MAX_DATA_FILE_BYTES // 2**30} GiB; "
+                                "pass the canonical MNIST files")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or len(raw) < 4 + 4 * raw[3]:
         raise BrainSurgeonError(f"{path} is not a uint8 idx file")
     ndim = raw[3]

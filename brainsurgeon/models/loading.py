@@ -11,12 +11,12 @@ import inspect
 import io
 import pickle
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.optim.lr_scheduler
 
+from .. import validation
 from ..errors import BrainSurgeonError, first_line
 
 try:  # numpy >= 2 moved it; pickles name either module
@@ -45,9 +45,7 @@ def _refused(path, what: str, detail: str) -> BrainSurgeonError:
 
 def load_torch_file(path, trust_pickle: bool = False):
     """torch.load on the CPU; weights only unless `trust_pickle`."""
-    path = Path(path)
-    if not path.is_file():
-        raise BrainSurgeonError(f"checkpoint {path} not found; pass an existing file")
+    path = validation.input_file(path, "checkpoint", validation.MAX_MODEL_FILE_BYTES)
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -99,7 +97,7 @@ class PlainDataUnpickler(pickle.Unpickler):
 
 def load_plain_pickle(path, trust_pickle: bool = False, what: str = "file"):
     """Unpickle a data file (e.g. a CIFAR-10 batch) without running code from it, unless `trust_pickle`."""
-    path = Path(path)
+    path = validation.input_file(path, what, validation.MAX_DATA_FILE_BYTES)
     raw = path.read_bytes()
     try:
         if trust_pickle:
