@@ -1,5 +1,6 @@
 """brainsurgeon: one-shot second-order pruning with the Combinatorial Brain Surgeon and its baselines."""
-from .drivers.oneshot import SELECTIONS, parse_method, prune
+from .drivers.oneshot import prune
+from .drivers.registry import SELECTIONS, parse_method
 from .drivers.result import PruneResult
 from .drivers.sequential import prune_layerwise
 from .errors import BrainSurgeonError

@@ -12,7 +12,10 @@ from .atomic import atomic_path, check_writable, write_text
 from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from .datasets.vision import Dataset, accuracy
 from .drivers.layers import copy_model
-from .drivers.oneshot import GIB, accepted_options, plan_run, prune
+from .drivers.oneshot import prune
+from .drivers.plan import plan_run
+from .drivers.registry import check_sweep_options, options_for
+from .drivers.stage import GIB
 from .errors import BrainSurgeonError
 
 UNSTRUCTURED_NOTE = ("Unstructured sparsity alone does not make the model smaller or faster: "
@@ -68,11 +71,12 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
         check_writable(json_path, overwrite)
     if not (len(methods) and len(sparsities) and len(seeds)):
         raise BrainSurgeonError("bench needs at least one method, one sparsity and one seed")
+    check_sweep_options(methods, options)
     for seed in seeds:  # every run is checked before the first one starts
         for sparsity in sparsities:
             for method in methods:
                 plan_run(model, sparsity, method, damping=damping, seed=seed, max_memory=max_memory,
-                         structure=structure, gradients=gradients, **accepted_options(method, options))
+                         structure=structure, gradients=gradients, **options_for(method, options))
     calib_samples = validation.count("calibration samples", calib_samples)
     report = {
         "model": model_name,
@@ -97,7 +101,7 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
                     model, lambda: prune(model, calibration, sparsity, method, num_samples=calib_samples,
                                          damping=damping, seed=seed,
                                          progress=progress, max_memory=max_memory, structure=structure,
-                                         gradients=gradients, **accepted_options(method, options)),
+                                         gradients=gradients, **options_for(method, options)),
                     lambda pruned: accuracy(pruned, dataset.test_x, dataset.test_y))
                 row = dict(method=method, sparsity=sparsity, seed=seed, accuracy=measured.pop("score"), **measured)
                 _record(report, row, json_path)
@@ -257,6 +261,30 @@ def plot(report: dict, path, overwrite: bool = False) -> None:
     plt.close(figure)
 
 
+def split_pattern(pattern) -> tuple:
+    """A language-model bench column -> (sparsity, pattern): 0.5 is unstructured per layer, '2:4' is N:M."""
+    if isinstance(pattern, str) and ":" in pattern:
+        return None, pattern
+    return pattern, "layer"
+
+
+def check_lm_sweep(methods, options: dict) -> dict:
+    """Refuse an unknown layer-wise method, or an option that no method of the sweep declares; return each
+    method's declared option names."""
+    from .methods.layerwise import LAYER_METHODS
+
+    unknown_methods = [method for method in methods if method not in LAYER_METHODS]
+    if unknown_methods:
+        raise BrainSurgeonError(f"unknown layer-wise method {unknown_methods[0]!r}; choose from "
+                                f"{sorted(LAYER_METHODS)}")
+    declared = {method: LAYER_METHODS[method].Options.names() for method in methods}
+    unknown = sorted(set(options) - set().union(*declared.values()))
+    if unknown:
+        raise BrainSurgeonError(f"no method of {list(methods)} takes option {', '.join(map(repr, unknown))}; the "
+                                f"options they take are: {', '.join(sorted(set().union(*declared.values()))) or 'none'}")
+    return declared
+
+
 def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_name="model", damping=None,
                      progress=True, text_source="wiki", json_path=None, overwrite=False, **options) -> dict:
     """Prune a language model with every layer-wise method x pattern on the same calibration token windows and
@@ -265,19 +293,19 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
     if json_path:
         check_writable(json_path, overwrite)
     from .datasets.text import perplexity
-    from .drivers.sequential import (
-        method_options,
-        plan_layerwise,
-        prune_layerwise,
-        split_pattern,
-    )
+    from .drivers.sequential import plan_layerwise, prune_layerwise
 
     if not (len(methods) and len(patterns)):
         raise BrainSurgeonError("bench needs at least one method and one sparsity or pattern")
+    declared = check_lm_sweep(methods, options)
+
+    def method_options(method):
+        return {key: value for key, value in options.items() if key in declared[method]}
+
     runs = [(method, pattern) for pattern in patterns for method in methods]
     damping = DEFAULT_RELATIVE_DAMPING if damping is None else damping
     for method, pattern in runs:  # checked before the first run
-        plan_layerwise(model, *split_pattern(pattern), method, damping=damping, **method_options(method, options))
+        plan_layerwise(model, *split_pattern(pattern), method, damping=damping, **method_options(method))
     started = time.perf_counter()
     dense = perplexity(model, evaluation, progress=progress)
     report = {
@@ -296,7 +324,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         sparsity, kind = split_pattern(pattern)
         measured = measure_run(model, lambda: prune_layerwise(
             model, calibration, sparsity, method, pattern=kind, damping=damping, progress=progress,
-            **method_options(method, options)), lambda pruned: perplexity(pruned, evaluation, progress=progress))
+            **method_options(method)), lambda pruned: perplexity(pruned, evaluation, progress=progress))
         row = dict(method=method, sparsity=pattern, seed=0, perplexity=measured.pop("score"), **measured)
         report["settings"]["wall_seconds"] = time.perf_counter() - started
         _record(report, row, json_path)

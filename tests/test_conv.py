@@ -55,7 +55,7 @@ def test_conv_models_prune_to_exact_global_sparsity(method):
     model = small_conv_net()
     x, y = torch.randn(40, 3, 8, 8), torch.randint(0, 4, (40,))
     result = brainsurgeon.prune(model, (x, y), 0.6, method, include=["Conv2d"], progress=False,
-                                **brainsurgeon.drivers.oneshot.accepted_options(method, {"init_trials": 2}))
+                                **brainsurgeon.drivers.registry.options_for(method, {"init_trials": 2}))
     p = 8 * 3 * 9 + 8 * 2 * 9 + 8 * 1 * 9
     assert result.num_weights == p and result.num_pruned == int(0.6 * p + 0.5)
 

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError
-from brainsurgeon.drivers import oneshot
+from brainsurgeon.drivers import budget, judge, plan, schedule
 from brainsurgeon.drivers.calibration import (
     CalibrationPool,
     mean_loss,
@@ -76,11 +76,11 @@ def test_auto_refinement_keeps_stages_while_they_stay_below_the_unrefined_held_o
     stages = result.stats["stages"]
     refined = [stage for stage in stages if "step_loss_bound" not in stage] \
         if result.settings["path"] == "fisher" else stages[1:]
-    assert len(refined) == result.settings["refined_stages"] <= oneshot.REFINE_LIMIT
+    assert len(refined) == result.settings["refined_stages"] <= schedule.REFINE_LIMIT
     unrefined = stages[-len(refined) - 1]["held_out_loss"]
     assert all(stage["held_out_loss"] < unrefined for stage in refined)
     rejected = result.stats["rejected_stage"]
-    assert (rejected is None) == (len(refined) == oneshot.REFINE_LIMIT)
+    assert (rejected is None) == (len(refined) == schedule.REFINE_LIMIT)
     if rejected is not None:
         assert rejected["held_out_loss"] >= unrefined
     pruned = result.apply(copy.deepcopy(model))
@@ -90,7 +90,7 @@ def test_auto_refinement_keeps_stages_while_they_stay_below_the_unrefined_held_o
 def test_a_refinement_stage_that_raises_the_held_out_loss_is_undone(monkeypatch):
     """A stage made worse on purpose (its weights doubled) is reported as rejected, and the result is the model
     before it."""
-    real_stage, calls = oneshot._prune_stage, []
+    real_stage, calls = schedule.prune_stage, []
 
     def spoilt_refinement(*args, **kwargs):
         result = real_stage(*args, **kwargs)
@@ -102,7 +102,7 @@ def test_a_refinement_stage_that_raises_the_held_out_loss_is_undone(monkeypatch)
     model, x, y = pooled_mlp()
     settings = dict(num_samples=32, progress=False, init_trials=2, layer_start=False, schedule=[0.5, 0.9])
     unrefined = brainsurgeon.prune(model, (x, y), 0.9, "max", refine=0, **settings)
-    monkeypatch.setattr(oneshot, "_prune_stage", spoilt_refinement)
+    monkeypatch.setattr(schedule, "prune_stage", spoilt_refinement)
     refined = brainsurgeon.prune(model, (x, y), 0.9, "max", **settings)
     assert refined.settings["schedule"] == [0.5, 0.9] and refined.stats["rejected_stage"]["sparsity"] == 0.9
     assert refined.stats["rejected_stage"]["held_out_loss"] > refined.stats["stages"][-1]["held_out_loss"]
@@ -113,15 +113,15 @@ def test_a_refinement_stage_that_raises_the_held_out_loss_is_undone(monkeypatch)
 @pytest.mark.parametrize("held_out_losses, kept", [
     ([0.8, 0.9, 0.85, 1.0, 0.7], 3),  # above the best stage so far but below the unrefined 1.0: kept
     ([1.0, 0.5], 0),  # level with the unrefined model: undone at once
-    ([0.9] * 20, oneshot.REFINE_LIMIT),
+    ([0.9] * 20, schedule.REFINE_LIMIT),
 ])
 def test_auto_refinement_stops_at_the_first_stage_not_below_the_unrefined_held_out_loss(monkeypatch, held_out_losses,
                                                                                       kept):
     """Stages with made-up held-out losses after an unrefined 1.0: the first one at or above it is undone (the
     model is back to what the stage before it left) and reported, and no stage runs after it."""
     model, x, y = pooled_mlp()
-    plan = oneshot.plan_run(model, 0.5, "max", num_samples=32, progress=False)
-    pool = oneshot._collect_pool((x, y), plan)
+    planned = plan.plan_run(model, 0.5, "max", num_samples=32, progress=False)
+    pool = schedule.collect_pool((x, y), planned)
     losses, ran = iter(held_out_losses), []
 
     def made_up_stage(pool, plan, dense, progress, staged, schedule, **where):
@@ -130,13 +130,13 @@ def test_auto_refinement_stops_at_the_first_stage_not_below_the_unrefined_held_o
         ran.append(copy.deepcopy(staged.state_dict()))
         return f"result {len(ran)}", [dict(held_out_loss=next(losses), calibration_loss=0.0)]
 
-    monkeypatch.setattr(oneshot, "_run_stages", made_up_stage)
+    monkeypatch.setattr(schedule, "run_stages", made_up_stage)
     staged, unrefined = copy.deepcopy(model), [dict(held_out_loss=1.0, calibration_loss=0.0)]
-    result, reports, rejected = oneshot._refine(pool, plan, None, False, staged, "unrefined", unrefined,
-                                                oneshot.REFINE_LIMIT, None)
+    result, reports, rejected = schedule.refine_stages(pool, planned, None, False, staged, "unrefined", unrefined,
+                                                schedule.REFINE_LIMIT, None)
     assert [r["held_out_loss"] for r in reports[1:]] == held_out_losses[:kept]
     assert result == (f"result {kept}" if kept else "unrefined")
-    if kept == oneshot.REFINE_LIMIT:
+    if kept == schedule.REFINE_LIMIT:
         assert rejected is None and len(ran) == kept
     else:
         assert rejected["held_out_loss"] == held_out_losses[kept] and len(ran) == kept + 1
@@ -150,7 +150,7 @@ def test_auto_refinement_without_held_out_samples_runs_a_fixed_number_of_stages(
     result = brainsurgeon.prune(model, (x, y), 0.9, "max", progress=False, init_trials=2, layer_start=False,
                                 schedule=[0.5, 0.9])
     assert result.settings["held_out_samples"] == 0
-    assert result.settings["schedule"] == [0.5, 0.9] + [0.9] * oneshot.REFINE_WITHOUT_HELD_OUT
+    assert result.settings["schedule"] == [0.5, 0.9] + [0.9] * schedule.REFINE_WITHOUT_HELD_OUT
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -170,8 +170,8 @@ def test_magnitude_pruning_zeroes_each_segments_smallest_weights(sparsity, seed,
     model, _, _ = small_mlp(seed)
     layers, _ = find_prunable(model)
     flat = flat_weights(model, layers)
-    pruned = oneshot.magnitude_pruned(flat, layers, sparsity, scope)
-    for segment in oneshot.make_segments(layers, sparsity, scope):
+    pruned = budget.magnitude_pruned(flat, layers, sparsity, scope)
+    for segment in budget.make_segments(layers, sparsity, scope):
         kept, region = pruned[segment.region] != 0, flat[segment.region]
         assert int((~kept).sum()) == segment.count
         assert torch.equal(pruned[segment.region][kept], region[kept])
@@ -203,10 +203,10 @@ def test_each_adaptive_step_keeps_its_bound_unless_it_is_the_shortest():
                                 layer_start=False, progress=False, init_trials=2)
     walked, previous = _walked(result), dict(sparsity=0.0, held_out_loss=mean_loss(model, x[-32:], y[-32:],
                                                                                     F.cross_entropy))
-    assert 2 < len(walked) <= oneshot.MAX_WALK_STAGES
+    assert 2 < len(walked) <= schedule.MAX_WALK_STAGES
     for stage in walked:
-        assert stage["step_loss_bound"] == pytest.approx(oneshot.STEP_LOSS_RATIO * previous["held_out_loss"])
-        shortest = 1 - (1 - previous["sparsity"]) * 0.03 ** (1 / oneshot.MAX_WALK_STAGES)
+        assert stage["step_loss_bound"] == pytest.approx(schedule.STEP_LOSS_RATIO * previous["held_out_loss"])
+        shortest = 1 - (1 - previous["sparsity"]) * 0.03 ** (1 / schedule.MAX_WALK_STAGES)
         assert stage["step_magnitude_loss"] <= stage["step_loss_bound"] or \
             stage["sparsity"] == pytest.approx(min(shortest, 0.97))
         previous = stage
@@ -229,14 +229,14 @@ def test_the_adaptive_schedule_is_deterministic_and_pinned_reproduces_it_bit_for
 
 def test_a_walk_stops_once_the_other_path_is_better_beyond_the_noise_and_not_at_a_tie():
     model, x, y = pooled_mlp()
-    plan = oneshot.plan_run(model, 0.97, "max", num_samples=32, progress=False, init_trials=2)
-    pool = oneshot._collect_pool((x, y), plan)
-    _, whole = oneshot._walk(pool, plan, False, False, copy.deepcopy(model))
+    planned = plan.plan_run(model, 0.97, "max", num_samples=32, progress=False, init_trials=2)
+    pool = schedule.collect_pool((x, y), planned)
+    _, whole = schedule.walk(pool, planned, False, False, copy.deepcopy(model))
     first = copy.deepcopy(model)
-    oneshot._run_stages(pool, plan, False, False, first, [(whole[0]["sparsity"], plan.methods[0])])
+    schedule.run_stages(pool, planned, False, False, first, [(whole[0]["sparsity"], planned.methods[0])])
     tie = per_sample_losses(first, *pool.held_out, F.cross_entropy)  # as good as the walk's first stage
-    _, stopped = oneshot._walk(pool, plan, False, False, copy.deepcopy(model), rival=tie - 1e-3)
-    _, past_tie = oneshot._walk(pool, plan, False, False, copy.deepcopy(model), rival=tie)
+    _, stopped = schedule.walk(pool, planned, False, False, copy.deepcopy(model), rival=tie - 1e-3)
+    _, past_tie = schedule.walk(pool, planned, False, False, copy.deepcopy(model), rival=tie)
     assert len(whole) > 1 and whole[-1]["sparsity"] == 0.97
     assert [stage["sparsity"] for stage in stopped] == [whole[0]["sparsity"]]
     assert len(past_tie) > 1 and [stage["sparsity"] for stage in past_tie] == \
@@ -259,16 +259,16 @@ def test_the_layer_path_wins_only_beyond_the_margin_and_a_short_walk_never(losse
     by a constant moves only the mean, and the choice flips where the mean passes PATH_MARGIN errors."""
     fisher = torch.tensor([a for a, _ in losses], dtype=torch.float64)
     layer = torch.tensor([b for _, b in losses], dtype=torch.float64)
-    path, evidence = oneshot.choose_path(fisher, layer - shift, True)
+    path, evidence = judge.choose_path(fisher, layer - shift, True)
     difference = fisher - layer
     error = float(difference.std()) / len(losses) ** 0.5
     assert evidence["standard_error"] == pytest.approx(error, abs=1e-9)
     assert evidence["fisher_minus_layer"] == pytest.approx(float(difference.mean()) + shift, abs=1e-9)
-    margin = evidence["fisher_minus_layer"] - oneshot.PATH_MARGIN * error
+    margin = evidence["fisher_minus_layer"] - judge.PATH_MARGIN * error
     if abs(margin) > 1e-9:
         assert path == ("layer" if margin > 0 else "fisher")
-    assert oneshot.choose_path(fisher, layer - shift, False)[0] == "layer"
-    assert oneshot.choose_path(fisher, fisher, True)[0] == "fisher"
+    assert judge.choose_path(fisher, layer - shift, False)[0] == "layer"
+    assert judge.choose_path(fisher, fisher, True)[0] == "fisher"
 
 
 @pytest.mark.parametrize("method, options, named", [

@@ -15,13 +15,11 @@ from torch.nn import functional as F
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError
 from brainsurgeon.curvature.fisher import EmpiricalFisher
+from brainsurgeon.drivers.budget import exact_layer_sparsities
 from brainsurgeon.drivers.calibration import mean_loss
-from brainsurgeon.drivers.oneshot import (
-    PATH_MARGIN,
-    accepted_options,
-    exact_layer_sparsities,
-    sparsity_schedule,
-)
+from brainsurgeon.drivers.judge import PATH_MARGIN
+from brainsurgeon.drivers.registry import options_for
+from brainsurgeon.drivers.schedule import sparsity_schedule
 from brainsurgeon.methods.joint import JointSearch, JointSelection
 from brainsurgeon.methods.patterns import num_to_prune
 from brainsurgeon.methods.problem import PruningProblem, Segment
@@ -244,7 +242,7 @@ def test_later_stages_take_their_own_damping_and_max_passes_cbs_options_on():
                                 damping=1e-3, damping_grid=[1.0], later_damping=0.5, later_damping_grid=[1.0])
     first, second = result.stats["stages"]
     assert first["stats"]["cbsu_damping"] == 1e-3 and second["stats"]["cbsu_damping"] == 0.5
-    assert accepted_options("max", {"selection_damping": 1e-2, "rho": 3}) == {"selection_damping": 1e-2, "rho": 3}
+    assert options_for("max", {"selection_damping": 1e-2, "rho": 3}) == {"selection_damping": 1e-2, "rho": 3}
     with pytest.raises(BrainSurgeonError, match="damping"):
         brainsurgeon.prune(model, (x, y), 0.9, "max", later_damping=0.0, progress=False)
 

@@ -113,7 +113,7 @@ def test_fisher_methods_on_rows_end_with_the_exact_update(method, pattern, spars
 def test_sparsegpt_lazy_batches_are_exact():
     """With the mask fixed per group (N:M), block sizes only batch the same updates."""
     _, _, objective = layer_problem(2, rows=8, cols=64)
-    results = [SparseGPT(block_size).prune(objective, Pattern.parse("2:4")) for block_size in (4, 16, 64)]
+    results = [SparseGPT(block_size=block_size).prune(objective, Pattern.parse("2:4")) for block_size in (4, 16, 64)]
     for pruned, new in results[1:]:
         assert torch.equal(pruned, results[0][0])
         torch.testing.assert_close(new, results[0][1], rtol=1e-4, atol=1e-5)

@@ -245,29 +245,13 @@ def _fraction_pruned(masks: dict) -> float:
     return sum(int((~mask).sum()) for mask in masks.values()) / sum(mask.numel() for mask in masks.values())
 
 
-def split_pattern(pattern) -> tuple:
-    """A benchmark column -> (sparsity, pattern): 0.5 is unstructured per layer, '2:4' is N:M."""
-    if isinstance(pattern, str) and ":" in pattern:
-        return None, pattern
-    return pattern, "layer"
-
-
-def method_options(method: str, options: dict) -> dict:
-    """The options a layer-wise method's constructor takes (for sweeps over several methods)."""
-    names = set(inspect.signature(LAYER_METHODS[method].__init__).parameters) if method in LAYER_METHODS else set()
-    return {key: value for key, value in options.items() if key in names}
-
-
 def plan_layerwise(model, sparsity, pattern, method, *, damping=DEFAULT_RELATIVE_DAMPING, blocks=None, include=None,
                    ignore=(), batch_size=8, target="layer", **options):
     """Every argument of prune_layerwise checked against the model before any work: (method, pattern, blocks,
     the layers to prune per block as (module name, full name, pattern), the dense layers with reasons)."""
     if method not in LAYER_METHODS:
         raise BrainSurgeonError(f"unknown layer-wise method '{method}'; choose from {sorted(LAYER_METHODS)}")
-    try:
-        layer_method = LAYER_METHODS[method](**options)
-    except TypeError as error:
-        raise BrainSurgeonError(f"{method}: {error}") from None
+    layer_method = LAYER_METHODS[method](**options)  # refuses an option the method does not declare
     per_layer = sparsity if isinstance(sparsity, dict) else None
     pattern = Pattern.parse(pattern, 0.5 if per_layer else sparsity)
     if per_layer is not None:

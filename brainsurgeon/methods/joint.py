@@ -13,11 +13,14 @@ Q*(S) = |y|^2 + lam |w|^2 - c_S^T x_S. Three moves, each never raising Q:
   3. swaps with the update inside: exact changes of Q* for taking a kept weight out and a pruned one in,
      with A^-1 kept current by rank-one updates instead of refactorising.
 """
+from dataclasses import dataclass
+
 import torch
 
 from .. import validation
 from ..curvature.fisher import FisherBlock
 from ..progress import progress_bar
+from .options import MethodOptions, option
 from .problem import PruningProblem, prune_lowest
 from .selection import SELECTIONS, Selection
 
@@ -107,6 +110,22 @@ class KeptSystem:
         self.refresh()
 
 
+@dataclass(frozen=True)
+class JointOptions(MethodOptions):
+    start: str = option("cbs", "warm-start selection (mp, random, wf or cbs, with its own defaults)")
+    iht_rounds: int = option(10, "thresholding-plus-backsolve rounds")
+    max_swaps: int = option(200, "cap on swaps with the update inside")
+    swap_candidates: int = option(64, "pruned weights per block whose exact swap changes are evaluated each round")
+    max_kept: int = option(6000, "a block keeping more weights is backsolved and takes no swaps")
+
+    def checked(self):
+        return dict(start=validation.choice("joint start", self.start, SELECTIONS),
+                    iht_rounds=validation.count("iht_rounds", self.iht_rounds, minimum=0),
+                    max_swaps=validation.count("max_swaps", self.max_swaps, minimum=0),
+                    swap_candidates=validation.count("swap_candidates", self.swap_candidates),
+                    max_kept=validation.count("max_kept", self.max_kept, maximum=validation.MAX_KEPT))
+
+
 class JointSelection(Selection):
     """Search the joint objective Q* (selection with the CBS-U update inside); see the module docstring.
 
@@ -118,28 +137,27 @@ class JointSelection(Selection):
     """
 
     name = "joint"
+    default_update = "cbsu"
     needs_fisher = True
+    Options = JointOptions
 
-    def __init__(self, start="cbs", iht_rounds=10, max_swaps=200, swap_candidates=64, max_kept=6000):
+    def __init__(self, options=None, *, start_selection: Selection | None = None, **given):
+        """`start_selection`: a Selection to start from instead of the one `start` names (a mask chosen
+        beforehand)."""
+        super().__init__(options, **given)
         # The basic selections: joint does not start from itself.
-        self.start = start if isinstance(start, Selection) else SELECTIONS[validation.choice("joint start", start,
-                                                                                              SELECTIONS)]()
-        self.iht_rounds = validation.count("iht_rounds", iht_rounds, minimum=0)
-        self.max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
-        self.swap_candidates = validation.count("swap_candidates", swap_candidates)
-        self.max_kept = validation.count("max_kept", max_kept, maximum=validation.MAX_KEPT)
+        self.start_selection = start_selection or SELECTIONS[self.start]()
 
     @property
     def needs_loss(self) -> bool:
-        return self.start.needs_loss
+        return self.start_selection.needs_loss
 
     def settings(self):
-        return dict(start=self.start.name, iht_rounds=self.iht_rounds, max_swaps=self.max_swaps,
-                    swap_candidates=self.swap_candidates, max_kept=self.max_kept, **self.start.settings())
+        return dict(super().settings(), start=self.start_selection.name, **self.start_selection.settings())
 
     def select(self, problem: PruningProblem) -> torch.Tensor:
         search = JointSearch(problem, self.max_kept)
-        starts = self.start.select(problem)
+        starts = self.start_selection.select(problem)
         for mask in [starts] if isinstance(starts, torch.Tensor) else starts:
             search.offer(mask)
         start_objective = search.objective

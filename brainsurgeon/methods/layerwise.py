@@ -24,19 +24,21 @@ row), the Fisher path's own selections and updates, not copied:
             warm-started from SparseGPT's mask, and the exact multi-weight update
 """
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
 from .. import validation
 from ..curvature.hessian import LayerObjective
 from .joint import JointSelection
+from .options import Configurable, MethodOptions, option
 from .patterns import Pattern
 from .problem import PruningProblem, best_candidate
 from .selection import CombinatorialBrainSurgeon, Selection, WoodFisher
 from .update import ExactOptimalBrainSurgeon, OptimalBrainSurgeon
 
 
-class LayerMethod(ABC):
+class LayerMethod(Configurable, ABC):
     """Chooses the pruned set of one layer under a pattern and returns (pruned mask, new weights); a method may
     leave figures of its last call in `last_stats` for the report."""
 
@@ -45,9 +47,6 @@ class LayerMethod(ABC):
 
     @abstractmethod
     def prune(self, objective: LayerObjective, pattern: Pattern) -> tuple: ...
-
-    def settings(self) -> dict:
-        return {}
 
 
 class MagnitudeLayer(LayerMethod):
@@ -70,6 +69,14 @@ class Wanda(LayerMethod):
         return pruned, objective.weight * ~pruned
 
 
+@dataclass(frozen=True)
+class SparseGPTOptions(MethodOptions):
+    block_size: int = option(128, "columns per lazy batch of the OBS sweep")
+
+    def checked(self):
+        return dict(block_size=validation.count("block_size", self.block_size))
+
+
 class SparseGPT(LayerMethod):
     """The OBS column sweep: columns are pruned left to right, each pruned weight's error spread over the columns
     to its right through the upper Cholesky factor of H^-1; updates within a block of `block_size` columns are
@@ -78,8 +85,7 @@ class SparseGPT(LayerMethod):
 
     name = "sparsegpt"
 
-    def __init__(self, block_size: int = 128):
-        self.block_size = validation.count("block_size", block_size)
+    Options = SparseGPTOptions
 
     def settings(self):
         return {"block_size": self.block_size}
@@ -121,6 +127,22 @@ class SparseGPT(LayerMethod):
         pruned[:, start:stop] = mask
 
 
+@dataclass(frozen=True)
+class JointLayerOptions(MethodOptions):
+    penalty: float = option(0.03, "ADMM's starting penalty, with H at unit mean diagonal")
+    growth: float = option(1.15, "the penalty's growth per iteration (squared while the support barely moves)")
+    max_iterations: int = option(80, "cap on ADMM iterations")
+    patience: int = option(3, "iterations with an unchanged support (past penalty 1) that end ADMM")
+    start: str = option("sparsegpt", "warm start: sparsegpt, wanda or mp")
+
+    def checked(self):
+        return dict(penalty=validation.positive("penalty", self.penalty),
+                    growth=validation.number("growth", self.growth, low=1, low_open=True),
+                    max_iterations=validation.count("max_iterations", self.max_iterations),
+                    patience=validation.count("patience", self.patience),
+                    start=validation.choice("joint start", self.start, ("sparsegpt", "wanda", "mp")))
+
+
 class JointLayer(LayerMethod):
     """ADMM on the layer objective with the pattern as the constraint (module docstring), then the exact update.
 
@@ -131,18 +153,7 @@ class JointLayer(LayerMethod):
     """
 
     name = "joint"
-
-    def __init__(self, penalty: float = 0.03, growth: float = 1.15, max_iterations: int = 80, patience: int = 3,
-                 start: str = "sparsegpt"):
-        self.penalty = validation.positive("penalty", penalty)
-        self.growth = validation.number("growth", growth, low=1, low_open=True)
-        self.max_iterations = validation.count("max_iterations", max_iterations)
-        self.patience = validation.count("patience", patience)
-        self.start = validation.choice("joint start", start, ("sparsegpt", "wanda", "mp"))
-
-    def settings(self):
-        return dict(penalty=self.penalty, growth=self.growth, max_iterations=self.max_iterations, patience=self.patience,
-                    start=self.start)
+    Options = JointLayerOptions
 
     def prune(self, objective, pattern):
         start_pruned, start_weight = LAYER_METHODS[self.start]().prune(objective, pattern)
@@ -179,20 +190,24 @@ class JointLayer(LayerMethod):
         return pruned, solved, iteration
 
 
+@dataclass(frozen=True)
+class FisherOnRowsOptions(MethodOptions):
+    seed: int = option(0, "seed of the method's random choices")
+
+    def checked(self):
+        return dict(seed=validation.seed(self.seed))
+
+
 class FisherOnRows(LayerMethod):
     """A Fisher selection and update (methods/selection.py, update.py) on the layer objective's Fisher form. The
     real loss they may compare candidates by is the layer error itself, and the exact update solves the damped
     H on the kept set, as `LayerObjective.exact_update` does."""
 
-    def __init__(self, seed: int = 0):
-        self.seed = validation.seed(seed)
+    Options = FisherOnRowsOptions
 
     @abstractmethod
     def methods(self, objective, pattern) -> tuple:
         """(selection, update) for this layer."""
-
-    def settings(self):
-        return {"seed": self.seed}
 
     def prune(self, objective, pattern):
         rows, cols = objective.shape
@@ -215,15 +230,18 @@ class WoodFisherLayer(FisherOnRows):
         return WoodFisher(), OptimalBrainSurgeon()
 
 
+@dataclass(frozen=True)
+class CBSLayerOptions(FisherOnRowsOptions):
+    init_trials: int = option(10, "perturbed-magnitude starting masks of each row's swap search")
+
+    def checked(self):
+        return dict(super().checked(), init_trials=validation.count(
+            "init_trials", self.init_trials, minimum=0, maximum=validation.MAX_INIT_TRIALS))
+
+
 class CBSLayer(FisherOnRows):
     name = "cbs"
-
-    def __init__(self, seed: int = 0, init_trials: int = 10):
-        super().__init__(seed)
-        self.init_trials = validation.count("init_trials", init_trials, minimum=0, maximum=validation.MAX_INIT_TRIALS)
-
-    def settings(self):
-        return {**super().settings(), "init_trials": self.init_trials}
+    Options = CBSLayerOptions
 
     def methods(self, objective, pattern):
         return CombinatorialBrainSurgeon(init_trials=self.init_trials), ExactOptimalBrainSurgeon(damping_grid=(1.0,))
@@ -235,26 +253,30 @@ class GivenMask(Selection):
     name = "given"
 
     def __init__(self, mask: torch.Tensor):
+        super().__init__()
         self.mask = mask
 
     def select(self, problem):
         return self.mask
 
 
+@dataclass(frozen=True)
+class SwapsLayerOptions(FisherOnRowsOptions):
+    iht_rounds: int = option(10, "thresholding-plus-backsolve rounds")
+    max_swaps: int = option(200, "cap on swaps with the update inside")
+
+    def checked(self):
+        return dict(super().checked(), iht_rounds=validation.count("iht_rounds", self.iht_rounds, minimum=0),
+                    max_swaps=validation.count("max_swaps", self.max_swaps, minimum=0))
+
+
 class SwapsLayer(FisherOnRows):
     name = "swaps"
-
-    def __init__(self, seed: int = 0, iht_rounds: int = 10, max_swaps: int = 200):
-        super().__init__(seed)
-        self.iht_rounds = validation.count("iht_rounds", iht_rounds, minimum=0)
-        self.max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
-
-    def settings(self):
-        return {**super().settings(), "iht_rounds": self.iht_rounds, "max_swaps": self.max_swaps}
+    Options = SwapsLayerOptions
 
     def methods(self, objective, pattern):
         start, _ = SparseGPT().prune(objective, pattern)
-        selection = JointSelection(start=GivenMask(start.reshape(-1)), iht_rounds=self.iht_rounds,
+        selection = JointSelection(start_selection=GivenMask(start.reshape(-1)), iht_rounds=self.iht_rounds,
                                    max_swaps=self.max_swaps)
         return selection, ExactOptimalBrainSurgeon(damping_grid=(1.0,))
 

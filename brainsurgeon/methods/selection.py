@@ -1,16 +1,19 @@
 """Selections: which weights to prune, as a boolean "pruned" mask (or candidate masks) with exact per-segment counts."""
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
 from .. import validation
 from ..progress import progress_bar
+from .options import Configurable, MethodOptions, option
 from .problem import PruningProblem, prune_lowest
 
 
-class Selection(ABC):
+class Selection(Configurable, ABC):
     name: str
+    default_update = "none"  # what 'NAME' alone runs after the selection ('NAME+UPDATE' names another)
     needs_fisher = False
     needs_loss = False
 
@@ -19,8 +22,6 @@ class Selection(ABC):
         """The pruned mask; or a list of candidate masks, of which the driver keeps the one with the lowest
         real calibration loss after the update."""
 
-    def settings(self) -> dict:
-        return {}
 
 
 class Magnitude(Selection):
@@ -43,6 +44,7 @@ class WoodFisher(Selection):
     """OBS saliency rho_i = w_i^2 / (2 [H^-1]_ii); diag(H^-1) from the n x n Cholesky, no p x p matrix."""
 
     name = "wf"
+    default_update = "obs"
     needs_fisher = True
 
     def select(self, problem):
@@ -70,6 +72,28 @@ def perturbed_magnitude_scores(weights: torch.Tensor, generator: torch.Generator
     return scores
 
 
+@dataclass(frozen=True)
+class CBSOptions(MethodOptions):
+    epsilon: float = option(1e-4, "minimum improvement of the objective for a swap to count")
+    rho: int = option(10, "candidate window half-width of a swap")
+    tau: int = option(20, "failed attempts that end a pass")
+    max_passes: int = option(2000, "cap on swap passes")
+    init_trials: int = option(50, "perturbed-magnitude starting masks")
+    # The reference searched on the undamped F. Measured on MLPNet (10,000 gradients, seeds 0-2), a search damped
+    # by 1e-3 did no better: 93.87 vs 93.95 at 0.8, 88.61 vs 88.87 at 0.95.
+    selection_damping: float = option(0.0, "ridge term of the swap search, pulling it toward magnitude")
+    candidates: int = option(1, "passes handed to the update as candidate masks (the best and ones spread evenly)")
+
+    def checked(self):
+        return dict(epsilon=validation.non_negative("epsilon", self.epsilon), rho=validation.count("rho", self.rho),
+                    tau=validation.count("tau", self.tau),
+                    max_passes=validation.count("max_passes", self.max_passes, minimum=0),
+                    init_trials=validation.count("init_trials", self.init_trials, minimum=0,
+                                                 maximum=validation.MAX_INIT_TRIALS),
+                    selection_damping=validation.non_negative("selection_damping", self.selection_damping),
+                    candidates=validation.count("candidates", self.candidates))
+
+
 class CombinatorialBrainSurgeon(Selection):
     """CBS-S: local search of swaps on f(P) = u^T H u, u = w restricted to P (DESIGN.md section 2).
 
@@ -82,24 +106,10 @@ class CombinatorialBrainSurgeon(Selection):
     """
 
     name = "cbs"
+    default_update = "cbsu"
     needs_fisher = True
     needs_loss = True
-
-    def __init__(self, epsilon=1e-4, rho=10, tau=20, max_passes=2000, init_trials=50, selection_damping=0.0,
-                 candidates=1):
-        self.epsilon = validation.non_negative("epsilon", epsilon)
-        self.rho, self.tau = validation.count("rho", rho), validation.count("tau", tau)
-        self.max_passes = validation.count("max_passes", max_passes, minimum=0)
-        self.init_trials = validation.count("init_trials", init_trials, minimum=0, maximum=validation.MAX_INIT_TRIALS)
-        self.candidates = validation.count("candidates", candidates)
-        # The reference searched on the undamped F. Measured on MLPNet (10,000 gradients, seeds 0-2), a search
-        # damped by 1e-3 did no better: 93.87 vs 93.95 at 0.8, 88.61 vs 88.87 at 0.95.
-        self.selection_damping = validation.non_negative("selection_damping", selection_damping)
-
-    def settings(self):
-        return dict(epsilon=self.epsilon, rho=self.rho, tau=self.tau, max_passes=self.max_passes,
-                    init_trials=self.init_trials, selection_damping=self.selection_damping,
-                    candidates=self.candidates)
+    Options = CBSOptions
 
     def select(self, problem):
         start = self._initial_mask(problem)

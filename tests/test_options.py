@@ -1,0 +1,174 @@
+"""Options are declared once per method, checked once, and never silently dropped: by the API, the CLI and bench."""
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import lm_folder, tiny_llama, tiny_problem
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import brainsurgeon
+from brainsurgeon import BrainSurgeonError
+from brainsurgeon.cli import build_parser, main
+from brainsurgeon.cli_options import declared_options
+from brainsurgeon.drivers.registry import SELECTIONS
+from brainsurgeon.methods.layerwise import LAYER_METHODS
+from brainsurgeon.methods.options import MethodOptions, option
+from brainsurgeon.methods.problem import prune_lowest
+from brainsurgeon.methods.selection import Selection
+from brainsurgeon.methods.update import UPDATES
+
+
+def mlp():
+    return tiny_problem(0, n=64, sizes=((8, 16), (16, 12), (12, 5)))
+
+
+def one_line(capsys, *argv):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+# The five cases that used to be accepted and then ignored ------------------------------------------------------
+
+def test_a_pattern_on_the_fisher_objective_is_refused():
+    model, x, y = mlp()
+    with pytest.raises(BrainSurgeonError, match="pattern='2:4' applies to objective='layer' only"):
+        brainsurgeon.prune(model, (x, y), 0.5, "cbs", pattern="2:4", progress=False)
+
+
+def test_the_seed_reaches_a_layer_wise_method_that_declares_one_and_is_refused_by_one_that_does_not():
+    model, x, y = mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.5, "cbs", objective="layer", seed=5, progress=False)
+    assert result.settings["seed"] == 5
+    with pytest.raises(BrainSurgeonError, match="method 'sparsegpt' takes no option 'seed'; its options are: "
+                                                "block_size"):
+        brainsurgeon.prune(model, (x, y), 0.5, "sparsegpt", objective="layer", seed=5, progress=False)
+
+
+@pytest.mark.parametrize("setting, value", [("stages", 2), ("scope", "layer"), ("structure", "layer"),
+                                            ("num_samples", 32), ("gradients", "disk"), ("max_memory", 2**30),
+                                            ("schedule", [0.5]), ("refine", 1)])
+def test_the_fisher_objectives_settings_are_refused_on_the_layer_objective(setting, value):
+    model, x, y = mlp()
+    with pytest.raises(BrainSurgeonError, match=f"objective='layer' does not use {setting}"):
+        brainsurgeon.prune(model, (x, y), 0.5, "sparsegpt", objective="layer", progress=False, **{setting: value})
+
+
+def test_bench_refuses_an_option_no_method_of_the_sweep_takes(capsys, mnist_like):
+    data, checkpoint = mnist_like
+    err = one_line(capsys, "bench", "--checkpoint", checkpoint, "--data-dir", data, "--methods", "mp,cbs",
+                   "--sparsities", "0.5", "--calib-samples", "50", "--iht-rounds", "3", "--quiet")
+    assert "no method of ['mp', 'cbs'] takes option 'iht_rounds'" in err
+    from brainsurgeon.bench import run_lm_benchmark
+
+    ids = torch.randint(0, 96, (4, 16))
+    with pytest.raises(BrainSurgeonError, match="no method of \\['sparsegpt'\\] takes option 'rhoo'"):
+        run_lm_benchmark(tiny_llama(layers=1), ids, ids, ["sparsegpt"], [0.5], progress=False, rhoo=3)
+
+
+def test_language_model_options_reach_the_method_or_are_refused(capsys, tmp_path):
+    folder, text = lm_folder(tmp_path, tiny_llama(layers=1))
+    capsys.readouterr()  # what saving the model printed
+    common = ("prune", "--hf-model", folder, "--text", text, "--calib-seqs", "4", "--seq-len", "16",
+              "--eval-windows", "2", "--sparsity", "0.5", "--quiet")
+    for flag in ("--iht-rounds", "--max-swaps", "--init-trials"):
+        err = one_line(capsys, *common, "--method", "joint", flag, "3", "--out", tmp_path / "p")
+        assert f"no method of ['joint'] takes option '{flag[2:].replace('-', '_')}'" in err
+    for flag in ("--structure", "--calib-samples", "--dataset"):
+        assert "does not apply with --hf-model" in one_line(capsys, *common, flag, "layer" if flag == "--structure"
+                                                            else "mnist" if flag == "--dataset" else "5",
+                                                            "--out", tmp_path / "p")
+    assert main([str(a) for a in (*common, "--method", "swaps", "--iht-rounds", "0", "--max-swaps", "1", "--out",
+                                  tmp_path / "p", "--report", tmp_path / "r.json")]) == 0
+    assert '"iht_rounds": 0' in (tmp_path / "r.json").read_text()
+
+
+def test_language_model_flags_are_refused_without_a_language_model(capsys, mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    err = one_line(capsys, "prune", "--checkpoint", checkpoint, "--data-dir", data, "--sparsity", "0.5",
+                   "--pattern", "2:4", "--out", tmp_path / "o.safetensors", "--quiet")
+    assert "--pattern does not apply without --hf-model" in err
+
+
+# Any undeclared option is refused ------------------------------------------------------------------------------
+
+FISHER_METHODS = ["mp", "random", "wf", "cbs", "joint", "mp+cbsu", "wf+obs", "max"]
+ALL_DECLARED = set(declared_options()) | {"seed"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.from_regex(r"[a-z][a-z_]{0,14}", fullmatch=True).filter(lambda n: n not in ALL_DECLARED),
+       fisher=st.sampled_from(FISHER_METHODS), layer=st.sampled_from(sorted(LAYER_METHODS)))
+def test_any_undeclared_option_is_refused_naming_the_declared_ones(name, fisher, layer):
+    model, x, y = mlp()
+    with pytest.raises(BrainSurgeonError, match=f"takes no option '{name}'"):
+        brainsurgeon.drivers.plan.plan_run(model, 0.5, fisher, **{name: 1})
+    with pytest.raises(BrainSurgeonError, match=f"takes no option '{name}'; its options are"):
+        brainsurgeon.prune(model, (x, y), 0.5, layer, objective="layer", progress=False, **{name: 1})
+
+
+@pytest.mark.parametrize("method", sorted(LAYER_METHODS))
+def test_a_layer_method_takes_exactly_its_declared_options(method):
+    model, x, y = mlp()
+    declared = LAYER_METHODS[method].Options.names()
+    for fisher_only in set(SELECTIONS["cbs"].Options.names()) - set(declared):
+        with pytest.raises(BrainSurgeonError, match=f"takes no option '{fisher_only}'"):
+            brainsurgeon.prune_layerwise(model, x, 0.5, method, progress=False, **{fisher_only: 1})
+
+
+# One declaration: the CLI, bench and the README follow it ------------------------------------------------------
+
+def test_every_declared_option_is_a_flag_with_its_owners_in_the_help():
+    text = build_parser()._subparsers._group_actions[0].choices["prune"].format_help()
+    for name, (_, _, owners) in declared_options().items():
+        if name == "seed":
+            continue  # the command line's own --seed
+        assert "--" + name.replace("_", "-") in text
+    assert "cbs: default 50; cbs (layer-wise): default 10" in re.sub(r"\s+", " ", text)
+
+
+@dataclass(frozen=True)
+class LargestOptions(MethodOptions):
+    keep_signs: bool = option(False, "test-only: a flag that shows up on the command line")
+
+
+class Largest(Selection):
+    """A test-only selection: prune the largest weights."""
+
+    name = "largest"
+    Options = LargestOptions
+
+    def select(self, problem):
+        return prune_lowest(-problem.weights.abs(), problem.segments)
+
+
+def test_a_new_method_is_one_class_and_one_registry_line(monkeypatch):
+    monkeypatch.setitem(SELECTIONS, Largest.name, Largest)  # the registry line
+    model, x, y = mlp()
+    result = brainsurgeon.prune(model, (x, y), 0.5, "largest", progress=False, keep_signs=True)
+    assert result.settings["method"] == "largest+none" and result.settings["keep_signs"] is True
+    weights = torch.cat([p.detach().abs().flatten() for p in model.parameters()])
+    assert float(torch.cat([w.abs().flatten() for w in result.weights.values()]).max()) < float(weights.max())
+    assert "--keep-signs" in build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
+    with pytest.raises(BrainSurgeonError, match="takes no option 'rho'"):
+        brainsurgeon.prune(model, (x, y), 0.5, "largest", progress=False, rho=3)
+
+
+def test_the_readme_tables_name_every_method_update_and_option():
+    readme = open(__file__.replace("tests/test_options.py", "README.md")).read()
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+
+    def row(name):
+        return next(line for line in rows if line.split("|")[1].strip().startswith(f"`{name}`"))
+
+    for name in [*SELECTIONS, *UPDATES, *LAYER_METHODS]:
+        assert row(name)
+    for name, cls in SELECTIONS.items():
+        for declared in cls.Options.names():
+            assert f"`{declared}`" in row(name), (name, declared)
