@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError
 from brainsurgeon.curvature.hessian import LayerObjective
-from brainsurgeon.drivers.sequential import (
+from brainsurgeon.drivers.activations import (
     capture_block_inputs,
     find_blocks,
     model_calls,
-    prune_layerwise,
 )
+from brainsurgeon.drivers.sequential import prune_layerwise
 from brainsurgeon.methods.layerwise import LAYER_METHODS, SparseGPT
 from brainsurgeon.methods.patterns import Pattern
 from brainsurgeon.models.hf import save_pruned

@@ -9,8 +9,8 @@ from functools import cached_property
 import torch
 from torch.func import functional_call, grad, vmap
 
-from ..drivers.layers import evaluating
 from ..errors import BrainSurgeonError
+from ..modes import evaluating
 from ..progress import progress_bar
 from .gradient_store import FLOAT_BYTES, TRANSPOSE_BUFFER_BYTES, InMemoryGradients
 

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from ..errors import BrainSurgeonError, first_line
-from .layers import evaluating
+from ..modes import evaluating
 
 CHECK_BATCH = 128
 

@@ -1,7 +1,6 @@
 """Which weights are prunable, and how they map onto one flat vector of length p."""
 import copy
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import BrainSurgeonError
+from ..modes import computed_weights, evaluating
 
 DEFAULT_TYPES = ("Linear",)
 
@@ -142,34 +142,10 @@ def flat_weights(model: nn.Module, layers) -> torch.Tensor:
     return torch.cat([layer.gather(params[layer.param].detach()) for layer in layers])
 
 
-def _computed_weights(model: nn.Module) -> list:
-    """(module, name, tensor) of the weights torch.nn.utils.prune recomputes as plain attributes in a forward
-    pre-hook: functional calls would leave them computed from the substituted tensors."""
-    return [(module, name[: -len("_orig")], module.__dict__[name[: -len("_orig")]])
-            for module in model.modules() for name, _ in module.named_parameters(recurse=False)
-            if name.endswith("_orig") and name[: -len("_orig")] in module.__dict__]
-
-
-@contextmanager
-def evaluating(model: nn.Module):
-    """Eval mode (BatchNorm on running statistics, no dropout) for the block, then the model as it was handed
-    over: every module's own train/eval mode, and the weights torch.nn.utils.prune computes."""
-    modes = [(module, module.training) for module in model.modules()]
-    computed = _computed_weights(model)
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-        for module, name, tensor in computed:
-            setattr(module, name, tensor)
-
-
 def copy_model(model: nn.Module) -> nn.Module:
     """copy.deepcopy, also of a model pruned with torch.nn.utils.prune, whose computed weights (not graph
     leaves) deepcopy refuses: they are copied detached."""
-    computed = _computed_weights(model)
+    computed = computed_weights(model)
     for module, name, tensor in computed:
         setattr(module, name, tensor.detach())
     try:

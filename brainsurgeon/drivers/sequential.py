@@ -17,105 +17,31 @@ activations is carried along (twice the activation memory). On ResNet20 at 90% s
 55.3% to 81.8% test accuracy (the model as one block, 1,000 calibration images).
 """
 import copy
-import inspect
 import time
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .. import validation
 from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING, LayerObjective
-from ..errors import BrainSurgeonError, first_line, solver_errors_as_one_line
+from ..errors import BrainSurgeonError, solver_errors_as_one_line
 from ..methods.layerwise import LAYER_METHODS
 from ..methods.patterns import Pattern
+from ..modes import evaluating
 from ..progress import progress_bar
-from .calibration import ARRAYS, LIST_HINT, as_tensor, is_tensor_pair
-from .layers import check_finite_model, evaluating, find_prunable
+from .activations import (
+    HessianRecorder,
+    capture_block_inputs,
+    cross_products,
+    find_blocks,
+    model_calls,
+    run_block,
+    with_first,
+)
+from .layers import check_finite_model, find_prunable
 from .result import PruneResult
 
 OUTSIDE_BLOCKS = "outside the repeated blocks the layer-wise driver prunes (embeddings, stem, output head stay dense)"
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook: nothing after the first block needs to run."""
-
-
-def find_blocks(model: nn.Module, blocks=None) -> list:
-    """[(name, module)] of the blocks to prune in order: those named in `blocks`, else the children of the
-    nn.ModuleList holding the most parameters, else the whole model as one block."""
-    modules = dict(model.named_modules())
-    if blocks is not None:
-        missing = [name for name in blocks if name not in modules]
-        if missing:
-            raise BrainSurgeonError(f"blocks {missing} are not modules of {type(model).__name__}")
-        return [(name, modules[name]) for name in blocks]
-    lists = [(name, module) for name, module in modules.items() if isinstance(module, nn.ModuleList) and len(module)]
-    if not lists:
-        return [("", model)]
-    name, chosen = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
-    return [(f"{name}.{index}", block) for index, block in enumerate(chosen)]
-
-
-def model_calls(model: nn.Module, calibration, batch_size: int) -> list:
-    """Calibration as the model's (args, kwargs) calls: a tensor of inputs (token ids, images) split into batches,
-    an (inputs, targets) pair, or an iterable of tensors, (inputs, ...) tuples or keyword dicts."""
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    if is_tensor_pair(calibration):
-        calibration = calibration[0]
-    if isinstance(calibration, ARRAYS):
-        calibration = list(as_tensor(calibration, "calibration inputs").split(batch_size))
-    calls = []
-    for item in calibration:
-        if isinstance(item, dict):
-            calls.append(((), {**extra, **item}))
-        elif isinstance(item, ARRAYS):
-            calls.append(((as_tensor(item, "calibration inputs"),), extra))
-        elif isinstance(item, (tuple, list)) and item and isinstance(item[0], ARRAYS):
-            calls.append(((as_tensor(item[0], "calibration inputs"),), extra))
-        else:
-            raise BrainSurgeonError(f"calibration items must be tensors, (inputs, ...) tuples or keyword dicts, "
-                                    f"got {type(item).__name__}; {LIST_HINT}")
-    if not calls:
-        raise BrainSurgeonError("calibration data is empty; pass model inputs (e.g. token ids, num_seqs x seq_len)")
-    for args, kwargs in calls:
-        for value in (*args, *kwargs.values()):
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-                raise BrainSurgeonError("calibration inputs contain NaN or Inf; clean or re-normalise the data")
-    return calls
-
-
-def capture_block_inputs(model: nn.Module, block: nn.Module, calls) -> list:
-    """The (args, kwargs) each call hands `block`, with the model stopped there."""
-    captured = []
-
-    def stop(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _StopForward
-
-    handle = block.register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        for args, kwargs in calls:
-            try:
-                model(*args, **kwargs)
-            except _StopForward:
-                continue
-            except Exception as error:
-                raise BrainSurgeonError(f"the model cannot run on the calibration data: {first_line(error)}; pass "
-                                        "inputs shaped and typed as the model expects") from None
-    finally:
-        handle.remove()
-    if len(captured) != len(calls):
-        raise BrainSurgeonError("the first block never ran on the calibration data; name the blocks with blocks=[...]")
-    return captured
-
-
-def _layer_inputs(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The rows x d_in matrix of what a layer multiplies its weight matrix with (a conv: its unfolded patches)."""
-    if isinstance(module, nn.Conv2d):
-        patches = F.unfold(inputs, module.kernel_size, module.dilation, module.padding, module.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    return inputs.reshape(-1, inputs.shape[-1])
 
 
 def unsupported_layer(module: nn.Module) -> str | None:
@@ -132,68 +58,6 @@ def unprunable_layer(module: nn.Module, layer) -> str | None:
     masked = layer.tensor != "weight"
     return unsupported_layer(module) or (
         "carries a torch.nn.utils.prune mask; the layer-wise driver prunes plain weights" if masked else None)
-
-
-class HessianRecorder:
-    """Forward hooks that add X X^T of every listed layer's inputs (float64 sums of float32 products). Layers fed
-    the same tensor (a transformer's q, k and v projections) share one product."""
-
-    def __init__(self, modules: dict):
-        self.sums = {name: None for name in modules}
-        self.counts = dict.fromkeys(modules, 0)
-        self.last = (None, None, None)  # (input tensor, layer kind, its product)
-        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
-
-    def _product(self, module, inputs):
-        seen, kind, product = self.last
-        if seen is not inputs or kind != _layout(module):
-            rows = _layer_inputs(module, inputs.detach()).float()
-            product = ((rows.T @ rows).double(), len(rows))
-            self.last = (inputs, _layout(module), product)
-        return product
-
-    def _hook(self, name):
-        def record(module, args, output):
-            product, rows = self._product(module, args[0])
-            self.sums[name] = product.clone() if self.sums[name] is None else self.sums[name].add_(product)
-            self.counts[name] += rows
-        return record
-
-    def hessian(self, name) -> torch.Tensor:
-        hessian = self.sums[name] / self.counts[name]
-        check_finite_hessian(hessian, name)
-        return hessian
-
-    def close(self):
-        self.last = (None, None, None)
-        for handle in self.handles:
-            handle.remove()
-
-
-def check_finite_hessian(hessian: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(hessian).all():
-        raise BrainSurgeonError(f"the inputs of layer {name} overflow: X X^T is not finite (activations too large for "
-                                "float32); rescale the calibration inputs or check the model's weights")
-
-
-def _layout(module: nn.Module):
-    """What decides how a layer unfolds its input: layers of one layout fed one tensor see the same X."""
-    if isinstance(module, nn.Conv2d):
-        return ("conv", module.kernel_size, module.dilation, module.padding, module.stride)
-    return ("linear",)
-
-
-def _run_block(block, inputs) -> list:
-    """The block's output hidden states for each captured call (the first output when it returns a tuple)."""
-    outputs = []
-    for args, kwargs in inputs:
-        out = block(*args, **kwargs)
-        outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
-    return outputs
-
-
-def _with_first(inputs, hidden) -> list:
-    return [((h, *args[1:]), kwargs) for (args, kwargs), h in zip(inputs, hidden)]
 
 
 @solver_errors_as_one_line
@@ -303,7 +167,7 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, damping, tim
     if inputs is not None:
         recorder = HessianRecorder({name: modules[name] for name, _, _ in layers})
         try:
-            _run_block(block, inputs)
+            run_block(block, inputs)
         finally:
             recorder.close()
     timings["hessians"] += time.perf_counter() - mark
@@ -316,7 +180,7 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, damping, tim
             _prune_layer(modules[name], full_name, LayerObjective(weight, hessian, damping), recorder is not None,
                          layer_method, pattern, timings, stats, masks, weights)
         mark = time.perf_counter()
-        next_inputs = None if inputs is None else _with_first(inputs, _run_block(block, inputs))
+        next_inputs = None if inputs is None else with_first(inputs, run_block(block, inputs))
         timings["propagate"] += time.perf_counter() - mark
     finally:  # the caller's model comes back unchanged, whatever happened
         _restore(modules, originals)
@@ -333,15 +197,15 @@ def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, dam
     try:
         for name, full_name, pattern in layers:
             mark = time.perf_counter()
-            hessian, cross = _cross_products(block, dense_block, name, inputs, dense_inputs)
+            hessian, cross = cross_products(block, dense_block, name, inputs, dense_inputs)
             timings["hessians"] += time.perf_counter() - mark
             originals[name] = modules[name].weight.detach().clone()
             objective = LayerObjective.reproducing(modules[name].weight, hessian, cross, damping)
             _prune_layer(modules[name], full_name, objective, True, layer_method, pattern, timings, stats, masks,
                          weights)
         mark = time.perf_counter()
-        next_inputs = _with_first(inputs, _run_block(block, inputs))
-        next_dense = _with_first(dense_inputs, _run_block(dense_block, dense_inputs))
+        next_inputs = with_first(inputs, run_block(block, inputs))
+        next_dense = with_first(dense_inputs, run_block(dense_block, dense_inputs))
         timings["propagate"] += time.perf_counter() - mark
     finally:
         _restore(modules, originals)
@@ -351,41 +215,6 @@ def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, dam
 def _restore(modules: dict, originals: dict) -> None:
     for name, original in originals.items():
         modules[name].weight.copy_(original)
-
-
-def _cross_products(block, dense_block, name, inputs, dense_inputs) -> tuple:
-    """(X_p X_p^T / N, X_p X_d^T / N) of layer `name`: X_p its inputs in `block` on the pruned stream, X_d in
-    `dense_block` on the dense stream, row for row. Each forward pass stops once the layer has its input."""
-    captured = {}
-
-    def capture(key):
-        def hook(module, args):
-            captured[key] = _layer_inputs(module, args[0].detach()).float()
-            raise _StopForward
-        return hook
-
-    handles = [dict(model.named_modules())[name].register_forward_pre_hook(capture(key))
-               for key, model in (("pruned", block), ("dense", dense_block))]
-    hessian = cross = None
-    rows = 0
-    try:
-        for (args, kwargs), (dense_args, dense_kwargs) in zip(inputs, dense_inputs):
-            for model, call_args, call_kwargs in ((dense_block, dense_args, dense_kwargs), (block, args, kwargs)):
-                try:
-                    model(*call_args, **call_kwargs)
-                except _StopForward:
-                    pass
-            pruned_rows, dense_rows = captured.pop("pruned"), captured.pop("dense")
-            products = ((pruned_rows.T @ pruned_rows).double(), (pruned_rows.T @ dense_rows).double())
-            hessian, cross = products if hessian is None else (hessian.add_(products[0]), cross.add_(products[1]))
-            rows += len(pruned_rows)
-    finally:
-        for handle in handles:
-            handle.remove()
-    hessian, cross = hessian / rows, cross / rows
-    check_finite_hessian(hessian, name)
-    check_finite_hessian(cross, name)
-    return hessian, cross
 
 
 def _prune_layer(module, full_name, objective, has_hessian, layer_method, pattern, timings, stats, masks, weights):

@@ -21,8 +21,9 @@ from ..curvature.gradient_store import (
 )
 from ..errors import BrainSurgeonError, FewSamplesWarning
 from ..methods.problem import PruningProblem, best_candidate
+from ..modes import evaluating
 from .budget import make_segments
-from .layers import evaluating, find_prunable, flat_weights
+from .layers import find_prunable, flat_weights
 from .registry import build_methods
 from .result import PruneResult
 
