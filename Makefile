@@ -12,13 +12,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: install demo test bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm
+.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/brainsurgeon demo
 
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Every test, the slow ones included (about twice as long as make test).
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The paper's MLPNet/MNIST table (about 35 minutes for three seeds on 2 cores).

@@ -58,7 +58,7 @@ def measure_run(model, run_prune, score) -> dict:
 
 
 def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), calib_samples=DEFAULT_CALIB_SAMPLES,
-                  damping=None, model_name="model", progress=True, max_memory=8 * GIB, structure="full",
+                  damping=None, model_name="model", progress=True, max_memory=8 * GIB, structure=None,
                   gradients="auto", json_path=None, overwrite=False, **options) -> dict:
     """Prune `model` with every method x sparsity x seed; each run starts from the dense model.
 

@@ -19,8 +19,10 @@ from .datasets.vision import (
     load_dataset,
 )
 from .demo import demo_setup
+from .drivers.layers import find_prunable
 from .drivers.oneshot import prune
-from .drivers.stage import DEFAULT_DAMPING, GIB
+from .drivers.registry import needs_fisher
+from .drivers.stage import DEFAULT_DAMPING, GIB, samples_that_fit
 from .errors import BrainSurgeonError, first_line
 from .models.hf import convert_gguf
 from .models.loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
@@ -83,14 +85,29 @@ def _add_common(parser):
     add_option_flags(parser)
 
 
-def _calib_samples(args, dataset) -> int:
-    """An explicit --calib-samples must exist in the data; the default shrinks to a small training split."""
+def _calib_samples(args, dataset, model, methods) -> tuple:
+    """(samples, why they were chosen or None). An explicit --calib-samples must exist in the data and is never
+    changed. The default, DEFAULT_CALIB_SAMPLES, shrinks to a small training split, and for a Fisher method to
+    the most per-sample gradients that fit --max-memory-gb (said on stderr)."""
     if args.calib_samples is None:
-        return min(DEFAULT_CALIB_SAMPLES, dataset.num_train)
+        wanted = min(DEFAULT_CALIB_SAMPLES, dataset.num_train)
+        if not any(needs_fisher(method) for method in methods):
+            return wanted, None
+        layers, _ = find_prunable(model, getattr(args, "include", None), getattr(args, "ignore", None) or ())
+        budget = _max_memory(args) or 8 * GIB
+        fitting = samples_that_fit(layers, wanted, budget)
+        if fitting == wanted:
+            return wanted, None
+        weights = sum(layer.size for layer in layers)
+        why = (f"{fitting} calibration samples, not {wanted}: the most per-sample gradients of {weights} weights whose "
+               f"Fisher (one block per layer, streamed) fits {budget / GIB:g} GiB")
+        if not args.quiet:
+            print(f"brainsurgeon: chose {why}", file=sys.stderr, flush=True)
+        return fitting, why
     if validation.count("calibration samples", args.calib_samples) > dataset.num_train:
         raise BrainSurgeonError(f"not enough training samples: --calib-samples {args.calib_samples} requested, "
                                 f"{dataset.num_train} exist; lower --calib-samples")
-    return args.calib_samples
+    return args.calib_samples, None
 
 
 def _load(args):
@@ -111,8 +128,9 @@ def _cmd_prune(args):
         report_path = staged.file(args.report) if args.report else None
         model, dataset = _load(args)
         calibration = dataset.calibration(dataset.num_train, args.seed)  # staged methods may draw fresh samples
+        samples, chosen = _calib_samples(args, dataset, model, [args.method or "cbs"])
         result = prune(model, calibration, args.sparsity, args.method or "cbs",
-                       num_samples=_calib_samples(args, dataset), damping=args.damp, seed=args.seed,
+                       num_samples=samples, damping=args.damp, seed=args.seed,
                        scope=args.scope, structure=args.structure, gradients=args.gradients,
                        include=args.include, ignore=args.ignore or (), max_memory=_max_memory(args),
                        progress=not args.quiet, **given_options(args))
@@ -120,7 +138,7 @@ def _cmd_prune(args):
         pruned_acc = accuracy(result.apply(model), dataset.test_x, dataset.test_y)
         result.save(out_path, model)
         report = {**result.report(), "dense_accuracy": dense_acc, "accuracy": pruned_acc,
-                  "note": bench.UNSTRUCTURED_NOTE}
+                  "calib_samples_chosen": chosen, "note": bench.UNSTRUCTURED_NOTE}
         if report_path:
             report_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{result.settings['method']} at sparsity {args.sparsity}: pruned {result.num_pruned} of the "
@@ -150,11 +168,14 @@ def _cmd_bench(args):
     if any(isinstance(s, str) for s in args.sparsities):
         raise BrainSurgeonError("N:M patterns in --sparsities are for --hf-model")
     model, dataset = _load(args)
-    report = bench.run_benchmark(model, dataset, args.methods.split(","), args.sparsities, args.seeds,
-                                 _calib_samples(args, dataset), args.damp, model_name=args.model or "mlpnet",
+    methods = args.methods.split(",")
+    samples, chosen = _calib_samples(args, dataset, model, methods)
+    report = bench.run_benchmark(model, dataset, methods, args.sparsities, args.seeds,
+                                 samples, args.damp, model_name=args.model or "mlpnet",
                                  progress=not args.quiet, max_memory=_max_memory(args) or 8 * GIB,
-                                 structure=args.structure or "full", gradients=args.gradients or "auto",
+                                 structure=args.structure, gradients=args.gradients or "auto",
                                  json_path=args.json, overwrite=args.overwrite, **given_options(args))
+    report["settings"]["calib_samples_chosen"] = chosen
     _finish_bench(report, args)
 
 

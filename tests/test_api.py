@@ -1,10 +1,11 @@
 """The public API: exact counts, determinism, masks through safetensors and torch.nn.utils.prune, errors."""
 import copy
+import json
 import math
 
 import pytest
 import torch
-from conftest import tiny_problem
+from helpers import assert_same_result, tiny_problem
 from torch.nn.utils import prune as torch_prune
 
 import brainsurgeon
@@ -46,9 +47,7 @@ def test_same_seed_same_result_and_model_untouched():
     before = copy.deepcopy(model.state_dict())
     first = brainsurgeon.prune(model, (x, y), 0.8, "cbs", seed=3, progress=False, init_trials=5)
     second = brainsurgeon.prune(model, (x, y), 0.8, "cbs", seed=3, progress=False, init_trials=5)
-    for name in first.masks:
-        assert torch.equal(first.masks[name], second.masks[name])
-        assert torch.equal(first.weights[name], second.weights[name])
+    assert_same_result(first, second)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
 
@@ -64,9 +63,7 @@ def test_calibration_as_batches_equals_pair():
     batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
     a = brainsurgeon.prune(model, (x, y), 0.6, "wf", progress=False)
     b = brainsurgeon.prune(model, batches, 0.6, "wf", progress=False)
-    for name in a.masks:
-        assert torch.equal(a.masks[name], b.masks[name])
-        assert torch.allclose(a.weights[name], b.weights[name], atol=1e-5)
+    assert_same_result(a, b, atol=1e-5)
 
 
 def test_cbs_search_lowers_its_objective_and_never_returns_a_worse_mask_than_its_start():
@@ -85,9 +82,7 @@ def test_masks_round_trip_through_safetensors_and_torch_prune(tmp_path):
     result.save(path, model)
     loaded = PruneResult.load(path)
     assert loaded.settings == result.settings
-    for name in result.masks:
-        assert torch.equal(loaded.masks[name], result.masks[name])
-        assert torch.equal(loaded.weights[name], result.weights[name])
+    assert_same_result(loaded, result)
     applied = result.apply(copy.deepcopy(model))
     masked = loaded.apply_masks(copy.deepcopy(model))
     for name, mask in result.masks.items():
@@ -191,9 +186,7 @@ def test_streaming_gradients_from_disk_gives_the_in_memory_result(method, tmp_pa
     memory = brainsurgeon.prune(model, (x, y), 0.8, method, gradients="memory", **common)
     disk = brainsurgeon.prune(model, (x, y), 0.8, method, gradients="disk", scratch_dir=tmp_path, **common)
     assert disk.settings["gradients"] == "disk" and memory.settings["gradients"] == "memory"
-    for name in memory.masks:
-        assert torch.equal(disk.masks[name], memory.masks[name])
-        assert torch.allclose(disk.weights[name], memory.weights[name], atol=1e-6)
+    assert_same_result(disk, memory, atol=1e-6)
     assert not list(tmp_path.iterdir())  # the scratch file is gone
 
 
@@ -264,3 +257,50 @@ def test_calibration_loss_remembers_recent_weights_and_never_serves_stale_ones(d
     assert calibration_loss(flat) != first and len(calls) == 2
     flat.copy_(original)
     assert calibration_loss(flat) == first and len(calls) == 2
+
+
+def test_defaults_that_do_not_fit_memory_are_chosen_to_fit():
+    """On ResNet20, 10,000 gradients of the full Fisher need about 21 GiB: one block per layer, streamed, fits 8."""
+    from brainsurgeon.curvature.fisher import memory_need
+    from brainsurgeon.drivers.layers import find_prunable
+    from brainsurgeon.drivers.stage import (
+        GIB,
+        fisher_regions,
+        fitting_structure,
+        samples_that_fit,
+    )
+    from brainsurgeon.models.vision import ResNet20
+
+    layers, _ = find_prunable(ResNet20(), None, ())
+    structure, why = fitting_structure(layers, 10_000, "auto", 8 * GIB, 64)
+    assert structure == "layer" and "need about 21.4 GiB, above max_memory 8.0 GiB" in why
+    assert fitting_structure(layers, 10_000, "auto", 32 * GIB, 64) == ("full", None)
+    fitting = samples_that_fit(layers, 10_000, 2 * GIB, 64)
+    regions = fisher_regions(layers, "layer")
+    assert memory_need(fitting, regions, True, 64) <= 2 * GIB < memory_need(fitting + 1, regions, True, 64)
+    assert samples_that_fit(layers, 10_000, 8 * GIB, 64) == 10_000
+
+
+def test_a_chosen_structure_is_in_the_settings_and_an_explicit_one_is_only_refused():
+    model, x, y = tiny_problem(0, n=256, sizes=((64, 64), (64, 10)))
+    roomy = brainsurgeon.prune(model, (x, y), 0.5, "wf", progress=False)
+    assert roomy.settings["structure"] == "full" and "structure_chosen" not in roomy.settings
+    with pytest.raises(BrainSurgeonError, match="above max_memory"):
+        brainsurgeon.prune(model, (x, y), 0.5, "wf", max_memory=2**20, structure="full", gradients="memory",
+                           progress=False)
+
+
+def test_the_cli_chooses_fewer_samples_where_the_default_would_not_fit(capsys, mnist_like, tmp_path):
+    from brainsurgeon.cli import main
+
+    data, checkpoint = mnist_like
+    base = ("bench", "--checkpoint", checkpoint, "--data-dir", data, "--methods", "wf", "--sparsities", "0.5",
+            "--max-memory-gb", "0.1")
+    assert main([str(a) for a in (*base, "--json", tmp_path / "b.json")]) == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    chosen = report["settings"]["calib_samples"]
+    assert chosen < 300 and f"{chosen} calibration samples, not 300" in report["settings"]["calib_samples_chosen"]
+    assert f"chose {chosen} calibration samples" in capsys.readouterr().err
+    code = main([str(a) for a in (*base[:-1], "0.05", "--calib-samples", "300", "--structure", "full",
+                                  "--gradients", "memory")])
+    assert code == 2 and "above max_memory" in capsys.readouterr().err

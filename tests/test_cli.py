@@ -39,7 +39,6 @@ def test_bench_writes_the_documented_json_shape(capsys, mnist_like, tmp_path):
     assert {"model", "dataset", "dense_accuracy", "settings", "results"} <= set(report)
     assert len(report["results"]) == 8 and report["complete"] is True
     assert {"method", "sparsity", "seed", "accuracy", "seconds", "achieved_sparsity", "peak_rss_bytes"} <= set(report["results"][0])
-    assert all(row["peak_rss_bytes"] > 10 * 2**20 for row in report["results"])
     assert "±" in stdout and (tmp_path / "plot.png").stat().st_size > 0
 
 

@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from helpers import assert_same_result
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_api import small_mlp
@@ -63,9 +64,7 @@ def test_a_single_stage_on_a_larger_pool_is_the_prune_of_its_first_samples():
     plain = brainsurgeon.prune(model, (x[:64], y[:64]), 0.6, "cbs", progress=False, init_trials=3)
     pooled = brainsurgeon.prune(model, (x, y), 0.6, "cbs", num_samples=64, progress=False, init_trials=3,
                                 fresh_samples=True)
-    for name in plain.masks:
-        assert torch.equal(plain.masks[name], pooled.masks[name])
-        assert torch.equal(plain.weights[name], pooled.weights[name])
+    assert_same_result(plain, pooled)
 
 
 def test_auto_refinement_keeps_stages_while_they_stay_below_the_unrefined_held_out_loss():
@@ -222,9 +221,7 @@ def test_the_adaptive_schedule_is_deterministic_and_pinned_reproduces_it_bit_for
                                 seed=3, **settings)
     assert first.settings["schedule"] == again.settings["schedule"] == pinned.settings["schedule"]
     for other in (again, pinned):
-        for name in first.weights:
-            assert torch.equal(first.masks[name], other.masks[name])
-            assert torch.equal(first.weights[name], other.weights[name])
+        assert_same_result(first, other)
 
 
 def test_a_walk_stops_once_the_other_path_is_better_beyond_the_noise_and_not_at_a_tie():

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import lm_folder, tiny_llama, tiny_problem
+from helpers import lm_folder, tiny_llama, tiny_problem
 from torch import nn
 from torch.nn.utils import parametrizations
 from torch.nn.utils import prune as torch_prune
@@ -126,9 +126,12 @@ def test_a_crafted_cifar_batch_is_refused_and_a_plain_one_reads(tmp_path):
     assert not marker.exists()
 
 
-def test_the_papers_checkpoints_load_without_trusting_pickle(shared_data):
-    load_checkpoint(MLPNet(), shared_data / "checkpoints" / "mnist_25_epoch_93.97.ckpt")
-    load_checkpoint(ResNet20(), shared_data / "checkpoints" / "resnet20_cifar10.pth.tar")
+def test_the_papers_checkpoints_load_without_trusting_pickle_and_lose_nothing(shared_data):
+    for network, name in ((MLPNet, "mnist_25_epoch_93.97.ckpt"), (ResNet20, "resnet20_cifar10.pth.tar")):
+        path = shared_data / "checkpoints" / name
+        safe, trusted = load_checkpoint(network(), path), load_checkpoint(network(), path, trust_pickle=True)
+        for key, value in safe.state_dict().items():  # the shared data are trusted: full unpickling as a reference
+            assert torch.equal(value, trusted.state_dict()[key]), key
 
 
 # 2. Every value is validated where it enters ---------------------------------------------------------------
@@ -256,12 +259,11 @@ def test_bad_lists_are_argparse_errors(capsys, mnist_like, flag, value):
 
 def test_bench_checks_every_sparsity_before_the_first_run(capsys, mnist_like, tmp_path):
     data, checkpoint = mnist_like
-    started = time.perf_counter()
     code, _, err = run(capsys, "bench", "--checkpoint", checkpoint, "--data-dir", data, "--methods", "mp,cbs",
                        "--sparsities", "0.5,0.9,1.5", "--calib-samples", "100", "--json", tmp_path / "b.json",
                        "--quiet")
     one_line_error(code, err, "sparsity must be in [0, 1), got 1.5")
-    assert time.perf_counter() - started < 5 and not (tmp_path / "b.json").exists()
+    assert not (tmp_path / "b.json").exists()
 
 
 # 3. Every prunable weight is pruned or reported --------------------------------------------------------------

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import assert_same_result
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_api import small_mlp
@@ -184,9 +185,7 @@ def test_one_stage_equals_the_single_stage_method(method):
     single = brainsurgeon.prune(model, (x, y), 0.8, method, progress=False, start="wf")
     for staged in (dict(stages=1), dict(schedule=[0.8]), dict(stages=1, first_order=True)):
         other = brainsurgeon.prune(model, (x, y), 0.8, method, progress=False, start="wf", **staged)
-        for name in single.masks:
-            assert torch.equal(single.masks[name], other.masks[name])
-            assert torch.equal(single.weights[name], other.weights[name])
+        assert_same_result(single, other)
 
 
 def test_stages_reach_the_exact_count_deterministically_and_leave_the_model_untouched():
@@ -196,9 +195,7 @@ def test_stages_reach_the_exact_count_deterministically_and_leave_the_model_unto
                                start="mp") for _ in range(2)]
     assert runs[0].num_pruned == int(0.9 * runs[0].num_weights + 0.5)
     assert [stage["sparsity"] for stage in runs[0].stats["stages"]] == sparsity_schedule(0.9, 3)
-    for name in runs[0].masks:
-        assert torch.equal(runs[0].masks[name], runs[1].masks[name])
-        assert torch.equal(runs[0].weights[name], runs[1].weights[name])
+    assert_same_result(runs[0], runs[1])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -231,9 +228,7 @@ def test_max_below_its_first_stage_is_cbs():
         preset = brainsurgeon.prune(model, (x, y), 0.6, "max", progress=False, init_trials=3, layer_start=False,
                                     **overrides)
         assert preset.settings["method"] == "cbs+cbsu"
-        for name in plain.masks:
-            assert torch.equal(plain.masks[name], preset.masks[name])
-            assert torch.equal(plain.weights[name], preset.weights[name])
+        assert_same_result(plain, preset)
 
 
 def test_later_stages_take_their_own_damping_and_max_passes_cbs_options_on():
@@ -286,9 +281,7 @@ def test_max_refines_the_path_its_judge_keeps_at_the_exact_count():
             assert result.settings["schedule"] == [result.settings["sparsity"]] * 3
             assert result.settings["first_method"] == "joint (layer-wise, to dense)"
             assert all(stage["path"] == "layer" for stage in stages)
-    for name in runs[1].masks:
-        assert torch.equal(runs[1].masks[name], runs[2].masks[name])
-        assert torch.equal(runs[1].weights[name], runs[2].weights[name])
+    assert_same_result(runs[1], runs[2])
 
 
 def test_max_without_its_layer_start_is_the_explicit_fisher_schedule_bit_for_bit():
@@ -298,9 +291,7 @@ def test_max_without_its_layer_start_is_the_explicit_fisher_schedule_bit_for_bit
                                   schedule="adaptive", refine=2, first_order=True,
                                   later_damping=1e-2, later_damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
                                   start="mp", iht_rounds=1, max_swaps=10)
-    for name in preset.masks:
-        assert torch.equal(preset.masks[name], explicit.masks[name])
-        assert torch.equal(preset.weights[name], explicit.weights[name])
+    assert_same_result(preset, explicit)
 
 
 def test_max_layer_start_is_skipped_with_its_reason_when_the_layer_driver_cannot_prune():

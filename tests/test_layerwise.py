@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import lm_folder, tiny_llama
+from helpers import lm_folder, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -195,7 +195,7 @@ def test_a_bert_encoder_and_a_cnn_take_the_same_path():
 DRIVER_MEMORY = """
 import sys, torch, transformers
 sys.path.insert(0, {tests!r})
-from conftest import tiny_llama
+from helpers import tiny_llama
 from brainsurgeon.bench import peak_memory_bytes, reset_peak_memory
 from brainsurgeon.drivers.sequential import prune_layerwise
 torch.set_num_threads(1)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import lm_folder, tiny_llama, tiny_problem
+from helpers import lm_folder, tiny_llama, tiny_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

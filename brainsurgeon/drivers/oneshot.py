@@ -86,7 +86,7 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
                                 "sparsity is global or per layer (scope='layer'); drop pattern or pass "
                                 "objective='layer'")
     plan = plan_run(model, sparsity, method, loss_fn, num_samples=num_samples, damping=damping, include=include,
-                    ignore=ignore, scope=scope or "global", structure=structure or "full",
+                    ignore=ignore, scope=scope or "global", structure=structure,
                     gradients=gradients or "auto", scratch_dir=scratch_dir, seed=0 if seed is None else seed,
                     max_memory=8 * GIB if max_memory is None else max_memory, chunk_size=chunk_size,
                     progress=progress, stages=stages, schedule=schedule, first_order=first_order,

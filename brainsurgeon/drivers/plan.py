@@ -44,7 +44,7 @@ class RunPlan:
 
 
 def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
-             num_samples=None, damping=None, include=None, ignore=(), scope="global", structure="full",
+             num_samples=None, damping=None, include=None, ignore=(), scope="global", structure=None,
              gradients="auto", scratch_dir=None, seed=0, max_memory=8 * GIB, chunk_size=None, progress=True,
              stages=None, schedule=None, first_order=None, first_method=None, refine=None, bn_recalibration=False,
              **options) -> RunPlan:
@@ -87,7 +87,8 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     if targets is not None and len(targets) > max(to_prune, 1):
         raise BrainSurgeonError(f"{len(targets)} stages for {to_prune} weights to prune: a stage would prune none; "
                                 f"ask for at most {max(to_prune, 1)} stages")
-    fisher_regions(layers, structure)
+    if structure is not None:  # None: chosen from the model and max_memory when the Fisher is built
+        fisher_regions(layers, structure)
     common = dict(loss_fn=loss_fn, include=include, ignore=ignore, scope=scope, structure=structure,
                   gradients=gradients, scratch_dir=scratch_dir, seed=seed, max_memory=max_memory,
                   chunk_size=chunk_size, progress=progress)

@@ -107,6 +107,11 @@ def methods_of(method: str) -> set:
     return {parse_method(method)} | ({parse_method(first_method)} if first_method else set())
 
 
+def needs_fisher(method: str) -> bool:
+    """Whether any stage of `method` computes per-sample gradients."""
+    return any(SELECTIONS[sel].needs_fisher or UPDATES[upd].needs_fisher for sel, upd in methods_of(method))
+
+
 def options_for(method: str, options: dict) -> dict:
     """The part of a sweep's `options` that `method` takes: its selections' and updates' options, and the stage
     options (a sweep checks with check_sweep_options that each option is taken by one of its methods)."""

@@ -1,5 +1,6 @@
 """One stage of a prune on the Fisher objective: per-sample gradients at the model's current weights, a selection
 and an update, as a PruneResult (the core every staged, walked or refined run repeats)."""
+import sys
 import time
 import warnings
 from collections import deque
@@ -12,6 +13,7 @@ from ..curvature.fisher import (
     MAX_CHUNK_SIZE,
     EmpiricalFisher,
     choose_gradient_store,
+    memory_need,
     per_sample_gradient_chunks,
 )
 from ..curvature.gradient_store import (
@@ -50,6 +52,33 @@ def fisher_regions(layers, structure: str):
         return [slice(start, min(start + size, layer.slice.stop))
                 for layer in layers for start in range(layer.offset, layer.slice.stop, size)]
     raise BrainSurgeonError(f"unknown Fisher structure '{structure}'; use 'full', 'layer' or 'block:K' (K > 0)")
+
+
+def fitting_structure(layers, num_samples: int, gradients: str, max_memory: float, chunk_size: int) -> tuple:
+    """structure=None: (one Fisher block over every weight, 'full', where its gradients fit `max_memory`, else one
+    block per layer, 'layer', which may stream from disk; why, or None when 'full' fits)."""
+    full = fisher_regions(layers, "full")
+    modes = (False, True) if gradients == "auto" else (gradients == "disk",)
+    need = min(memory_need(num_samples, full, streamed, chunk_size) for streamed in modes)
+    if need <= max_memory:
+        return "full", None
+    return "layer", (f"one Fisher block per layer: the full Fisher's {num_samples} gradients need about "
+                     f"{need / GIB:.1f} GiB, above max_memory {max_memory / GIB:.1f} GiB")
+
+
+def samples_that_fit(layers, wanted: int, max_memory: float, chunk_size: int | None = None) -> int:
+    """The most per-sample gradients, at most `wanted`, whose Fisher fits `max_memory` with one block per layer
+    streamed from disk (the leanest store); at least 1."""
+    regions = fisher_regions(layers, "layer")
+    chunk_size = chunk_size or default_chunk_size(sum(layer.size for layer in layers), max_memory)
+    low, high = 1, wanted
+    while low < high:  # memory_need grows with the samples
+        middle = (low + high + 1) // 2
+        if memory_need(middle, regions, True, chunk_size) <= max_memory:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def calibration_loss_fn(model, layers, inputs, targets, loss_fn, batch_size=128):
@@ -106,17 +135,24 @@ def prune_stage(model, calibration, sparsity, selection_name, update_name, *, lo
     selection, update = build_methods(selection_name, update_name, options)
     layers, dense_layers = find_prunable(model, include, ignore)
     segments = make_segments(layers, sparsity, scope)
-    regions = fisher_regions(layers, structure)
     num_weights = sum(layer.size for layer in layers)
     chunk_size = chunk_size or default_chunk_size(num_weights, max_memory)
     needs_fisher = selection.needs_fisher or update.needs_fisher
     timings, start = {}, time.perf_counter()
 
     inputs = targets = None
+    chosen_structure = None
     if needs_fisher or selection.needs_loss or update.needs_loss:
         if calibration is None:
             raise BrainSurgeonError(f"{selection_name}+{update_name} needs calibration data; pass (inputs, targets)")
         inputs, targets = calibration
+        if needs_fisher and structure is None:
+            structure, chosen_structure = fitting_structure(layers, len(inputs), gradients, max_memory, chunk_size)
+            if chosen_structure and progress:
+                print(f"brainsurgeon: chose structure='layer': {chosen_structure}", file=sys.stderr, flush=True)
+    structure = structure or "full"
+    regions = fisher_regions(layers, structure)
+    if inputs is not None:
         if needs_fisher:
             warn_if_few(len(inputs))
             streamed = choose_gradient_store(gradients, len(inputs), regions, max_memory, chunk_size)
@@ -146,6 +182,7 @@ def prune_stage(model, calibration, sparsity, selection_name, update_name, *, lo
     new_flat[pruned] = 0.0  # exact zeros whatever the arithmetic
     settings = dict(method=f"{selection_name}+{update_name}", selection=selection_name, update=update_name,
                     sparsity=sparsity, scope=scope, structure=structure, seed=seed,
+                    **({"structure_chosen": chosen_structure} if chosen_structure else {}),
                     gradients=("disk" if streamed else "memory") if needs_fisher else None,
                     damping=damping if needs_fisher else None, first_order=first_order if needs_fisher else None,
                     num_samples=None if inputs is None else len(inputs), layers=[layer.name for layer in layers],
