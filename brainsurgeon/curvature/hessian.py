@@ -1,6 +1,6 @@
 """The layer-wise Hessian: for a layer with weight W (rows = outputs, columns = inputs; a convolution as its
 unfolded matrix) and calibration inputs X, |W X - W' X|^2 / N = sum over rows r of (w_r - w'_r)^T H (w_r - w'_r)
-with H = X X^T / N shared by all rows (DESIGN.md section 4). H is damped by a fraction of mean(diag H), as
+with H = X X^T / N shared by all rows (docs/design.md section 4). H is damped by a fraction of mean(diag H), as
 SparseGPT does, for the solves."""
 import torch
 

@@ -1,4 +1,4 @@
-"""The layer-wise driver: prune block by block on |W X - W' X|^2 (OBC, SparseGPT; DESIGN.md section 4).
+"""The layer-wise driver: prune block by block on |W X - W' X|^2 (OBC, SparseGPT; docs/design.md section 4).
 
 The blocks are the model's repeated layers (the largest nn.ModuleList: a transformer's decoder or encoder layers),
 or the whole model as one block when it has none (a CNN). The inputs of the first block are captured with a

@@ -1,4 +1,4 @@
-"""Joint selection: the pruned set that is best *with* its update (DESIGN.md section 1).
+"""Joint selection: the pruned set that is best *with* its update (docs/design.md section 1).
 
 Over the new weights x, with y_b = G_b w_b and lam the Fisher damping, minimise
 

@@ -1,4 +1,4 @@
-"""Pruning one layer on the layer-wise objective (DESIGN.md section 4).
+"""Pruning one layer on the layer-wise objective (docs/design.md section 4).
 
 For a weight W (rows = outputs, columns = inputs; a convolution as its unfolded matrix) and calibration inputs
 X, the error of new weights W' is |W X - W' X|_F^2 = sum over rows r of (w_r - w'_r)^T H (w_r - w'_r), with

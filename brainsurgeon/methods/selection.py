@@ -95,7 +95,7 @@ class CBSOptions(MethodOptions):
 
 
 class CombinatorialBrainSurgeon(Selection):
-    """CBS-S: local search of swaps on f(P) = u^T H u, u = w restricted to P (DESIGN.md section 2).
+    """CBS-S: local search of swaps on f(P) = u^T H u, u = w restricted to P (docs/design.md section 2).
 
     Starts from the best (by real calibration loss) of `init_trials` perturbed-magnitude masks and plain
     magnitude, and runs passes of swaps until a pass finds none (or `max_passes`). The reference returns
@@ -151,7 +151,7 @@ class SwapSearch:
       alpha_i = f(P) - f(P - i) = 2 w_i c_i - w_i^2 |g_i|^2 + lam w_i^2
       beta_j  = f(P + j) - f(P) = 2 w_j c_j + w_j^2 |g_j|^2 + lam w_j^2
       swapping i out and j in changes f by -alpha_i + beta_j - 2 w_i w_j g_i.g_j.
-    (DESIGN.md writes -lam w_i^2 in alpha; removing i from P also removes its lam w_i^2 from f, hence +.)
+    (docs/design.md writes -lam w_i^2 in alpha; removing i from P also removes its lam w_i^2 from f, hence +.)
     """
 
     def __init__(self, problem: PruningProblem, pruned: torch.Tensor, epsilon, rho, tau, damping=None):
