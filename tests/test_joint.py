@@ -188,6 +188,7 @@ def test_one_stage_equals_the_single_stage_method(method):
         assert_same_result(single, other)
 
 
+@pytest.mark.slow
 def test_stages_reach_the_exact_count_deterministically_and_leave_the_model_untouched():
     model, x, y = small_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -199,6 +200,7 @@ def test_stages_reach_the_exact_count_deterministically_and_leave_the_model_unto
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_max_preset_resolves_to_stages_and_takes_overrides():
     model, x, y = pooled_mlp()  # trained: pruning it to 0.95 takes the adaptive schedule several steps
     result = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2, layer_start=False)

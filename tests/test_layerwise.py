@@ -209,6 +209,7 @@ print(peak_memory_bytes() - start - kept)
 """
 
 
+@pytest.mark.slow
 def test_driver_memory_does_not_grow_with_the_number_of_blocks():
     """Calibration activations are 64 x 256 x 64 floats (4 MiB); a driver that kept every block's would grow
     by that much per block."""
