@@ -60,7 +60,8 @@ class Configurable:
         if options is None:
             options = self.Options.build(given, f"method '{self.name}'")
         elif given or not isinstance(options, self.Options):
-            raise TypeError(f"{type(self).__name__} takes one {self.Options.__name__} or keyword options")
+            raise BrainSurgeonError(f"{type(self).__name__} takes one {self.Options.__name__} or keyword options "
+                                    f"({', '.join(self.Options.names()) or 'none'}), got {options!r}")
         self.options = options
         for name in options.names():
             setattr(self, name, getattr(options, name))
