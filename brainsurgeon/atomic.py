@@ -3,6 +3,7 @@ unless the caller passes `overwrite`, and even then a folder is replaced only wh
 brainsurgeon wrote it and it holds nothing else. Every output of a run is built in scratch beside its target and
 renamed into place together at the end; on any failure (SIGTERM included: the CLI turns it into an exception)
 the scratch is removed and every pre-existing file is left as it was. Modes follow the umask."""
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 from .errors import BrainSurgeonError, first_line
 
 MARKER = ".brainsurgeon-output.json"  # in every folder this library writes: what it wrote there
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # a full disk or quota, a read-only disk
 OVERWRITE_HINT = "choose a new path, or pass --overwrite (API: overwrite=True) to replace it"
 
 
@@ -184,6 +186,16 @@ class Outputs:
                 _remove(aside)
         self.staged = []
 
+    def wrote(self, error: BaseException) -> bool:
+        """Whether `error` is a failed write of an output: safetensors' own error, a full disk or quota, a
+        read-only file system, or an OSError naming a scratch path (not one raised while reading an input)."""
+        if not isinstance(error, OSError) or error.errno in WRITE_ERRNOS:
+            return True
+        if error.filename is None:
+            return error.errno is None  # a library's write error, passed on as OSError(message) (models/hf.py)
+        named = os.path.realpath(error.filename)
+        return any(_inside(named, os.path.realpath(scratch)) for _, scratch, _ in self.staged)
+
     def discard(self) -> None:
         for _, scratch, _ in self.staged:
             _remove(scratch)
@@ -207,6 +219,9 @@ def outputs(overwrite: bool = False):
         yield staged
         staged.commit()
     except write_errors() as error:
+        if not staged.wrote(error):  # reading an input failed: the caller reports it as such
+            staged.discard()
+            raise
         targets = ", ".join(str(target) for target, _, _ in staged.staged) or "the outputs"
         staged.discard()
         raise BrainSurgeonError(f"cannot write {targets}: {_reason(error)}; free space or choose another "

@@ -856,3 +856,17 @@ def test_quiet_silences_the_language_model_path_even_on_a_terminal(llama_folder,
         pass
     os.close(main_side)
     assert process.returncode == 0 and written == b"", written
+
+
+def test_a_failed_read_inside_a_run_is_not_reported_as_a_failed_write(tmp_path):
+    from brainsurgeon.atomic import outputs
+
+    with pytest.raises(FileNotFoundError):
+        with outputs() as staged:
+            staged.file(tmp_path / "o.safetensors").write_text("partial")
+            raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "some-input"))
+    with pytest.raises(BrainSurgeonError, match="cannot write .*o.safetensors: No space left on device"):
+        with outputs() as staged:
+            staged.file(tmp_path / "o.safetensors")
+            raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
