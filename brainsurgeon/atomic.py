@@ -125,14 +125,14 @@ class Outputs:
 
     def __init__(self, overwrite: bool = False):
         self.overwrite = overwrite
-        self.staged = []  # (target, scratch, is_folder)
+        self.staged = []  # (target, scratch, the inputs a folder must not overlap; None for a file)
 
     def file(self, path) -> Path:
         """A scratch path to write the file `path` to."""
         path = check_writable(path, self.overwrite)
         self._check_distinct(path, False)
         scratch = _parent(path) / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-        self.staged.append((path, scratch, False))
+        self.staged.append((path, scratch, None))
         return scratch
 
     def folder(self, path, inputs=()) -> Path:
@@ -140,14 +140,14 @@ class Outputs:
         path = check_folder(path, inputs, self.overwrite)
         self._check_distinct(path, True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=_parent(path)))
-        self.staged.append((path, scratch, True))
+        self.staged.append((path, scratch, tuple(inputs)))
         return scratch
 
     def _check_distinct(self, path: Path, is_folder: bool) -> None:
         """No two outputs on one path, and none inside an output folder (it is built elsewhere and renamed)."""
         real = os.path.realpath(path)
-        for other, _, other_is_folder in self.staged:
-            other_real = os.path.realpath(other)
+        for other, _, other_inputs in self.staged:
+            other_real, other_is_folder = os.path.realpath(other), other_inputs is not None
             if other_real == real:
                 raise BrainSurgeonError(f"two outputs go to the same path {path} (also given as {other}); give each "
                                         "output its own path")
@@ -157,33 +157,37 @@ class Outputs:
                                         "folder")
 
     def commit(self) -> None:
-        """Rename every scratch into place; if one rename fails, put back what was there before."""
+        """Rename every scratch into place; if one rename fails, put back what was there before. Each target is
+        checked again first: what appeared there during the run is the user's, and is refused like any other."""
         umask = _umask()
-        for _, scratch, is_folder in self.staged:
-            if is_folder:
+        for target, scratch, inputs in self.staged:
+            if inputs is not None:
                 _finish_folder(scratch)
             elif scratch.exists():
                 os.chmod(scratch, 0o666 & ~umask)
-        done = []  # (target, previous moved aside or None)
+        published, moved_aside = [], []  # what this commit renamed into place; (target, its previous content)
         try:
-            for target, scratch, is_folder in self.staged:
+            for target, scratch, inputs in self.staged:
                 if not scratch.exists():
                     continue  # a writer that chose not to write (nothing to plot)
-                aside = None
-                if target.exists():  # only with overwrite, and for a folder only one this library wrote
+                if inputs is None:
+                    check_writable(target, self.overwrite)
+                else:
+                    check_folder(target, inputs, self.overwrite)
+                if target.exists():  # only with overwrite, and for a folder only one this library wrote whole
                     aside = _parent(target) / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
                     target.rename(aside)
-                done.append((target, aside))
+                    moved_aside.append((target, aside))
                 scratch.rename(target)
+                published.append(target)
         except BaseException:
-            for target, aside in reversed(done):
+            for target in published:
                 _remove(target)
-                if aside is not None:
-                    aside.rename(target)
+            for target, aside in moved_aside:
+                aside.rename(target)
             raise
-        for _, aside in done:
-            if aside is not None:
-                _remove(aside)
+        for _, aside in moved_aside:
+            _remove(aside)
         self.staged = []
 
     def wrote(self, error: BaseException) -> bool:

@@ -870,3 +870,25 @@ def test_a_failed_read_inside_a_run_is_not_reported_as_a_failed_write(tmp_path):
             staged.file(tmp_path / "o.safetensors")
             raise OSError(28, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_that_appears_at_an_output_during_the_run_is_the_users_and_survives(tmp_path):
+    from brainsurgeon.atomic import outputs
+
+    for make in (lambda path: path.write_text("the user's"), lambda path: path.mkdir()):
+        target = tmp_path / "out"
+        with pytest.raises(BrainSurgeonError, match="exists"):
+            with outputs() as staged:
+                staged.file(tmp_path / "report.json").write_text("{}")
+                staged.folder(target)
+                make(target)  # written by someone else while the run worked
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+        assert target.is_dir() or target.read_text() == "the user's"
+        _remove_user_path(target)
+
+
+def _remove_user_path(path):
+    if path.is_dir():
+        path.rmdir()
+    else:
+        path.unlink()
