@@ -15,7 +15,7 @@ from .drivers.layers import copy_model
 from .drivers.oneshot import prune
 from .drivers.plan import plan_run
 from .drivers.registry import check_sweep_options, options_for
-from .drivers.stage import GIB
+from .drivers.stage import DEFAULT_MAX_MEMORY
 from .errors import BrainSurgeonError
 
 UNSTRUCTURED_NOTE = ("Unstructured sparsity alone does not make the model smaller or faster: "
@@ -58,7 +58,7 @@ def measure_run(model, run_prune, score) -> dict:
 
 
 def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), calib_samples=DEFAULT_CALIB_SAMPLES,
-                  damping=None, model_name="model", progress=True, max_memory=8 * GIB, structure=None,
+                  damping=None, model_name="model", progress=True, max_memory=DEFAULT_MAX_MEMORY, structure=None,
                   gradients="auto", json_path=None, overwrite=False, **options) -> dict:
     """Prune `model` with every method x sparsity x seed; each run starts from the dense model.
 

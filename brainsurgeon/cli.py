@@ -22,7 +22,7 @@ from .demo import demo_setup
 from .drivers.layers import find_prunable
 from .drivers.oneshot import prune
 from .drivers.registry import needs_fisher
-from .drivers.stage import DEFAULT_DAMPING, GIB, samples_that_fit
+from .drivers.stage import DEFAULT_DAMPING, DEFAULT_MAX_MEMORY, GIB, samples_that_fit
 from .errors import BrainSurgeonError, first_line
 from .models.hf import convert_gguf
 from .models.loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
@@ -94,7 +94,7 @@ def _calib_samples(args, dataset, model, methods) -> tuple:
         if not any(needs_fisher(method) for method in methods):
             return wanted, None
         layers, _ = find_prunable(model, getattr(args, "include", None), getattr(args, "ignore", None) or ())
-        budget = _max_memory(args) or 8 * GIB
+        budget = _max_memory(args) or DEFAULT_MAX_MEMORY
         fitting = samples_that_fit(layers, wanted, budget)
         if fitting == wanted:
             return wanted, None
@@ -172,7 +172,7 @@ def _cmd_bench(args):
     samples, chosen = _calib_samples(args, dataset, model, methods)
     report = bench.run_benchmark(model, dataset, methods, args.sparsities, args.seeds,
                                  samples, args.damp, model_name=args.model or "mlpnet",
-                                 progress=not args.quiet, max_memory=_max_memory(args) or 8 * GIB,
+                                 progress=not args.quiet, max_memory=_max_memory(args) or DEFAULT_MAX_MEMORY,
                                  structure=args.structure, gradients=args.gradients or "auto",
                                  json_path=args.json, overwrite=args.overwrite, **given_options(args))
     report["settings"]["calib_samples_chosen"] = chosen

@@ -93,9 +93,10 @@ def prune_language_model(args, options: dict):
 
 
 def bench_language_model(args, options: dict):
-    bench.check_lm_sweep(args.methods.split(","), options)  # before any work
+    methods = args.methods.split(",")
+    bench.check_lm_sweep(methods, options)  # before any work
     model, _, calibration, evaluation = _load(args)
-    return bench.run_lm_benchmark(model, calibration, evaluation, args.methods.split(","), args.sparsities,
+    return bench.run_lm_benchmark(model, calibration, evaluation, methods, args.sparsities,
                                   model_name=Path(args.hf_model).name, damping=args.damp,
                                   text_source=_describe_text(args.text, _text_seed(args)), json_path=args.json,
                                   overwrite=args.overwrite, progress=not args.quiet, **options)

@@ -4,7 +4,7 @@ defaults. A flag not given is left out, so the library's defaults apply, and one
 not declare is refused by the library, naming the ones it does."""
 import argparse
 
-from .drivers.registry import SELECTIONS, StageOptions
+from .drivers.registry import SELECTIONS, StageOptions, comma_numbers
 from .methods.layerwise import LAYER_METHODS
 from .methods.update import UPDATES
 
@@ -44,13 +44,8 @@ def _text_type(parse, defaults):
     kinds = {type(default) for _, default in defaults if default is not None}
     kind = kinds.pop() if len(kinds) == 1 else str
     if kind is tuple:
-        return _text_type(_numbers, ())
+        return _text_type(comma_numbers, ())
     return kind
-
-
-def _numbers(text: str) -> tuple:
-    """comma-separated numbers"""
-    return tuple(float(part) for part in text.split(","))
 
 
 def add_option_flags(parser) -> None:

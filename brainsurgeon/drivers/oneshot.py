@@ -15,7 +15,7 @@ from .plan import plan_run
 from .result import PruneResult
 from .schedule import collect_pool, recalibrate, refine_stages, run_stages, walk
 from .sequential import prune_layerwise
-from .stage import GIB, prune_stage
+from .stage import DEFAULT_MAX_MEMORY, prune_stage
 
 # Arguments of prune that only the Fisher objective uses, with the value that means "not given".
 FISHER_ONLY = dict(num_samples=None, scope=None, structure=None, gradients=None, scratch_dir=None, max_memory=None,
@@ -88,7 +88,7 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     plan = plan_run(model, sparsity, method, loss_fn, num_samples=num_samples, damping=damping, include=include,
                     ignore=ignore, scope=scope or "global", structure=structure,
                     gradients=gradients or "auto", scratch_dir=scratch_dir, seed=0 if seed is None else seed,
-                    max_memory=8 * GIB if max_memory is None else max_memory, chunk_size=chunk_size,
+                    max_memory=DEFAULT_MAX_MEMORY if max_memory is None else max_memory, chunk_size=chunk_size,
                     progress=progress, stages=stages, schedule=schedule, first_order=first_order,
                     first_method=first_method, refine=refine, bn_recalibration=bn_recalibration, **options)
     pool = None

@@ -11,7 +11,7 @@ from .budget import make_segments
 from .layers import check_finite_model, find_prunable
 from .registry import build_methods, check_options, parse_method, pop_or, resolve_preset
 from .schedule import REFINE_LIMIT, sparsity_schedule
-from .stage import DEFAULT_DAMPING, GIB, fisher_regions
+from .stage import DEFAULT_DAMPING, DEFAULT_MAX_MEMORY, fisher_regions
 
 
 def check_run_settings(num_samples, chunk_size, max_memory, seed):
@@ -45,7 +45,7 @@ class RunPlan:
 
 def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
              num_samples=None, damping=None, include=None, ignore=(), scope="global", structure=None,
-             gradients="auto", scratch_dir=None, seed=0, max_memory=8 * GIB, chunk_size=None, progress=True,
+             gradients="auto", scratch_dir=None, seed=0, max_memory=DEFAULT_MAX_MEMORY, chunk_size=None, progress=True,
              stages=None, schedule=None, first_order=None, first_method=None, refine=None, bn_recalibration=False,
              **options) -> RunPlan:
     """Check every argument of `prune` against `model` (no data, no gradients) and return the plan it runs.

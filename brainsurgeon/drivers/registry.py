@@ -15,14 +15,14 @@ from ..methods.update import UPDATES
 SELECTIONS = {**BASIC_SELECTIONS, JointSelection.name: JointSelection}
 
 
-def _floats(text: str) -> tuple:
+def comma_numbers(text: str) -> tuple:
     """comma-separated numbers"""
     return tuple(float(part) for part in text.split(","))
 
 
 def _schedule(text: str):
     """'adaptive' or comma-separated sparsities"""
-    return "adaptive" if text.strip() == "adaptive" else list(_floats(text))
+    return "adaptive" if text.strip() == "adaptive" else list(comma_numbers(text))
 
 
 def _count_or_auto(text: str):
@@ -43,7 +43,7 @@ class StageOptions(MethodOptions):
     first_order: bool = option(None, "model the mean gradient too (the model need not be at a minimum)", bool)
     first_method: str = option(None, "the method of the first stage (default: the method)", str)
     later_damping: float = option(None, "damping of the stages after the first (default: --damp)", float)
-    later_damping_grid: tuple = option(None, "CBS-U grid of the stages after the first, e.g. 0.01,0.1,1", _floats)
+    later_damping_grid: tuple = option(None, "CBS-U grid of the stages after the first, e.g. 0.01,0.1,1", comma_numbers)
     fresh_samples: bool = option(None, "each stage fits --calib-samples samples of its own, and as many more are "
                                  "held out to judge the stages (default: on for max only)", bool)
     layer_start: bool = option(None, "also run the layer-wise start (layers pruned towards the dense outputs) and "

@@ -31,6 +31,7 @@ from .result import PruneResult
 
 DEFAULT_DAMPING = 1e-3
 GIB = 1024**3
+DEFAULT_MAX_MEMORY = 8 * GIB  # what a run may use when the caller does not say
 
 
 def default_chunk_size(num_weights: int, max_memory: float) -> int:
