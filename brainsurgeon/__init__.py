@@ -4,9 +4,10 @@ from .drivers.registry import SELECTIONS, parse_method
 from .drivers.result import PruneResult
 from .drivers.sequential import prune_layerwise
 from .errors import BrainSurgeonError
+from .methods.catalog import LAYER_METHODS, method_table
 from .methods.update import UPDATES
 from .models.vision import load_checkpoint
 
 __all__ = ["prune", "prune_layerwise", "PruneResult", "BrainSurgeonError", "load_checkpoint", "parse_method",
-           "SELECTIONS", "UPDATES"]
+           "SELECTIONS", "UPDATES", "LAYER_METHODS", "method_table"]
 __version__ = "0.1.0"

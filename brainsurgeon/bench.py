@@ -271,13 +271,14 @@ def split_pattern(pattern) -> tuple:
 def check_lm_sweep(methods, options: dict) -> dict:
     """Refuse an unknown layer-wise method, or an option that no method of the sweep declares; return each
     method's declared option names."""
-    from .methods.layerwise import LAYER_METHODS
+    from .methods.catalog import LAYER_METHODS, current_name
 
-    unknown_methods = [method for method in methods if method not in LAYER_METHODS]
+    unknown_methods = [method for method in methods
+                       if not isinstance(method, str) or current_name(method, "layer") not in LAYER_METHODS]
     if unknown_methods:
         raise BrainSurgeonError(f"unknown layer-wise method {unknown_methods[0]!r}; choose from "
                                 f"{sorted(LAYER_METHODS)}")
-    declared = {method: LAYER_METHODS[method].Options.names() for method in methods}
+    declared = {method: LAYER_METHODS[current_name(method, "layer")].Options.names() for method in methods}
     unknown = sorted(set(options) - set().union(*declared.values()))
     if unknown:
         raise BrainSurgeonError(f"no method of {list(methods)} takes option {', '.join(map(repr, unknown))}; the "

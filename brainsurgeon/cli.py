@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--sparsity", type=float, help="fraction of the prunable weights to prune (N:M implies N/M)")
     p.add_argument("--method", default=None,
-                   help="SELECTION[+UPDATE], e.g. cbs (default), joint, wf, mp, wf+cbsu; or max, the most accurate "
-                        "preset. With --hf-model: mp, wanda, sparsegpt, joint (default, ours), wf, cbs or swaps")
+                   help="SELECTION[+UPDATE], e.g. cbs (default), swaps, wf, mp, wf+cbsu; or max, the most accurate "
+                        "preset. With --hf-model: mp, wanda, sparsegpt, admm (default, ours), wf, cbs or swaps (joint: deprecated)")
     p.add_argument("--pattern",
                    help="with --hf-model: layer (exact count per layer; default), row (per output row) or N:M, "
                         "e.g. 2:4")

@@ -9,7 +9,6 @@ from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from .datasets.text import EVAL_ARTICLES, perplexity, split_text, token_windows
 from .drivers.sequential import prune_layerwise
 from .errors import BrainSurgeonError
-from .methods.layerwise import LAYER_METHODS
 from .models.hf import load_causal_lm, write_pruned_folder
 
 # The language-model flags and their defaults (None on the parser: a vision run refuses them when given).
@@ -65,9 +64,9 @@ def _inputs(args) -> list:
 
 
 def prune_language_model(args, options: dict):
-    method = args.method or "joint"
+    method = args.method or "admm"
     bench.check_lm_sweep([method], options)  # before any work
-    if "seed" in LAYER_METHODS[method].Options.names():
+    if "seed" in bench.check_lm_sweep([method], {})[method]:
         options = dict(options, seed=args.seed)  # --seed also shuffles the calibration text
     with outputs(args.overwrite) as staged:  # every output checked before any work, published together
         folder = staged.folder(args.out, inputs=_inputs(args))

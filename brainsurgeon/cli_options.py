@@ -5,7 +5,7 @@ not declare is refused by the library, naming the ones it does."""
 import argparse
 
 from .drivers.registry import SELECTIONS, StageOptions, comma_numbers
-from .methods.layerwise import LAYER_METHODS
+from .methods.catalog import LAYER_METHODS
 from .methods.update import UPDATES
 
 OWN_FLAGS = ("seed",)  # the command line's own --seed, handed to a layer-wise method that declares one

@@ -15,7 +15,7 @@ from brainsurgeon.drivers.layers import find_prunable, flat_weights
 from brainsurgeon.drivers.registry import options_for
 from brainsurgeon.drivers.stage import calibration_loss_fn
 
-METHODS = ["mp", "random", "wf", "cbs", "joint", "mp+cbsu", "wf+cbsu", "cbs+none", "random+obs", "max"]
+METHODS = ["mp", "random", "wf", "cbs", "swaps", "mp+cbsu", "wf+cbsu", "cbs+none", "random+obs", "max"]
 
 
 def small_mlp(seed=0):

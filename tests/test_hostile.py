@@ -150,7 +150,7 @@ ZERO_REFUSED = {"damping", "max_memory", "chunk_size", "num_samples", "stages", 
 
 def _method_for(option):
     if option in ("iht_rounds", "max_swaps", "swap_candidates", "max_kept"):
-        return "joint"
+        return "swaps"
     return "cbs"
 
 
@@ -286,7 +286,7 @@ def test_parametrized_weight_norm_and_plain_tensor_weights_are_reported():
     assert result.report()["num_weights"] == 16 * 12 + 12 * 5
 
 
-@pytest.mark.parametrize("method", ["mp", "wf", "cbs", "joint", "max"])
+@pytest.mark.parametrize("method", ["mp", "wf", "cbs", "swaps", "max"])
 def test_a_model_already_pruned_with_torch_prune_is_pruned_further(method):
     model, x, y = small_mlp()
     torch_prune.l1_unstructured(model[0], "weight", amount=0.5)
@@ -758,8 +758,8 @@ def _relu_mlp(seed=0):
     return model, torch.randn(64, 8), torch.randint(0, 5, (64,))
 
 
-@pytest.mark.parametrize("objective, method", [("fisher", "wf"), ("fisher", "cbs"), ("fisher", "joint"),
-                                               ("layer", "sparsegpt"), ("layer", "joint")])
+@pytest.mark.parametrize("objective, method", [("fisher", "wf"), ("fisher", "cbs"), ("fisher", "swaps"),
+                                               ("layer", "sparsegpt"), ("layer", "admm")])
 def test_non_finite_weights_inputs_and_curvature_are_one_line_on_both_objectives(objective, method):
     model, x, y = _relu_mlp()
     options = {"init_trials": 2} if method == "cbs" else {}

@@ -179,7 +179,7 @@ def test_sparsity_schedule_is_geometric_in_density_and_ends_on_target():
     assert sparsity_schedule(0.9, schedule=[0.5, 0.9]) == [0.5, 0.9]
 
 
-@pytest.mark.parametrize("method", ["joint+cbsu", "joint+obs"])
+@pytest.mark.parametrize("method", ["swaps+cbsu", "swaps+obs"])
 def test_one_stage_equals_the_single_stage_method(method):
     model, x, y = small_mlp()
     single = brainsurgeon.prune(model, (x, y), 0.8, method, progress=False, start="wf")
@@ -192,7 +192,7 @@ def test_one_stage_equals_the_single_stage_method(method):
 def test_stages_reach_the_exact_count_deterministically_and_leave_the_model_untouched():
     model, x, y = small_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    runs = [brainsurgeon.prune(model, (x, y), 0.9, "joint", stages=3, first_order=True, progress=False,
+    runs = [brainsurgeon.prune(model, (x, y), 0.9, "swaps", stages=3, first_order=True, progress=False,
                                start="mp") for _ in range(2)]
     assert runs[0].num_pruned == int(0.9 * runs[0].num_weights + 0.5)
     assert [stage["sparsity"] for stage in runs[0].stats["stages"]] == sparsity_schedule(0.9, 3)
@@ -206,7 +206,7 @@ def test_max_preset_resolves_to_stages_and_takes_overrides():
     result = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2, layer_start=False)
     walked = [stage["sparsity"] for stage in result.stats["stages"] if "step_loss_bound" in stage]
     assert len(walked) > 1 and result.settings["schedule"] == walked + [0.95] * 2
-    assert result.settings["first_method"] == "cbs+cbsu" and result.settings["selection"] == "joint"
+    assert result.settings["first_method"] == "cbs+cbsu" and result.settings["selection"] == "swaps"
     assert result.settings["first_order"] is True
     assert result.num_pruned == int(0.95 * result.num_weights + 0.5)
     light = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2, schedule=[0.9, 0.95],
@@ -281,7 +281,7 @@ def test_max_refines_the_path_its_judge_keeps_at_the_exact_count():
         assert abs(mean_loss(trial, x, y, F.cross_entropy) - stages[-1]["calibration_loss"]) < 1e-6
         if path == "layer":
             assert result.settings["schedule"] == [result.settings["sparsity"]] * 3
-            assert result.settings["first_method"] == "joint (layer-wise, to dense)"
+            assert result.settings["first_method"] == "admm (layer-wise, to dense)"
             assert all(stage["path"] == "layer" for stage in stages)
     assert_same_result(runs[1], runs[2])
 
@@ -289,7 +289,7 @@ def test_max_refines_the_path_its_judge_keeps_at_the_exact_count():
 def test_max_without_its_layer_start_is_the_explicit_fisher_schedule_bit_for_bit():
     model, x, y = small_mlp()
     preset = brainsurgeon.prune(model, (x, y), 0.95, "max", progress=False, init_trials=2, layer_start=False)
-    explicit = brainsurgeon.prune(model, (x, y), 0.95, "joint", progress=False, init_trials=2, first_method="cbs",
+    explicit = brainsurgeon.prune(model, (x, y), 0.95, "swaps", progress=False, init_trials=2, first_method="cbs",
                                   schedule="adaptive", refine=2, first_order=True,
                                   later_damping=1e-2, later_damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
                                   start="mp", iht_rounds=1, max_swaps=10)

@@ -1,5 +1,5 @@
 """The layer-wise objective |W X - W' X|^2: exact updates against least squares, every method's error computed
-directly, exact pattern counts, the joint method never above its warm start, block-by-block propagation, Hugging
+directly, exact pattern counts, the admm method never above its warm start, block-by-block propagation, Hugging
 Face models (a tiny Llama and a tiny BERT built from a config) pruned, saved and reloaded."""
 import copy
 import json
@@ -74,7 +74,7 @@ def test_every_method_meets_its_pattern_and_reports_the_true_error(method, patte
     assert objective.error(new) == pytest.approx(direct, rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["joint", "swaps"])
+@pytest.mark.parametrize("method", ["admm", "swaps"])
 @pytest.mark.parametrize("pattern, sparsity", PATTERNS)
 def test_combinatorial_methods_are_never_worse_than_their_warm_start(method, pattern, sparsity):
     for seed in range(4):
@@ -167,13 +167,13 @@ def test_each_block_sees_the_outputs_of_the_pruned_blocks_before_it():
 
 def test_pruned_llama_saves_and_reloads_with_plain_transformers(tmp_path):
     model, ids = tiny_llama(), token_ids()
-    result = brainsurgeon.prune(model, ids, None, "joint", objective="layer", pattern="2:4", progress=False)
-    folder = save_pruned(model, None, result, tmp_path / "pruned", {"method": "joint"})
+    result = brainsurgeon.prune(model, ids, None, "admm", objective="layer", pattern="2:4", progress=False)
+    folder = save_pruned(model, None, result, tmp_path / "pruned", {"method": "admm"})
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
     assert torch.equal(reloaded.model.layers[0].mlp.up_proj.weight, result.weights["model.layers.0.mlp.up_proj.weight"])
-    assert json.loads((folder / "brainsurgeon_report.json").read_text())["method"] == "joint"
+    assert json.loads((folder / "brainsurgeon_report.json").read_text())["method"] == "admm"
     assert sorted(os.listdir(tmp_path)) == ["pruned"]  # no scratch folder left beside it
 
 
@@ -187,7 +187,7 @@ def test_a_bert_encoder_and_a_cnn_take_the_same_path():
     assert len(result.masks) == 2 * 6 and all(int((~m).sum()) * 2 == m.numel() for m in result.masks.values())
     resnet = ResNet20().eval()
     images = torch.randn(16, 3, 32, 32)
-    result = prune_layerwise(resnet, (images, torch.zeros(16, dtype=torch.long)), 0.5, "joint", progress=False)
+    result = prune_layerwise(resnet, (images, torch.zeros(16, dtype=torch.long)), 0.5, "admm", progress=False)
     assert result.settings["blocks"] == [""] and len(result.masks) == 18
     assert result.num_pruned == sum(int(0.5 * m.numel() + 0.5) for m in result.masks.values())
 
@@ -234,7 +234,7 @@ def test_cli_prunes_saves_and_benches_a_hugging_face_model(capsys, tiny_lm_folde
     folder, text = tiny_lm_folder
     sizes = ["--calib-seqs", "6", "--seq-len", "16", "--eval-windows", "4", "--text", str(text), "--quiet"]
     out, report = tmp_path / "pruned", tmp_path / "report.json"
-    code = main(["prune", "--hf-model", str(folder), "--pattern", "2:4", "--method", "joint", "--target", "dense",
+    code = main(["prune", "--hf-model", str(folder), "--pattern", "2:4", "--method", "admm", "--target", "dense",
                  "--out", str(out), "--report", str(report), *sizes])
     assert code == 0, capsys.readouterr().err
     figures = json.loads(report.read_text())
@@ -302,7 +302,7 @@ def two_layer_mlp():
     return model, torch.randn(300, 10) @ (torch.eye(10) + 0.3 * torch.randn(10, 10))
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "joint"])
+@pytest.mark.parametrize("method", ["sparsegpt", "admm"])
 def test_target_dense_prunes_each_layer_towards_the_dense_output_from_the_pruned_inputs(method):
     """Rebuilt by hand: layer 0 sees the calibration inputs, layer 2 the outputs of the pruned layer 0 and
     reproduces the dense model's layer-2 output; the masks match the driver's, the weights to float32 rounding."""
@@ -330,7 +330,7 @@ def test_target_dense_lowers_the_output_error_of_a_deep_model():
     errors = {}
     for target in ("layer", "dense"):
         pruned = copy.deepcopy(model)
-        prune_layerwise(model, inputs, 0.7, "joint", target=target, batch_size=400, progress=False).apply(pruned)
+        prune_layerwise(model, inputs, 0.7, "admm", target=target, batch_size=400, progress=False).apply(pruned)
         with torch.no_grad():
             errors[target] = float((pruned(inputs) - model(inputs)).pow(2).mean())
     assert errors["dense"] < errors["layer"]

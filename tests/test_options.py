@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import lm_folder, tiny_llama, tiny_problem
+from helpers import assert_same_result, lm_folder, tiny_llama, tiny_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -78,8 +78,8 @@ def test_language_model_options_reach_the_method_or_are_refused(capsys, tmp_path
     common = ("prune", "--hf-model", folder, "--text", text, "--calib-seqs", "4", "--seq-len", "16",
               "--eval-windows", "2", "--sparsity", "0.5", "--quiet")
     for flag in ("--iht-rounds", "--max-swaps", "--init-trials"):
-        err = one_line(capsys, *common, "--method", "joint", flag, "3", "--out", tmp_path / "p")
-        assert f"no method of ['joint'] takes option '{flag[2:].replace('-', '_')}'" in err
+        err = one_line(capsys, *common, "--method", "admm", flag, "3", "--out", tmp_path / "p")
+        assert f"no method of ['admm'] takes option '{flag[2:].replace('-', '_')}'" in err
     for flag in ("--structure", "--calib-samples", "--dataset"):
         assert "does not apply with --hf-model" in one_line(capsys, *common, flag, "layer" if flag == "--structure"
                                                             else "mnist" if flag == "--dataset" else "5",
@@ -98,7 +98,7 @@ def test_language_model_flags_are_refused_without_a_language_model(capsys, mnist
 
 # Any undeclared option is refused ------------------------------------------------------------------------------
 
-FISHER_METHODS = ["mp", "random", "wf", "cbs", "joint", "mp+cbsu", "wf+obs", "max"]
+FISHER_METHODS = ["mp", "random", "wf", "cbs", "swaps", "mp+cbsu", "wf+obs", "max"]
 ALL_DECLARED = set(declared_options()) | {"seed"}
 
 
@@ -164,11 +164,41 @@ def test_the_readme_tables_name_every_method_update_and_option():
     readme = open(__file__.replace("tests/test_options.py", "README.md")).read()
     rows = [line for line in readme.splitlines() if line.startswith("| `")]
 
-    def row(name):
-        return next(line for line in rows if line.split("|")[1].strip().startswith(f"`{name}`"))
+    def rows_of(name):
+        return " ".join(line for line in rows if line.split("|")[1].strip().startswith(f"`{name}`"))
 
     for name in [*SELECTIONS, *UPDATES, *LAYER_METHODS]:
-        assert row(name)
+        assert rows_of(name)
     for name, cls in SELECTIONS.items():
         for declared in cls.Options.names():
-            assert f"`{declared}`" in row(name), (name, declared)
+            assert f"`{declared}`" in rows_of(name), (name, declared)
+
+
+# One vocabulary: a name is one algorithm on whichever objective runs it ------------------------------------------
+
+def test_the_old_name_joint_warns_and_runs_swaps_or_admm_per_objective():
+    model, x, y = tiny_problem(n=24, sizes=((8, 8), (8, 3)))
+    with pytest.warns(FutureWarning, match="'joint' is deprecated.*running 'swaps'"):
+        old = brainsurgeon.prune(model, (x, y), 0.5, "joint", progress=False)
+    assert_same_result(old, brainsurgeon.prune(model, (x, y), 0.5, "swaps", progress=False))
+    assert old.settings["selection"] == "swaps"
+    with pytest.warns(FutureWarning, match="running 'admm'"):
+        old = brainsurgeon.prune_layerwise(model, x, 0.5, "joint", progress=False)
+    assert_same_result(old, brainsurgeon.prune_layerwise(model, x, 0.5, "admm", progress=False))
+    assert old.settings["method"] == "admm"
+
+
+def test_no_name_means_two_algorithms():
+    from brainsurgeon.methods.catalog import FISHER_SELECTIONS, RENAMED
+
+    shared = set(FISHER_SELECTIONS) & set(LAYER_METHODS)
+    assert shared == {"mp", "wf", "cbs", "swaps"}
+    for name, layer in LAYER_METHODS.items():  # a layer method runs the Fisher selection of its own name, or none
+        counterpart = layer.fisher_counterpart
+        assert (counterpart is None and name not in FISHER_SELECTIONS) or counterpart is FISHER_SELECTIONS[name]
+    assert not set(RENAMED) & (set(FISHER_SELECTIONS) | set(LAYER_METHODS))
+
+
+def test_the_readme_method_table_is_the_registrys():
+    readme = open(__file__.replace("tests/test_options.py", "README.md")).read()
+    assert brainsurgeon.method_table() in readme, "paste python -c 'import brainsurgeon; print(brainsurgeon.method_table())' into it"

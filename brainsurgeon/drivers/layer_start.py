@@ -19,7 +19,7 @@ def layer_start_blocker(model: nn.Module, layers) -> str | None:
 
 
 def layer_start(model, pool, plan, dense, progress):
-    """The layer start of 'max': every layer pruned towards the dense model's outputs (`joint`, the model as one
+    """The layer start of 'max': every layer pruned towards the dense model's outputs (`admm`, the model as one
     block, exact counts adding up to the global one): (its result, its stage report, the pruned model), or why
     the layer-wise driver cannot prune these layers."""
     layers, _ = find_prunable(model, plan.common["include"], plan.common["ignore"])
@@ -27,7 +27,7 @@ def layer_start(model, pool, plan, dense, progress):
     if blocker is not None:
         return blocker
     fitted = pool.stage(0)
-    result = prune_layerwise(model, fitted[0], exact_layer_sparsities(layers, plan.sparsity), "joint",
+    result = prune_layerwise(model, fitted[0], exact_layer_sparsities(layers, plan.sparsity), "admm",
                              target="dense", blocks=[""], include=plan.common["include"],
                              ignore=plan.common["ignore"], batch_size=128, progress=False)
     staged = copy_model(model)
@@ -35,5 +35,5 @@ def layer_start(model, pool, plan, dense, progress):
     if dense is not None:
         recalibrate(staged, dense, fitted[0], result)
     report = stage_report(staged, fitted, pool.held_out, plan.common["loss_fn"], plan.sparsity,
-                           "joint (layer-wise, to dense)", result, 1, 1, progress, "layer")
+                           "admm (layer-wise, to dense)", result, 1, 1, progress, "layer")
     return result, [report], staged

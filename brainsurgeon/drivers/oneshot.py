@@ -34,7 +34,7 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     or the preset 'max': the most accurate configuration measured).
 
     objective='layer' prunes on the layer-wise objective |W X - W' X|^2 instead, block by block, for models too
-    large for per-sample gradients (language models): `method` is then 'mp', 'wanda', 'sparsegpt' or 'joint',
+    large for per-sample gradients (language models): `method` is then 'mp', 'wanda', 'sparsegpt', 'admm', 'wf', 'cbs' or 'swaps',
     `pattern` 'layer', 'row' or 'N:M', `damping` is relative to mean(diag H) (default 0.01) and `calibration`
     holds model inputs (sequential.prune_layerwise has the details).
 
@@ -47,7 +47,7 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     the model the previous one left, see next_sparsity) prunes in stages, each with the gradients recomputed at
     the previous stage's pruned and updated weights; still no training step.
     `first_method` prunes the first stage (default: `method`). `first_order` adds the mean gradient's linear
-    term to the loss model of the Fisher updates and the joint selection in every stage after the first (the
+    term to the loss model of the Fisher updates and the swaps selection in every stage after the first (the
     trained model is taken to be at a minimum). `refine` adds that many stages at the target sparsity itself
     after a multi-stage schedule: with `first_order`, each is a damped Gauss-Newton step of the calibration
     loss on the current mask (the selection may still swap weights), using the calibration data the way a

@@ -7,12 +7,9 @@ the stages) declares is an error naming those that are declared."""
 from dataclasses import dataclass
 
 from ..errors import BrainSurgeonError
-from ..methods.joint import JointSelection
+from ..methods.catalog import FISHER_SELECTIONS as SELECTIONS
+from ..methods.catalog import UPDATES, canonical
 from ..methods.options import MethodOptions, option
-from ..methods.selection import SELECTIONS as BASIC_SELECTIONS
-from ..methods.update import UPDATES
-
-SELECTIONS = {**BASIC_SELECTIONS, JointSelection.name: JointSelection}
 
 
 def comma_numbers(text: str) -> tuple:
@@ -62,7 +59,7 @@ PRESETS = {
     # choose_path keeps at the target (the Fisher path unless the layer path's held-out loss is lower beyond the
     # noise) is refined on fresh samples while that loss stays below the unrefined path's: the Fisher path wins on
     # MLPNet, the layer path on ResNet20 above 0.3 (README).
-    "max": dict(method="joint", first_method="cbs", schedule="adaptive", refine="auto", fresh_samples=True,
+    "max": dict(method="swaps", first_method="cbs", schedule="adaptive", refine="auto", fresh_samples=True,
                 first_order=True, layer_start=True,
                 later_damping=1e-2, later_damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0), start="mp",
                 iht_rounds=1, max_swaps=10),
@@ -75,6 +72,7 @@ def parse_method(method: str):
         raise BrainSurgeonError(f"method must be a name such as 'cbs' or 'wf+cbsu', got {method!r}")
     method = PRESETS.get(method, {}).get("method", method)
     selection, _, update = method.partition("+")
+    selection = canonical(selection, "fisher")
     if selection not in SELECTIONS:
         raise BrainSurgeonError(f"unknown selection '{selection}' in method '{method}'; choose from "
                                 f"{sorted(SELECTIONS) + sorted(PRESETS)}")

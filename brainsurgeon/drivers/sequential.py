@@ -13,7 +13,7 @@ are then corrected rather than carried on. With H = X_p X_p^T / N and C = X_p X_
 (w' - w*)^T H (w' - w*) + const per row, w* = w + H_damped^-1 (C - H) w, so every method runs unchanged on
 the target W* (w* = w exactly where the two streams agree). The layers of a block are then pruned one at a
 time in order, each from inputs that pass through the layers pruned before it, and a second, dense stream of
-activations is carried along (twice the activation memory). On ResNet20 at 90% sparsity it lifts `joint` from
+activations is carried along (twice the activation memory). On ResNet20 at 90% sparsity it lifts `admm` from
 55.3% to 81.8% test accuracy (the model as one block, 1,000 calibration images).
 """
 import copy
@@ -25,7 +25,7 @@ from torch import nn
 from .. import validation
 from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING, LayerObjective
 from ..errors import BrainSurgeonError, solver_errors_as_one_line
-from ..methods.layerwise import LAYER_METHODS
+from ..methods.catalog import LAYER_METHODS, canonical
 from ..methods.patterns import Pattern
 from ..modes import evaluating
 from ..progress import progress_bar
@@ -66,7 +66,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                     batch_size: int = 8, target: str = "layer", progress: bool = True, **options) -> PruneResult:
     """Prune every prunable layer of `model`'s blocks on the layer-wise objective, block by block.
 
-    `method`: 'mp', 'wanda', 'sparsegpt', 'joint', 'wf', 'cbs' or 'swaps' (methods/layerwise.py). `pattern`:
+    `method`: 'mp', 'wanda', 'sparsegpt', 'admm', 'wf', 'cbs' or 'swaps' (methods/catalog.py). `pattern`:
     'layer' (unstructured, exact count per layer), 'row' (exact count per output row) or 'N:M' such as '2:4'
     (sparsity N/M). `damping`: of H, relative to mean(diag H). `calibration`: model inputs (a tensor such as
     token ids, batched by `batch_size`, an (inputs, targets) pair, or an iterable of tensors or keyword dicts).
@@ -113,8 +113,10 @@ def plan_layerwise(model, sparsity, pattern, method, *, damping=DEFAULT_RELATIVE
                    ignore=(), batch_size=8, target="layer", **options):
     """Every argument of prune_layerwise checked against the model before any work: (method, pattern, blocks,
     the layers to prune per block as (module name, full name, pattern), the dense layers with reasons)."""
-    if method not in LAYER_METHODS:
-        raise BrainSurgeonError(f"unknown layer-wise method '{method}'; choose from {sorted(LAYER_METHODS)}")
+    named = canonical(method, "layer") if isinstance(method, str) else None
+    if named not in LAYER_METHODS:
+        raise BrainSurgeonError(f"unknown layer-wise method {method!r}; choose from {sorted(LAYER_METHODS)}")
+    method = named
     layer_method = LAYER_METHODS[method](**options)  # refuses an option the method does not declare
     per_layer = sparsity if isinstance(sparsity, dict) else None
     pattern = Pattern.parse(pattern, 0.5 if per_layer else sparsity)

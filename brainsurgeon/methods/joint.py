@@ -119,7 +119,7 @@ class JointOptions(MethodOptions):
     max_kept: int = option(6000, "a block keeping more weights is backsolved and takes no swaps")
 
     def checked(self):
-        return dict(start=validation.choice("joint start", self.start, SELECTIONS),
+        return dict(start=validation.choice("swaps start", self.start, SELECTIONS),
                     iht_rounds=validation.count("iht_rounds", self.iht_rounds, minimum=0),
                     max_swaps=validation.count("max_swaps", self.max_swaps, minimum=0),
                     swap_candidates=validation.count("swap_candidates", self.swap_candidates),
@@ -127,7 +127,9 @@ class JointOptions(MethodOptions):
 
 
 class JointSelection(Selection):
-    """Search the joint objective Q* (selection with the CBS-U update inside); see the module docstring.
+    """The pruned set best with its exact update: a warm start, thresholding with exact backsolves, then swaps.
+
+    It searches the joint objective Q* (selection with the CBS-U update inside); see the module docstring.
 
     Options: `start` (the warm-start selection, by name or as a Selection; with several candidate masks the one
     with the lowest Q* is used), `iht_rounds` (thresholding-plus-backsolve rounds), `max_swaps`,
@@ -136,7 +138,7 @@ class JointSelection(Selection):
     and takes no swaps: its A^-1 would be too large).
     """
 
-    name = "joint"
+    name = "swaps"
     default_update = "cbsu"
     needs_fisher = True
     Options = JointOptions
@@ -145,7 +147,7 @@ class JointSelection(Selection):
         """`start_selection`: a Selection to start from instead of the one `start` names (a mask chosen
         beforehand)."""
         super().__init__(options, **given)
-        # The basic selections: joint does not start from itself.
+        # The basic selections: swaps does not start from itself.
         self.start_selection = start_selection or SELECTIONS[self.start]()
 
     @property
@@ -269,7 +271,7 @@ class JointSearch:
             return 0
         swaps = SwapMoves(self, candidates)
         done = 0
-        bar = progress_bar(None, "joint swaps", self.problem.show_progress, total=max_swaps)
+        bar = progress_bar(None, "swaps", self.problem.show_progress, total=max_swaps)
         while done < max_swaps and swaps.apply_best():
             done += 1
             bar.update()

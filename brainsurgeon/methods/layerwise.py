@@ -8,7 +8,7 @@ update; the methods below choose the pruned set:
   mp        smallest |w| under the pattern, no update
   wanda     smallest |w_ij| * |X_j|, compared within each output row (Wanda), no update
   sparsegpt the OBS column sweep with lazy batched updates (SparseGPT), block size 128
-  joint     ours: the pruned set that is best *with* its exact update. ADMM on W' = D, D in the pattern
+  admm      ours: the pruned set that is best *with* its exact update. ADMM on W' = D, D in the pattern
             (thresholding the weights while a growing penalty pulls the exactly updated W' onto D, as ALPS
             does), warm-started from SparseGPT; then the exact multi-weight update on D's support. The warm
             start with its own update and with the exact one are candidates too, and the lowest error wins, so
@@ -20,8 +20,11 @@ row), the Fisher path's own selections and updates, not copied:
 
   wf        WoodFisher's saliency w^2 / [H^-1]_ii under the pattern, and the OBS update
   cbs       the CBS swap search (from magnitude), and the exact multi-weight update (CBS-U)
-  swaps     the joint selection (thresholding, exact backsolve on the kept set, swaps with the update inside)
-            warm-started from SparseGPT's mask, and the exact multi-weight update
+  swaps     the Fisher path's swaps selection (thresholding, exact backsolve on the kept set, swaps with the
+            update inside) warm-started from SparseGPT's mask, and the exact multi-weight update
+
+`joint`, the old name of `admm` here and of `swaps` on the Fisher objective, is a deprecated alias
+(methods/catalog.py).
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -34,7 +37,7 @@ from .joint import JointSelection
 from .options import Configurable, MethodOptions, option
 from .patterns import Pattern
 from .problem import PruningProblem, best_candidate
-from .selection import CombinatorialBrainSurgeon, Selection, WoodFisher
+from .selection import CombinatorialBrainSurgeon, Magnitude, Selection, WoodFisher
 from .update import ExactOptimalBrainSurgeon, OptimalBrainSurgeon
 
 
@@ -44,14 +47,18 @@ class LayerMethod(Configurable, ABC):
 
     name: str
     needs_hessian = True
+    fisher_counterpart = None  # the Fisher objective's selection of the same name that this runs, if any
 
     @abstractmethod
     def prune(self, objective: LayerObjective, pattern: Pattern) -> tuple: ...
 
 
 class MagnitudeLayer(LayerMethod):
+    """Smallest |w| under the pattern, no update."""
+
     name = "mp"
     needs_hessian = False
+    fisher_counterpart = Magnitude
 
     def prune(self, objective, pattern):
         pruned = pattern.prune_lowest(objective.weight.abs())
@@ -59,7 +66,9 @@ class MagnitudeLayer(LayerMethod):
 
 
 class Wanda(LayerMethod):
-    """|W_ij| * |X_j|: |X_j| = sqrt(N H_jj), and the sqrt(N) is common to all scores."""
+    """Smallest |w_ij| * |X_j| within each output row (Wanda), no update.
+
+    |X_j| = sqrt(N H_jj), and the sqrt(N) is common to all scores."""
 
     name = "wanda"
 
@@ -78,7 +87,9 @@ class SparseGPTOptions(MethodOptions):
 
 
 class SparseGPT(LayerMethod):
-    """The OBS column sweep: columns are pruned left to right, each pruned weight's error spread over the columns
+    """SparseGPT's OBS column sweep with lazy batched updates, each block's mask chosen as the sweep reaches it.
+
+    Columns are pruned left to right, each pruned weight's error spread over the columns
     to its right through the upper Cholesky factor of H^-1; updates within a block of `block_size` columns are
     immediate, those beyond it batched once per block. The mask of each block (each group of M columns for
     N:M) is chosen when the sweep reaches it, by w^2 / [H^-1]_cc^2 on the weights updated so far."""
@@ -128,7 +139,7 @@ class SparseGPT(LayerMethod):
 
 
 @dataclass(frozen=True)
-class JointLayerOptions(MethodOptions):
+class AdmmLayerOptions(MethodOptions):
     penalty: float = option(0.03, "ADMM's starting penalty, with H at unit mean diagonal")
     growth: float = option(1.15, "the penalty's growth per iteration (squared while the support barely moves)")
     max_iterations: int = option(80, "cap on ADMM iterations")
@@ -140,11 +151,11 @@ class JointLayerOptions(MethodOptions):
                     growth=validation.number("growth", self.growth, low=1, low_open=True),
                     max_iterations=validation.count("max_iterations", self.max_iterations),
                     patience=validation.count("patience", self.patience),
-                    start=validation.choice("joint start", self.start, ("sparsegpt", "wanda", "mp")))
+                    start=validation.choice("admm start", self.start, ("sparsegpt", "wanda", "mp")))
 
 
-class JointLayer(LayerMethod):
-    """ADMM on the layer objective with the pattern as the constraint (module docstring), then the exact update.
+class AdmmLayer(LayerMethod):
+    """Ours: ADMM on the pattern-constrained objective from SparseGPT's start, then the exact update on its support.
 
     With H normalised to a unit mean diagonal, W' = argmin |(W' - W) X|^2 + rho |W' - D + V|^2 in closed form
     from one eigendecomposition of H; D = the pattern's largest entries of W' + V; V += W' - D. The penalty rho
@@ -152,8 +163,8 @@ class JointLayer(LayerMethod):
     moves), until the support has not changed for `patience` iterations past rho = 1, or `max_iterations`.
     """
 
-    name = "joint"
-    Options = JointLayerOptions
+    name = "admm"
+    Options = AdmmLayerOptions
 
     def prune(self, objective, pattern):
         start_pruned, start_weight = LAYER_METHODS[self.start]().prune(objective, pattern)
@@ -224,7 +235,10 @@ class FisherOnRows(LayerMethod):
 
 
 class WoodFisherLayer(FisherOnRows):
+    """WoodFisher's saliency w^2 / [H^-1]_ii under the pattern, and the OBS update."""
+
     name = "wf"
+    fisher_counterpart = WoodFisher
 
     def methods(self, objective, pattern):
         return WoodFisher(), OptimalBrainSurgeon()
@@ -240,7 +254,10 @@ class CBSLayerOptions(FisherOnRowsOptions):
 
 
 class CBSLayer(FisherOnRows):
+    """Ours: the CBS swap search from magnitude in each row, and the exact multi-weight update."""
+
     name = "cbs"
+    fisher_counterpart = CombinatorialBrainSurgeon
     Options = CBSLayerOptions
 
     def methods(self, objective, pattern):
@@ -271,7 +288,10 @@ class SwapsLayerOptions(FisherOnRowsOptions):
 
 
 class SwapsLayer(FisherOnRows):
+    """Ours: the swaps selection in each row (from SparseGPT's mask), and the exact multi-weight update."""
+
     name = "swaps"
+    fisher_counterpart = JointSelection
     Options = SwapsLayerOptions
 
     def methods(self, objective, pattern):
@@ -281,6 +301,6 @@ class SwapsLayer(FisherOnRows):
         return selection, ExactOptimalBrainSurgeon(damping_grid=(1.0,))
 
 
-LAYER_METHODS = {cls.name: cls for cls in (MagnitudeLayer, Wanda, SparseGPT, JointLayer, WoodFisherLayer, CBSLayer,
+LAYER_METHODS = {cls.name: cls for cls in (MagnitudeLayer, Wanda, SparseGPT, AdmmLayer, WoodFisherLayer, CBSLayer,
                                            SwapsLayer)}
 

@@ -34,6 +34,8 @@ class Magnitude(Selection):
 
 
 class Random(Selection):
+    """Uniformly at random (seeded)."""
+
     name = "random"
 
     def select(self, problem):
@@ -41,7 +43,9 @@ class Random(Selection):
 
 
 class WoodFisher(Selection):
-    """OBS saliency rho_i = w_i^2 / (2 [H^-1]_ii); diag(H^-1) from the n x n Cholesky, no p x p matrix."""
+    """WoodFisher's OBS saliency w_i^2 / (2 [H^-1]_ii), and (by default) the OBS update.
+
+    diag(H^-1) comes from the n x n Cholesky, no p x p matrix."""
 
     name = "wf"
     default_update = "obs"
@@ -95,9 +99,9 @@ class CBSOptions(MethodOptions):
 
 
 class CombinatorialBrainSurgeon(Selection):
-    """CBS-S: local search of swaps on f(P) = u^T H u, u = w restricted to P (docs/design.md section 2).
+    """CBS-S, the swap search on the loss of deleting the pruned set, and (by default) the exact update CBS-U.
 
-    Starts from the best (by real calibration loss) of `init_trials` perturbed-magnitude masks and plain
+    A local search of swaps on f(P) = u^T H u, u = w restricted to P (docs/design.md section 2). It starts from the best (by real calibration loss) of `init_trials` perturbed-magnitude masks and plain
     magnitude, and runs passes of swaps until a pass finds none (or `max_passes`). The reference returns
     the pass with the lowest real calibration loss of the deleted weights; here that pass and
     `candidates` passes spread evenly from the start are returned, and the driver keeps the one whose loss
