@@ -1,13 +1,14 @@
 """brainsurgeon: one-shot second-order pruning with the Combinatorial Brain Surgeon and its baselines."""
 from .drivers.oneshot import prune
-from .drivers.registry import SELECTIONS, parse_method
+from .drivers.registry import SELECTIONS, StageOptions, parse_method
 from .drivers.result import PruneResult
 from .drivers.sequential import prune_layerwise
+from .drivers.settings import FisherSettings, LayerSettings
 from .errors import BrainSurgeonError
 from .methods.catalog import LAYER_METHODS, method_table
 from .methods.update import UPDATES
 from .models.vision import load_checkpoint
 
-__all__ = ["prune", "prune_layerwise", "PruneResult", "BrainSurgeonError", "load_checkpoint", "parse_method",
+__all__ = ["prune", "prune_layerwise", "FisherSettings", "LayerSettings", "StageOptions", "PruneResult", "BrainSurgeonError", "load_checkpoint", "parse_method",
            "SELECTIONS", "UPDATES", "LAYER_METHODS", "method_table"]
 __version__ = "0.1.0"

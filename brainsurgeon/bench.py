@@ -286,7 +286,7 @@ def check_lm_sweep(methods, options: dict) -> dict:
     return declared
 
 
-def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_name="model", damping=None,
+def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_name="model", relative_damping=None,
                      progress=True, text_source="wiki", json_path=None, overwrite=False, **options) -> dict:
     """Prune a language model with every layer-wise method x pattern on the same calibration token windows and
     score perplexity on the same evaluation windows. A pattern is a sparsity (unstructured per layer) or 'N:M'.
@@ -304,9 +304,10 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         return {key: value for key, value in options.items() if key in declared[method]}
 
     runs = [(method, pattern) for pattern in patterns for method in methods]
-    damping = DEFAULT_RELATIVE_DAMPING if damping is None else damping
+    relative_damping = DEFAULT_RELATIVE_DAMPING if relative_damping is None else relative_damping
     for method, pattern in runs:  # checked before the first run
-        plan_layerwise(model, *split_pattern(pattern), method, damping=damping, **method_options(method))
+        plan_layerwise(model, *split_pattern(pattern), method, relative_damping=relative_damping,
+                       **method_options(method))
     started = time.perf_counter()
     dense = perplexity(model, evaluation, progress=progress)
     report = {
@@ -314,7 +315,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         "dataset": text_source,
         "metric": "perplexity",
         "dense_perplexity": dense,
-        "settings": dict(methods=list(methods), sparsities=list(patterns), seeds=[0], damping=damping,
+        "settings": dict(methods=list(methods), sparsities=list(patterns), seeds=[0], relative_damping=relative_damping,
                          calib_samples=len(calibration), calib_windows=list(calibration.shape),
                          eval_windows=list(evaluation.shape), options=options),
         "results": [],
@@ -324,7 +325,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
     for method, pattern in runs:
         sparsity, kind = split_pattern(pattern)
         measured = measure_run(model, lambda: prune_layerwise(
-            model, calibration, sparsity, method, pattern=kind, damping=damping, progress=progress,
+            model, calibration, sparsity, method, pattern=kind, relative_damping=relative_damping, progress=progress,
             **method_options(method)), lambda pruned: perplexity(pruned, evaluation, progress=progress))
         row = dict(method=method, sparsity=pattern, seed=0, perplexity=measured.pop("score"), **measured)
         report["settings"]["wall_seconds"] = time.perf_counter() - started

@@ -67,12 +67,15 @@ def _add_common(parser):
     lm.add_argument("--calib-seqs", type=int, help="calibration windows (default 64)")
     lm.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
     lm.add_argument("--eval-windows", type=int, help="evaluation windows for perplexity (default 32)")
+    lm.add_argument("--relative-damp", type=float, help="added to each layer's H = X X^T as a fraction of its mean "
+                                                         "diagonal (default 0.01; --damp is the Fisher's absolute lambda)")
     parser.add_argument("--dataset", choices=sorted(DATASETS), help="the data of --data-dir (default mnist)")
     parser.add_argument("--data-dir", help="dataset folder (default: $BRAINSURGEON_DATA)")
     parser.add_argument("--calib-samples", type=int,
                         help=f"per-sample gradients from a seeded random subset of the training split "
                              f"(default {DEFAULT_CALIB_SAMPLES}, or the whole split if smaller)")
-    parser.add_argument("--damp", type=float, default=None, help=f"Fisher damping lambda (default {DEFAULT_DAMPING}, or the preset's)")
+    parser.add_argument("--damp", type=float, default=None, help=f"the Fisher's damping lambda, absolute (default {DEFAULT_DAMPING}, or the preset's; "
+                             "--relative-damp with --hf-model)")
     parser.add_argument("--max-memory-gb", type=float, help="refuse runs estimated above this (default 8)")
     parser.add_argument("--structure", help="Fisher blocks: full (default), layer (one per layer) or block:K (at "
                                             "most K weights each)")

@@ -12,10 +12,11 @@ from .errors import BrainSurgeonError
 from .models.hf import load_causal_lm, write_pruned_folder
 
 # The language-model flags and their defaults (None on the parser: a vision run refuses them when given).
-LM_DEFAULTS = dict(text="wiki", calib_seqs=64, seq_len=512, eval_windows=32, pattern="layer", target="layer")
+LM_DEFAULTS = dict(text="wiki", calib_seqs=64, seq_len=512, eval_windows=32, pattern="layer", target="layer",
+                   relative_damp=DEFAULT_RELATIVE_DAMPING)
 # Flags of the Fisher objective's runs, refused with --hf-model when given.
 VISION_ONLY = ("model", "checkpoint", "dataset", "data_dir", "calib_samples", "max_memory_gb", "structure",
-               "gradients", "scope")
+               "gradients", "scope", "damp")
 
 
 def check_flags(args, language_model: bool) -> None:
@@ -73,7 +74,7 @@ def prune_language_model(args, options: dict):
         report_path = staged.file(args.report) if args.report else None
         model, tokenizer, calibration, evaluation = _load(args)
         result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern, target=args.target,
-                                 damping=args.damp if args.damp is not None else DEFAULT_RELATIVE_DAMPING,
+                                 relative_damping=args.relative_damp,
                                  include=args.include, ignore=args.ignore or (), progress=not args.quiet, **options)
         dense = perplexity(model, evaluation, progress=not args.quiet)
         result.apply(model)
@@ -96,6 +97,6 @@ def bench_language_model(args, options: dict):
     bench.check_lm_sweep(methods, options)  # before any work
     model, _, calibration, evaluation = _load(args)
     return bench.run_lm_benchmark(model, calibration, evaluation, methods, args.sparsities,
-                                  model_name=Path(args.hf_model).name, damping=args.damp,
+                                  model_name=Path(args.hf_model).name, relative_damping=args.relative_damp,
                                   text_source=_describe_text(args.text, _text_seed(args)), json_path=args.json,
                                   overwrite=args.overwrite, progress=not args.quiet, **options)

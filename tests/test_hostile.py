@@ -158,7 +158,8 @@ def _method_for(option):
 def test_every_numeric_option_refuses_nan_inf_negative_and_wrong_types(option):
     model, x, y = small_mlp()
     bad = [v for v in BAD_NUMBERS if not (v is None and option in ("num_samples", "chunk_size", "damping",
-                                                                      "stages", "refine", "later_damping"))]
+                                                                      "stages", "refine", "later_damping",
+                                                                      "max_memory"))]  # None: the default
     bad += [0] if option in ZERO_REFUSED else []
     for value in bad:
         with pytest.raises(BrainSurgeonError, match=option.split("_")[0]):

@@ -38,7 +38,7 @@ def one_line(capsys, *argv):
 
 def test_a_pattern_on_the_fisher_objective_is_refused():
     model, x, y = mlp()
-    with pytest.raises(BrainSurgeonError, match="pattern='2:4' applies to objective='layer' only"):
+    with pytest.raises(BrainSurgeonError, match="objective='fisher' does not use pattern .*objective='layer'"):
         brainsurgeon.prune(model, (x, y), 0.5, "cbs", pattern="2:4", progress=False)
 
 
@@ -202,3 +202,57 @@ def test_no_name_means_two_algorithms():
 def test_the_readme_method_table_is_the_registrys():
     readme = open(__file__.replace("tests/test_options.py", "README.md")).read()
     assert brainsurgeon.method_table() in readme, "paste python -c 'import brainsurgeon; print(brainsurgeon.method_table())' into it"
+
+
+# prune's settings come in typed groups, as objects or as their fields --------------------------------------------
+
+def test_a_settings_group_as_an_object_is_the_same_run_as_its_fields_as_keywords():
+    from brainsurgeon import FisherSettings, LayerSettings, StageOptions
+
+    model, x, y = tiny_problem(n=24, sizes=((8, 8), (8, 3)))
+    grouped = brainsurgeon.prune(model, (x, y), 0.5, "cbs", progress=False, rho=2,
+                                 fisher=FisherSettings(num_samples=20, damping=1e-2, structure="layer"),
+                                 staging=StageOptions(stages=2))
+    flat = brainsurgeon.prune(model, (x, y), 0.5, "cbs", progress=False, rho=2, num_samples=20, damping=1e-2,
+                              structure="layer", stages=2)
+    assert_same_result(grouped, flat)
+    assert grouped.settings["stages"] == 2 and grouped.settings["damping"] == 1e-2
+    layered = brainsurgeon.prune(model, x, 0.5, "sparsegpt", objective="layer", progress=False,
+                                 layer=LayerSettings(pattern="row", relative_damping=0.1))
+    assert_same_result(layered, brainsurgeon.prune_layerwise(model, x, 0.5, "sparsegpt", pattern="row",
+                                                             relative_damping=0.1, progress=False))
+    assert layered.settings["relative_damping"] == 0.1
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(fisher=dict(num_samples=8)), "fisher must be a FisherSettings"),
+    (dict(num_samples=4, fisher="FisherSettings"), "fisher must be a FisherSettings"),
+    (dict(num_sample=4), "takes no option 'num_sample'.*the run's settings: .*num_samples"),
+    (dict(objective="layer", damping=0.1), "does not use damping .*its damping is relative_damping"),
+    (dict(objective="layer", structure="layer", stages=2), "does not use structure, stages"),
+    (dict(relative_damping=0.1), "objective='fisher' does not use relative_damping"),
+])
+def test_a_setting_given_wrong_is_one_line_naming_the_fix(call, message):
+    model, x, y = tiny_problem()
+    with pytest.raises(BrainSurgeonError, match=message):
+        brainsurgeon.prune(model, (x, y), 0.5, "cbs" if call.get("objective") != "layer" else "sparsegpt",
+                           progress=False, **call)
+
+
+def test_a_setting_given_twice_is_refused():
+    from brainsurgeon import FisherSettings
+
+    model, x, y = tiny_problem()
+    with pytest.raises(BrainSurgeonError, match="num_samples given both as a keyword and in fisher="):
+        brainsurgeon.prune(model, (x, y), 0.5, "cbs", progress=False, num_samples=4,
+                           fisher=FisherSettings(num_samples=8))
+    with pytest.raises(BrainSurgeonError, match="relative_damping .*not damping"):
+        brainsurgeon.prune_layerwise(model, x, 0.5, "sparsegpt", damping=0.1, progress=False)
+
+
+def test_the_command_line_has_one_damping_per_objective(tmp_path, capsys):
+    folder, text = lm_folder(tmp_path, tiny_llama())
+    err = one_line(capsys, "prune", "--hf-model", folder, "--text", text, "--damp", "0.1", "--out", tmp_path / "p")
+    assert "--damp does not apply with --hf-model" in err
+    err = one_line(capsys, "prune", "--model", "mlpnet", "--relative-damp", "0.1", "--out", tmp_path / "p.st")
+    assert "--relative-damp does not apply without --hf-model" in err

@@ -12,85 +12,58 @@ from .judge import choose_path, judged_loss
 from .layer_start import layer_start
 from .layers import copy_model
 from .plan import plan_run
+from .registry import StageOptions
 from .result import PruneResult
 from .schedule import collect_pool, recalibrate, refine_stages, run_stages, walk
 from .sequential import prune_layerwise
-from .stage import DEFAULT_MAX_MEMORY, prune_stage
-
-# Arguments of prune that only the Fisher objective uses, with the value that means "not given".
-FISHER_ONLY = dict(num_samples=None, scope=None, structure=None, gradients=None, scratch_dir=None, max_memory=None,
-                   chunk_size=None, stages=None, schedule=None, first_order=None, first_method=None, refine=None)
+from .settings import FisherSettings, LayerSettings, given, split_settings
+from .stage import prune_stage
 
 
 @solver_errors_as_one_line
 def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
-          num_samples: int | None = None, damping: float | None = None, include=None, ignore=(),
-          scope: str | None = None, structure: str | None = None, gradients: str | None = None, scratch_dir=None,
-          seed: int | None = None, max_memory: float | None = None, chunk_size: int | None = None,
-          progress: bool = True, stages: int | None = None, schedule=None, first_order: bool | None = None,
-          first_method: str | None = None, refine: int | None = None, objective: str = "fisher",
-          pattern: str | None = None, bn_recalibration: bool = False, **options) -> PruneResult:
-    """One-shot prune of `model` to `sparsity` with `method` ('SELECTION[+UPDATE]', e.g. 'cbs', 'wf+cbsu',
-    or the preset 'max': the most accurate configuration measured).
+          objective: str = "fisher", include=None, ignore=(), seed: int | None = None, progress: bool = True,
+          fisher: FisherSettings | None = None, layer: LayerSettings | None = None,
+          staging: StageOptions | None = None, **options) -> PruneResult:
+    """One-shot prune of `model` to `sparsity` with `method` (methods/catalog.py: 'SELECTION[+UPDATE]' on the
+    Fisher objective, e.g. 'cbs', 'swaps', 'wf+cbsu', or the preset 'max', the most accurate configuration
+    measured). The model is not modified: call `result.apply(model)`.
 
-    objective='layer' prunes on the layer-wise objective |W X - W' X|^2 instead, block by block, for models too
-    large for per-sample gradients (language models): `method` is then 'mp', 'wanda', 'sparsegpt', 'admm', 'wf', 'cbs' or 'swaps',
-    `pattern` 'layer', 'row' or 'N:M', `damping` is relative to mean(diag H) (default 0.01) and `calibration`
-    holds model inputs (sequential.prune_layerwise has the details).
-
-    `calibration`: an (X, y) pair or an iterable of (inputs, targets) batches; `num_samples` of them
-    (default: all) give the per-sample gradients. `structure` shapes the Fisher: 'full', 'layer' (one block
-    per layer, cross-layer curvature dropped) or 'block:K'; sparsity stays global unless scope='layer'.
-    `gradients`: keep G in 'memory', stream it one block at a time from a file in `scratch_dir` ('disk'),
-    or 'auto' (disk only when memory would exceed `max_memory`). `damping` defaults to 1e-3.
-    `stages` > 1 (or an explicit increasing `schedule` of sparsities, or schedule='adaptive': each stage sized from
-    the model the previous one left, see next_sparsity) prunes in stages, each with the gradients recomputed at
-    the previous stage's pruned and updated weights; still no training step.
-    `first_method` prunes the first stage (default: `method`). `first_order` adds the mean gradient's linear
-    term to the loss model of the Fisher updates and the swaps selection in every stage after the first (the
-    trained model is taken to be at a minimum). `refine` adds that many stages at the target sparsity itself
-    after a multi-stage schedule: with `first_order`, each is a damped Gauss-Newton step of the calibration
-    loss on the current mask (the selection may still swap weights), using the calibration data the way a
-    short fine-tuning would; refine='auto' goes on while they keep the held-out loss below the unrefined
-    model's (REFINE_LIMIT at most).
-    `fresh_samples` (on in 'max'): when the calibration data holds at least twice `num_samples`, the last
-    `num_samples` are held out to judge stages by, and every stage fits `num_samples` of its own (the first stage
-    the first ones, so a single stage is unchanged): refinement on fresh samples stops fitting the same ones.
-    `later_damping` and `later_damping_grid` set the damping and the CBS-U grid of
-    the stages after the first (default: those of the first). `bn_recalibration` re-estimates every BatchNorm's
-    running statistics after each stage so that its outputs on the stage's calibration inputs have the dense
-    model's per-channel mean and variance (recalibrate_batchnorm: forward passes only; the result carries them in
-    `buffers`); every stage's sparsity, calibration loss and seconds are in `stats['stages']`.
-    `layer_start` (on in 'max') also prunes every layer on the layer-wise objective towards the dense model's
-    outputs, compares that with the Fisher stages' result on the held-out loss (without held-out samples, the
-    calibration loss), and gives only the one it keeps the `refine` stages (`settings['path']`): the Fisher path
-    unless the layer path is better beyond the noise of the judged samples (choose_path).
-    `options` are the method's declared options (e.g. rho, tau for cbs; damping_grid for cbsu) and the stage
-    options (registry.StageOptions). An option the run does not use is an error naming the ones it does: on the
-    layer objective, the Fisher path's settings (num_samples, scope, structure, gradients, stages, ...); on the
-    Fisher objective, `pattern`. The model is not modified: call `result.apply(model)`.
+    `calibration`: an (X, y) pair or an iterable of (inputs, targets) batches (on the layer objective, model
+    inputs alone will do). Besides `objective`, `include`/`ignore` (fnmatch patterns of layer names), `seed` and
+    `progress`, the settings come in groups, each a frozen dataclass checked once, given as an object or as its
+    fields in keywords:
+      fisher=FisherSettings(...)   the Fisher objective's curvature: num_samples, damping (an absolute lambda,
+                                   default 1e-3), scope ('global' or 'layer'), structure ('full', 'layer',
+                                   'block:K'; default: full where its gradients fit max_memory, else layer),
+                                   gradients ('memory', 'disk' in scratch_dir, or 'auto'), max_memory, chunk_size;
+      staging=StageOptions(...)    staged pruning (registry.StageOptions): stages, schedule (sparsities, or
+                                   'adaptive'), refine (a count or 'auto'), first_order, first_method,
+                                   later_damping, later_damping_grid, fresh_samples, layer_start and
+                                   bn_recalibration (re-estimated BatchNorm statistics; the one field the layer
+                                   objective takes too);
+      layer=LayerSettings(...)     objective='layer' (the layer-wise |W X - W' X|^2, block by block, for models too
+                                   large for per-sample gradients; sequential.prune_layerwise): pattern ('layer',
+                                   'row' or 'N:M'), relative_damping (a fraction of mean(diag H), default 0.01),
+                                   target ('layer' or 'dense'), blocks, batch_size.
+    The remaining keywords are the method's declared options (e.g. rho, tau for cbs; damping_grid for cbsu;
+    penalty for admm). A keyword no group and no method of the run declares, or a group's field on the objective
+    that does not use it, is an error naming the valid ones. README ("Beyond CBS: the `swaps` selection, stages, and `max`") describes what the staging
+    settings do; every stage's sparsity, calibration loss and seconds are in `stats['stages']`.
     """
-    if validation.choice("objective", objective, ("fisher", "layer")) == "layer":
-        given = dict(num_samples=num_samples, scope=scope, structure=structure, gradients=gradients,
-                     scratch_dir=scratch_dir, max_memory=max_memory, chunk_size=chunk_size, stages=stages,
-                     schedule=schedule, first_order=first_order, first_method=first_method, refine=refine)
-        unused = [name for name, value in given.items() if value is not FISHER_ONLY[name]]
-        unused += ["loss_fn"] if loss_fn is not F.cross_entropy else []
-        if unused:
-            raise BrainSurgeonError(f"objective='layer' does not use {', '.join(unused)} (the Fisher objective's "
-                                    "settings); drop them, or prune with objective='fisher'")
-        return _prune_layer_objective(model, calibration, sparsity, method, pattern, damping, include, ignore, seed,
+    objective = validation.choice("objective", objective, ("fisher", "layer"))
+    curvature, layerwise, stage_options, options = split_settings(
+        objective, dict(options), dict(fisher=fisher, layer=layer, staging=staging))
+    bn_recalibration = stage_options.bn_recalibration is not None and validation.flag(
+        "bn_recalibration", stage_options.bn_recalibration)
+    if objective == "layer":
+        if loss_fn is not F.cross_entropy:
+            raise BrainSurgeonError("objective='layer' does not use loss_fn (it fits each layer's outputs); drop it, "
+                                    "or prune with objective='fisher'")
+        return _prune_layer_objective(model, calibration, sparsity, method, layerwise, include, ignore, seed,
                                       bn_recalibration, progress, options)
-    if pattern is not None:
-        raise BrainSurgeonError(f"pattern={pattern!r} applies to objective='layer' only; on the Fisher objective the "
-                                "sparsity is global or per layer (scope='layer'); drop pattern or pass "
-                                "objective='layer'")
-    plan = plan_run(model, sparsity, method, loss_fn, num_samples=num_samples, damping=damping, include=include,
-                    ignore=ignore, scope=scope or "global", structure=structure,
-                    gradients=gradients or "auto", scratch_dir=scratch_dir, seed=0 if seed is None else seed,
-                    max_memory=DEFAULT_MAX_MEMORY if max_memory is None else max_memory, chunk_size=chunk_size,
-                    progress=progress, stages=stages, schedule=schedule, first_order=first_order,
-                    first_method=first_method, refine=refine, bn_recalibration=bn_recalibration, **options)
+    plan = plan_run(model, sparsity, method, loss_fn, include=include, ignore=ignore, **given(curvature),
+                    seed=0 if seed is None else seed, progress=progress, **given(stage_options), **options)
     pool = None
     if calibration is not None:  # data-free methods (mp, random) may be given none
         pool = collect_pool(calibration, plan)
@@ -108,19 +81,18 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     return _prune_in_stages(model, pool, plan, bn_recalibration, progress)
 
 
-def _prune_layer_objective(model, calibration, sparsity, method, pattern, damping, include, ignore, seed,
-                           bn_recalibration, progress, options) -> PruneResult:
+def _prune_layer_objective(model, calibration, sparsity, method, layerwise, include, ignore, seed, bn_recalibration,
+                           progress, options) -> PruneResult:
     """prune(objective='layer'): the layer-wise driver, with `seed` handed to a method that declares one."""
-    recalibrating = validation.flag("bn_recalibration", bn_recalibration)
-    inputs = _batchnorm_inputs(calibration) if recalibrating else None
+    inputs = _batchnorm_inputs(calibration) if bn_recalibration else None
     if seed is not None:
         options = dict(options, seed=seed)  # a method without a seed refuses it, naming its options
-    result = prune_layerwise(model, calibration, sparsity, method, pattern=pattern or "layer", include=include,
-                             ignore=ignore, progress=progress,
-                             damping=DEFAULT_RELATIVE_DAMPING if damping is None else damping, **options)
-    if recalibrating:
+    result = prune_layerwise(model, calibration, sparsity, method, include=include, ignore=ignore, progress=progress,
+                             **{**dict(pattern="layer", relative_damping=DEFAULT_RELATIVE_DAMPING), **given(layerwise)},
+                             **options)
+    if bn_recalibration:
         recalibrate(result.apply(copy_model(model)), model, inputs, result)
-    result.settings.update(bn_recalibration=recalibrating)
+    result.settings.update(bn_recalibration=bn_recalibration)
     return result
 
 

@@ -1,6 +1,5 @@
 """The plan of a prune on the Fisher objective: every argument checked against the model before any work."""
 from dataclasses import dataclass
-from pathlib import Path
 
 from torch import nn
 from torch.nn import functional as F
@@ -11,15 +10,8 @@ from .budget import make_segments
 from .layers import check_finite_model, find_prunable
 from .registry import build_methods, check_options, parse_method, pop_or, resolve_preset
 from .schedule import REFINE_LIMIT, sparsity_schedule
+from .settings import FisherSettings
 from .stage import DEFAULT_DAMPING, DEFAULT_MAX_MEMORY, fisher_regions
-
-
-def check_run_settings(num_samples, chunk_size, max_memory, seed):
-    """The numeric settings of a run that no method owns, checked once before any work."""
-    return (None if num_samples is None else validation.count("num_samples", num_samples),
-            None if chunk_size is None else validation.count("chunk_size", chunk_size),
-            validation.positive("max_memory (bytes)", max_memory),
-            validation.seed(seed))
 
 
 @dataclass
@@ -44,8 +36,8 @@ class RunPlan:
 
 
 def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
-             num_samples=None, damping=None, include=None, ignore=(), scope="global", structure=None,
-             gradients="auto", scratch_dir=None, seed=0, max_memory=DEFAULT_MAX_MEMORY, chunk_size=None, progress=True,
+             num_samples=None, damping=None, include=None, ignore=(), scope=None, structure=None,
+             gradients=None, scratch_dir=None, seed=0, max_memory=None, chunk_size=None, progress=True,
              stages=None, schedule=None, first_order=None, first_method=None, refine=None, bn_recalibration=False,
              **options) -> RunPlan:
     """Check every argument of `prune` against `model` (no data, no gradients) and return the plan it runs.
@@ -67,18 +59,19 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     later_damping = validation.positive("later_damping", pop_or(chosen, "later_damping", damping))
     later_grid = chosen.pop("later_damping_grid", None)
     later_options = {**chosen, **({"damping_grid": later_grid} if later_grid is not None else {})}
-    num_samples, chunk_size, max_memory, seed = check_run_settings(num_samples, chunk_size, max_memory, seed)
+    curvature = FisherSettings(num_samples=num_samples, scope=scope, structure=structure, gradients=gradients,
+                               scratch_dir=scratch_dir, max_memory=max_memory, chunk_size=chunk_size)
+    num_samples, chunk_size = curvature.num_samples, curvature.chunk_size
+    max_memory = DEFAULT_MAX_MEMORY if curvature.max_memory is None else curvature.max_memory
+    scope, gradients = curvature.scope or "global", curvature.gradients or "auto"
+    seed = validation.seed(seed)
     include, ignore = validation.patterns("include", include) or None, validation.patterns("ignore", ignore)
-    validation.choice("scope", scope, ("global", "layer"))
-    validation.choice("gradients", gradients, ("auto", "memory", "disk"))
-    if scratch_dir is not None and not Path(scratch_dir).is_dir():
-        raise BrainSurgeonError(f"scratch_dir {scratch_dir} is not a directory; create it or leave it unset")
     validation.flag("bn_recalibration", bn_recalibration)
     if not callable(loss_fn):
         raise BrainSurgeonError(f"loss_fn must be callable (outputs, targets) -> scalar loss, got {loss_fn!r}")
     targets = sparsity_schedule(sparsity, stages, schedule)
     first, main = parse_method(first_method), parse_method(method)
-    check_options({first, main}, chosen)
+    check_options({first, main}, chosen, FisherSettings.names())
     build_methods(*first, chosen)  # the methods check their own options
     build_methods(*main, later_options)
     check_finite_model(model)

@@ -128,14 +128,16 @@ def check_sweep_options(methods, options: dict) -> None:
                                 f"options they take are: {', '.join(valid)}")
 
 
-def check_options(methods, options: dict) -> None:
-    """Every option must be taken by the selection or the update of at least one of `methods`."""
+def check_options(methods, options: dict, settings=()) -> None:
+    """Every option must be taken by the selection or the update of at least one of `methods` (the message also
+    lists the run's `settings` names and the stage options)."""
     names = set().union(*(method_option_names(*pair) for pair in methods))
     unknown = sorted(set(options) - names)
     if unknown:
         described = ", ".join(f"'{sel}+{upd}'" for sel, upd in sorted(methods))
         raise BrainSurgeonError(f"method {described} takes no option {', '.join(map(repr, unknown))}; its options "
-                                f"are: {', '.join(sorted(names | set(StageOptions.names())))}")
+                                f"are: {', '.join(sorted(names | set(StageOptions.names())))}; the run's settings: "
+                                f"{', '.join(sorted(settings))}")
 
 
 def build_methods(selection_name: str, update_name: str, options: dict):

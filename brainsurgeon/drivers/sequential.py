@@ -62,13 +62,14 @@ def unprunable_layer(module: nn.Module, layer) -> str | None:
 
 @solver_errors_as_one_line
 def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = "sparsegpt", *, pattern="layer",
-                    damping: float = DEFAULT_RELATIVE_DAMPING, blocks=None, include=None, ignore=(),
+                    relative_damping: float = DEFAULT_RELATIVE_DAMPING, blocks=None, include=None, ignore=(),
                     batch_size: int = 8, target: str = "layer", progress: bool = True, **options) -> PruneResult:
     """Prune every prunable layer of `model`'s blocks on the layer-wise objective, block by block.
 
     `method`: 'mp', 'wanda', 'sparsegpt', 'admm', 'wf', 'cbs' or 'swaps' (methods/catalog.py). `pattern`:
     'layer' (unstructured, exact count per layer), 'row' (exact count per output row) or 'N:M' such as '2:4'
-    (sparsity N/M). `damping`: of H, relative to mean(diag H). `calibration`: model inputs (a tensor such as
+    (sparsity N/M). `relative_damping`: added to H's diagonal as a fraction of mean(diag H) (the Fisher objective's
+    `damping` is an absolute lambda instead). `calibration`: model inputs (a tensor such as
     token ids, batched by `batch_size`, an (inputs, targets) pair, or an iterable of tensors or keyword dicts).
     `target`: 'layer' (each layer keeps its own output on the pruned model's inputs, as SparseGPT) or 'dense'
     (each layer reproduces the dense model's output; module docstring). `sparsity` may also be a dict
@@ -76,7 +77,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     modified: call `result.apply(model)`.
     """
     layer_method, pattern, blocks, per_block, dense = plan_layerwise(
-        model, sparsity, pattern, method, damping=damping, blocks=blocks, include=include, ignore=ignore,
+        model, sparsity, pattern, method, relative_damping=relative_damping, blocks=blocks, include=include, ignore=ignore,
         batch_size=batch_size, target=target, **options)
     to_dense = target == "dense" and layer_method.needs_hessian
     per_layer = isinstance(sparsity, dict)
@@ -92,12 +93,12 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
         bar = progress_bar(blocks, f"{layer_method.name} {pattern_name}", progress)
         for (_, block), layers in zip(bar, per_block):
             run = _prune_block_to_dense if to_dense else _prune_block
-            inputs, dense_inputs = run(block, layers, inputs, dense_inputs, layer_method, damping, timings, stats,
+            inputs, dense_inputs = run(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings, stats,
                                        masks, weights)
     timings["total"] = time.perf_counter() - started
     settings = dict(objective="layer", method=layer_method.name, pattern=pattern_name,
                     sparsity=_fraction_pruned(masks) if per_layer else pattern.sparsity, target=target,
-                    layer_sparsities=dict(sparsity) if per_layer else None, damping=damping,
+                    layer_sparsities=dict(sparsity) if per_layer else None, relative_damping=relative_damping,
                     blocks=[name for name, _ in blocks], layers=list(masks),
                     num_calls=None if inputs is None else len(inputs), batch_size=batch_size,
                     **layer_method.settings())
@@ -109,10 +110,14 @@ def _fraction_pruned(masks: dict) -> float:
     return sum(int((~mask).sum()) for mask in masks.values()) / sum(mask.numel() for mask in masks.values())
 
 
-def plan_layerwise(model, sparsity, pattern, method, *, damping=DEFAULT_RELATIVE_DAMPING, blocks=None, include=None,
+def plan_layerwise(model, sparsity, pattern, method, *, relative_damping=DEFAULT_RELATIVE_DAMPING, blocks=None, include=None,
                    ignore=(), batch_size=8, target="layer", **options):
     """Every argument of prune_layerwise checked against the model before any work: (method, pattern, blocks,
     the layers to prune per block as (module name, full name, pattern), the dense layers with reasons)."""
+    if "damping" in options:
+        raise BrainSurgeonError("the layer-wise objective takes relative_damping (a fraction of mean(diag H), default "
+                                f"{DEFAULT_RELATIVE_DAMPING}), not damping (the Fisher objective's absolute lambda); "
+                                "pass relative_damping")
     named = canonical(method, "layer") if isinstance(method, str) else None
     if named not in LAYER_METHODS:
         raise BrainSurgeonError(f"unknown layer-wise method {method!r}; choose from {sorted(LAYER_METHODS)}")
@@ -126,7 +131,7 @@ def plan_layerwise(model, sparsity, pattern, method, *, damping=DEFAULT_RELATIVE
         per_layer = {name: Pattern(pattern.kind, validation.sparsity(value, f"sparsity of {name}"))
                      for name, value in per_layer.items()}
     validation.choice("target", target, ("layer", "dense"))
-    validation.positive("damping", damping)
+    validation.positive("relative_damping", relative_damping)
     validation.count("batch_size", batch_size)
     include, ignore = validation.patterns("include", include) or None, validation.patterns("ignore", ignore)
     check_finite_model(model)
@@ -161,7 +166,7 @@ def plan_layerwise(model, sparsity, pattern, method, *, damping=DEFAULT_RELATIVE
     return layer_method, pattern, blocks, per_block, dense
 
 
-def _prune_block(block, layers, inputs, dense_inputs, layer_method, damping, timings, stats, masks, weights):
+def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings, stats, masks, weights):
     """Prune one block's layers from its (already pruned-upstream) inputs; return the next block's inputs."""
     modules = dict(block.named_modules())
     mark = time.perf_counter()
@@ -179,7 +184,7 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, damping, tim
             weight = modules[name].weight
             originals[name] = weight.detach().clone()
             hessian = recorder.hessian(name) if recorder else torch.eye(weight[0].numel(), dtype=torch.float64)
-            _prune_layer(modules[name], full_name, LayerObjective(weight, hessian, damping), recorder is not None,
+            _prune_layer(modules[name], full_name, LayerObjective(weight, hessian, relative_damping), recorder is not None,
                          layer_method, pattern, timings, stats, masks, weights)
         mark = time.perf_counter()
         next_inputs = None if inputs is None else with_first(inputs, run_block(block, inputs))
@@ -189,7 +194,7 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, damping, tim
     return next_inputs, None
 
 
-def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, damping, timings, stats, masks,
+def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings, stats, masks,
                           weights):
     """target='dense': prune the block's layers one at a time, each towards the dense block's output of that layer
     (module docstring); return the next block's pruned and dense inputs."""
@@ -202,7 +207,7 @@ def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, dam
             hessian, cross = cross_products(block, dense_block, name, inputs, dense_inputs)
             timings["hessians"] += time.perf_counter() - mark
             originals[name] = modules[name].weight.detach().clone()
-            objective = LayerObjective.reproducing(modules[name].weight, hessian, cross, damping)
+            objective = LayerObjective.reproducing(modules[name].weight, hessian, cross, relative_damping)
             _prune_layer(modules[name], full_name, objective, True, layer_method, pattern, timings, stats, masks,
                          weights)
         mark = time.perf_counter()
