@@ -86,27 +86,42 @@ def test_auto_refinement_keeps_stages_while_they_stay_below_the_unrefined_held_o
     assert abs(mean_loss(pruned, x[-32:], y[-32:], F.cross_entropy) - stages[-1]["held_out_loss"]) < 1e-6
 
 
-def test_a_refinement_stage_that_raises_the_held_out_loss_is_undone(monkeypatch):
-    """A stage made worse on purpose (its weights doubled) is reported as rejected, and the result is the model
-    before it."""
-    real_stage, calls = schedule.prune_stage, []
+def test_a_refinement_stage_that_raises_the_held_out_loss_is_undone():
+    """A stage made worse on purpose through the public on_stage hook (its weights doubled) is reported as
+    rejected, and the result is the model before it."""
+    seen = []
 
-    def spoilt_refinement(*args, **kwargs):
-        result = real_stage(*args, **kwargs)
-        calls.append(result)
-        if len(calls) > 2:  # after the two stages of the schedule
+    def spoilt_refinement(stage, sparsity, result):
+        seen.append((stage, sparsity))
+        if stage > 2:  # after the two stages of the schedule
             result.weights = {name: 2 * weight for name, weight in result.weights.items()}
-        return result
+            return result
+        return None
 
     model, x, y = pooled_mlp()
     settings = dict(num_samples=32, progress=False, init_trials=2, layer_start=False, schedule=[0.5, 0.9])
     unrefined = brainsurgeon.prune(model, (x, y), 0.9, "max", refine=0, **settings)
-    monkeypatch.setattr(schedule, "prune_stage", spoilt_refinement)
-    refined = brainsurgeon.prune(model, (x, y), 0.9, "max", **settings)
+    refined = brainsurgeon.prune(model, (x, y), 0.9, "max", on_stage=spoilt_refinement, **settings)
+    assert seen == [(1, 0.5), (2, 0.9), (3, 0.9)]
     assert refined.settings["schedule"] == [0.5, 0.9] and refined.stats["rejected_stage"]["sparsity"] == 0.9
     assert refined.stats["rejected_stage"]["held_out_loss"] > refined.stats["stages"][-1]["held_out_loss"]
     for name in unrefined.weights:
         assert torch.equal(unrefined.weights[name], refined.weights[name])
+
+
+def test_on_stage_sees_every_stage_and_a_wrong_answer_is_one_error():
+    model, x, y = pooled_mlp()
+    seen = []
+    one = brainsurgeon.prune(model, (x, y), 0.5, "cbs", progress=False, num_samples=32,
+                             on_stage=lambda *args: seen.append(args))
+    assert [(stage, sparsity) for stage, sparsity, _ in seen] == [(1, 0.5)]
+    assert seen[0][2].weights.keys() == one.weights.keys()
+    with pytest.raises(BrainSurgeonError, match="on_stage returned int for stage 1; return a PruneResult"):
+        brainsurgeon.prune(model, (x, y), 0.5, "cbs", progress=False, num_samples=32, on_stage=lambda *args: 3)
+    with pytest.raises(BrainSurgeonError, match="on_stage must be callable"):
+        brainsurgeon.prune(model, (x, y), 0.5, "cbs", progress=False, on_stage="print")
+    with pytest.raises(BrainSurgeonError, match="objective='layer' does not use on_stage"):
+        brainsurgeon.prune(model, x, 0.5, "sparsegpt", objective="layer", progress=False, on_stage=print)
 
 
 @pytest.mark.parametrize("held_out_losses, kept", [
@@ -114,8 +129,7 @@ def test_a_refinement_stage_that_raises_the_held_out_loss_is_undone(monkeypatch)
     ([1.0, 0.5], 0),  # level with the unrefined model: undone at once
     ([0.9] * 20, schedule.REFINE_LIMIT),
 ])
-def test_auto_refinement_stops_at_the_first_stage_not_below_the_unrefined_held_out_loss(monkeypatch, held_out_losses,
-                                                                                      kept):
+def test_auto_refinement_stops_at_the_first_stage_not_below_the_unrefined_held_out_loss(held_out_losses, kept):
     """Stages with made-up held-out losses after an unrefined 1.0: the first one at or above it is undone (the
     model is back to what the stage before it left) and reported, and no stage runs after it."""
     model, x, y = pooled_mlp()
@@ -129,10 +143,9 @@ def test_auto_refinement_stops_at_the_first_stage_not_below_the_unrefined_held_o
         ran.append(copy.deepcopy(staged.state_dict()))
         return f"result {len(ran)}", [dict(held_out_loss=next(losses), calibration_loss=0.0)]
 
-    monkeypatch.setattr(schedule, "run_stages", made_up_stage)
     staged, unrefined = copy.deepcopy(model), [dict(held_out_loss=1.0, calibration_loss=0.0)]
     result, reports, rejected = schedule.refine_stages(pool, planned, None, False, staged, "unrefined", unrefined,
-                                                schedule.REFINE_LIMIT, None)
+                                                schedule.REFINE_LIMIT, None, run=made_up_stage)
     assert [r["held_out_loss"] for r in reports[1:]] == held_out_losses[:kept]
     assert result == (f"result {kept}" if kept else "unrefined")
     if kept == schedule.REFINE_LIMIT:

@@ -14,7 +14,7 @@ from .layers import copy_model
 from .plan import plan_run
 from .registry import StageOptions
 from .result import PruneResult
-from .schedule import collect_pool, recalibrate, refine_stages, run_stages, walk
+from .schedule import collect_pool, hooked, recalibrate, refine_stages, run_stages, walk
 from .sequential import prune_layerwise
 from .settings import FisherSettings, LayerSettings, given, split_settings
 from .stage import prune_stage
@@ -24,7 +24,7 @@ from .stage import prune_stage
 def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
           objective: str = "fisher", include=None, ignore=(), seed: int | None = None, progress: bool = True,
           fisher: FisherSettings | None = None, layer: LayerSettings | None = None,
-          staging: StageOptions | None = None, **options) -> PruneResult:
+          staging: StageOptions | None = None, on_stage=None, **options) -> PruneResult:
     """One-shot prune of `model` to `sparsity` with `method` (methods/catalog.py: 'SELECTION[+UPDATE]' on the
     Fisher objective, e.g. 'cbs', 'swaps', 'wf+cbsu', or the preset 'max', the most accurate configuration
     measured). The model is not modified: call `result.apply(model)`.
@@ -46,6 +46,9 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
                                    large for per-sample gradients; sequential.prune_layerwise): pattern ('layer',
                                    'row' or 'N:M'), relative_damping (a fraction of mean(diag H), default 0.01),
                                    target ('layer' or 'dense'), blocks, batch_size.
+    `on_stage(stage, sparsity, result)`, when given, is called with each Fisher stage's PruneResult (stage from 1)
+    before the stage is applied and judged: to log or save it, or to return a PruneResult of the same layers to
+    use instead (None keeps it).
     The remaining keywords are the method's declared options (e.g. rho, tau for cbs; damping_grid for cbsu;
     penalty for admm). A keyword no group and no method of the run declares, or a group's field on the objective
     that does not use it, is an error naming the valid ones. README ("Beyond CBS: the `swaps` selection, stages, and `max`") describes what the staging
@@ -57,13 +60,15 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     bn_recalibration = stage_options.bn_recalibration is not None and validation.flag(
         "bn_recalibration", stage_options.bn_recalibration)
     if objective == "layer":
-        if loss_fn is not F.cross_entropy:
-            raise BrainSurgeonError("objective='layer' does not use loss_fn (it fits each layer's outputs); drop it, "
-                                    "or prune with objective='fisher'")
+        if loss_fn is not F.cross_entropy or on_stage is not None:
+            raise BrainSurgeonError(f"objective='layer' does not use {'loss_fn' if on_stage is None else 'on_stage'} "
+                                    "(it fits each layer's outputs, in no stages); drop it, or prune with "
+                                    "objective='fisher'")
         return _prune_layer_objective(model, calibration, sparsity, method, layerwise, include, ignore, seed,
                                       bn_recalibration, progress, options)
     plan = plan_run(model, sparsity, method, loss_fn, include=include, ignore=ignore, **given(curvature),
-                    seed=0 if seed is None else seed, progress=progress, **given(stage_options), **options)
+                    seed=0 if seed is None else seed, progress=progress, on_stage=on_stage, **given(stage_options),
+                    **options)
     pool = None
     if calibration is not None:  # data-free methods (mp, random) may be given none
         pool = collect_pool(calibration, plan)
@@ -76,6 +81,8 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     if plan.schedule is not None and len(plan.schedule) == 1 and not bn_recalibration and not plan.layer_start:
         result = prune_stage(model, pool and pool.stage(0), plan.sparsity, *plan.methods[0], first_order=False,
                              damping=plan.damping, options=plan.options, **plan.common)
+        if on_stage is not None:
+            result = hooked(on_stage, 1, plan.sparsity, result)
         result.settings.update(bn_recalibration=False, layer_start=False)
         return result
     return _prune_in_stages(model, pool, plan, bn_recalibration, progress)

@@ -33,13 +33,14 @@ class RunPlan:
     options: dict  # the first stage's method options
     later_options: dict
     common: dict  # the settings every stage takes as they are
+    on_stage: object = None  # the caller's hook on each stage's result (prune's docstring)
 
 
 def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
              num_samples=None, damping=None, include=None, ignore=(), scope=None, structure=None,
              gradients=None, scratch_dir=None, seed=0, max_memory=None, chunk_size=None, progress=True,
              stages=None, schedule=None, first_order=None, first_method=None, refine=None, bn_recalibration=False,
-             **options) -> RunPlan:
+             on_stage=None, **options) -> RunPlan:
     """Check every argument of `prune` against `model` (no data, no gradients) and return the plan it runs.
     `bench` plans every run of a sweep this way before the first one starts."""
     sparsity = validation.sparsity(sparsity)
@@ -67,6 +68,9 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     seed = validation.seed(seed)
     include, ignore = validation.patterns("include", include) or None, validation.patterns("ignore", ignore)
     validation.flag("bn_recalibration", bn_recalibration)
+    if on_stage is not None and not callable(on_stage):
+        raise BrainSurgeonError(f"on_stage must be callable (stage, sparsity, result) -> result or None, got "
+                                f"{on_stage!r}")
     if not callable(loss_fn):
         raise BrainSurgeonError(f"loss_fn must be callable (outputs, targets) -> scalar loss, got {loss_fn!r}")
     targets = sparsity_schedule(sparsity, stages, schedule)
@@ -88,4 +92,4 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     methods = [first, main] if targets is None else [first] + [main] * (len(targets) - 1)
     return RunPlan(sparsity, targets, methods, main, damping, later_damping,
                    first_order, refine, refine_limit, layer_start, fresh_samples, num_samples, chosen, later_options,
-                   common)
+                   common, on_stage)

@@ -105,19 +105,20 @@ def collect_pool(calibration, plan) -> CalibrationPool:
                            plan.num_samples, plan.common["seed"])
 
 
-def refine_stages(pool, plan, dense, progress, staged, result, reports, limit, path) -> tuple:
-    """Up to `limit` refinement stages at the target with the main method. With refine='auto' and held-out
-    samples, the first stage that leaves the held-out loss at or above the unrefined model's is undone and ends
-    them: (the result, the stages kept, the undone stage's report or None)."""
+def refine_stages(pool, plan, dense, progress, staged, result, reports, limit, path, run=None) -> tuple:
+    """Up to `limit` refinement stages at the target with the main method, each run by `run` (run_stages'
+    signature; default run_stages). With refine='auto' and held-out samples, the first stage that leaves the
+    held-out loss at or above the unrefined model's is undone and ends them: (the result, the stages kept, the
+    undone stage's report or None)."""
+    run = run_stages if run is None else run
     adaptive = plan.refine == "auto" and pool is not None and pool.fresh
     if plan.refine == "auto" and not adaptive:
         limit = min(limit, REFINE_WITHOUT_HELD_OUT)
     unrefined, most = judged_loss(reports[-1]), len(reports) + limit
     for _ in range(limit):
         before = copy_model(staged) if adaptive else None
-        stage_result, (report,) = run_stages(pool, plan, dense, progress, staged,
-                                              [(plan.sparsity, plan.refine_method)], first=len(reports) + 1, path=path,
-                                              total=most)
+        stage_result, (report,) = run(pool, plan, dense, progress, staged, [(plan.sparsity, plan.refine_method)],
+                                      first=len(reports) + 1, path=path, total=most)
         if adaptive and judged_loss(report) >= unrefined:
             staged.load_state_dict(before.state_dict())
             return result, reports, report
@@ -177,6 +178,17 @@ def stage_report(staged, fitted, held_out, loss_fn, target, method, result, stag
     return report
 
 
+def hooked(on_stage, stage: int, sparsity: float, result):
+    """The caller's on_stage(stage, sparsity, result): a PruneResult to use instead, or None to keep `result`."""
+    replaced = on_stage(stage, sparsity, result)
+    if replaced is None:
+        return result
+    if type(replaced) is not type(result) or set(replaced.weights) != set(result.weights):
+        raise BrainSurgeonError(f"on_stage returned {type(replaced).__name__} for stage {stage}; return a PruneResult "
+                                "of the same layers, or None to keep the stage's own")
+    return replaced
+
+
 def run_stages(pool, plan, dense, progress, staged, schedule, first=1, path=None, total=None) -> tuple:
     """`schedule`'s stages [(sparsity, (selection, update))], numbered from `first` (of `total`, for progress),
     each pruning `staged` further in place on its own samples of the pool: (the last stage's result, every stage's
@@ -190,6 +202,8 @@ def run_stages(pool, plan, dense, progress, staged, schedule, first=1, path=None
                               first_order=plan.first_order and stage > 1,
                               damping=plan.damping if stage == 1 else plan.later_damping,
                               options=plan.options if stage == 1 else plan.later_options, **plan.common)
+        if plan.on_stage is not None:
+            result = hooked(plan.on_stage, stage, target, result)
         result.apply(staged)
         if dense is not None:
             recalibrate(staged, dense, calibration[0], result)
