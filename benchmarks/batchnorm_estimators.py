@@ -14,7 +14,7 @@ from torch.nn import functional as F
 import brainsurgeon
 from brainsurgeon.atomic import write_text
 from brainsurgeon.datasets.vision import accuracy, load_dataset
-from brainsurgeon.drivers.budget import exact_layer_sparsities
+from brainsurgeon.drivers.allocation import exact_layer_sparsities
 from brainsurgeon.drivers.calibration import CalibrationPool, mean_loss
 from brainsurgeon.drivers.layers import (
     batchnorm_statistics,

@@ -57,6 +57,11 @@ def measure_run(model, run_prune, score) -> dict:
                 timings=result.timings, settings=result.settings, stats=result.stats)
 
 
+def column(sparsity) -> tuple:
+    """A vision bench column -> (sparsity, pattern): 0.5 is one global count, '2:4' is N:M."""
+    return (None, sparsity) if isinstance(sparsity, str) else (sparsity, None)
+
+
 def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), calib_samples=DEFAULT_CALIB_SAMPLES,
                   damping=None, model_name="model", progress=True, max_memory=DEFAULT_MAX_MEMORY, structure=None,
                   gradients="auto", json_path=None, overwrite=False, **options) -> dict:
@@ -75,8 +80,9 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
     for seed in seeds:  # every run is checked before the first one starts
         for sparsity in sparsities:
             for method in methods:
-                plan_run(model, sparsity, method, damping=damping, seed=seed, max_memory=max_memory,
-                         structure=structure, gradients=gradients, **options_for(method, options))
+                plan_run(model, column(sparsity)[0], method, pattern=column(sparsity)[1], damping=damping, seed=seed,
+                         max_memory=max_memory, structure=structure, gradients=gradients,
+                         **options_for(method, options))
     calib_samples = validation.count("calibration samples", calib_samples)
     report = {
         "model": model_name,
@@ -98,8 +104,8 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
         for sparsity in sparsities:
             for method in methods:
                 measured = measure_run(
-                    model, lambda: prune(model, calibration, sparsity, method, num_samples=calib_samples,
-                                         damping=damping, seed=seed,
+                    model, lambda: prune(model, calibration, column(sparsity)[0], method, num_samples=calib_samples,
+                                         pattern=column(sparsity)[1], damping=damping, seed=seed,
                                          progress=progress, max_memory=max_memory, structure=structure,
                                          gradients=gradients, **options_for(method, options)),
                     lambda pruned: accuracy(pruned, dataset.test_x, dataset.test_y))

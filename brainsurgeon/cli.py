@@ -22,6 +22,7 @@ from .demo import demo_setup
 from .drivers.layers import find_prunable
 from .drivers.oneshot import prune
 from .drivers.registry import needs_fisher
+from .drivers.settings import deprecated_scope
 from .drivers.stage import DEFAULT_DAMPING, DEFAULT_MAX_MEMORY, GIB, samples_that_fit
 from .errors import BrainSurgeonError, first_line
 from .models.hf import convert_gguf
@@ -124,8 +125,9 @@ def _cmd_prune(args):
     check_flags(args, bool(args.hf_model))
     if args.hf_model:
         return prune_language_model(args, given_options(args))
-    if args.sparsity is None:
-        raise BrainSurgeonError("--sparsity is required (N:M patterns are for --hf-model)")
+    pattern = deprecated_scope(args.scope, args.pattern) if args.scope else args.pattern
+    if args.sparsity is None and not (pattern and ":" in pattern):
+        raise BrainSurgeonError("--sparsity is required (an N:M --pattern sets its own)")
     with outputs(args.overwrite) as staged:
         out_path = staged.file(args.out)
         report_path = staged.file(args.report) if args.report else None
@@ -134,7 +136,7 @@ def _cmd_prune(args):
         samples, chosen = _calib_samples(args, dataset, model, [args.method or "cbs"])
         result = prune(model, calibration, args.sparsity, args.method or "cbs",
                        num_samples=samples, damping=args.damp, seed=args.seed,
-                       scope=args.scope, structure=args.structure, gradients=args.gradients,
+                       pattern=pattern, structure=args.structure, gradients=args.gradients,
                        include=args.include, ignore=args.ignore or (), max_memory=_max_memory(args),
                        progress=not args.quiet, **given_options(args))
         dense_acc = accuracy(model, dataset.test_x, dataset.test_y)
@@ -168,8 +170,6 @@ def _cmd_bench(args):
     check_flags(args, bool(args.hf_model))
     if args.hf_model:
         return _finish_bench(bench_language_model(args, given_options(args)), args)
-    if any(isinstance(s, str) for s in args.sparsities):
-        raise BrainSurgeonError("N:M patterns in --sparsities are for --hf-model")
     model, dataset = _load(args)
     methods = args.methods.split(",")
     samples, chosen = _calib_samples(args, dataset, model, methods)
@@ -236,12 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SELECTION[+UPDATE], e.g. cbs (default), swaps, wf, mp, wf+cbsu; or max, the most accurate "
                         "preset. With --hf-model: mp, wanda, sparsegpt, admm (default, ours), wf, cbs or swaps (joint: deprecated)")
     p.add_argument("--pattern",
-                   help="with --hf-model: layer (exact count per layer; default), row (per output row) or N:M, "
-                        "e.g. 2:4")
+                   help="the budget: global (one count over all layers; the default without --hf-model), layer "
+                        "(the sparsity in each layer; the default with --hf-model), row (in each output row) or N:M, "
+                        "e.g. 2:4 (N zeros in every M inputs)")
     p.add_argument("--target", choices=("layer", "dense"),
                    help="with --hf-model: each layer keeps its own output on the pruned inputs (layer, as SparseGPT) "
                         "or reproduces the dense model's (dense: twice the activation memory)")
-    p.add_argument("--scope", choices=("global", "layer"), help="one global count (default) or one per layer")
+    p.add_argument("--scope", choices=("global", "layer"), help="deprecated: --pattern global or --pattern layer")
     p.add_argument("--include", nargs="*", help="module types or name regexes to prune (default: Linear)")
     p.add_argument("--ignore", nargs="*", help="module types or name regexes to leave dense")
     p.add_argument("--seed", type=int, default=0)
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(b)
     b.add_argument("--methods", default="mp,wf,cbs")
     b.add_argument("--sparsities", type=_sparsities, default="0.5,0.6,0.7,0.8,0.9,0.95,0.98",
-                   help="comma-separated; with --hf-model also N:M patterns, e.g. 0.5,0.7,4:8,2:4")
+                   help="comma-separated sparsities or N:M patterns, e.g. 0.5,0.7,4:8,2:4")
     b.add_argument("--seeds", type=_ints, default="0")
     b.add_argument("--json", help="write results as JSON")
     b.add_argument("--plot", help="write accuracy-vs-sparsity PNG (needs matplotlib)")

@@ -12,7 +12,7 @@ from .errors import BrainSurgeonError
 from .models.hf import load_causal_lm, write_pruned_folder
 
 # The language-model flags and their defaults (None on the parser: a vision run refuses them when given).
-LM_DEFAULTS = dict(text="wiki", calib_seqs=64, seq_len=512, eval_windows=32, pattern="layer", target="layer",
+LM_DEFAULTS = dict(text="wiki", calib_seqs=64, seq_len=512, eval_windows=32, target="layer",
                    relative_damp=DEFAULT_RELATIVE_DAMPING)
 # Flags of the Fisher objective's runs, refused with --hf-model when given.
 VISION_ONLY = ("model", "checkpoint", "dataset", "data_dir", "calib_samples", "max_memory_gb", "structure",
@@ -73,7 +73,8 @@ def prune_language_model(args, options: dict):
         folder = staged.folder(args.out, inputs=_inputs(args))
         report_path = staged.file(args.report) if args.report else None
         model, tokenizer, calibration, evaluation = _load(args)
-        result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern, target=args.target,
+        result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern or "layer",
+                                 target=args.target,
                                  relative_damping=args.relative_damp,
                                  include=args.include, ignore=args.ignore or (), progress=not args.quiet, **options)
         dense = perplexity(model, evaluation, progress=not args.quiet)

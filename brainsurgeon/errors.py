@@ -1,5 +1,8 @@
 """The one exception type users see: every message names the problem and the fix."""
 import functools
+import sys
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -12,6 +15,17 @@ def first_line(error: BaseException) -> str:
     """The first non-blank line of an exception's message (a library's own error may run to many lines)."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[0].strip() if lines else type(error).__name__
+
+
+PACKAGE = str(Path(__file__).parent)
+
+
+def warn_deprecated(message: str) -> None:
+    """A FutureWarning pointing at the caller's line: the first frame outside this package."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, FutureWarning, stacklevel=level)
 
 
 class FewSamplesWarning(UserWarning):

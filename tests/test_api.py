@@ -35,11 +35,37 @@ def test_exactly_round_s_p_weights_are_pruned(method, sparsity):
         assert torch.all(result.weights[name][~mask] == 0)
 
 
-def test_layer_scope_prunes_each_layer_to_the_sparsity():
+def test_the_layer_pattern_prunes_each_layer_to_the_sparsity():
     model, x, y = small_mlp()
-    result = brainsurgeon.prune(model, (x, y), 0.7, "cbs", scope="layer", progress=False, init_trials=3)
+    result = brainsurgeon.prune(model, (x, y), 0.7, "cbs", pattern="layer", progress=False, init_trials=3)
     for name, mask in result.masks.items():
         assert int((~mask).sum()) == int(0.7 * mask.numel() + 0.5), name
+    with pytest.warns(FutureWarning, match="scope is deprecated: pass pattern='layer'"):
+        old = brainsurgeon.prune(model, (x, y), 0.7, "cbs", scope="layer", progress=False, init_trials=3)
+    assert_same_result(old, result)
+
+
+@pytest.mark.parametrize("method", ["mp", "wf", "cbs", "swaps"])
+def test_row_and_n_m_patterns_hold_exactly_on_the_fisher_objective(method):
+    model, x, y = small_mlp()
+    nm = brainsurgeon.prune(model, (x, y), None, method, pattern="1:2", progress=False)
+    row = brainsurgeon.prune(model, (x, y), 0.5, method, pattern="row", progress=False)
+    for name, mask in nm.masks.items():
+        rows = mask.reshape(mask.shape[0], -1, 2)
+        assert torch.equal((~rows).sum(-1), torch.ones(rows.shape[:2], dtype=torch.long)), name
+        per_row = (~row.masks[name]).reshape(mask.shape[0], -1).sum(1)
+        assert int(per_row.max() - per_row.min()) <= 1 and int(per_row.sum()) == int(0.5 * mask.numel() + 0.5)
+    assert nm.settings["pattern"] == "1:2" and nm.settings["sparsity"] == 0.5
+
+
+def test_n_m_is_one_stage_and_global_is_the_fisher_objectives():
+    model, x, y = small_mlp()
+    with pytest.raises(BrainSurgeonError, match="pattern 2:4 prunes 0.5 in one stage"):
+        brainsurgeon.prune(model, (x, y), None, "cbs", pattern="2:4", stages=2, progress=False)
+    with pytest.raises(BrainSurgeonError, match="pattern 'global' is the Fisher objective's"):
+        brainsurgeon.prune(model, x, 0.5, "sparsegpt", objective="layer", pattern="global", progress=False)
+    with pytest.raises(BrainSurgeonError, match="scope and pattern both given"):
+        brainsurgeon.prune(model, (x, y), 0.5, "cbs", pattern="layer", scope="layer", progress=False)
 
 
 def test_same_seed_same_result_and_model_untouched():

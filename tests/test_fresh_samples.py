@@ -12,13 +12,14 @@ from torch.nn import functional as F
 
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError
-from brainsurgeon.drivers import budget, judge, plan, schedule
+from brainsurgeon.drivers import judge, plan, schedule
 from brainsurgeon.drivers.calibration import (
     CalibrationPool,
     mean_loss,
     per_sample_losses,
 )
 from brainsurgeon.drivers.layers import find_prunable, flat_weights
+from brainsurgeon.methods.budget import Budget, smallest_magnitude
 
 
 @settings(max_examples=60, deadline=None)
@@ -177,13 +178,20 @@ def test_bad_stage_options_are_refused(option, value, message):
 
 
 @settings(max_examples=40, deadline=None)
-@given(sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 1000), scope=st.sampled_from(["global", "layer"]))
-def test_magnitude_pruning_zeroes_each_segments_smallest_weights(sparsity, seed, scope):
+@given(sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 1000),
+       pattern=st.sampled_from(["global", "layer", "row", "1:2", "2:4"]))
+def test_magnitude_pruning_zeroes_each_segments_smallest_weights(sparsity, seed, pattern):
     model, _, _ = small_mlp(seed)
     layers, _ = find_prunable(model)
     flat = flat_weights(model, layers)
-    pruned = budget.magnitude_pruned(flat, layers, sparsity, scope)
-    for segment in budget.make_segments(layers, sparsity, scope):
+    chosen = Budget.parse(pattern, None if ":" in pattern else sparsity)
+    try:
+        segments = chosen.segments_over(layers)
+    except BrainSurgeonError as error:  # a row pattern that would empty a row of the small model
+        assert "would prune every weight" in str(error)
+        return
+    pruned = flat * ~smallest_magnitude(flat, segments)
+    for segment in segments:
         kept, region = pruned[segment.region] != 0, flat[segment.region]
         assert int((~kept).sum()) == segment.count
         assert torch.equal(pruned[segment.region][kept], region[kept])

@@ -193,7 +193,7 @@ def test_a_sparsity_that_would_prune_everything_is_refused(capsys, mnist_like, t
     assert not (tmp_path / "o.safetensors").exists()
     model, x, y = small_mlp()
     with pytest.raises(BrainSurgeonError, match="leaving nothing"):
-        brainsurgeon.prune(model, (x, y), 0.995, "mp", scope="layer", progress=False)  # 12 x 5 -> all 60
+        brainsurgeon.prune(model, (x, y), 0.995, "mp", pattern="layer", progress=False)  # 12 x 5 -> all 60
 
 
 @pytest.mark.parametrize("flag, value, needle", [
@@ -300,7 +300,7 @@ def test_a_model_already_pruned_with_torch_prune_is_pruned_further(method):
     assert torch.equal(pruned[0].weight_mask.bool(), result.masks["0.weight"])
     assert torch.equal(pruned[0].weight, result.weights["0.weight"])
     with pytest.raises(BrainSurgeonError, match="already prune more"):
-        brainsurgeon.prune(model, (x, y), 0.3, method, scope="layer", progress=False, **options)
+        brainsurgeon.prune(model, (x, y), 0.3, method, pattern="layer", progress=False, **options)
 
 
 def test_tied_weights_are_one_parameter():

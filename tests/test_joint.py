@@ -16,14 +16,14 @@ from torch.nn import functional as F
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError
 from brainsurgeon.curvature.fisher import EmpiricalFisher
-from brainsurgeon.drivers.budget import exact_layer_sparsities
+from brainsurgeon.drivers.allocation import exact_layer_sparsities
 from brainsurgeon.drivers.calibration import mean_loss
 from brainsurgeon.drivers.judge import PATH_MARGIN
 from brainsurgeon.drivers.registry import options_for
 from brainsurgeon.drivers.schedule import sparsity_schedule
+from brainsurgeon.methods.budget import Segment, num_to_prune
 from brainsurgeon.methods.joint import JointSearch, JointSelection
-from brainsurgeon.methods.patterns import num_to_prune
-from brainsurgeon.methods.problem import PruningProblem, Segment
+from brainsurgeon.methods.problem import PruningProblem
 
 
 def joint_objective(problem, pruned):

@@ -24,8 +24,8 @@ from brainsurgeon.drivers.activations import (
     model_calls,
 )
 from brainsurgeon.drivers.sequential import prune_layerwise
+from brainsurgeon.methods.budget import Budget
 from brainsurgeon.methods.layerwise import LAYER_METHODS, SparseGPT
-from brainsurgeon.methods.patterns import Pattern
 from brainsurgeon.models.hf import save_pruned
 from brainsurgeon.models.vision import ResNet20
 
@@ -44,7 +44,7 @@ def layer_problem(seed=0, rows=12, cols=16, samples=200):
 @given(seed=st.integers(0, 10_000), sparsity=st.floats(0.05, 0.95))
 def test_exact_update_equals_least_squares(seed, sparsity):
     weight, _, objective = layer_problem(seed)
-    pruned = Pattern.parse("layer", sparsity).prune_lowest(torch.rand(weight.shape, generator=torch.Generator()
+    pruned = Budget.parse("layer", sparsity).prune_lowest(torch.rand(weight.shape, generator=torch.Generator()
                                                                       .manual_seed(seed)))
     new = objective.exact_update(pruned)
     factor = np.linalg.cholesky(objective.damped.numpy())  # damped H = L L^T: the error is |L^T (w - w')|^2
@@ -60,7 +60,7 @@ def test_exact_update_equals_least_squares(seed, sparsity):
 @pytest.mark.parametrize("pattern, sparsity", PATTERNS)
 def test_every_method_meets_its_pattern_and_reports_the_true_error(method, pattern, sparsity):
     weight, inputs, objective = layer_problem(1)
-    parsed = Pattern.parse(pattern, sparsity)
+    parsed = Budget.parse(pattern, sparsity)
     pruned, new = LAYER_METHODS[method]().prune(objective, parsed)
     rows, cols = weight.shape
     assert int(pruned.sum()) == int(parsed.sparsity * rows * cols + 0.5)
@@ -79,7 +79,7 @@ def test_every_method_meets_its_pattern_and_reports_the_true_error(method, patte
 def test_combinatorial_methods_are_never_worse_than_their_warm_start(method, pattern, sparsity):
     for seed in range(4):
         _, _, objective = layer_problem(seed, rows=24, cols=32)
-        parsed = Pattern.parse(pattern, sparsity)
+        parsed = Budget.parse(pattern, sparsity)
         _, start = SparseGPT().prune(objective, parsed)
         _, found = LAYER_METHODS[method]().prune(objective, parsed)
         # swaps searches the damped objective; the undamped error may differ by the damping's share
@@ -106,14 +106,14 @@ def test_the_fisher_form_of_a_layer_is_the_same_damped_quadratic(seed, rows, col
 @pytest.mark.parametrize("pattern, sparsity", PATTERNS)
 def test_fisher_methods_on_rows_end_with_the_exact_update(method, pattern, sparsity):
     _, _, objective = layer_problem(3)
-    pruned, new = LAYER_METHODS[method]().prune(objective, Pattern.parse(pattern, sparsity))
+    pruned, new = LAYER_METHODS[method]().prune(objective, Budget.parse(pattern, sparsity))
     torch.testing.assert_close(new, objective.exact_update(pruned), rtol=1e-3, atol=1e-4)
 
 
 def test_sparsegpt_lazy_batches_are_exact():
     """With the mask fixed per group (N:M), block sizes only batch the same updates."""
     _, _, objective = layer_problem(2, rows=8, cols=64)
-    results = [SparseGPT(block_size=block_size).prune(objective, Pattern.parse("2:4")) for block_size in (4, 16, 64)]
+    results = [SparseGPT(block_size=block_size).prune(objective, Budget.parse("2:4")) for block_size in (4, 16, 64)]
     for pruned, new in results[1:]:
         assert torch.equal(pruned, results[0][0])
         torch.testing.assert_close(new, results[0][1], rtol=1e-4, atol=1e-5)
@@ -121,13 +121,13 @@ def test_sparsegpt_lazy_batches_are_exact():
 
 def test_patterns_refuse_bad_requests():
     with pytest.raises(BrainSurgeonError, match="0 < N < M"):
-        Pattern.parse("4:4")
+        Budget.parse("4:4")
     with pytest.raises(BrainSurgeonError, match="not 0.7"):
-        Pattern.parse("2:4", 0.7)
+        Budget.parse("2:4", 0.7)
     with pytest.raises(BrainSurgeonError, match="needs a sparsity"):
-        Pattern.parse("row")
+        Budget.parse("row")
     with pytest.raises(BrainSurgeonError, match="groups of 8"):
-        Pattern.parse("4:8").check_shape(4, 12, "layer")
+        Budget.parse("4:8").check_shape(4, 12, "layer")
 
 
 def token_ids(count=8, length=24, seed=0):
@@ -310,14 +310,14 @@ def test_target_dense_prunes_each_layer_towards_the_dense_output_from_the_pruned
     result = prune_layerwise(model, inputs, 0.6, method, target="dense", batch_size=300, progress=False)
     assert result.settings["target"] == "dense"
     first = LayerObjective.reproducing(model[0].weight, *(inputs.T.double() @ inputs.double() / 300,) * 2)
-    pruned_first, new_first = LAYER_METHODS[method]().prune(first, Pattern.parse("layer", 0.6))
+    pruned_first, new_first = LAYER_METHODS[method]().prune(first, Budget.parse("layer", 0.6))
     assert torch.equal(~result.masks["0.weight"], pruned_first)
     torch.testing.assert_close(result.weights["0.weight"], new_first, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         x_d = torch.relu(model[0](inputs)).double()
         x_p = torch.relu(inputs @ new_first.T + model[0].bias).double()
     second = LayerObjective.reproducing(model[2].weight, x_p.T @ x_p / 300, x_p.T @ x_d / 300)
-    pruned_second, new_second = LAYER_METHODS[method]().prune(second, Pattern.parse("layer", 0.6))
+    pruned_second, new_second = LAYER_METHODS[method]().prune(second, Budget.parse("layer", 0.6))
     assert torch.equal(~result.masks["2.weight"], pruned_second)
     torch.testing.assert_close(result.weights["2.weight"], new_second, rtol=1e-5, atol=1e-6)
     assert torch.equal(model[0].weight, two_layer_mlp()[0][0].weight)  # handed back unchanged

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from brainsurgeon.curvature.fisher import EmpiricalFisher
-from brainsurgeon.methods.problem import PruningProblem, Segment
+from brainsurgeon.methods.budget import Segment
+from brainsurgeon.methods.problem import PruningProblem
 from brainsurgeon.methods.selection import SwapSearch, WoodFisher
 from brainsurgeon.methods.update import ExactOptimalBrainSurgeon, OptimalBrainSurgeon
 

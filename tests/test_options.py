@@ -13,9 +13,9 @@ from brainsurgeon import BrainSurgeonError
 from brainsurgeon.cli import build_parser, main
 from brainsurgeon.cli_options import declared_options
 from brainsurgeon.drivers.registry import SELECTIONS
+from brainsurgeon.methods.budget import lowest
 from brainsurgeon.methods.layerwise import LAYER_METHODS
 from brainsurgeon.methods.options import MethodOptions, option
-from brainsurgeon.methods.problem import prune_lowest
 from brainsurgeon.methods.selection import Selection
 from brainsurgeon.methods.update import UPDATES
 
@@ -36,10 +36,14 @@ def one_line(capsys, *argv):
 
 # The five cases that used to be accepted and then ignored ------------------------------------------------------
 
-def test_a_pattern_on_the_fisher_objective_is_refused():
+def test_a_pattern_on_the_fisher_objective_is_honoured():
+    """The first silent case: 2:4 asked of a Fisher method is now 2:4 (one budget type for both objectives)."""
     model, x, y = mlp()
-    with pytest.raises(BrainSurgeonError, match="objective='fisher' does not use pattern .*objective='layer'"):
-        brainsurgeon.prune(model, (x, y), 0.5, "cbs", pattern="2:4", progress=False)
+    result = brainsurgeon.prune(model, (x, y), 0.5, "cbs", pattern="2:4", progress=False)
+    for name, mask in result.masks.items():
+        groups = (~mask).reshape(mask.shape[0], -1, 4).sum(-1)
+        assert bool((groups == 2).all()), name
+    assert result.settings["pattern"] == "2:4"
 
 
 def test_the_seed_reaches_a_layer_wise_method_that_declares_one_and_is_refused_by_one_that_does_not():
@@ -51,7 +55,7 @@ def test_the_seed_reaches_a_layer_wise_method_that_declares_one_and_is_refused_b
         brainsurgeon.prune(model, (x, y), 0.5, "sparsegpt", objective="layer", seed=5, progress=False)
 
 
-@pytest.mark.parametrize("setting, value", [("stages", 2), ("scope", "layer"), ("structure", "layer"),
+@pytest.mark.parametrize("setting, value", [("stages", 2), ("damping", 1e-3), ("structure", "layer"),
                                             ("num_samples", 32), ("gradients", "disk"), ("max_memory", 2**30),
                                             ("schedule", [0.5]), ("refine", 1)])
 def test_the_fisher_objectives_settings_are_refused_on_the_layer_objective(setting, value):
@@ -92,8 +96,8 @@ def test_language_model_options_reach_the_method_or_are_refused(capsys, tmp_path
 def test_language_model_flags_are_refused_without_a_language_model(capsys, mnist_like, tmp_path):
     data, checkpoint = mnist_like
     err = one_line(capsys, "prune", "--checkpoint", checkpoint, "--data-dir", data, "--sparsity", "0.5",
-                   "--pattern", "2:4", "--out", tmp_path / "o.safetensors", "--quiet")
-    assert "--pattern does not apply without --hf-model" in err
+                   "--target", "dense", "--out", tmp_path / "o.safetensors", "--quiet")
+    assert "--target does not apply without --hf-model" in err
 
 
 # Any undeclared option is refused ------------------------------------------------------------------------------
@@ -145,7 +149,7 @@ class Largest(Selection):
     Options = LargestOptions
 
     def select(self, problem):
-        return prune_lowest(-problem.weights.abs(), problem.segments)
+        return lowest(-problem.weights.abs(), problem.segments)
 
 
 def test_a_new_method_is_one_class_and_one_registry_line(monkeypatch):
@@ -217,8 +221,8 @@ def test_a_settings_group_as_an_object_is_the_same_run_as_its_fields_as_keywords
                               structure="layer", stages=2)
     assert_same_result(grouped, flat)
     assert grouped.settings["stages"] == 2 and grouped.settings["damping"] == 1e-2
-    layered = brainsurgeon.prune(model, x, 0.5, "sparsegpt", objective="layer", progress=False,
-                                 layer=LayerSettings(pattern="row", relative_damping=0.1))
+    layered = brainsurgeon.prune(model, x, 0.5, "sparsegpt", objective="layer", progress=False, pattern="row",
+                                 layer=LayerSettings(relative_damping=0.1))
     assert_same_result(layered, brainsurgeon.prune_layerwise(model, x, 0.5, "sparsegpt", pattern="row",
                                                              relative_damping=0.1, progress=False))
     assert layered.settings["relative_damping"] == 0.1

@@ -1,8 +1,8 @@
 """The layer start of 'max': every prunable layer pruned on the layer-wise objective towards the dense model's
-outputs, with exact per-layer counts adding up to the global one, as a path beside the Fisher stages."""
+outputs, under the run's pattern (a global one as exact per-layer counts adding up to it), as a path beside the Fisher stages."""
 from torch import nn
 
-from .budget import exact_layer_sparsities
+from .allocation import exact_layer_sparsities
 from .layers import copy_model, find_prunable
 from .schedule import recalibrate, stage_report
 from .sequential import prune_layerwise, unprunable_layer
@@ -27,8 +27,10 @@ def layer_start(model, pool, plan, dense, progress):
     if blocker is not None:
         return blocker
     fitted = pool.stage(0)
-    result = prune_layerwise(model, fitted[0], exact_layer_sparsities(layers, plan.sparsity), "admm",
-                             target="dense", blocks=[""], include=plan.common["include"],
+    pattern = plan.common["pattern"]
+    per_layer = exact_layer_sparsities(layers, plan.sparsity) if pattern == "global" else plan.sparsity
+    result = prune_layerwise(model, fitted[0], None if ":" in pattern else per_layer, "admm",
+                             pattern="layer" if pattern == "global" else pattern, target="dense", blocks=[""], include=plan.common["include"],
                              ignore=plan.common["ignore"], batch_size=128, progress=False)
     staged = copy_model(model)
     result.apply(staged)

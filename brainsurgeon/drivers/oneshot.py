@@ -16,36 +16,44 @@ from .registry import StageOptions
 from .result import PruneResult
 from .schedule import collect_pool, hooked, recalibrate, refine_stages, run_stages, walk
 from .sequential import prune_layerwise
-from .settings import FisherSettings, LayerSettings, given, split_settings
+from .settings import (
+    FisherSettings,
+    LayerSettings,
+    deprecated_scope,
+    given,
+    split_settings,
+)
 from .stage import prune_stage
 
 
 @solver_errors_as_one_line
 def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
-          objective: str = "fisher", include=None, ignore=(), seed: int | None = None, progress: bool = True,
-          fisher: FisherSettings | None = None, layer: LayerSettings | None = None,
+          objective: str = "fisher", pattern: str | None = None, include=None, ignore=(), seed: int | None = None,
+          progress: bool = True, fisher: FisherSettings | None = None, layer: LayerSettings | None = None,
           staging: StageOptions | None = None, on_stage=None, **options) -> PruneResult:
     """One-shot prune of `model` to `sparsity` with `method` (methods/catalog.py: 'SELECTION[+UPDATE]' on the
     Fisher objective, e.g. 'cbs', 'swaps', 'wf+cbsu', or the preset 'max', the most accurate configuration
     measured). The model is not modified: call `result.apply(model)`.
 
     `calibration`: an (X, y) pair or an iterable of (inputs, targets) batches (on the layer objective, model
-    inputs alone will do). Besides `objective`, `include`/`ignore` (fnmatch patterns of layer names), `seed` and
-    `progress`, the settings come in groups, each a frozen dataclass checked once, given as an object or as its
-    fields in keywords:
+    inputs alone will do). `pattern` is the budget (methods/budget.py), on either objective: 'global' (one count
+    over all layers, the Fisher objective's default), 'layer' (the sparsity in each layer, the layer objective's
+    default), 'row' (in each output row) or 'N:M' such as '2:4' (sparsity N/M; `sparsity` may be None).
+    `include`/`ignore` name module types or layer-name regexes. The other settings come in groups, each a frozen
+    dataclass checked once, given as an object or as its fields in keywords:
       fisher=FisherSettings(...)   the Fisher objective's curvature: num_samples, damping (an absolute lambda,
-                                   default 1e-3), scope ('global' or 'layer'), structure ('full', 'layer',
-                                   'block:K'; default: full where its gradients fit max_memory, else layer),
-                                   gradients ('memory', 'disk' in scratch_dir, or 'auto'), max_memory, chunk_size;
+                                   default 1e-3), structure ('full', 'layer', 'block:K'; default: full where its
+                                   gradients fit max_memory, else layer), gradients ('memory', 'disk' in
+                                   scratch_dir, or 'auto'), max_memory, chunk_size;
       staging=StageOptions(...)    staged pruning (registry.StageOptions): stages, schedule (sparsities, or
                                    'adaptive'), refine (a count or 'auto'), first_order, first_method,
                                    later_damping, later_damping_grid, fresh_samples, layer_start and
                                    bn_recalibration (re-estimated BatchNorm statistics; the one field the layer
                                    objective takes too);
       layer=LayerSettings(...)     objective='layer' (the layer-wise |W X - W' X|^2, block by block, for models too
-                                   large for per-sample gradients; sequential.prune_layerwise): pattern ('layer',
-                                   'row' or 'N:M'), relative_damping (a fraction of mean(diag H), default 0.01),
-                                   target ('layer' or 'dense'), blocks, batch_size.
+                                   large for per-sample gradients; sequential.prune_layerwise): relative_damping
+                                   (a fraction of mean(diag H), default 0.01), target ('layer' or 'dense'),
+                                   blocks, batch_size.
     `on_stage(stage, sparsity, result)`, when given, is called with each Fisher stage's PruneResult (stage from 1)
     before the stage is applied and judged: to log or save it, or to return a PruneResult of the same layers to
     use instead (None keeps it).
@@ -55,6 +63,8 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     settings do; every stage's sparsity, calibration loss and seconds are in `stats['stages']`.
     """
     objective = validation.choice("objective", objective, ("fisher", "layer"))
+    if "scope" in options:  # the old name of the patterns 'global' and 'layer'
+        pattern = deprecated_scope(options.pop("scope"), pattern)
     curvature, layerwise, stage_options, options = split_settings(
         objective, dict(options), dict(fisher=fisher, layer=layer, staging=staging))
     bn_recalibration = stage_options.bn_recalibration is not None and validation.flag(
@@ -64,9 +74,10 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
             raise BrainSurgeonError(f"objective='layer' does not use {'loss_fn' if on_stage is None else 'on_stage'} "
                                     "(it fits each layer's outputs, in no stages); drop it, or prune with "
                                     "objective='fisher'")
-        return _prune_layer_objective(model, calibration, sparsity, method, layerwise, include, ignore, seed,
+        return _prune_layer_objective(model, calibration, sparsity, method, pattern, layerwise, include, ignore, seed,
                                       bn_recalibration, progress, options)
-    plan = plan_run(model, sparsity, method, loss_fn, include=include, ignore=ignore, **given(curvature),
+    plan = plan_run(model, sparsity, method, loss_fn, pattern=pattern, include=include, ignore=ignore,
+                    **given(curvature),
                     seed=0 if seed is None else seed, progress=progress, on_stage=on_stage, **given(stage_options),
                     **options)
     pool = None
@@ -88,15 +99,15 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     return _prune_in_stages(model, pool, plan, bn_recalibration, progress)
 
 
-def _prune_layer_objective(model, calibration, sparsity, method, layerwise, include, ignore, seed, bn_recalibration,
-                           progress, options) -> PruneResult:
+def _prune_layer_objective(model, calibration, sparsity, method, pattern, layerwise, include, ignore, seed,
+                           bn_recalibration, progress, options) -> PruneResult:
     """prune(objective='layer'): the layer-wise driver, with `seed` handed to a method that declares one."""
     inputs = _batchnorm_inputs(calibration) if bn_recalibration else None
     if seed is not None:
         options = dict(options, seed=seed)  # a method without a seed refuses it, naming its options
-    result = prune_layerwise(model, calibration, sparsity, method, include=include, ignore=ignore, progress=progress,
-                             **{**dict(pattern="layer", relative_damping=DEFAULT_RELATIVE_DAMPING), **given(layerwise)},
-                             **options)
+    result = prune_layerwise(model, calibration, sparsity, method, pattern="layer" if pattern is None else pattern,
+                             include=include, ignore=ignore, progress=progress,
+                             **{**dict(relative_damping=DEFAULT_RELATIVE_DAMPING), **given(layerwise)}, **options)
     if bn_recalibration:
         recalibrate(result.apply(copy_model(model)), model, inputs, result)
     result.settings.update(bn_recalibration=bn_recalibration)

@@ -6,7 +6,7 @@ from torch.nn import functional as F
 
 from .. import validation
 from ..errors import BrainSurgeonError
-from .budget import make_segments
+from ..methods.budget import Budget
 from .layers import check_finite_model, find_prunable
 from .registry import build_methods, check_options, parse_method, pop_or, resolve_preset
 from .schedule import REFINE_LIMIT, sparsity_schedule
@@ -37,13 +37,14 @@ class RunPlan:
 
 
 def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
-             num_samples=None, damping=None, include=None, ignore=(), scope=None, structure=None,
+             num_samples=None, damping=None, include=None, ignore=(), pattern=None, structure=None,
              gradients=None, scratch_dir=None, seed=0, max_memory=None, chunk_size=None, progress=True,
              stages=None, schedule=None, first_order=None, first_method=None, refine=None, bn_recalibration=False,
              on_stage=None, **options) -> RunPlan:
     """Check every argument of `prune` against `model` (no data, no gradients) and return the plan it runs.
     `bench` plans every run of a sweep this way before the first one starts."""
-    sparsity = validation.sparsity(sparsity)
+    budget = Budget.parse("global" if pattern is None else pattern, sparsity)
+    sparsity = budget.sparsity
     method, chosen = resolve_preset(method, dict(damping=damping, stages=stages, first_order=first_order,
                                                  schedule=schedule, first_method=first_method, refine=refine,
                                                  **options))
@@ -60,11 +61,11 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     later_damping = validation.positive("later_damping", pop_or(chosen, "later_damping", damping))
     later_grid = chosen.pop("later_damping_grid", None)
     later_options = {**chosen, **({"damping_grid": later_grid} if later_grid is not None else {})}
-    curvature = FisherSettings(num_samples=num_samples, scope=scope, structure=structure, gradients=gradients,
+    curvature = FisherSettings(num_samples=num_samples, structure=structure, gradients=gradients,
                                scratch_dir=scratch_dir, max_memory=max_memory, chunk_size=chunk_size)
     num_samples, chunk_size = curvature.num_samples, curvature.chunk_size
     max_memory = DEFAULT_MAX_MEMORY if curvature.max_memory is None else curvature.max_memory
-    scope, gradients = curvature.scope or "global", curvature.gradients or "auto"
+    gradients = curvature.gradients or "auto"
     seed = validation.seed(seed)
     include, ignore = validation.patterns("include", include) or None, validation.patterns("ignore", ignore)
     validation.flag("bn_recalibration", bn_recalibration)
@@ -74,19 +75,22 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     if not callable(loss_fn):
         raise BrainSurgeonError(f"loss_fn must be callable (outputs, targets) -> scalar loss, got {loss_fn!r}")
     targets = sparsity_schedule(sparsity, stages, schedule)
+    if budget.kind == "nm" and targets != [sparsity]:
+        raise BrainSurgeonError(f"pattern {budget.pattern} prunes {sparsity:g} in one stage; drop the stages and the "
+                                "schedule (and the preset), or use pattern 'global', 'layer' or 'row'")
     first, main = parse_method(first_method), parse_method(method)
     check_options({first, main}, chosen, FisherSettings.names())
     build_methods(*first, chosen)  # the methods check their own options
     build_methods(*main, later_options)
     check_finite_model(model)
     layers, _ = find_prunable(model, include, ignore)
-    to_prune = sum(segment.count for segment in make_segments(layers, sparsity, scope))  # refuses emptying them
+    to_prune = sum(segment.count for segment in budget.segments_over(layers))  # refuses emptying them
     if targets is not None and len(targets) > max(to_prune, 1):
         raise BrainSurgeonError(f"{len(targets)} stages for {to_prune} weights to prune: a stage would prune none; "
                                 f"ask for at most {max(to_prune, 1)} stages")
     if structure is not None:  # None: chosen from the model and max_memory when the Fisher is built
         fisher_regions(layers, structure)
-    common = dict(loss_fn=loss_fn, include=include, ignore=ignore, scope=scope, structure=structure,
+    common = dict(loss_fn=loss_fn, include=include, ignore=ignore, pattern=budget.pattern, structure=structure,
                   gradients=gradients, scratch_dir=scratch_dir, seed=seed, max_memory=max_memory,
                   chunk_size=chunk_size, progress=progress)
     methods = [first, main] if targets is None else [first] + [main] * (len(targets) - 1)

@@ -6,7 +6,7 @@ import time
 
 from .. import validation
 from ..errors import BrainSurgeonError
-from .budget import magnitude_pruned
+from ..methods.budget import Budget, smallest_magnitude
 from .calibration import CalibrationPool, collect, mean_loss, per_sample_losses
 from .judge import choose_path, judged_loss
 from .layers import copy_model, find_prunable, flat_weights, recalibrate_batchnorm
@@ -44,7 +44,7 @@ MAX_WALK_STAGES = 16
 STEP_BISECTIONS = 6
 
 
-def next_sparsity(model, layers, judged, reached: float, target: float, loss_fn, scope: str) -> tuple:
+def next_sparsity(model, layers, judged, reached: float, target: float, loss_fn, pattern: str) -> tuple:
     """The adaptive schedule's next stage from sparsity `reached`: (its sparsity, the bound on the loss of the
     magnitude-pruned weights on the `judged` (inputs, targets), that loss at the chosen sparsity)."""
     flat = flat_weights(model, layers).float()
@@ -55,7 +55,7 @@ def next_sparsity(model, layers, judged, reached: float, target: float, loss_fn,
 
     def step(fraction: float) -> tuple:
         sparsity = target if fraction >= 1 else 1 - density * (final / density) ** fraction
-        return sparsity, loss(magnitude_pruned(flat, layers, sparsity, scope))
+        return sparsity, loss(flat * ~smallest_magnitude(flat, Budget.parse(pattern, sparsity).segments_over(layers)))
 
     chosen = step(1.0)
     if chosen[1] <= bound:
@@ -137,7 +137,7 @@ def walk(pool, plan, dense, progress, staged, rival=None) -> tuple:
     reports, reached = [], 0.0
     while True:
         reached, bound, proxy = next_sparsity(staged, layers, judged, reached, plan.sparsity, loss_fn,
-                                              plan.common["scope"])
+                                              plan.common["pattern"])
         method = plan.methods[min(len(reports), 1)]
         result, (report,) = run_stages(pool, plan, dense, progress, staged, [(reached, method)],
                                         first=len(reports) + 1, total=0)

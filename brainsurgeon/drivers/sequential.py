@@ -25,8 +25,8 @@ from torch import nn
 from .. import validation
 from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING, LayerObjective
 from ..errors import BrainSurgeonError, solver_errors_as_one_line
+from ..methods.budget import Budget
 from ..methods.catalog import LAYER_METHODS, canonical
-from ..methods.patterns import Pattern
 from ..modes import evaluating
 from ..progress import progress_bar
 from .activations import (
@@ -124,11 +124,14 @@ def plan_layerwise(model, sparsity, pattern, method, *, relative_damping=DEFAULT
     method = named
     layer_method = LAYER_METHODS[method](**options)  # refuses an option the method does not declare
     per_layer = sparsity if isinstance(sparsity, dict) else None
-    pattern = Pattern.parse(pattern, 0.5 if per_layer else sparsity)
+    if pattern == "global":
+        raise BrainSurgeonError("pattern 'global' is the Fisher objective's: the layer-wise objective prunes each layer "
+                                "to its own count; pass pattern='layer', or a dict of per-layer sparsities")
+    pattern = Budget.parse(pattern, 0.5 if per_layer else sparsity)
     if per_layer is not None:
         if pattern.kind == "nm":
             raise BrainSurgeonError("per-layer sparsities go with the 'layer' or 'row' pattern; N:M fixes its own")
-        per_layer = {name: Pattern(pattern.kind, validation.sparsity(value, f"sparsity of {name}"))
+        per_layer = {name: Budget(pattern.kind, validation.sparsity(value, f"sparsity of {name}"))
                      for name, value in per_layer.items()}
     validation.choice("target", target, ("layer", "dense"))
     validation.positive("relative_damping", relative_damping)

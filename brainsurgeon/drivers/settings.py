@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import validation
-from ..errors import BrainSurgeonError
+from ..errors import BrainSurgeonError, warn_deprecated
 from ..methods.options import MethodOptions, option
 from .registry import StageOptions
 
@@ -18,7 +18,6 @@ class FisherSettings(MethodOptions):
 
     num_samples: int = option(None, "per-sample gradients to take (default: all the calibration samples)")
     damping: float = option(None, "lambda added to the empirical Fisher's diagonal, absolute (default 1e-3)")
-    scope: str = option(None, "'global' (default): one count over all layers; 'layer': the sparsity in each")
     structure: str = option(None, "'full', 'layer' or 'block:K' (default: full if it fits max_memory, else layer)")
     gradients: str = option(None, "'memory', 'disk' (streamed from scratch_dir) or 'auto' (default)")
     scratch_dir: str = option(None, "where streamed gradients go (default: the system's temporary folder)")
@@ -28,7 +27,6 @@ class FisherSettings(MethodOptions):
     def checked(self):
         checks = dict(num_samples=lambda v: validation.count("num_samples", v),
                       damping=lambda v: validation.positive("damping", v),
-                      scope=lambda v: validation.choice("scope", v, ("global", "layer")),
                       structure=_structure,
                       gradients=lambda v: validation.choice("gradients", v, ("auto", "memory", "disk")),
                       scratch_dir=_scratch_dir,
@@ -54,7 +52,6 @@ def _scratch_dir(value):
 class LayerSettings(MethodOptions):
     """The layer-wise objective's settings (None: sequential.prune_layerwise's default)."""
 
-    pattern: str = option(None, "'layer' (default), 'row' or 'N:M' such as 2:4")
     relative_damping: float = option(None, "added to H's diagonal as a fraction of mean(diag H) (default 0.01)")
     target: str = option(None, "'layer' (default): each layer keeps its own output; 'dense': the dense model's")
     blocks: object = option(None, "names of the blocks to prune in turn (default: the largest nn.ModuleList)")
@@ -101,3 +98,13 @@ def split_settings(objective: str, options: dict, objects: dict) -> tuple:
         raise BrainSurgeonError(f"objective={objective!r} does not use {', '.join(unused)} (settings of the {other} "
                                 f"objective); drop them, or prune with objective={other!r}{hint}")
     return groups["fisher"], groups["layer"], groups["staging"], options
+
+
+def deprecated_scope(scope, pattern):
+    """scope='global' or 'layer', the old name of those patterns: the pattern, with a FutureWarning."""
+    if pattern is not None:
+        raise BrainSurgeonError("scope and pattern both given; pass pattern only (scope is its old name)")
+    scope = validation.choice("scope", scope, ("global", "layer"))
+    warn_deprecated(f"scope is deprecated: pass pattern={scope!r} (one budget type for both objectives: 'global', "
+                    "'layer', 'row' or 'N:M')")
+    return scope

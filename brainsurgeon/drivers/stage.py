@@ -22,9 +22,9 @@ from ..curvature.gradient_store import (
     scratch_directory,
 )
 from ..errors import BrainSurgeonError, FewSamplesWarning
+from ..methods.budget import Budget
 from ..methods.problem import PruningProblem, best_candidate
 from ..modes import evaluating
-from .budget import make_segments
 from .layers import find_prunable, flat_weights
 from .registry import build_methods
 from .result import PruneResult
@@ -130,12 +130,12 @@ def warn_if_few(num_samples: int) -> None:
 
 
 def prune_stage(model, calibration, sparsity, selection_name, update_name, *, loss_fn, damping,
-                 include, ignore, scope, structure, gradients, scratch_dir, seed, max_memory, chunk_size, progress,
+                 include, ignore, pattern, structure, gradients, scratch_dir, seed, max_memory, chunk_size, progress,
                  first_order, options) -> PruneResult:
     """One selection and update from the model's current weights, on the collected (inputs, targets)."""
     selection, update = build_methods(selection_name, update_name, options)
     layers, dense_layers = find_prunable(model, include, ignore)
-    segments = make_segments(layers, sparsity, scope)
+    segments = Budget.parse(pattern, sparsity).segments_over(layers)
     num_weights = sum(layer.size for layer in layers)
     chunk_size = chunk_size or default_chunk_size(num_weights, max_memory)
     needs_fisher = selection.needs_fisher or update.needs_fisher
@@ -182,7 +182,7 @@ def prune_stage(model, calibration, sparsity, selection_name, update_name, *, lo
     new_flat = problem.weights + delta
     new_flat[pruned] = 0.0  # exact zeros whatever the arithmetic
     settings = dict(method=f"{selection_name}+{update_name}", selection=selection_name, update=update_name,
-                    sparsity=sparsity, scope=scope, structure=structure, seed=seed,
+                    sparsity=sparsity, pattern=pattern, structure=structure, seed=seed,
                     **({"structure_chosen": chosen_structure} if chosen_structure else {}),
                     gradients=("disk" if streamed else "memory") if needs_fisher else None,
                     damping=damping if needs_fisher else None, first_order=first_order if needs_fisher else None,

@@ -4,10 +4,8 @@ The Fisher objective's selections (SELECTION[+UPDATE]) and the layer-wise object
 vocabulary. A name that once meant two algorithms is kept only as a deprecated alias that warns and names the
 algorithm it now runs on the objective at hand. `method_table()` is the README's table of them (a test keeps the
 two equal)."""
-import sys
-import warnings
-from pathlib import Path
 
+from ..errors import warn_deprecated
 from .joint import JointSelection
 from .layerwise import LAYER_METHODS
 from .selection import SELECTIONS as BASIC_SELECTIONS
@@ -18,7 +16,6 @@ OBJECTIVES = {"fisher": FISHER_SELECTIONS, "layer": LAYER_METHODS}
 
 # Old name -> the name of the algorithm it ran, per objective ('joint' was IHT plus swaps on the Fisher objective
 # and ADMM on the layer one).
-PACKAGE = str(Path(__file__).parents[1])  # warnings point at the caller's line, outside the package
 RENAMED = {"joint": {"fisher": "swaps", "layer": "admm"}}
 
 
@@ -32,18 +29,10 @@ def canonical(name: str, objective: str) -> str:
     if name in RENAMED:
         new = RENAMED[name][objective]
         others = ", ".join(f"'{alias}' on the {where} objective" for where, alias in RENAMED[name].items())
-        warnings.warn(f"method '{name}' is deprecated: it ran {others}; running '{new}' (pass '{new}' to "
-                      "silence this)", FutureWarning, stacklevel=_callers_level())
+        warn_deprecated(f"method '{name}' is deprecated: it ran {others}; running '{new}' (pass '{new}' to "
+                        "silence this)")
         return new
     return name
-
-
-def _callers_level() -> int:
-    """The stacklevel of the first frame outside this package: the user's line that named the method."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def summary(cls) -> str:

@@ -20,8 +20,9 @@ import torch
 from .. import validation
 from ..curvature.fisher import FisherBlock
 from ..progress import progress_bar
+from .budget import lowest
 from .options import MethodOptions, option
-from .problem import PruningProblem, prune_lowest
+from .problem import PruningProblem
 from .selection import SELECTIONS, Selection
 
 
@@ -253,7 +254,7 @@ class JointSearch:
             grad = self.fisher.rmatvec(residual).double() + self.damping * (x - self.weights)
             while eta > 1e-3:
                 z = x - eta * grad / lipschitz
-                candidate = prune_lowest(lipschitz * z.pow(2), self.problem.segments)
+                candidate = lowest(lipschitz * z.pow(2), self.problem.segments)
                 z[candidate] = 0
                 value = self.value(z)
                 if value < objective:

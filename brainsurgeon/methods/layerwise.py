@@ -33,9 +33,9 @@ import torch
 
 from .. import validation
 from ..curvature.hessian import LayerObjective
+from .budget import Budget, smallest_magnitude
 from .joint import JointSelection
 from .options import Configurable, MethodOptions, option
-from .patterns import Pattern
 from .problem import PruningProblem, best_candidate
 from .selection import CombinatorialBrainSurgeon, Magnitude, Selection, WoodFisher
 from .update import ExactOptimalBrainSurgeon, OptimalBrainSurgeon
@@ -50,7 +50,7 @@ class LayerMethod(Configurable, ABC):
     fisher_counterpart = None  # the Fisher objective's selection of the same name that this runs, if any
 
     @abstractmethod
-    def prune(self, objective: LayerObjective, pattern: Pattern) -> tuple: ...
+    def prune(self, objective: LayerObjective, pattern: Budget) -> tuple: ...
 
 
 class MagnitudeLayer(LayerMethod):
@@ -61,7 +61,8 @@ class MagnitudeLayer(LayerMethod):
     fisher_counterpart = Magnitude
 
     def prune(self, objective, pattern):
-        pruned = pattern.prune_lowest(objective.weight.abs())
+        rows, cols = objective.shape
+        pruned = smallest_magnitude(objective.weight.reshape(-1), pattern.segments(rows, cols)).view(rows, cols)
         return pruned, objective.weight * ~pruned
 
 

@@ -7,8 +7,9 @@ import torch
 
 from .. import validation
 from ..progress import progress_bar
+from .budget import lowest, smallest_magnitude
 from .options import Configurable, MethodOptions, option
-from .problem import PruningProblem, prune_lowest
+from .problem import PruningProblem
 
 
 class Selection(Configurable, ABC):
@@ -30,7 +31,7 @@ class Magnitude(Selection):
     name = "mp"
 
     def select(self, problem):
-        return prune_lowest(problem.weights.abs(), problem.segments)
+        return smallest_magnitude(problem.weights, problem.segments)
 
 
 class Random(Selection):
@@ -39,7 +40,7 @@ class Random(Selection):
     name = "random"
 
     def select(self, problem):
-        return prune_lowest(torch.rand(problem.num_weights, generator=problem.generator), problem.segments)
+        return lowest(torch.rand(problem.num_weights, generator=problem.generator), problem.segments)
 
 
 class WoodFisher(Selection):
@@ -53,7 +54,7 @@ class WoodFisher(Selection):
 
     def select(self, problem):
         saliency = problem.weights.double().pow(2) / (2 * problem.fisher.inverse_diagonal)
-        return prune_lowest(saliency, problem.segments)
+        return lowest(saliency, problem.segments)
 
 
 def perturbed_magnitude_scores(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -136,10 +137,10 @@ class CombinatorialBrainSurgeon(Selection):
         return [search.mask_after(start, t) for t in chosen]
 
     def _initial_mask(self, problem):
-        candidates = [prune_lowest(problem.weights.abs(), problem.segments)]
+        candidates = [smallest_magnitude(problem.weights, problem.segments)]
         for _ in range(self.init_trials):
             scores = perturbed_magnitude_scores(problem.weights, problem.generator)
-            candidates.append(prune_lowest(scores, problem.segments))
+            candidates.append(lowest(scores, problem.segments))
         losses = [problem.loss_with_pruned(mask) for mask in candidates]
         best = min(range(len(candidates)), key=losses.__getitem__)
         problem.stats.update(cbs_init_loss=losses[best], cbs_init_from_magnitude=best == 0)
