@@ -48,7 +48,7 @@ def well_conditioned(spec):
 def block_system(problem, pruned, block=0):
     search = JointSearch(problem, max_kept=10**6)
     search.offer(pruned)
-    return search, search.systems[block], problem.fisher.regions[block]
+    return search, search.systems[block], problem.curvature.regions[block]
 
 
 def close(a, b, scale):
@@ -164,7 +164,7 @@ def test_joint_keeps_per_segment_counts():
     fisher = EmpiricalFisher(torch.randn(12, 6, generator=gen) / 6**0.5, 0.1, [slice(0, 5), slice(5, 12)])
     segments = [Segment(slice(0, 5), 2), Segment(slice(5, 12), 4)]
     problem = PruningProblem(weights=torch.randn(12, generator=gen), segments=segments, generator=gen,
-                             fisher=fisher, show_progress=False)
+                             curvature=fisher, show_progress=False)
     pruned = JointSelection(start="random").select(problem)
     assert int(pruned[:5].sum()) == 2 and int(pruned[5:].sum()) == 4
 

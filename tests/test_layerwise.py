@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import brainsurgeon
 from brainsurgeon import BrainSurgeonError
 from brainsurgeon.curvature.hessian import LayerObjective
+from brainsurgeon.curvature.quadratic import Quadratic
 from brainsurgeon.drivers.activations import (
     capture_block_inputs,
     find_blocks,
@@ -88,13 +89,16 @@ def test_combinatorial_methods_are_never_worse_than_their_warm_start(method, pat
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), rows=st.integers(1, 6), cols=st.integers(2, 12))
-def test_the_fisher_form_of_a_layer_is_the_same_damped_quadratic(seed, rows, cols):
-    """as_fisher: d^T H_flat d, H_flat^-1 v and diag(H_flat^-1) equal those of blockdiag(damped H) built densely."""
+def test_the_layer_quadratic_is_the_layers_damped_h_once_per_row(seed, rows, cols):
+    """LayerQuadratic: H v, d^T H d, H^-1 v and diag(H^-1) equal those of blockdiag(damped H) built densely."""
     _, _, objective = layer_problem(seed, rows=rows, cols=cols, samples=3 * cols)
-    fisher = objective.as_fisher()
+    fisher = objective.quadratic()
+    assert isinstance(fisher, Quadratic)
     dense = torch.block_diag(*[objective.damped] * rows)
     d = torch.randn(rows * cols, generator=torch.Generator().manual_seed(seed))
     assert fisher.quadratic(d) == pytest.approx(float(d.double() @ dense @ d.double()), rel=1e-5)
+    product = dense @ d.double()
+    torch.testing.assert_close(fisher.matvec(d).double(), product, rtol=1e-4, atol=1e-4 * float(product.abs().max()))
     inverse = torch.linalg.inv(dense)
     torch.testing.assert_close(fisher.inverse_diagonal, inverse.diagonal(), rtol=1e-3, atol=1e-6)
     expected = inverse @ d.double()  # float32 solves: errors scale with the largest entry, not each one

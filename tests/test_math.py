@@ -1,11 +1,14 @@
 """The math against dense p x p formulas and brute force, on small random problems."""
 import itertools
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from brainsurgeon import BrainSurgeonError
 from brainsurgeon.curvature.fisher import EmpiricalFisher
+from brainsurgeon.curvature.quadratic import GradientSource, Quadratic
 from brainsurgeon.methods.budget import Segment
 from brainsurgeon.methods.problem import PruningProblem
 from brainsurgeon.methods.selection import SwapSearch, WoodFisher
@@ -25,17 +28,17 @@ def random_problem(seed, n, p, k, damping, num_blocks=1):
     gradients_t = torch.randn(p, n, generator=gen, dtype=torch.float64).float() / n**0.5
     weights = torch.randn(p, generator=gen)
     fisher = EmpiricalFisher(gradients_t, damping, split(p, num_blocks))
-    problem = PruningProblem(weights=weights, segments=[Segment(slice(0, p), k)], generator=gen, fisher=fisher)
+    problem = PruningProblem(weights=weights, segments=[Segment(slice(0, p), k)], generator=gen, curvature=fisher)
     return problem
 
 
 def dense_hessian(problem):
     """The p x p matrix, block-diagonal over the Fisher's regions (cross-block curvature dropped)."""
-    g = problem.fisher.store.rows(slice(None)).double()
+    g = problem.curvature.store.rows(slice(None)).double()
     hessian = torch.zeros(problem.num_weights, problem.num_weights, dtype=torch.float64)
-    for region in problem.fisher.regions:
+    for region in problem.curvature.regions:
         hessian[region, region] = g[region] @ g[region].T
-    return hessian + problem.fisher.damping * torch.eye(problem.num_weights, dtype=torch.float64)
+    return hessian + problem.curvature.damping * torch.eye(problem.num_weights, dtype=torch.float64)
 
 
 def objective(problem, pruned):
@@ -105,7 +108,7 @@ def test_cbsu_equals_brute_force_constrained_least_squares(spec, data):
     # Its loss increase is the OBS formula 1/2 w_P^T ([H^-1]_PP)^-1 w_P.
     inverse = torch.linalg.inv(hessian)
     predicted = 0.5 * w_p @ torch.linalg.solve(inverse[pruned][:, pruned], w_p)
-    assert abs(0.5 * problem.fisher.quadratic(d.float()) - float(predicted)) < 1e-3 * (1 + float(predicted))
+    assert abs(0.5 * problem.curvature.quadratic(d.float()) - float(predicted)) < 1e-3 * (1 + float(predicted))
 
 
 @settings(max_examples=40, deadline=None)
@@ -115,7 +118,7 @@ def test_wf_saliency_and_obs_update_equal_dense_formulas(spec):
     problem = random_problem(seed, n, p, max(1, p // 2), damping, num_blocks)
     inverse = torch.linalg.inv(dense_hessian(problem))
     diag = inverse.diagonal()
-    assert torch.allclose(problem.fisher.inverse_diagonal, diag, rtol=1e-3)
+    assert torch.allclose(problem.curvature.inverse_diagonal, diag, rtol=1e-3)
     pruned = WoodFisher().select(problem)
     saliency = problem.weights.double() ** 2 / (2 * diag)
     assert set(torch.nonzero(pruned).squeeze(1).tolist()) == set(torch.argsort(saliency)[: p // 2 or 1].tolist())
@@ -143,7 +146,7 @@ def test_cbs_local_search_finds_the_brute_force_optimum_on_a_tiny_problem():
 @given(problems)
 def test_blockwise_gram_equals_the_full_product(spec):
     seed, n, p, damping, _ = spec
-    block = random_problem(seed, n, p, 1, damping).fisher.block(0)
+    block = random_problem(seed, n, p, 1, damping).curvature.block(0)
     full = block.gradients_t.double().T @ block.gradients_t.double()
     assert torch.allclose(block.gram, full, rtol=1e-5, atol=1e-6)
 
@@ -152,7 +155,7 @@ def test_blockwise_gram_equals_the_full_product(spec):
 @given(problems, st.data())
 def test_kept_gram_reusing_the_previous_sets_rows_equals_the_fresh_product(spec, data):
     seed, n, p, damping, num_blocks = spec
-    fisher = random_problem(seed, n, p, 1, damping, num_blocks).fisher
+    fisher = random_problem(seed, n, p, 1, damping, num_blocks).curvature
     for _ in range(4):  # successive kept sets, any order, any overlap, any block
         b = data.draw(st.integers(0, num_blocks - 1))
         block = fisher.block(b)
@@ -181,3 +184,28 @@ def test_matvec_of_a_mostly_zero_vector_uses_its_nonzeros_and_equals_the_dense_p
     v = torch.zeros(40)
     v[[3, 17, 31]] = torch.randn(3, generator=gen)
     assert torch.allclose(fisher.block(0).matvec(v), gradients_t.T @ v, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), num_blocks=st.integers(1, 3))
+def test_the_fisher_is_a_quadratic_whose_matvec_is_the_dense_h(seed, num_blocks):
+    problem = random_problem(seed, 6, 12, 1, 1e-2, num_blocks)
+    assert isinstance(problem.curvature, Quadratic)
+    v = torch.randn(problem.num_weights, generator=torch.Generator().manual_seed(seed))
+    expected = dense_hessian(problem) @ v.double()
+    torch.testing.assert_close(problem.curvature.matvec(v).double(), expected, rtol=1e-4,
+                               atol=1e-4 * float(expected.abs().max()))
+
+
+def test_every_gradient_store_is_a_gradient_source_and_nothing_else_is(tmp_path):
+    from brainsurgeon.curvature.gradient_store import DiskGradients, InMemoryGradients
+    from brainsurgeon.curvature.hessian import SharedFactorGradients
+
+    g = torch.randn(8, 3)
+    disk = DiskGradients.from_chunks([(0, 3, g.T.contiguous())], 8, 3, tmp_path)
+    for source in (InMemoryGradients(g), disk, SharedFactorGradients(torch.eye(4), 2)):
+        assert isinstance(source, GradientSource)
+        EmpiricalFisher(source, 1e-2)
+    disk.close()
+    with pytest.raises(BrainSurgeonError, match="must be a GradientSource"):
+        EmpiricalFisher(g.numpy(), 1e-2)

@@ -5,7 +5,7 @@ SparseGPT does, for the solves."""
 import torch
 
 from .. import validation
-from .fisher import EmpiricalFisher
+from .quadratic import FactoredQuadratic
 
 DEFAULT_RELATIVE_DAMPING = 0.01  # SparseGPT's: 1% of the mean diagonal of H
 SOLVE_TOLERANCE = 1e-5  # relative residual of the exact update's solve: float32 precision
@@ -38,15 +38,10 @@ class LayerObjective:
         objective.weight = (weight + correction).float()
         return objective
 
-    def as_fisher(self) -> EmpiricalFisher:
-        """The same quadratic in the empirical Fisher's form, so that every Fisher selection and update runs on it
-        unchanged: over the row-major flat weights, the damped H of each output row is G_r^T G_r + lam I with
-        G_r^T = L, the Cholesky factor of damped H - lam I, lam = half the damping; one Fisher block per row."""
-        rows, cols = self.shape
-        lam = 0.5 * float(torch.diagonal(self.damped - self.hessian).min().clamp_min(1e-12))
-        factor = torch.linalg.cholesky(self.damped - lam * torch.eye(cols, dtype=torch.float64))
-        regions = [slice(r * cols, (r + 1) * cols) for r in range(rows)]
-        return EmpiricalFisher(SharedFactorGradients(factor.float(), rows), lam, regions)
+    def quadratic(self) -> "LayerQuadratic":
+        """The error as a Quadratic over the row-major flat weights (one block per output row), for the methods
+        written against that contract (methods/selection.py, update.py, joint.py)."""
+        return LayerQuadratic(self)
 
     @property
     def shape(self):
@@ -87,9 +82,22 @@ class LayerObjective:
         return solution * keep
 
 
+class LayerQuadratic(FactoredQuadratic):
+    """The layer error's damped H once per output row, in factored form: each row's block is G_r^T G_r + lam I
+    with G_r^T = L, the Cholesky factor of damped H - lam I, lam = half the damping (the part of the damping that
+    is the same on every input), shared by every row (SharedFactorGradients)."""
+
+    def __init__(self, objective: LayerObjective):
+        rows, cols = objective.shape
+        lam = 0.5 * float(torch.diagonal(objective.damped - objective.hessian).min().clamp_min(1e-12))
+        factor = torch.linalg.cholesky(objective.damped - lam * torch.eye(cols, dtype=torch.float64))
+        super().__init__(SharedFactorGradients(factor.float(), rows), lam,
+                         [slice(r * cols, (r + 1) * cols) for r in range(rows)])
+
+
 class SharedFactorGradients:
-    """G^T of a layer objective in the Fisher's form (`LayerObjective.as_fisher`): the d x d factor L once per
-    output row, (rows * d) x d, read through views instead of copies."""
+    """A GradientSource of (rows * d) x d: the d x d factor L once per output row, read through views instead of
+    copies (LayerQuadratic)."""
 
     streamed = False
 

@@ -165,7 +165,7 @@ def prune_stage(model, calibration, sparsity, selection_name, update_name, *, lo
         if needs_fisher:
             chunks = per_sample_gradient_chunks(model, layers, inputs, targets, loss_fn, chunk_size, progress)
             store = gradient_store(chunks, num_weights, len(inputs), streamed, scratch_dir, cleanup)
-            problem.fisher = EmpiricalFisher(store, damping, regions, first_order)
+            problem.curvature = EmpiricalFisher(store, damping, regions, first_order)
             timings["gradients"] = time.perf_counter() - start
 
         mark = time.perf_counter()
@@ -175,8 +175,8 @@ def prune_stage(model, calibration, sparsity, selection_name, update_name, *, lo
         pruned, delta = best_candidate(problem, update, candidates)
         timings["update"] = time.perf_counter() - mark
         if needs_fisher:
-            selection_objective = problem.fisher.quadratic(problem.weights * pruned)
-            predicted_loss_increase = problem.fisher.predicted_change(delta)
+            selection_objective = problem.curvature.quadratic(problem.weights * pruned)
+            predicted_loss_increase = problem.curvature.predicted_change(delta)
     timings["total"] = time.perf_counter() - start
 
     new_flat = problem.weights + delta

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import validation
-from ..curvature.fisher import FisherBlock
+from ..curvature.quadratic import FactoredBlock
 from ..progress import progress_bar
 from .budget import lowest
 from .options import MethodOptions, option
@@ -32,7 +32,7 @@ class KeptSystem:
     `columns` holds g_k for the kept weights (in slot order); `kept` their indices inside the block.
     """
 
-    def __init__(self, block: FisherBlock, c: torch.Tensor, sq_norms: torch.Tensor, damping: float,
+    def __init__(self, block: FactoredBlock, c: torch.Tensor, sq_norms: torch.Tensor, damping: float,
                  kept: torch.Tensor):
         self.gradients_t, self.c, self.damping = block.gradients_t, c, damping
         self.sq_norms = sq_norms.double() + damping  # |g_k|^2 + lam: A's diagonal
@@ -177,38 +177,38 @@ class JointSearch:
     """The state of the search: the best pruned mask so far, its backsolved weights x and Q*(x)."""
 
     def __init__(self, problem: PruningProblem, max_kept: int):
-        self.problem, self.fisher, self.max_kept = problem, problem.fisher, max_kept
-        self.damping = self.fisher.damping
+        self.problem, self.curvature, self.max_kept = problem, problem.curvature, max_kept
+        self.damping = self.curvature.damping
         self.weights = problem.weights.double()
-        self.targets = self.fisher.residuals(problem.weights) - self.fisher.shift  # y_b = G_b w_b - shift
-        self.c = self.fisher.rmatvec(self.targets).double() + self.damping * self.weights
+        self.targets = self.curvature.residuals(problem.weights) - self.curvature.shift  # y_b = G_b w_b - shift
+        self.c = self.curvature.rmatvec(self.targets).double() + self.damping * self.weights
         self.pruned, self.x, self.objective = None, None, float("inf")
         self.systems = {}  # the KeptSystems of the current support's small blocks, for the swaps
         self._lipschitz, self._step = None, 2.0**10
 
     def value(self, x: torch.Tensor) -> float:
         """Q(x) for any x."""
-        residual = self.fisher.residuals(x.float()) - self.targets
+        residual = self.curvature.residuals(x.float()) - self.targets
         return float(residual.double().pow(2).sum() + self.damping * (x - self.weights).pow(2).sum())
 
     def backsolve(self, pruned: torch.Tensor):
         """argmin Q over the weights kept by `pruned` (block by block), zero on the pruned ones; and the
         KeptSystems of the blocks keeping at most max_kept weights."""
         x, systems = torch.zeros_like(self.weights), {}
-        for b, region in enumerate(self.fisher.regions):
+        for b, region in enumerate(self.curvature.regions):
             kept = torch.nonzero(~pruned[region]).squeeze(1)
             if len(kept) <= self.max_kept:
                 systems[b] = self.kept_system(b, kept)
                 x[region][kept] = systems[b].solution
             else:
                 lost = torch.nonzero(pruned[region]).squeeze(1)
-                solve = self.fisher.block(b).ridge_solver(kept, lost, self.problem.weights[region][lost])
+                solve = self.curvature.block(b).ridge_solver(kept, lost, self.problem.weights[region][lost])
                 x[region][kept] = self.weights[region][kept] + solve(self.damping).double()
         return x, systems
 
     def kept_system(self, b: int, kept: torch.Tensor) -> KeptSystem:
-        region = self.fisher.regions[b]
-        return KeptSystem(self.fisher.block(b), self.c[region], self.fisher.column_sq_norms[region],
+        region = self.curvature.regions[b]
+        return KeptSystem(self.curvature.block(b), self.c[region], self.curvature.column_sq_norms[region],
                           self.damping, kept)
 
     def offer(self, pruned: torch.Tensor) -> bool:
@@ -226,11 +226,11 @@ class JointSearch:
         if self._lipschitz is None:
             v = torch.randn(len(self.weights), generator=self.problem.generator)
             for _ in range(5):
-                v = self.fisher.rmatvec(self.fisher.residuals(v))
-                norms = torch.stack([v[region].norm() for region in self.fisher.regions]).clamp_min(1e-30)
-                v = v / norms[self.fisher.block_of]
-            top = self.fisher.residuals(v).double().pow(2).sum(1)
-            self._lipschitz = (1.1 * top + self.damping)[self.fisher.block_of]
+                v = self.curvature.rmatvec(self.curvature.residuals(v))
+                norms = torch.stack([v[region].norm() for region in self.curvature.regions]).clamp_min(1e-30)
+                v = v / norms[self.curvature.block_of]
+            top = self.curvature.residuals(v).double().pow(2).sum(1)
+            self._lipschitz = (1.1 * top + self.damping)[self.curvature.block_of]
         return self._lipschitz
 
     def threshold(self, rounds: int, steps: int = 10) -> int:
@@ -250,8 +250,8 @@ class JointSearch:
         x, pruned, objective, eta = self.x, self.pruned, self.objective, self._step
         lipschitz = self.lipschitz
         for _ in range(steps):
-            residual = self.fisher.residuals(x.float()) - self.targets
-            grad = self.fisher.rmatvec(residual).double() + self.damping * (x - self.weights)
+            residual = self.curvature.residuals(x.float()) - self.targets
+            grad = self.curvature.rmatvec(residual).double() + self.damping * (x - self.weights)
             while eta > 1e-3:
                 z = x - eta * grad / lipschitz
                 candidate = lowest(lipschitz * z.pow(2), self.problem.segments)
@@ -279,7 +279,7 @@ class JointSearch:
         bar.close()
         if done:
             for b, system in swaps.systems.items():
-                region = self.fisher.regions[b]
+                region = self.curvature.regions[b]
                 self.x[region] = 0
                 self.x[region][system.kept] = system.solution
             self.objective = self.value(self.x)
@@ -293,7 +293,7 @@ class SwapMoves:
 
     def __init__(self, search: JointSearch, candidates: int, rel_tol: float = 1e-9):
         self.search, self.candidates, self.rel_tol = search, candidates, rel_tol
-        regions = search.fisher.regions
+        regions = search.curvature.regions
         self.systems = search.systems
         starts = torch.tensor([segment.region.start for segment in search.problem.segments])
         # A block inside one segment may trade weights with the other blocks of that segment; a block cut by
@@ -359,7 +359,7 @@ class SwapMoves:
         if move is None or not delta < -self.rel_tol * abs(self.search.objective):
             return False
         a, slot, b, j = move
-        regions, pruned = self.search.fisher.regions, self.search.pruned
+        regions, pruned = self.search.curvature.regions, self.search.pruned
         pruned[regions[a].start + int(self.systems[a].kept[slot])] = True
         pruned[regions[b].start + j] = False
         if a == b:

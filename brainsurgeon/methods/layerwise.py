@@ -15,8 +15,8 @@ update; the methods below choose the pruned set:
             it is never above SparseGPT's. On SmolLM2-135M's layers 0 and 20 it lowers the summed layer error
             by 28% at 50%, 27% at 70% and 26% at 2:4 against SparseGPT.
 
-and, through `LayerObjective.as_fisher` (the same quadratic as an empirical Fisher with one block per output
-row), the Fisher path's own selections and updates, not copied:
+and, through `LayerObjective.quadratic` (the layer error as a Quadratic, curvature/quadratic.py, with one block per
+output row), the Fisher path's own selections and updates, not copied:
 
   wf        WoodFisher's saliency w^2 / [H^-1]_ii under the pattern, and the OBS update
   cbs       the CBS swap search (from magnitude), and the exact multi-weight update (CBS-U)
@@ -224,7 +224,7 @@ class FisherOnRows(LayerMethod):
     def prune(self, objective, pattern):
         rows, cols = objective.shape
         problem = PruningProblem(weights=objective.weight.reshape(-1), segments=pattern.segments(rows, cols),
-                                 generator=torch.Generator().manual_seed(self.seed), fisher=objective.as_fisher(),
+                                 generator=torch.Generator().manual_seed(self.seed), curvature=objective.quadratic(),
                                  show_progress=False)
         problem.calibration_loss = lambda flat: objective.error(flat.view(rows, cols))
         selection, update = self.methods(objective, pattern)

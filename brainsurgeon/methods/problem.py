@@ -4,7 +4,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..curvature.fisher import EmpiricalFisher
+from ..curvature.quadratic import Quadratic
 
 
 @dataclass
@@ -12,7 +12,8 @@ class PruningProblem:
     weights: torch.Tensor  # flat prunable weights (p,), float32
     segments: list  # list[budget.Segment]; their counts add up to the number of weights to prune
     generator: torch.Generator  # seeded: every random choice draws from it
-    fisher: Optional[EmpiricalFisher] = None
+    # The curvature (curvature/quadratic.py); the swap searches also read its factored form (FactoredQuadratic).
+    curvature: Optional[Quadratic] = None
     # Real mean calibration loss of the model with its prunable weights set to a flat vector.
     calibration_loss: Optional[Callable[[torch.Tensor], float]] = None
     show_progress: bool = True

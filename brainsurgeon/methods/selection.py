@@ -53,7 +53,7 @@ class WoodFisher(Selection):
     needs_fisher = True
 
     def select(self, problem):
-        saliency = problem.weights.double().pow(2) / (2 * problem.fisher.inverse_diagonal)
+        saliency = problem.weights.double().pow(2) / (2 * problem.curvature.inverse_diagonal)
         return lowest(saliency, problem.segments)
 
 
@@ -160,17 +160,17 @@ class SwapSearch:
     """
 
     def __init__(self, problem: PruningProblem, pruned: torch.Tensor, epsilon, rho, tau, damping=None):
-        self.fisher = problem.fisher
-        self.damping = problem.fisher.damping if damping is None else damping
+        self.curvature = problem.curvature
+        self.damping = problem.curvature.damping if damping is None else damping
         self.weights = problem.weights.double()
         self.segments = problem.segments
         self.pruned = pruned.clone()
         self.epsilon, self.rho, self.tau = epsilon, rho, tau
         squares = self.weights.pow(2)
-        self.curvature_terms = squares * self.fisher.column_sq_norms.double()  # w_i^2 |g_i|^2
+        self.curvature_terms = squares * self.curvature.column_sq_norms.double()  # w_i^2 |g_i|^2
         self.damping_terms = squares * self.damping  # lam w_i^2
         # One residual per Fisher block; without cross-block curvature, f is the sum over blocks.
-        self.residual = self.fisher.residuals((problem.weights * pruned).float()).double()
+        self.residual = self.curvature.residuals((problem.weights * pruned).float()).double()
         self.pass_swaps = []  # per accepted-swap pass: the (i out, j in) pairs, to replay any pass's mask
 
     def mask_after(self, start: torch.Tensor, passes: int) -> torch.Tensor:
@@ -187,7 +187,7 @@ class SwapSearch:
 
     def run_pass(self) -> int:
         """One pass per segment over the current orderings; returns the number of swaps accepted."""
-        linear = 2 * self.weights * self.fisher.rmatvec(self.residual.float()).double()
+        linear = 2 * self.weights * self.curvature.rmatvec(self.residual.float()).double()
         alpha = linear - self.curvature_terms + self.damping_terms
         beta = linear + self.curvature_terms + self.damping_terms
         self.pass_swaps.append([])
@@ -220,8 +220,8 @@ class SwapSearch:
     def swap_deltas(self, i: int, window: torch.Tensor):
         """Exact change of f for swapping pruned i with each kept j in `window`, and the columns used."""
         index = torch.cat([torch.tensor([i]), window])
-        columns = self.fisher.columns(index).double()  # (1 + m) x n
-        blocks = self.fisher.block_of[index]
+        columns = self.curvature.columns(index).double()  # (1 + m) x n
+        blocks = self.curvature.block_of[index]
         dots = (columns * self.residual[blocks]).sum(1)  # g_k . r_(block of k)
         w = self.weights[index]
         alpha_i = 2 * w[0] * dots[0] - self.curvature_terms[i] + self.damping_terms[i]
@@ -240,7 +240,7 @@ class SwapSearch:
         j = int(window[k])
         self.pruned[i], self.pruned[j] = False, True
         self.pass_swaps[-1].append((i, j))
-        block_of = self.fisher.block_of
+        block_of = self.curvature.block_of
         self.residual[block_of[j]] += self.weights[j] * columns[1 + k]
         self.residual[block_of[i]] -= self.weights[i] * columns[0]
         return True

@@ -38,10 +38,10 @@ class OptimalBrainSurgeon(Update):
     needs_fisher = True
 
     def compensation(self, problem, pruned):
-        fisher = problem.fisher
+        curvature = problem.curvature
         scaled = torch.zeros(problem.num_weights, dtype=torch.float64)
-        scaled[pruned] = problem.weights[pruned].double() / fisher.inverse_diagonal[pruned]
-        return -fisher.inverse_apply(scaled)
+        scaled[pruned] = problem.weights[pruned].double() / curvature.inverse_diagonal[pruned]
+        return -curvature.inverse_apply(scaled)
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ class ExactOptimalBrainSurgeon(Update):
         return len(self.damping_grid) > 1
 
     def compensation(self, problem, pruned):
-        dampings = [problem.fisher.damping * m for m in self.damping_grid]
-        solutions = problem.fisher.ridge_solutions(pruned, problem.weights, dampings)
+        dampings = [problem.curvature.damping * m for m in self.damping_grid]
+        solutions = problem.curvature.exact_updates(pruned, problem.weights, dampings)
         if not self.needs_loss:
             problem.stats.update(cbsu_damping=dampings[0])
             return next(solutions)
