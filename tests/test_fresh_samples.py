@@ -19,6 +19,7 @@ from brainsurgeon.drivers.calibration import (
     per_sample_losses,
 )
 from brainsurgeon.drivers.layers import find_prunable, flat_weights
+from brainsurgeon.drivers.tuning import DEFAULT_TUNING
 from brainsurgeon.methods.budget import Budget, smallest_magnitude
 
 
@@ -76,11 +77,11 @@ def test_auto_refinement_keeps_stages_while_they_stay_below_the_unrefined_held_o
     stages = result.stats["stages"]
     refined = [stage for stage in stages if "step_loss_bound" not in stage] \
         if result.settings["path"] == "fisher" else stages[1:]
-    assert len(refined) == result.settings["refined_stages"] <= schedule.REFINE_LIMIT
+    assert len(refined) == result.settings["refined_stages"] <= DEFAULT_TUNING.refine_limit
     unrefined = stages[-len(refined) - 1]["held_out_loss"]
     assert all(stage["held_out_loss"] < unrefined for stage in refined)
     rejected = result.stats["rejected_stage"]
-    assert (rejected is None) == (len(refined) == schedule.REFINE_LIMIT)
+    assert (rejected is None) == (len(refined) == DEFAULT_TUNING.refine_limit)
     if rejected is not None:
         assert rejected["held_out_loss"] >= unrefined
     pruned = result.apply(copy.deepcopy(model))
@@ -128,7 +129,7 @@ def test_on_stage_sees_every_stage_and_a_wrong_answer_is_one_error():
 @pytest.mark.parametrize("held_out_losses, kept", [
     ([0.8, 0.9, 0.85, 1.0, 0.7], 3),  # above the best stage so far but below the unrefined 1.0: kept
     ([1.0, 0.5], 0),  # level with the unrefined model: undone at once
-    ([0.9] * 20, schedule.REFINE_LIMIT),
+    ([0.9] * 20, DEFAULT_TUNING.refine_limit),
 ])
 def test_auto_refinement_stops_at_the_first_stage_not_below_the_unrefined_held_out_loss(held_out_losses, kept):
     """Stages with made-up held-out losses after an unrefined 1.0: the first one at or above it is undone (the
@@ -146,10 +147,10 @@ def test_auto_refinement_stops_at_the_first_stage_not_below_the_unrefined_held_o
 
     staged, unrefined = copy.deepcopy(model), [dict(held_out_loss=1.0, calibration_loss=0.0)]
     result, reports, rejected = schedule.refine_stages(pool, planned, None, False, staged, "unrefined", unrefined,
-                                                schedule.REFINE_LIMIT, None, run=made_up_stage)
+                                                DEFAULT_TUNING.refine_limit, None, run=made_up_stage)
     assert [r["held_out_loss"] for r in reports[1:]] == held_out_losses[:kept]
     assert result == (f"result {kept}" if kept else "unrefined")
-    if kept == schedule.REFINE_LIMIT:
+    if kept == DEFAULT_TUNING.refine_limit:
         assert rejected is None and len(ran) == kept
     else:
         assert rejected["held_out_loss"] == held_out_losses[kept] and len(ran) == kept + 1
@@ -163,7 +164,7 @@ def test_auto_refinement_without_held_out_samples_runs_a_fixed_number_of_stages(
     result = brainsurgeon.prune(model, (x, y), 0.9, "max", progress=False, init_trials=2, layer_start=False,
                                 schedule=[0.5, 0.9])
     assert result.settings["held_out_samples"] == 0
-    assert result.settings["schedule"] == [0.5, 0.9] + [0.9] * schedule.REFINE_WITHOUT_HELD_OUT
+    assert result.settings["schedule"] == [0.5, 0.9] + [0.9] * DEFAULT_TUNING.refine_without_held_out
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -215,18 +216,18 @@ def test_the_adaptive_schedule_ends_exactly_at_the_target_count(sparsity):
 
 
 def test_each_adaptive_step_keeps_its_bound_unless_it_is_the_shortest():
-    """A step's magnitude-pruned loss is within its bound, or the step is the shortest one (1/MAX_WALK_STAGES of
-    the log-density to the target); and the bound is STEP_LOSS_RATIO times the judged loss of the model the step
+    """A step's magnitude-pruned loss is within its bound, or the step is the shortest one (1/max_walk_stages of
+    the log-density to the target); and the bound is step_loss_ratio times the judged loss of the model the step
     starts from."""
     model, x, y = pooled_mlp()
     result = brainsurgeon.prune(model, (x, y), 0.97, "max", num_samples=32, schedule="adaptive", refine=0,
                                 layer_start=False, progress=False, init_trials=2)
     walked, previous = _walked(result), dict(sparsity=0.0, held_out_loss=mean_loss(model, x[-32:], y[-32:],
                                                                                     F.cross_entropy))
-    assert 2 < len(walked) <= schedule.MAX_WALK_STAGES
+    assert 2 < len(walked) <= DEFAULT_TUNING.max_walk_stages
     for stage in walked:
-        assert stage["step_loss_bound"] == pytest.approx(schedule.STEP_LOSS_RATIO * previous["held_out_loss"])
-        shortest = 1 - (1 - previous["sparsity"]) * 0.03 ** (1 / schedule.MAX_WALK_STAGES)
+        assert stage["step_loss_bound"] == pytest.approx(DEFAULT_TUNING.step_loss_ratio * previous["held_out_loss"])
+        shortest = 1 - (1 - previous["sparsity"]) * 0.03 ** (1 / DEFAULT_TUNING.max_walk_stages)
         assert stage["step_magnitude_loss"] <= stage["step_loss_bound"] or \
             stage["sparsity"] == pytest.approx(min(shortest, 0.97))
         previous = stage
@@ -277,16 +278,16 @@ def test_the_layer_path_wins_only_beyond_the_margin_and_a_short_walk_never(losse
     by a constant moves only the mean, and the choice flips where the mean passes PATH_MARGIN errors."""
     fisher = torch.tensor([a for a, _ in losses], dtype=torch.float64)
     layer = torch.tensor([b for _, b in losses], dtype=torch.float64)
-    path, evidence = judge.choose_path(fisher, layer - shift, True)
+    path, evidence = judge.choose_path(fisher, layer - shift, True, DEFAULT_TUNING.path_margin)
     difference = fisher - layer
     error = float(difference.std()) / len(losses) ** 0.5
     assert evidence["standard_error"] == pytest.approx(error, abs=1e-9)
     assert evidence["fisher_minus_layer"] == pytest.approx(float(difference.mean()) + shift, abs=1e-9)
-    margin = evidence["fisher_minus_layer"] - judge.PATH_MARGIN * error
+    margin = evidence["fisher_minus_layer"] - DEFAULT_TUNING.path_margin * error
     if abs(margin) > 1e-9:
         assert path == ("layer" if margin > 0 else "fisher")
-    assert judge.choose_path(fisher, layer - shift, False)[0] == "layer"
-    assert judge.choose_path(fisher, fisher, True)[0] == "fisher"
+    assert judge.choose_path(fisher, layer - shift, False, DEFAULT_TUNING.path_margin)[0] == "layer"
+    assert judge.choose_path(fisher, fisher, True, DEFAULT_TUNING.path_margin)[0] == "fisher"
 
 
 @pytest.mark.parametrize("method, options, named", [
@@ -297,3 +298,17 @@ def test_what_needs_calibration_data_is_named_when_there_is_none(method, options
     model, _, _ = small_mlp()
     with pytest.raises(BrainSurgeonError, match=f"{re.escape(named)} need calibration data"):
         brainsurgeon.prune(model, None, 0.9, method, progress=False, **options)
+
+
+def test_the_staged_constants_are_settings_of_one_tuning_object():
+    from brainsurgeon import Tuning
+
+    model, x, y = pooled_mlp()
+    settings = dict(num_samples=32, progress=False, init_trials=2, layer_start=False, schedule=[0.5, 0.9])
+    one = brainsurgeon.prune(model, (x, y), 0.9, "max", tuning=Tuning(refine_limit=1), **settings)
+    assert one.settings["refined_stages"] <= 1
+    assert_same_result(one, brainsurgeon.prune(model, (x, y), 0.9, "max", refine_limit=1, **settings))
+    with pytest.raises(BrainSurgeonError, match="step_loss_ratio must be"):
+        Tuning(step_loss_ratio=0.5)
+    with pytest.raises(BrainSurgeonError, match="objective='layer' does not use refine_limit"):
+        brainsurgeon.prune(model, x, 0.5, "sparsegpt", objective="layer", refine_limit=3, progress=False)

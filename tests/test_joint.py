@@ -18,9 +18,9 @@ from brainsurgeon import BrainSurgeonError
 from brainsurgeon.curvature.fisher import EmpiricalFisher
 from brainsurgeon.drivers.allocation import exact_layer_sparsities
 from brainsurgeon.drivers.calibration import mean_loss
-from brainsurgeon.drivers.judge import PATH_MARGIN
 from brainsurgeon.drivers.registry import options_for
 from brainsurgeon.drivers.schedule import sparsity_schedule
+from brainsurgeon.drivers.tuning import DEFAULT_TUNING
 from brainsurgeon.methods.budget import Segment, num_to_prune
 from brainsurgeon.methods.joint import JointSearch, JointSelection
 from brainsurgeon.methods.problem import PruningProblem
@@ -264,7 +264,7 @@ def test_max_refines_the_path_its_judge_keeps_at_the_exact_count():
         evidence = result.stats["path_evidence"]
         assert set(losses) == {"fisher", "layer"}
         assert evidence["fisher_minus_layer"] == pytest.approx(losses["fisher"] - losses["layer"], abs=1e-6)
-        beyond_noise = evidence["fisher_minus_layer"] > PATH_MARGIN * evidence["standard_error"]
+        beyond_noise = evidence["fisher_minus_layer"] > DEFAULT_TUNING.path_margin * evidence["standard_error"]
         fisher = result.stats["other_path_stages"].get("fisher")  # the Fisher path's stages where it lost
         fisher_reached = fisher is None or fisher[-1]["sparsity"] == result.settings["sparsity"]
         assert path == ("layer" if beyond_noise or not fisher_reached else "fisher")

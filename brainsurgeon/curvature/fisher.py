@@ -17,9 +17,8 @@ from .quadratic import OVERFLOW, FactoredQuadratic
 GIB = 1024**3
 
 
-# Samples per vmap chunk at most. A conv net's per-sample activations under vmap, not its gradients, set the
-# peak: ResNet20 with 1,000 gradients peaked at 3.6 GiB in chunks of 256 and 2.1 GiB in chunks of 64, and
-# smaller chunks were no slower (MLPNet, 10,000 gradients: 1.7 s in chunks of 64, 2.7 s in chunks of 256).
+# Samples per vmap chunk at most: a conv net's per-sample activations under vmap, not its gradients, set the
+# peak, and smaller chunks are no slower (docs/decisions.md).
 MAX_CHUNK_SIZE = 64
 BYTES_PER_WEIGHT_OF_WORK = 96  # the O(p) vectors of the methods: weights, swap terms, orders, masks
 

@@ -9,17 +9,14 @@ def judged_loss(report: dict) -> float | None:
     return report["calibration_loss"] if report.get("held_out_loss") is None else report["held_out_loss"]
 
 
-# 'max' keeps the Fisher path where it reached the target (at mild sparsities a single cbs stage: cbs itself) unless
-# the layer path's judged loss is lower by more than PATH_MARGIN standard errors of the mean per-sample difference:
-# both are judged on the same samples, and a difference within their noise is no evidence for either path.
-PATH_MARGIN = 2.0
-
-
-def choose_path(fisher_losses: torch.Tensor, layer_losses: torch.Tensor, fisher_at_target: bool) -> tuple:
+def choose_path(fisher_losses: torch.Tensor, layer_losses: torch.Tensor, fisher_at_target: bool,
+                margin: float) -> tuple:
     """('fisher' or 'layer', the evidence: the mean of the paths' per-sample judged loss difference and its standard
-    error). A Fisher walk that stopped short of the target is never chosen."""
+    error). The Fisher path, where it reached the target, is kept unless the layer path's loss is lower by more
+    than `margin` standard errors: both are judged on the same samples, and a difference within their noise is no
+    evidence for either. A Fisher walk that stopped short of the target is never chosen."""
     difference = fisher_losses - layer_losses
     error = float(difference.std() / math.sqrt(len(difference))) if len(difference) > 1 else 0.0
     evidence = dict(fisher_minus_layer=float(difference.mean()), standard_error=error)
-    better = evidence["fisher_minus_layer"] > PATH_MARGIN * error
+    better = evidence["fisher_minus_layer"] > margin * error
     return ("layer" if better or not fisher_at_target else "fisher"), evidence

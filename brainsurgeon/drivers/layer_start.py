@@ -31,7 +31,7 @@ def layer_start(model, pool, plan, dense, progress):
     per_layer = exact_layer_sparsities(layers, plan.sparsity) if pattern == "global" else plan.sparsity
     result = prune_layerwise(model, fitted[0], None if ":" in pattern else per_layer, "admm",
                              pattern="layer" if pattern == "global" else pattern, target="dense", blocks=[""], include=plan.common["include"],
-                             ignore=plan.common["ignore"], batch_size=128, progress=False)
+                             ignore=plan.common["ignore"], batch_size=plan.tuning.layer_start_batch, progress=False)
     staged = copy_model(model)
     result.apply(staged)
     if dense is not None:

@@ -24,13 +24,15 @@ from .settings import (
     split_settings,
 )
 from .stage import prune_stage
+from .tuning import Tuning
 
 
 @solver_errors_as_one_line
 def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
           objective: str = "fisher", pattern: str | None = None, include=None, ignore=(), seed: int | None = None,
           progress: bool = True, fisher: FisherSettings | None = None, layer: LayerSettings | None = None,
-          staging: StageOptions | None = None, on_stage=None, **options) -> PruneResult:
+          staging: StageOptions | None = None, tuning: Tuning | None = None, on_stage=None,
+          **options) -> PruneResult:
     """One-shot prune of `model` to `sparsity` with `method` (methods/catalog.py: 'SELECTION[+UPDATE]' on the
     Fisher objective, e.g. 'cbs', 'swaps', 'wf+cbsu', or the preset 'max', the most accurate configuration
     measured). The model is not modified: call `result.apply(model)`.
@@ -53,7 +55,10 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
       layer=LayerSettings(...)     objective='layer' (the layer-wise |W X - W' X|^2, block by block, for models too
                                    large for per-sample gradients; sequential.prune_layerwise): relative_damping
                                    (a fraction of mean(diag H), default 0.01), target ('layer' or 'dense'),
-                                   blocks, batch_size.
+                                   blocks, batch_size;
+      tuning=Tuning(...)           the staged runs' measured constants (drivers/tuning.py, docs/decisions.md):
+                                   step_loss_ratio, max_walk_stages, step_bisections, refine_limit,
+                                   refine_without_held_out, pool_stages, path_margin, layer_start_batch.
     `on_stage(stage, sparsity, result)`, when given, is called with each Fisher stage's PruneResult (stage from 1)
     before the stage is applied and judged: to log or save it, or to return a PruneResult of the same layers to
     use instead (None keeps it).
@@ -65,8 +70,8 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     objective = validation.choice("objective", objective, ("fisher", "layer"))
     if "scope" in options:  # the old name of the patterns 'global' and 'layer'
         pattern = deprecated_scope(options.pop("scope"), pattern)
-    curvature, layerwise, stage_options, options = split_settings(
-        objective, dict(options), dict(fisher=fisher, layer=layer, staging=staging))
+    curvature, layerwise, stage_options, constants, options = split_settings(
+        objective, dict(options), dict(fisher=fisher, layer=layer, staging=staging, tuning=tuning))
     bn_recalibration = stage_options.bn_recalibration is not None and validation.flag(
         "bn_recalibration", stage_options.bn_recalibration)
     if objective == "layer":
@@ -78,7 +83,8 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
                                       bn_recalibration, progress, options)
     plan = plan_run(model, sparsity, method, loss_fn, pattern=pattern, include=include, ignore=ignore,
                     **given(curvature),
-                    seed=0 if seed is None else seed, progress=progress, on_stage=on_stage, **given(stage_options),
+                    seed=0 if seed is None else seed, progress=progress, on_stage=on_stage, tuning=constants,
+                    **given(stage_options),
                     **options)
     pool = None
     if calibration is not None:  # data-free methods (mp, random) may be given none
@@ -137,7 +143,7 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
         compared["fisher"] = judged_loss(reports[-1])
     if layer is not None:
         chosen, evidence = choose_path(per_sample_losses(staged, *pool.judged, loss_fn), layer_losses,
-                                       reports[-1]["sparsity"] >= plan.sparsity)
+                                       reports[-1]["sparsity"] >= plan.sparsity, plan.tuning.path_margin)
         if chosen == "layer":
             other = {"fisher": reports}
             (result, reports, staged), path, refine = layer, "layer", plan.refine_limit

@@ -9,9 +9,10 @@ from ..errors import BrainSurgeonError
 from ..methods.budget import Budget
 from .layers import check_finite_model, find_prunable
 from .registry import build_methods, check_options, parse_method, pop_or, resolve_preset
-from .schedule import REFINE_LIMIT, sparsity_schedule
+from .schedule import sparsity_schedule
 from .settings import FisherSettings
 from .stage import DEFAULT_DAMPING, DEFAULT_MAX_MEMORY, fisher_regions
+from .tuning import DEFAULT_TUNING, Tuning
 
 
 @dataclass
@@ -34,13 +35,14 @@ class RunPlan:
     later_options: dict
     common: dict  # the settings every stage takes as they are
     on_stage: object = None  # the caller's hook on each stage's result (prune's docstring)
+    tuning: object = None  # the staged runs' constants (drivers/tuning.py)
 
 
 def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.cross_entropy, *,
              num_samples=None, damping=None, include=None, ignore=(), pattern=None, structure=None,
              gradients=None, scratch_dir=None, seed=0, max_memory=None, chunk_size=None, progress=True,
              stages=None, schedule=None, first_order=None, first_method=None, refine=None, bn_recalibration=False,
-             on_stage=None, **options) -> RunPlan:
+             on_stage=None, tuning=None, **options) -> RunPlan:
     """Check every argument of `prune` against `model` (no data, no gradients) and return the plan it runs.
     `bench` plans every run of a sweep this way before the first one starts."""
     budget = Budget.parse("global" if pattern is None else pattern, sparsity)
@@ -54,7 +56,10 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     schedule = chosen.pop("schedule", None)
     first_method = chosen.pop("first_method", None) or method
     refine = pop_or(chosen, "refine", 0)
-    refine_limit = REFINE_LIMIT if refine == "auto" else validation.count("refine (or 'auto')", refine, minimum=0,
+    tuning = DEFAULT_TUNING if tuning is None else tuning
+    if not isinstance(tuning, Tuning):
+        raise BrainSurgeonError(f"tuning must be a Tuning, got {tuning!r}")
+    refine_limit = tuning.refine_limit if refine == "auto" else validation.count("refine (or 'auto')", refine, minimum=0,
                                                                                   maximum=validation.MAX_REFINE)
     layer_start = validation.flag("layer_start", chosen.pop("layer_start", False))
     fresh_samples = validation.flag("fresh_samples", chosen.pop("fresh_samples", False))
@@ -79,7 +84,7 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
         raise BrainSurgeonError(f"pattern {budget.pattern} prunes {sparsity:g} in one stage; drop the stages and the "
                                 "schedule (and the preset), or use pattern 'global', 'layer' or 'row'")
     first, main = parse_method(first_method), parse_method(method)
-    check_options({first, main}, chosen, FisherSettings.names())
+    check_options({first, main}, chosen, FisherSettings.names() + Tuning.names())
     build_methods(*first, chosen)  # the methods check their own options
     build_methods(*main, later_options)
     check_finite_model(model)
@@ -96,4 +101,4 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     methods = [first, main] if targets is None else [first] + [main] * (len(targets) - 1)
     return RunPlan(sparsity, targets, methods, main, damping, later_damping,
                    first_order, refine, refine_limit, layer_start, fresh_samples, num_samples, chosen, later_options,
-                   common, on_stage)
+                   common, on_stage, tuning)

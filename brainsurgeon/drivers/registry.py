@@ -51,14 +51,10 @@ class StageOptions(MethodOptions):
 
 
 PRESETS = {
-    # The most accurate configuration measured (README), with nothing sized to one model. The Fisher path: cbs
-    # with the caller's settings as far as the adaptive schedule's first step goes (to the target when that is
-    # mild: it *is* cbs there), then joint stages with the mean gradient modelled, each sized by the adaptive
-    # schedule. Their damping x grid starts at cbs's 1e-4 and reaches 10: first-order steps on ResNet20 needed far
-    # more damping than 0.1. The layer path: every layer pruned towards the dense model's outputs. The one
-    # choose_path keeps at the target (the Fisher path unless the layer path's held-out loss is lower beyond the
-    # noise) is refined on fresh samples while that loss stays below the unrefined path's: the Fisher path wins on
-    # MLPNet, the layer path on ResNet20 above 0.3 (README).
+    # The most accurate configuration measured, with nothing sized to one model (docs/decisions.md). The Fisher
+    # path: cbs with the caller's settings for the adaptive schedule's first step, then swaps stages with the mean
+    # gradient modelled and more damping; the layer path: every layer pruned towards the dense model's outputs.
+    # choose_path keeps one at the target on the held-out loss, and only that one is refined on fresh samples.
     "max": dict(method="swaps", first_method="cbs", schedule="adaptive", refine="auto", fresh_samples=True,
                 first_order=True, layer_start=True,
                 later_damping=1e-2, later_damping_grid=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0), start="mp",

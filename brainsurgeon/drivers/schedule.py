@@ -32,25 +32,15 @@ def sparsity_schedule(sparsity: float, stages: int = 1, schedule=None) -> list |
     return [1 - (1 - sparsity) ** (t / stages) for t in range(1, stages)] + [sparsity]
 
 
-# schedule='adaptive': each stage goes as far as magnitude pruning the current weights (no update) keeps the judged
-# loss within STEP_LOSS_RATIO times the current one, searched by bisection in log-density, but at least
-# 1/MAX_WALK_STAGES of the log-density from the dense model to the target (CHITA++ ran 16 stages).
-STEP_LOSS_RATIO = 1.5
-
-
-MAX_WALK_STAGES = 16
-
-
-STEP_BISECTIONS = 6
-
-
-def next_sparsity(model, layers, judged, reached: float, target: float, loss_fn, pattern: str) -> tuple:
-    """The adaptive schedule's next stage from sparsity `reached`: (its sparsity, the bound on the loss of the
-    magnitude-pruned weights on the `judged` (inputs, targets), that loss at the chosen sparsity)."""
+def next_sparsity(model, layers, judged, reached: float, target: float, loss_fn, pattern: str, tuning) -> tuple:
+    """The adaptive schedule's next stage from sparsity `reached`: as far as magnitude pruning the current weights
+    (no update) keeps the loss on the `judged` (inputs, targets) within tuning.step_loss_ratio times the current one,
+    found by bisection in log-density, but at least 1/tuning.max_walk_stages of the log-density left. Returns (its
+    sparsity, the bound on the loss, that loss at the chosen sparsity)."""
     flat = flat_weights(model, layers).float()
     loss = calibration_loss_fn(model, layers, *judged, loss_fn)
     current = loss(flat)
-    bound = current + (STEP_LOSS_RATIO - 1) * abs(current)  # a loss may be negative
+    bound = current + (tuning.step_loss_ratio - 1) * abs(current)  # a loss may be negative
     density, final = 1 - reached, 1 - target
 
     def step(fraction: float) -> tuple:
@@ -60,14 +50,14 @@ def next_sparsity(model, layers, judged, reached: float, target: float, loss_fn,
     chosen = step(1.0)
     if chosen[1] <= bound:
         return chosen[0], bound, chosen[1]
-    shortest = math.log(final) / MAX_WALK_STAGES / math.log(final / density)  # of the log-density left
+    shortest = math.log(final) / tuning.max_walk_stages / math.log(final / density)  # of the log-density left
     if shortest > 1 - 1e-9:  # the last step (up to rounding)
         return chosen[0], bound, chosen[1]
     low, high = shortest, 1.0
     chosen = step(low)
     if chosen[1] > bound:
         return chosen[0], bound, chosen[1]
-    for _ in range(STEP_BISECTIONS):
+    for _ in range(tuning.step_bisections):
         middle = step((low + high) / 2)
         if middle[1] <= bound:
             low, chosen = (low + high) / 2, middle
@@ -76,31 +66,15 @@ def next_sparsity(model, layers, judged, reached: float, target: float, loss_fn,
     return chosen[0], bound, chosen[1]
 
 
-# refine='auto': with held-out samples, refinement stages (each fitting fresh samples) go on while each leaves the
-# held-out loss below that of the unrefined model, REFINE_LIMIT at most; the first that does not is undone and ends
-# them. The bar is the unrefined model, not the best stage so far: on MLPNet the held-out loss levels off after 4-6
-# stages while the test accuracy and that on the held-out samples go on rising (0.9, seeds 1 and 2, test: 95.1-95.2
-# after 4, 95.6-95.7 after 12, 95.8-95.9 after 16), and on ResNet20 the layer path's first or second stage already
-# rises above it (without bn_recalibration; with it, all 12 stay below in 5 of 6 runs). 12 keeps MLPNet at 0.98 (7 walk stages, then about 6 s a stage) within 3 minutes. Without
-# held-out samples every stage fits the same ones and there is no judge, so REFINE_WITHOUT_HELD_OUT run (more of
-# them fitted only the calibration set on MLPNet).
-REFINE_LIMIT = 12
-
-
-REFINE_WITHOUT_HELD_OUT = 2
-
-
-# Fresh samples are collected for at most POOL_STAGES stages besides the held-out ones: the pool is held in memory,
-# and later stages fit random subsets of it, as they do when the data holds fewer (MNIST's 60,000 images).
-POOL_STAGES = 24
-
-
 def collect_pool(calibration, plan) -> CalibrationPool:
-    """The samples the stages fit and judge by: with fresh samples, enough for every stage that may run (POOL_STAGES
-    at most) and a held-out part (as many as the data holds, up to that)."""
+    """The samples the stages fit and judge by: with fresh samples, enough for every stage that may run
+    (tuning.pool_stages at most: the pool is held in memory, and later stages fit random subsets of it, as they do
+    when the data holds fewer) and a held-out part (as many as the data holds, up to that)."""
     if not plan.fresh_samples or plan.num_samples is None:
         return CalibrationPool(*collect(calibration, plan.num_samples))
-    stages = min(POOL_STAGES, (MAX_WALK_STAGES if plan.schedule is None else len(plan.schedule)) + plan.refine_limit)
+    tuning = plan.tuning
+    stages = min(tuning.pool_stages, (tuning.max_walk_stages if plan.schedule is None else len(plan.schedule))
+                 + plan.refine_limit)
     return CalibrationPool(*collect(calibration, plan.num_samples, limit=plan.num_samples * (stages + 1)),
                            plan.num_samples, plan.common["seed"])
 
@@ -108,12 +82,14 @@ def collect_pool(calibration, plan) -> CalibrationPool:
 def refine_stages(pool, plan, dense, progress, staged, result, reports, limit, path, run=None) -> tuple:
     """Up to `limit` refinement stages at the target with the main method, each run by `run` (run_stages'
     signature; default run_stages). With refine='auto' and held-out samples, the first stage that leaves the
-    held-out loss at or above the unrefined model's is undone and ends them: (the result, the stages kept, the
-    undone stage's report or None)."""
+    held-out loss at or above the unrefined model's is undone and ends them: the bar is the unrefined model, not the
+    best stage so far (docs/decisions.md). Without held-out samples there is no judge and every stage fits the same
+    samples, so tuning.refine_without_held_out run. Returns (the result, the stages kept, the undone stage's report
+    or None)."""
     run = run_stages if run is None else run
     adaptive = plan.refine == "auto" and pool is not None and pool.fresh
     if plan.refine == "auto" and not adaptive:
-        limit = min(limit, REFINE_WITHOUT_HELD_OUT)
+        limit = min(limit, plan.tuning.refine_without_held_out)
     unrefined, most = judged_loss(reports[-1]), len(reports) + limit
     for _ in range(limit):
         before = copy_model(staged) if adaptive else None
@@ -137,18 +113,19 @@ def walk(pool, plan, dense, progress, staged, rival=None) -> tuple:
     reports, reached = [], 0.0
     while True:
         reached, bound, proxy = next_sparsity(staged, layers, judged, reached, plan.sparsity, loss_fn,
-                                              plan.common["pattern"])
+                                              plan.common["pattern"], plan.tuning)
         method = plan.methods[min(len(reports), 1)]
         result, (report,) = run_stages(pool, plan, dense, progress, staged, [(reached, method)],
                                         first=len(reports) + 1, total=0)
         reports.append(dict(report, step_loss_bound=bound, step_magnitude_loss=proxy))
-        if reached >= plan.sparsity or (rival is not None and loses_to(staged, judged, loss_fn, rival)):
+        if reached >= plan.sparsity or (rival is not None and loses_to(staged, judged, loss_fn, rival,
+                                                                       plan.tuning.path_margin)):
             return result, reports
 
 
-def loses_to(staged, judged, loss_fn, rival) -> bool:
+def loses_to(staged, judged, loss_fn, rival, margin: float) -> bool:
     """Whether choose_path prefers the path with per-sample judged losses `rival` to `staged` at the target."""
-    return choose_path(per_sample_losses(staged, *judged, loss_fn), rival, True)[0] == "layer"
+    return choose_path(per_sample_losses(staged, *judged, loss_fn), rival, True, margin)[0] == "layer"
 
 
 def recalibrate(staged, dense, inputs, result) -> None:

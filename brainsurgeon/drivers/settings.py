@@ -3,13 +3,14 @@ curvature (`FisherSettings`), how the layer-wise objective prunes (`LayerSetting
 (registry.StageOptions). Each group is a frozen dataclass whose fields are checked once when it is built; prune
 takes a group as an object (`fisher=FisherSettings(...)`) or its fields as keywords, and refuses a group's field
 on the objective that does not use it."""
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .. import validation
 from ..errors import BrainSurgeonError, warn_deprecated
 from ..methods.options import MethodOptions, option
 from .registry import StageOptions
+from .tuning import Tuning
 
 
 @dataclass(frozen=True)
@@ -64,31 +65,32 @@ class LayerSettings(MethodOptions):
         return {name: check(getattr(self, name)) for name, check in checks.items() if getattr(self, name) is not None}
 
 
-GROUPS = {"fisher": FisherSettings, "layer": LayerSettings, "staging": StageOptions}
+GROUPS = {"fisher": FisherSettings, "layer": LayerSettings, "staging": StageOptions, "tuning": Tuning}
 USED_ON_LAYER = ("bn_recalibration",)  # the one staging field the layer objective takes too
 
 
 def given(group: MethodOptions) -> dict:
-    """The fields of `group` that were set."""
-    return {name: value for name, value in group.as_dict().items() if value is not None}
+    """The fields of `group` that differ from their defaults (None, for most: the preset's or library's default)."""
+    return {f.name: getattr(group, f.name) for f in fields(group) if getattr(group, f.name) != f.default}
 
 
 def split_settings(objective: str, options: dict, objects: dict) -> tuple:
-    """(FisherSettings, LayerSettings, StageOptions, the method's options) from prune's keywords and group objects;
-    a field given both ways, or a group's field on the objective that does not use it, is refused."""
+    """(FisherSettings, LayerSettings, StageOptions, Tuning, the method's options) from prune's keywords and group
+    objects; a field given both ways, or a group's field on the objective that does not use it, is refused."""
     groups = {}
     for name, cls in GROUPS.items():
         obj = objects.get(name)
         if obj is not None and not isinstance(obj, cls):
             raise BrainSurgeonError(f"{name} must be a {cls.__name__} (or its fields as keywords), got {obj!r}")
-        fields = {key: options.pop(key) for key in cls.names() if key in options}
-        twice = sorted(set(fields) & set(given(obj) if obj is not None else {}))
+        keywords = {key: options.pop(key) for key in cls.names() if key in options}
+        twice = sorted(set(keywords) & set(given(obj) if obj is not None else {}))
         if twice:
             raise BrainSurgeonError(f"{', '.join(twice)} given both as a keyword and in {name}=; give each once")
-        groups[name] = cls(**{**(given(obj) if obj is not None else {}), **fields})
+        groups[name] = cls(**{**(given(obj) if obj is not None else {}), **keywords})
     unused = []
     if objective == "layer":
-        unused = [*given(groups["fisher"]), *(k for k in given(groups["staging"]) if k not in USED_ON_LAYER)]
+        unused = [*given(groups["fisher"]), *(k for k in given(groups["staging"]) if k not in USED_ON_LAYER),
+                  *given(groups["tuning"])]
     else:
         unused = list(given(groups["layer"]))
     if unused:
@@ -97,7 +99,7 @@ def split_settings(objective: str, options: dict, objects: dict) -> tuple:
                 and objective == "layer" else "")
         raise BrainSurgeonError(f"objective={objective!r} does not use {', '.join(unused)} (settings of the {other} "
                                 f"objective); drop them, or prune with objective={other!r}{hint}")
-    return groups["fisher"], groups["layer"], groups["staging"], options
+    return groups["fisher"], groups["layer"], groups["staging"], groups["tuning"], options
 
 
 def deprecated_scope(scope, pattern):

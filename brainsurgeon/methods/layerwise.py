@@ -12,8 +12,7 @@ update; the methods below choose the pruned set:
             (thresholding the weights while a growing penalty pulls the exactly updated W' onto D, as ALPS
             does), warm-started from SparseGPT; then the exact multi-weight update on D's support. The warm
             start with its own update and with the exact one are candidates too, and the lowest error wins, so
-            it is never above SparseGPT's. On SmolLM2-135M's layers 0 and 20 it lowers the summed layer error
-            by 28% at 50%, 27% at 70% and 26% at 2:4 against SparseGPT.
+            it is never above SparseGPT's (docs/decisions.md has its measured margin).
 
 and, through `LayerObjective.quadratic` (the layer error as a Quadratic, curvature/quadratic.py, with one block per
 output row), the Fisher path's own selections and updates, not copied:

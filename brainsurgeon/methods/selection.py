@@ -84,8 +84,7 @@ class CBSOptions(MethodOptions):
     tau: int = option(20, "failed attempts that end a pass")
     max_passes: int = option(2000, "cap on swap passes")
     init_trials: int = option(50, "perturbed-magnitude starting masks")
-    # The reference searched on the undamped F. Measured on MLPNet (10,000 gradients, seeds 0-2), a search damped
-    # by 1e-3 did no better: 93.87 vs 93.95 at 0.8, 88.61 vs 88.87 at 0.95.
+    # The reference searched on the undamped F (docs/decisions.md: why 0 stays the default).
     selection_damping: float = option(0.0, "ridge term of the swap search, pulling it toward magnitude")
     candidates: int = option(1, "passes handed to the update as candidate masks (the best and ones spread evenly)")
 
@@ -106,8 +105,8 @@ class CombinatorialBrainSurgeon(Selection):
     magnitude, and runs passes of swaps until a pass finds none (or `max_passes`). The reference returns
     the pass with the lowest real calibration loss of the deleted weights; here that pass and
     `candidates` passes spread evenly from the start are returned, and the driver keeps the one whose loss
-    is lowest *after* the update. Measured on MLPNet at 0.9 (seeds 0-2): later passes keep lowering f, the
-    loss without compensation, while the loss after CBS-U rises again, and the start mask often wins.
+    is lowest *after* the update: f is the loss without compensation, and a lower f need not mean a lower loss
+    after CBS-U (docs/decisions.md).
     """
 
     name = "cbs"
