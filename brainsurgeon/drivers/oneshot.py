@@ -161,7 +161,8 @@ def _prune_in_stages(model, pool, plan, bn_recalibration, progress) -> PruneResu
                            layer_start=plan.layer_start, fresh_samples=plan.fresh_samples,
                            refined_stages=len(reports) - unrefined,
                            pool_samples=pool and len(pool.inputs),
-                           held_out_samples=pool.per_stage if pool and pool.fresh else 0)
+                           held_out_samples=pool.per_stage if pool and pool.fresh else 0,
+                           tuning=plan.tuning.as_dict())
     if plan.layer_start:  # the losses compared (held out where the pool has such samples), and the stages of the
         # path not taken (where its seconds went; an adaptive walk that lost stops short of the target)
         result.settings.update(path=path, layer_start_skipped=skipped)
