@@ -146,7 +146,7 @@ def _cmd_prune(args):
                   "calib_samples_chosen": chosen, "note": bench.UNSTRUCTURED_NOTE}
         if report_path:
             report_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{result.settings['method']} at sparsity {args.sparsity}: pruned {result.num_pruned} of the "
+    print(f"{result.settings['method']} at sparsity {result.settings['sparsity']:g} ({result.settings['pattern']}): pruned {result.num_pruned} of the "
           f"{result.num_weights} weights of {len(result.masks)} prunable layers ({len(result.dense_layers)} left "
           f"dense, listed in the report); test accuracy {dense_acc:.2f}% -> {pruned_acc:.2f}% "
           f"in {result.timings['total']:.1f}s; wrote {args.out}")

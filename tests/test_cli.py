@@ -168,3 +168,18 @@ def test_max_can_run_without_its_layer_start(capsys, mnist_like, tmp_path):
     assert code == 0
     settings = json.loads(report.read_text())["settings"]
     assert settings["layer_start"] is False and settings["method"] == "cbs+cbsu"
+
+
+def test_n_m_patterns_run_on_the_fisher_objective_from_the_command_line(capsys, mnist_like, tmp_path):
+    data, checkpoint = mnist_like
+    out, report = tmp_path / "nm.safetensors", tmp_path / "nm.json"
+    code, stdout, _ = run(capsys, "prune", "--checkpoint", str(checkpoint), "--data-dir", str(data), "--method", "wf",
+                          "--pattern", "2:4", "--calib-samples", "64", "--out", str(out), "--report", str(report),
+                          "--quiet")
+    assert code == 0, stdout
+    figures = json.loads(report.read_text())
+    assert figures["settings"]["pattern"] == "2:4" and figures["num_pruned"] == figures["num_weights"] // 2
+    code, _, _ = run(capsys, "bench", "--checkpoint", str(checkpoint), "--data-dir", str(data), "--methods", "mp",
+                     "--sparsities", "0.5,2:4", "--calib-samples", "64", "--json", str(tmp_path / "b.json"), "--quiet")
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert code == 0 and [row["sparsity"] for row in results] == [0.5, "2:4"]
