@@ -1,0 +1,187 @@
+"""Structured pruning of one consumer layer on the layer-wise objective: which input units to remove, and the exact
+refit of the columns that stay.
+
+A unit is a set of a consumer's input columns that must go together: an MLP's hidden neuron is one column of
+down_proj (its gate and up rows go with it), an attention head is head_dim columns of o_proj. For the consumer
+W (rows x d) and its inputs X, H = X X^T / N (damped), removing the columns J and refitting the kept ones K,
+
+    min over W'_K of |W X - W'_K X_K|^2  =  W'_K = W H_{:,K} H_KK^-1,  error  = tr(W_J [(H^-1)_JJ]^-1 W_J^T),
+
+the group OBS update ZipLM and SlimGPT use, written once here as the exact least-squares refit. Selections:
+  norm      the unit's consumer columns by norm (with its producers' rows when the caller adds them)
+  wanda_sp  sum_i |W_ij| |X_j| over the unit's columns (Wanda-sp)
+  obs       structured OBS: greedily the unit whose removal raises the error least, H^-1 downdated each time
+  swaps     ours: from obs's set, swaps of a removed and a kept unit that lower the exact joint error, never
+            above the start
+This module handles units of one column each (MLP neurons); the caller maps units to columns.
+"""
+import torch
+
+from ..errors import BrainSurgeonError
+
+
+def damped(hessian: torch.Tensor, relative_damping: float) -> torch.Tensor:
+    """H + relative_damping * mean(diag H) I in float64; inputs that never fire get a unit diagonal."""
+    out = hessian.double().clone()
+    dead = torch.diagonal(out) <= 0
+    out[dead, dead] = 1.0
+    out.diagonal().add_(relative_damping * float(torch.diagonal(out).mean()))
+    return out
+
+
+def removal_error(weight: torch.Tensor, hessian: torch.Tensor, removed: torch.Tensor) -> float:
+    """tr(W_J [(H^-1)_JJ]^-1 W_J^T): the least error of the consumer without the columns `removed` (indices)."""
+    if not len(removed):
+        return 0.0
+    inverse = torch.linalg.inv(hessian.double())
+    block = inverse[removed][:, removed]
+    w = weight.double()[:, removed]
+    return float((torch.linalg.solve(block, w.T) * w.T).sum())
+
+
+def refit(weight: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """W'_K = W H_{:,K} H_KK^-1: the consumer's kept columns refitted to the outputs of all of them."""
+    hessian = hessian.double()
+    return torch.linalg.solve(hessian[kept][:, kept], (weight.double() @ hessian[:, kept]).T).T.to(weight.dtype)
+
+
+def error_of(weight: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, new_kept: torch.Tensor) -> float:
+    """|W X - W'_K X_K|^2 / N for new weights `new_kept` of the kept columns (the others removed)."""
+    delta = weight.double().clone()
+    delta[:, kept] -= new_kept.double()
+    return float(((delta @ hessian.double()) * delta).sum())
+
+
+def norm_scores(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    return weight.double().norm(dim=0)
+
+
+def wanda_scores(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    return weight.double().abs().sum(0) * torch.diagonal(hessian.double()).clamp_min(0).sqrt()
+
+
+def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` lowest-scoring units, ties by position, as sorted indices."""
+    return torch.sort(torch.sort(scores, stable=True).indices[:count]).values
+
+
+def greedy_obs(weight: torch.Tensor, hessian: torch.Tensor, count: int) -> torch.Tensor:
+    """Structured OBS: `count` units removed one at a time, each the one whose removal (with the refit of all the
+    others) raises the error least; H^-1 is downdated after each, so every score is exact given those removed."""
+    inverse = torch.linalg.inv(hessian.double())
+    w = weight.double().clone()
+    alive = torch.ones(w.shape[1], dtype=torch.bool)
+    removed = []
+    for _ in range(count):
+        diagonal = torch.diagonal(inverse).clamp_min(1e-300)
+        scores = w.pow(2).sum(0) / diagonal
+        scores[~alive] = float("inf")
+        j = int(torch.argmin(scores))
+        row = inverse[j].clone()
+        w -= torch.outer(w[:, j] / row[j], row)
+        inverse -= torch.outer(row, row) / row[j]
+        alive[j], w[:, j] = False, 0.0
+        removed.append(j)
+    return torch.sort(torch.tensor(removed, dtype=torch.long)).values
+
+
+class _RemovedSet:
+    """The exact joint error of a removed set J, f = tr(W_J A W_J^T) with A = [(H^-1)_JJ]^-1, and Z = W_J A, kept
+    current as single units leave and join J (Schur complements, no refactorisation)."""
+
+    def __init__(self, weight, inverse, removed):
+        self.w, self.inverse = weight, inverse
+        self.removed = list(int(j) for j in removed)
+        self.a = torch.linalg.inv(inverse[self.removed][:, self.removed])
+        self.z = self.w[:, self.removed] @ self.a
+        self.error = float((self.z * self.w[:, self.removed]).sum())
+
+    def copy(self) -> "_RemovedSet":
+        twin = _RemovedSet.__new__(_RemovedSet)
+        twin.w, twin.inverse, twin.removed, twin.a, twin.z, twin.error = (
+            self.w, self.inverse, list(self.removed), self.a, self.z, self.error)
+        return twin
+
+    def gain_of_leaving(self) -> torch.Tensor:
+        """f minus f without each member: |Z_:,a|^2 / A_aa."""
+        return self.z.pow(2).sum(0) / torch.diagonal(self.a)
+
+    def cost_of_joining(self, candidates: torch.Tensor) -> torch.Tensor:
+        """f with each candidate b added, minus f: |W_:,b - Z s_b|^2 / (H^-1_bb - s_b^T A s_b), s_b = H^-1_{J,b}."""
+        s = self.inverse[self.removed][:, candidates]
+        residual = self.w[:, candidates] - self.z @ s
+        schur = torch.diagonal(self.inverse)[candidates] - (s * (self.a @ s)).sum(0)
+        return residual.pow(2).sum(0) / schur.clamp_min(1e-300)
+
+    def leave(self, position: int) -> None:
+        a, keep = self.a, [k for k in range(len(self.removed)) if k != position]
+        column = a[keep, position]
+        self.a = a[keep][:, keep] - torch.outer(column, column) / a[position, position]
+        del self.removed[position]
+        self.z = self.w[:, self.removed] @ self.a
+        self.error = float((self.z * self.w[:, self.removed]).sum())
+
+    def join(self, unit: int) -> None:
+        s = self.inverse[self.removed][:, unit]
+        a_s = self.a @ s
+        c = float(self.inverse[unit, unit] - s @ a_s)
+        n = len(self.removed)
+        grown = torch.empty(n + 1, n + 1, dtype=torch.float64)
+        grown[:n, :n] = self.a + torch.outer(a_s, a_s) / c
+        grown[:n, n] = grown[n, :n] = -a_s / c
+        grown[n, n] = 1.0 / c
+        self.a = grown
+        self.removed.append(unit)
+        self.z = self.w[:, self.removed] @ self.a
+        self.error = float((self.z * self.w[:, self.removed]).sum())
+
+
+def swap_search(weight: torch.Tensor, hessian: torch.Tensor, start: torch.Tensor, max_swaps: int,
+                candidates: int = 16) -> tuple:
+    """Ours: from the removed set `start`, swaps of one removed and one kept unit that lower the exact joint error
+    (best improvement over `candidates` of each side per round, ranked by their single-move changes), until none
+    lowers it or `max_swaps`. Returns (the removed units, sorted; the number of swaps)."""
+    if not len(start) or len(start) == weight.shape[1]:
+        return start, 0
+    inverse = torch.linalg.inv(hessian.double())
+    state = _RemovedSet(weight.double(), inverse, start)
+    swaps = 0
+    while swaps < max_swaps:
+        kept = torch.tensor(sorted(set(range(weight.shape[1])) - set(state.removed)), dtype=torch.long)
+        leaving = torch.argsort(state.gain_of_leaving(), descending=True)[:candidates]
+        joining = kept[torch.argsort(state.cost_of_joining(kept))[:candidates]]
+        best, move = state.error * (1 - 1e-12), None
+        for position in leaving.tolist():
+            trial = state.copy()
+            trial.leave(position)
+            costs = trial.cost_of_joining(joining)
+            k = int(torch.argmin(costs))
+            if trial.error + float(costs[k]) < best:
+                best, move = trial.error + float(costs[k]), (position, int(joining[k]))
+        if move is None:
+            break
+        state.leave(move[0])
+        state.join(move[1])
+        swaps += 1
+    return torch.sort(torch.tensor(state.removed, dtype=torch.long)).values, swaps
+
+
+SELECTIONS = ("norm", "wanda_sp", "obs", "swaps")
+
+
+def choose_units(weight: torch.Tensor, hessian: torch.Tensor, count: int, method: str, max_swaps: int = 200) -> tuple:
+    """The `count` units (columns of the consumer `weight`) `method` removes, and figures for the report."""
+    if not 0 <= count < weight.shape[1]:
+        raise BrainSurgeonError(f"cannot remove {count} of {weight.shape[1]} units; keep at least one")
+    if method == "norm":
+        return lowest(norm_scores(weight, hessian), count), {}
+    if method == "wanda_sp":
+        return lowest(wanda_scores(weight, hessian), count), {}
+    start = greedy_obs(weight, hessian, count)
+    if method == "obs":
+        return start, {}
+    if method == "swaps":
+        removed, swaps = swap_search(weight, hessian, start, max_swaps)
+        return removed, dict(swaps=swaps, start_error=removal_error(weight, hessian, start),
+                             error=removal_error(weight, hessian, removed))
+    raise BrainSurgeonError(f"unknown structured method {method!r}; choose from {list(SELECTIONS)}")

@@ -1,0 +1,89 @@
+"""Structured pruning of a consumer's input units: the refit is the least-squares solve, the errors are exact, the
+greedy OBS choice is the brute-force best at every step, and the swap search never ends above its start."""
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from brainsurgeon import BrainSurgeonError
+from brainsurgeon.methods import units
+
+
+def problem(seed, rows=3, cols=6, samples=20):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(samples, cols, generator=generator, dtype=torch.float64)
+    inputs[:, 1] += 0.9 * inputs[:, 0]  # correlated inputs: removals that compensate each other
+    return weight, inputs, inputs.T @ inputs / samples
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), count=st.integers(1, 4))
+def test_the_refit_is_the_least_squares_solve_and_its_error_is_the_closed_form(seed, count):
+    weight, inputs, hessian = problem(seed)
+    removed = torch.randperm(6, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    kept = torch.tensor(sorted(set(range(6)) - set(removed.tolist())))
+    solved = torch.linalg.lstsq(inputs[:, kept], inputs @ weight.T).solution.T
+    new = units.refit(weight, hessian, kept)
+    torch.testing.assert_close(new, solved, rtol=1e-8, atol=1e-8)
+    brute = float(((inputs @ weight.T - inputs[:, kept] @ new.T) ** 2).sum() / len(inputs))
+    assert units.error_of(weight, hessian, kept, new) == pytest.approx(brute, rel=1e-8)
+    assert units.removal_error(weight, hessian, removed) == pytest.approx(brute, rel=1e-8, abs=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), count=st.integers(1, 4))
+def test_greedy_obs_takes_the_brute_force_best_single_removal_at_every_step(seed, count):
+    weight, _, hessian = problem(seed)
+    removed = units.greedy_obs(weight, hessian, count)
+    assert len(set(removed.tolist())) == count
+    chosen = []
+    for _ in range(count):  # replay: each step's unit is the best given those before it
+        errors = {j: units.removal_error(weight, hessian, torch.tensor(sorted(chosen + [j])))
+                  for j in range(6) if j not in chosen}
+        best = min(errors.values())
+        step = [j for j in removed.tolist() if j not in chosen and errors[j] <= best * (1 + 1e-9) + 1e-12]
+        assert step, (errors, removed)
+        chosen.append(step[0])
+    assert sorted(chosen) == removed.tolist()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_the_removed_sets_single_moves_equal_brute_force(seed):
+    weight, _, hessian = problem(seed)
+    inverse = torch.linalg.inv(hessian)
+    state = units._RemovedSet(weight, inverse, [0, 2, 3])
+    assert state.error == pytest.approx(units.removal_error(weight, hessian, torch.tensor([0, 2, 3])))
+    for position, gain in enumerate(state.gain_of_leaving().tolist()):
+        rest = [j for k, j in enumerate([0, 2, 3]) if k != position]
+        assert state.error - gain == pytest.approx(units.removal_error(weight, hessian, torch.tensor(rest)), abs=1e-9)
+    for unit, cost in zip([1, 4, 5], state.cost_of_joining(torch.tensor([1, 4, 5])).tolist()):
+        joined = torch.tensor(sorted([0, 2, 3, unit]))
+        assert state.error + cost == pytest.approx(units.removal_error(weight, hessian, joined), rel=1e-7)
+    state.leave(1)
+    state.join(5)
+    assert state.error == pytest.approx(units.removal_error(weight, hessian, torch.tensor([0, 3, 5])), rel=1e-7)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), count=st.integers(1, 5))
+def test_the_swap_search_never_ends_above_its_start_and_often_reaches_the_optimum(seed, count):
+    weight, _, hessian = problem(seed)
+    start = units.greedy_obs(weight, hessian, count)
+    removed, _ = units.swap_search(weight, hessian, start, max_swaps=50)
+    assert len(removed) == count
+    assert units.removal_error(weight, hessian, removed) <= units.removal_error(weight, hessian, start) * (1 + 1e-9)
+    optimum = min(units.removal_error(weight, hessian, torch.tensor(c)) for c in itertools.combinations(range(6), count))
+    assert units.removal_error(weight, hessian, removed) >= optimum * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("method", units.SELECTIONS)
+def test_every_method_removes_exactly_the_count(method):
+    weight, _, hessian = problem(0, rows=4, cols=10, samples=40)
+    removed, _ = units.choose_units(weight, hessian, 4, method)
+    assert len(set(removed.tolist())) == 4 and removed.max() < 10
+    with pytest.raises(BrainSurgeonError, match="keep at least one"):
+        units.choose_units(weight, hessian, 10, method)
