@@ -66,6 +66,9 @@ def test_the_removed_sets_single_moves_equal_brute_force(seed):
     state.leave(1)
     state.join(5)
     assert state.error == pytest.approx(units.removal_error(weight, hessian, torch.tensor([0, 3, 5])), rel=1e-7)
+    fresh = units._RemovedSet(weight, inverse, [0, 3, 5])  # the updated A and Z equal those formed from scratch
+    torch.testing.assert_close(state.a, fresh.a, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(state.z, fresh.z, rtol=1e-7, atol=1e-9)
 
 
 @settings(max_examples=20, deadline=None)

@@ -114,26 +114,29 @@ class _RemovedSet:
         return residual.pow(2).sum(0) / schur.clamp_min(1e-300)
 
     def leave(self, position: int) -> None:
+        """Drop member `position`: A and Z by one Schur complement, O(|J| (|J| + rows))."""
         a, keep = self.a, [k for k in range(len(self.removed)) if k != position]
-        column = a[keep, position]
-        self.a = a[keep][:, keep] - torch.outer(column, column) / a[position, position]
+        pivot, row, leaving = a[position, position], a[position, keep], self.z[:, position]
+        self.error -= float(leaving.pow(2).sum() / pivot)
+        self.a = a[keep][:, keep] - torch.outer(row, row) / pivot
+        self.z = self.z[:, keep] - torch.outer(leaving, row) / pivot
         del self.removed[position]
-        self.z = self.w[:, self.removed] @ self.a
-        self.error = float((self.z * self.w[:, self.removed]).sum())
 
     def join(self, unit: int) -> None:
+        """Add `unit`: A and Z grown by one bordered inverse, O(|J| (|J| + rows))."""
         s = self.inverse[self.removed][:, unit]
         a_s = self.a @ s
         c = float(self.inverse[unit, unit] - s @ a_s)
+        residual = self.w[:, unit] - self.z @ s
         n = len(self.removed)
         grown = torch.empty(n + 1, n + 1, dtype=torch.float64)
         grown[:n, :n] = self.a + torch.outer(a_s, a_s) / c
         grown[:n, n] = grown[n, :n] = -a_s / c
         grown[n, n] = 1.0 / c
         self.a = grown
+        self.z = torch.cat([self.z - torch.outer(residual, a_s) / c, (residual / c).unsqueeze(1)], dim=1)
+        self.error += float(residual.pow(2).sum() / c)
         self.removed.append(unit)
-        self.z = self.w[:, self.removed] @ self.a
-        self.error = float((self.z * self.w[:, self.removed]).sum())
 
 
 def swap_search(weight: torch.Tensor, hessian: torch.Tensor, start: torch.Tensor, max_swaps: int,

@@ -1,0 +1,72 @@
+"""Structured pruning of SmolLM2-135M's MLP hidden neurons (issue 23, first part): every method at each fraction of
+the neurons, on the language-model table's calibration and evaluation windows, with the parameter count and the
+forward latency of dense and shrunk measured interleaved in one process.
+
+    .venv/bin/python benchmarks/structured_mlp.py [--fractions 0.3,0.5] [--json bench/smollm2_structured_mlp.json]
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from brainsurgeon.atomic import write_text
+from brainsurgeon.datasets.text import perplexity, split_text, token_windows
+from brainsurgeon.drivers.structured import prune_structured
+from brainsurgeon.methods.units import SELECTIONS
+from brainsurgeon.models.hf import load_causal_lm
+
+FOLDER = "models/SmolLM2-135M-Instruct"
+
+
+def latency(models: dict, window: torch.Tensor, repeats: int = 7) -> dict:
+    """Median seconds of one forward per model, the models' runs interleaved (warm-up first)."""
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            model(window)
+        for _ in range(repeats):
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(window)
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fractions", default="0.3,0.5")
+    parser.add_argument("--methods", default=",".join(SELECTIONS))
+    parser.add_argument("--calib-seqs", type=int, default=64)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model, tokenizer = load_causal_lm(FOLDER, progress=False)
+    evaluation_text, calibration_text = split_text("wiki")
+    calibration = token_windows(tokenizer, calibration_text, args.calib_seqs, 512, seed=0)
+    evaluation = token_windows(tokenizer, evaluation_text, 32, 512)
+    report = dict(model=FOLDER, threads=torch.get_num_threads(), calib_windows=list(calibration.shape),
+                  eval_windows=list(evaluation.shape), dense_perplexity=perplexity(model, evaluation),
+                  dense_parameters=sum(p.numel() for p in model.parameters()), results=[])
+    for fraction in (float(f) for f in args.fractions.split(",")):
+        for method in args.methods.split(","):
+            started = time.perf_counter()
+            result = prune_structured(model, calibration, fraction, method, progress=False)
+            seconds = time.perf_counter() - started
+            timed = latency({"dense": model, "pruned": result.model}, evaluation[:1])
+            row = dict(method=method, fraction=fraction, seconds=seconds,
+                       perplexity=perplexity(result.model, evaluation),
+                       parameters=sum(p.numel() for p in result.model.parameters()),
+                       intermediate_size=result.model.config.intermediate_size,
+                       latency_dense=timed["dense"], latency_pruned=timed["pruned"],
+                       speedup=timed["dense"] / timed["pruned"],
+                       swaps=sum(s.get("swaps", 0) for s in result.stats.values()))
+            report["results"].append(row)
+            print(json.dumps(row), flush=True)
+            if args.json:
+                write_text(args.json, json.dumps(report, indent=2) + "\n", overwrite=True)
+
+
+if __name__ == "__main__":
+    main()

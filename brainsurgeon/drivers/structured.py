@@ -1,0 +1,112 @@
+"""Structured pruning, block by block: whole units removed and the model physically shrunk (issue 23, first part).
+
+The blocks and their calibration inputs are the layer-wise driver's (activations.py). In each block the units
+are found by probing (models/surgery.py: a consumer's input columns produced by other layers' rows and by nothing
+else, such as an MLP's hidden neurons); every consumer's H = X X^T is accumulated on the block's inputs, the
+method chooses which units go (methods/units.py), the consumer's kept columns are refitted exactly (all methods
+but 'norm' and 'wanda_sp', which keep the columns as they are, as their papers do), and the producers and the
+consumer are replaced by smaller nn.Linear layers. The next block sees the pruned block's outputs. Every block
+removes the same fraction of each group's units, so a Hugging Face config keeps one width per kind
+(intermediate_size).
+"""
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import validation
+from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING
+from ..errors import BrainSurgeonError, solver_errors_as_one_line
+from ..methods import units
+from ..methods.budget import num_to_prune
+from ..models.surgery import find_unit_groups, remove_units
+from ..modes import evaluating
+from ..progress import progress_bar
+from .activations import (
+    HessianRecorder,
+    capture_block_inputs,
+    find_blocks,
+    model_calls,
+    run_block,
+    with_first,
+)
+from .layers import check_finite_model
+
+REFITTED = ("obs", "swaps")  # the methods whose kept columns are refitted (the others keep them as they were)
+
+
+@dataclass
+class StructuredResult:
+    """The shrunk model (a copy; the caller's is untouched), the widths before and after per consumer, and what
+    each method reported."""
+
+    model: nn.Module
+    widths: dict  # consumer name -> (units before, units after)
+    settings: dict
+    stats: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def parameters_before_after(self, dense: nn.Module) -> tuple:
+        return sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in self.model.parameters())
+
+
+@solver_errors_as_one_line
+def prune_structured(model: nn.Module, calibration, fraction: float, method: str = "swaps", *,
+                     relative_damping: float = DEFAULT_RELATIVE_DAMPING, max_swaps: int = 200, blocks=None,
+                     batch_size: int = 8, progress: bool = True) -> StructuredResult:
+    """Remove `fraction` of the units of every unit group (module docstring) with `method` ('norm', 'wanda_sp',
+    'obs' or 'swaps', methods/units.py) and return the shrunk copy. `calibration` is model inputs, as for
+    prune_layerwise; `relative_damping` damps each consumer's H by a fraction of its mean diagonal."""
+    fraction = validation.number("fraction", fraction, low=0, high=1, high_open=True)
+    method = validation.choice("structured method", method, units.SELECTIONS)
+    relative_damping = validation.positive("relative_damping", relative_damping)
+    max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
+    batch_size = validation.count("batch_size", batch_size)
+    check_finite_model(model)
+    pruned = copy.deepcopy(model)
+    started = time.perf_counter()
+    widths, stats = {}, {}
+    with evaluating(pruned), torch.no_grad():
+        found = find_blocks(pruned, blocks)
+        calls = model_calls(pruned, calibration, batch_size)
+        inputs = capture_block_inputs(pruned, found[0][1], calls)
+        for name, block in progress_bar(found, "structured blocks", progress):
+            groups = find_unit_groups(block, *inputs[0])
+            recorder = HessianRecorder({g.consumer: block.get_submodule(g.consumer) for g in groups})
+            try:
+                run_block(block, inputs)
+            finally:
+                recorder.close()
+            for group in groups:
+                full = f"{name}.{group.consumer}".strip(".")
+                consumer = block.get_submodule(group.consumer)
+                weight, width = consumer.weight.detach().double(), consumer.in_features
+                hessian = units.damped(recorder.hessian(group.consumer), relative_damping)
+                removed, figures = units.choose_units(weight, hessian, num_to_prune(fraction, width), method,
+                                                      max_swaps)
+                kept = torch.tensor(sorted(set(range(width)) - set(removed.tolist())), dtype=torch.long)
+                new = units.refit(weight, hessian, kept) if method in REFITTED else weight[:, kept]
+                stats[full] = dict(figures, removed=removed.tolist(), producers=group.producers,
+                                   error=units.error_of(weight, hessian, kept, new))
+                remove_units(block, group, kept, new.float())
+                widths[full] = (width, len(kept))
+            inputs = with_first(inputs, run_block(block, inputs))
+    if not widths:
+        raise BrainSurgeonError("no unit groups found: structured pruning needs nn.Linear consumers whose inputs come "
+                                "from other nn.Linear rows alone (MLP hidden neurons); attention heads come later")
+    _update_config(pruned, widths)
+    settings = dict(method=method, fraction=fraction, relative_damping=relative_damping, max_swaps=max_swaps,
+                    blocks=[name for name, _ in found], batch_size=batch_size)
+    return StructuredResult(pruned, widths, settings, stats, {"total": time.perf_counter() - started})
+
+
+def _update_config(model: nn.Module, widths: dict) -> None:
+    """A Hugging Face config's intermediate_size follows the MLP widths when they are all one width and were its
+    own (other configs are left to the width map in the result)."""
+    config = getattr(model, "config", None)
+    before = {width for width, _ in widths.values()}
+    after = {width for _, width in widths.values()}
+    if config is not None and len(after) == 1 and before == {getattr(config, "intermediate_size", None)}:
+        config.intermediate_size = after.pop()

@@ -1,0 +1,98 @@
+"""Structured pruning end to end: units found by probing, the surgery exact, counts exact, the refit never worse
+than keeping the columns, the swap search never above its OBS start, and the shrunk model saved and reloaded with
+plain transformers."""
+import copy
+
+import pytest
+import torch
+from helpers import tiny_llama
+
+from brainsurgeon import BrainSurgeonError
+from brainsurgeon.drivers.structured import prune_structured
+from brainsurgeon.methods import units
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=64)
+    return transformers.BertModel(config).eval()
+
+
+def token_ids(seed=0, rows=8, length=16):
+    return torch.randint(0, 96, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def outputs(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def forced_to_zero(model, removed: dict, ids):
+    """The dense model's outputs with the removed units' consumer inputs set to zero."""
+    handles = []
+    for name, columns in removed.items():
+        def zero(module, inputs, columns=torch.tensor(columns)):
+            x = inputs[0].clone()
+            x[..., columns] = 0
+            return (x, *inputs[1:])
+        handles.append(model.get_submodule(name).register_forward_pre_hook(zero))
+    try:
+        return outputs(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("build, consumer", [(tiny_llama, "mlp.down_proj"), (tiny_bert, "output.dense")])
+def test_the_surgery_is_exact_and_the_counts_are(build, consumer):
+    model, ids = build(), token_ids()
+    before = copy.deepcopy(model.state_dict())
+    result = prune_structured(model, ids, 0.3, "norm", progress=False)  # no refit: the kept columns as they were
+    assert all(name.endswith(consumer) for name in result.widths)
+    for name, (width, kept) in result.widths.items():
+        assert kept == width - int(0.3 * width + 0.5)
+        assert len(result.stats[name]["removed"]) == width - kept
+    removed = {name: stats["removed"] for name, stats in result.stats.items()}
+    torch.testing.assert_close(outputs(result.model, ids), forced_to_zero(model, removed, ids), rtol=1e-5, atol=1e-5)
+    dense, shrunk = result.parameters_before_after(model)
+    assert shrunk < dense
+    for key, value in model.state_dict().items():  # the caller's model is untouched
+        assert torch.equal(value, before[key])
+
+
+def test_refits_beat_keeping_the_columns_and_swaps_never_end_above_obs():
+    model, ids = tiny_llama(), token_ids()
+    obs = prune_structured(model, ids, 0.5, "obs", progress=False)
+    swaps = prune_structured(model, ids, 0.5, "swaps", progress=False)
+    first = next(iter(obs.stats))  # the first block sees the same inputs under both methods
+    assert swaps.stats[first]["error"] <= obs.stats[first]["error"] * (1 + 1e-9)
+    assert swaps.stats[first]["error"] <= swaps.stats[first]["start_error"] * (1 + 1e-9)
+    norm = prune_structured(model, ids, 0.5, "norm", progress=False)
+    assert obs.stats[first]["error"] <= norm.stats[first]["error"]
+
+
+def test_the_shrunk_model_reloads_with_plain_transformers(tmp_path):
+    model, ids = tiny_llama(), token_ids()
+    result = prune_structured(model, ids, 0.25, "swaps", progress=False)
+    assert result.model.config.intermediate_size == 48
+    result.model.save_pretrained(tmp_path / "shrunk")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "shrunk").eval()
+    torch.testing.assert_close(outputs(reloaded, ids), outputs(result.model, ids))
+    again = prune_structured(model, ids, 0.25, "swaps", progress=False)
+    for key, value in again.model.state_dict().items():  # deterministic
+        assert torch.equal(value, result.model.state_dict()[key])
+
+
+def test_a_model_without_units_and_bad_values_are_one_line():
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(BrainSurgeonError, match="no unit groups found"):
+        prune_structured(plain, torch.randn(8, 4), 0.5, "obs", progress=False)
+    with pytest.raises(BrainSurgeonError, match="fraction"):
+        prune_structured(tiny_llama(), token_ids(), 1.0, "obs", progress=False)
+    with pytest.raises(BrainSurgeonError, match="structured method"):
+        prune_structured(tiny_llama(), token_ids(), 0.5, "magnitude", progress=False)
+    assert set(units.SELECTIONS) == {"norm", "wanda_sp", "obs", "swaps"}
