@@ -290,7 +290,8 @@ def check_lm_sweep(methods, options: dict) -> dict:
     unknown = sorted(set(options) - set().union(*declared.values()))
     if unknown:
         raise BrainSurgeonError(f"no method of {list(methods)} takes option {', '.join(map(repr, unknown))}; the "
-                                f"options they take are: {', '.join(sorted(set().union(*declared.values()))) or 'none'}")
+                                f"options they take are: "
+                                f"{', '.join(sorted(set().union(*declared.values()))) or 'none'}")
     return declared
 
 

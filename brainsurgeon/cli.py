@@ -68,14 +68,16 @@ def _add_common(parser):
     lm.add_argument("--calib-seqs", type=int, help="calibration windows (default 64)")
     lm.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
     lm.add_argument("--eval-windows", type=int, help="evaluation windows for perplexity (default 32)")
-    lm.add_argument("--relative-damp", type=float, help="added to each layer's H = X X^T as a fraction of its mean "
-                                                         "diagonal (default 0.01; --damp is the Fisher's absolute lambda)")
+    lm.add_argument("--relative-damp", type=float,
+                    help="added to each layer's H = X X^T as a fraction of its mean diagonal (default 0.01; --damp "
+                         "is the Fisher's absolute lambda)")
     parser.add_argument("--dataset", choices=sorted(DATASETS), help="the data of --data-dir (default mnist)")
     parser.add_argument("--data-dir", help="dataset folder (default: $BRAINSURGEON_DATA)")
     parser.add_argument("--calib-samples", type=int,
                         help=f"per-sample gradients from a seeded random subset of the training split "
                              f"(default {DEFAULT_CALIB_SAMPLES}, or the whole split if smaller)")
-    parser.add_argument("--damp", type=float, default=None, help=f"the Fisher's damping lambda, absolute (default {DEFAULT_DAMPING}, or the preset's; "
+    parser.add_argument("--damp", type=float, default=None,
+                        help=f"the Fisher's damping lambda, absolute (default {DEFAULT_DAMPING}, or the preset's; "
                              "--relative-damp with --hf-model)")
     parser.add_argument("--max-memory-gb", type=float, help="refuse runs estimated above this (default 8)")
     parser.add_argument("--structure", help="Fisher blocks: full (default), layer (one per layer) or block:K (at "
@@ -146,7 +148,8 @@ def _cmd_prune(args):
                   "calib_samples_chosen": chosen, "note": bench.UNSTRUCTURED_NOTE}
         if report_path:
             report_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{result.settings['method']} at sparsity {result.settings['sparsity']:g} ({result.settings['pattern']}): pruned {result.num_pruned} of the "
+    print(f"{result.settings['method']} at sparsity {result.settings['sparsity']:g} ({result.settings['pattern']}): "
+          f"pruned {result.num_pruned} of the "
           f"{result.num_weights} weights of {len(result.masks)} prunable layers ({len(result.dense_layers)} left "
           f"dense, listed in the report); test accuracy {dense_acc:.2f}% -> {pruned_acc:.2f}% "
           f"in {result.timings['total']:.1f}s; wrote {args.out}")
@@ -234,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="fraction of the prunable weights to prune (N:M implies N/M)")
     p.add_argument("--method", default=None,
                    help="SELECTION[+UPDATE], e.g. cbs (default), swaps, wf, mp, wf+cbsu; or max, the most accurate "
-                        "preset. With --hf-model: mp, wanda, sparsegpt, admm (default, ours), wf, cbs or swaps (joint: deprecated)")
+                        "preset. With --hf-model: mp, wanda, sparsegpt, admm (default, ours), wf, cbs or swaps "
+                        "(joint: deprecated)")
     p.add_argument("--pattern",
                    help="the budget: global (one count over all layers; the default without --hf-model), layer "
                         "(the sparsity in each layer; the default with --hf-model), row (in each output row) or N:M, "

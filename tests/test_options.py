@@ -205,7 +205,8 @@ def test_no_name_means_two_algorithms():
 
 def test_the_readme_method_table_is_the_registrys():
     readme = open(__file__.replace("tests/test_options.py", "README.md")).read()
-    assert brainsurgeon.method_table() in readme, "paste python -c 'import brainsurgeon; print(brainsurgeon.method_table())' into it"
+    assert brainsurgeon.method_table() in readme, \
+        "paste python -c 'import brainsurgeon; print(brainsurgeon.method_table())' into it"
 
 
 # prune's settings come in typed groups, as objects or as their fields --------------------------------------------

@@ -79,7 +79,8 @@ def test_the_swap_search_never_ends_above_its_start_and_often_reaches_the_optimu
     removed, _ = units.swap_search(weight, hessian, start, max_swaps=50)
     assert len(removed) == count
     assert units.removal_error(weight, hessian, removed) <= units.removal_error(weight, hessian, start) * (1 + 1e-9)
-    optimum = min(units.removal_error(weight, hessian, torch.tensor(c)) for c in itertools.combinations(range(6), count))
+    optimum = min(units.removal_error(weight, hessian, torch.tensor(combination))
+                  for combination in itertools.combinations(range(6), count))
     assert units.removal_error(weight, hessian, removed) >= optimum * (1 - 1e-9)
 
 

@@ -77,7 +77,8 @@ class Quadratic(ABC):
 
 
 class FactoredBlock:
-    """One dense block of a factored quadratic: H_b = G_b^T G_b + damping * I from G_b^T (p_b x n). Solves use the n x n Gram.
+    """One dense block of a factored quadratic: H_b = G_b^T G_b + damping * I from G_b^T (p_b x n). Solves use the
+    n x n Gram.
 
     `shift` is 1/sqrt(n) when the mean gradient's linear term is modelled (else 0): the loss change
     g_mean^T d + d^T H d / 2 is |G d + shift|^2 / 2 + lam |d|^2 / 2 up to a constant, as g_mean = G^T 1 / sqrt(n).

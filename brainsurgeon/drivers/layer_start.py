@@ -1,5 +1,6 @@
 """The layer start of 'max': every prunable layer pruned on the layer-wise objective towards the dense model's
-outputs, under the run's pattern (a global one as exact per-layer counts adding up to it), as a path beside the Fisher stages."""
+outputs, under the run's pattern (a global one as exact per-layer counts adding up to it), as a path beside the
+Fisher stages."""
 from torch import nn
 
 from .allocation import exact_layer_sparsities
@@ -30,7 +31,8 @@ def layer_start(model, pool, plan, dense, progress):
     pattern = plan.common["pattern"]
     per_layer = exact_layer_sparsities(layers, plan.sparsity) if pattern == "global" else plan.sparsity
     result = prune_layerwise(model, fitted[0], None if ":" in pattern else per_layer, "admm",
-                             pattern="layer" if pattern == "global" else pattern, target="dense", blocks=[""], include=plan.common["include"],
+                             pattern="layer" if pattern == "global" else pattern, target="dense", blocks=[""],
+                             include=plan.common["include"],
                              ignore=plan.common["ignore"], batch_size=plan.tuning.layer_start_batch, progress=False)
     staged = copy_model(model)
     result.apply(staged)

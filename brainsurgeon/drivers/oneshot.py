@@ -64,7 +64,8 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     use instead (None keeps it).
     The remaining keywords are the method's declared options (e.g. rho, tau for cbs; damping_grid for cbsu;
     penalty for admm). A keyword no group and no method of the run declares, or a group's field on the objective
-    that does not use it, is an error naming the valid ones. README ("Beyond CBS: the `swaps` selection, stages, and `max`") describes what the staging
+    that does not use it, is an error naming the valid ones. README ("Beyond CBS: the `swaps` selection, stages,
+    and `max`") describes what the staging
     settings do; every stage's sparsity, calibration loss and seconds are in `stats['stages']`.
     """
     objective = validation.choice("objective", objective, ("fisher", "layer"))

@@ -59,8 +59,8 @@ def plan_run(model: nn.Module, sparsity: float, method: str = "cbs", loss_fn=F.c
     tuning = DEFAULT_TUNING if tuning is None else tuning
     if not isinstance(tuning, Tuning):
         raise BrainSurgeonError(f"tuning must be a Tuning, got {tuning!r}")
-    refine_limit = tuning.refine_limit if refine == "auto" else validation.count("refine (or 'auto')", refine, minimum=0,
-                                                                                  maximum=validation.MAX_REFINE)
+    refine_limit = tuning.refine_limit if refine == "auto" else validation.count(
+        "refine (or 'auto')", refine, minimum=0, maximum=validation.MAX_REFINE)
     layer_start = validation.flag("layer_start", chosen.pop("layer_start", False))
     fresh_samples = validation.flag("fresh_samples", chosen.pop("fresh_samples", False))
     later_damping = validation.positive("later_damping", pop_or(chosen, "later_damping", damping))

@@ -76,8 +76,8 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     modified: call `result.apply(model)`.
     """
     layer_method, pattern, blocks, per_block, dense = plan_layerwise(
-        model, sparsity, pattern, method, relative_damping=relative_damping, blocks=blocks, include=include, ignore=ignore,
-        batch_size=batch_size, target=target, **options)
+        model, sparsity, pattern, method, relative_damping=relative_damping, blocks=blocks, include=include,
+        ignore=ignore, batch_size=batch_size, target=target, **options)
     to_dense = target == "dense" and layer_method.needs_hessian
     per_layer = isinstance(sparsity, dict)
     pattern_name = f"{pattern.kind} (per layer)" if per_layer else pattern.name
@@ -92,8 +92,8 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
         bar = progress_bar(blocks, f"{layer_method.name} {pattern_name}", progress)
         for (_, block), layers in zip(bar, per_block):
             run = _prune_block_to_dense if to_dense else _prune_block
-            inputs, dense_inputs = run(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings, stats,
-                                       masks, weights)
+            inputs, dense_inputs = run(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings,
+                                       stats, masks, weights)
     timings["total"] = time.perf_counter() - started
     settings = dict(objective="layer", method=layer_method.name, pattern=pattern_name,
                     sparsity=_fraction_pruned(masks) if per_layer else pattern.sparsity, target=target,
@@ -109,8 +109,8 @@ def _fraction_pruned(masks: dict) -> float:
     return sum(int((~mask).sum()) for mask in masks.values()) / sum(mask.numel() for mask in masks.values())
 
 
-def plan_layerwise(model, sparsity, pattern, method, *, relative_damping=DEFAULT_RELATIVE_DAMPING, blocks=None, include=None,
-                   ignore=(), batch_size=8, target="layer", **options):
+def plan_layerwise(model, sparsity, pattern, method, *, relative_damping=DEFAULT_RELATIVE_DAMPING, blocks=None,
+                   include=None, ignore=(), batch_size=8, target="layer", **options):
     """Every argument of prune_layerwise checked against the model before any work: (method, pattern, blocks,
     the layers to prune per block as (module name, full name, pattern), the dense layers with reasons)."""
     if "damping" in options:
@@ -186,8 +186,8 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
             weight = modules[name].weight
             originals[name] = weight.detach().clone()
             hessian = recorder.hessian(name) if recorder else torch.eye(weight[0].numel(), dtype=torch.float64)
-            _prune_layer(modules[name], full_name, LayerObjective(weight, hessian, relative_damping), recorder is not None,
-                         layer_method, pattern, timings, stats, masks, weights)
+            _prune_layer(modules[name], full_name, LayerObjective(weight, hessian, relative_damping),
+                         recorder is not None, layer_method, pattern, timings, stats, masks, weights)
         mark = time.perf_counter()
         next_inputs = None if inputs is None else with_first(inputs, run_block(block, inputs))
         timings["propagate"] += time.perf_counter() - mark

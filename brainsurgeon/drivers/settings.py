@@ -87,7 +87,6 @@ def split_settings(objective: str, options: dict, objects: dict) -> tuple:
         if twice:
             raise BrainSurgeonError(f"{', '.join(twice)} given both as a keyword and in {name}=; give each once")
         groups[name] = cls(**{**(given(obj) if obj is not None else {}), **keywords})
-    unused = []
     if objective == "layer":
         unused = [*given(groups["fisher"]), *(k for k in given(groups["staging"]) if k not in USED_ON_LAYER),
                   *given(groups["tuning"])]

@@ -101,7 +101,8 @@ class CBSOptions(MethodOptions):
 class CombinatorialBrainSurgeon(Selection):
     """CBS-S, the swap search on the loss of deleting the pruned set, and (by default) the exact update CBS-U.
 
-    A local search of swaps on f(P) = u^T H u, u = w restricted to P (docs/design.md section 2). It starts from the best (by real calibration loss) of `init_trials` perturbed-magnitude masks and plain
+    A local search of swaps on f(P) = u^T H u, u = w restricted to P (docs/design.md section 2). It starts from
+    the best (by real calibration loss) of `init_trials` perturbed-magnitude masks and plain
     magnitude, and runs passes of swaps until a pass finds none (or `max_passes`). The reference returns
     the pass with the lowest real calibration loss of the deleted weights; here that pass and
     `candidates` passes spread evenly from the start are returned, and the driver keeps the one whose loss
