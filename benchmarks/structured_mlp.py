@@ -3,6 +3,7 @@ the neurons, on the language-model table's calibration and evaluation windows, w
 forward latency of dense and shrunk measured interleaved in one process.
 
     .venv/bin/python benchmarks/structured_mlp.py [--fractions 0.3,0.5] [--json bench/smollm2_structured_mlp.json]
+    .venv/bin/python benchmarks/structured_mlp.py --table bench/smollm2_structured_mlp.json   # the README table
 """
 import argparse
 import json
@@ -34,13 +35,30 @@ def latency(models: dict, window: torch.Tensor, repeats: int = 7) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def markdown_table(report: dict) -> str:
+    """The README's form of the JSON: a row per method and fraction, perplexity, size and the interleaved speed-up."""
+    lines = [f"dense perplexity {report['dense_perplexity']:.2f}, {report['dense_parameters']:,} parameters, "
+             f"{report['threads']} threads", "",
+             "| fraction of MLP neurons | method | perplexity | parameters | intermediate | speed-up | s/run |",
+             "|---|---|---|---|---|---|---|"]
+    for row in report["results"]:
+        lines.append(f"| {row['fraction']:g} | {row['method']} | {row['perplexity']:.2f} | {row['parameters']:,} | "
+                     f"{row['intermediate_size']} | {row['speedup']:.2f}x | {row['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--table", help="print the README table of this JSON and stop")
     parser.add_argument("--fractions", default="0.3,0.5")
     parser.add_argument("--methods", default=",".join(SELECTIONS))
     parser.add_argument("--calib-seqs", type=int, default=64)
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.table:
+        with open(args.table) as handle:
+            print(markdown_table(json.load(handle)))
+        return
     torch.set_num_threads(2)
     model, tokenizer = load_causal_lm(FOLDER, progress=False)
     evaluation_text, calibration_text = split_text("wiki")
