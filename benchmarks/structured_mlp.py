@@ -42,7 +42,8 @@ def markdown_table(report: dict) -> str:
              "| fraction of MLP neurons | method | perplexity | parameters | intermediate | speed-up | s/run |",
              "|---|---|---|---|---|---|---|"]
     for row in report["results"]:
-        lines.append(f"| {row['fraction']:g} | {row['method']} | {row['perplexity']:.2f} | {row['parameters']:,} | "
+        method = row["method"] + ("" if row.get("allocation", "uniform") == "uniform" else f", {row['allocation']}")
+        lines.append(f"| {row['fraction']:g} | {method} | {row['perplexity']:.2f} | {row['parameters']:,} | "
                      f"{row['intermediate_size']} | {row['speedup']:.2f}x | {row['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -52,6 +53,7 @@ def main():
     parser.add_argument("--table", help="print the README table of this JSON and stop")
     parser.add_argument("--fractions", default="0.3,0.5")
     parser.add_argument("--methods", default=",".join(SELECTIONS))
+    parser.add_argument("--allocations", default="uniform")
     parser.add_argument("--calib-seqs", type=int, default=64)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -68,15 +70,16 @@ def main():
                   eval_windows=list(evaluation.shape), dense_perplexity=perplexity(model, evaluation),
                   dense_parameters=sum(p.numel() for p in model.parameters()), results=[])
     for fraction in (float(f) for f in args.fractions.split(",")):
-        for method in args.methods.split(","):
+        for method, allocation in ((m, a) for a in args.allocations.split(",") for m in args.methods.split(",")):
             started = time.perf_counter()
-            result = prune_structured(model, calibration, fraction, method, progress=False)
+            result = prune_structured(model, calibration, fraction, method, allocation=allocation, progress=False)
             seconds = time.perf_counter() - started
             timed = latency({"dense": model, "pruned": result.model}, evaluation[:1])
-            row = dict(method=method, fraction=fraction, seconds=seconds,
+            widths = [after for _, after in result.widths.values()]
+            row = dict(method=method, allocation=allocation, fraction=fraction, seconds=seconds,
                        perplexity=perplexity(result.model, evaluation),
                        parameters=sum(p.numel() for p in result.model.parameters()),
-                       intermediate_size=result.model.config.intermediate_size,
+                       intermediate_size=min(widths) if len(set(widths)) == 1 else f"{min(widths)}-{max(widths)}",
                        latency_dense=timed["dense"], latency_pruned=timed["pruned"],
                        speedup=timed["dense"] / timed["pruned"],
                        swaps=sum(s.get("swaps", 0) for s in result.stats.values()))

@@ -10,6 +10,7 @@ from helpers import tiny_llama
 from brainsurgeon import BrainSurgeonError
 from brainsurgeon.drivers.structured import prune_structured
 from brainsurgeon.methods import units
+from brainsurgeon.models.shrunk import WIDTHS_FILE, load_pruned, save_shrunk
 
 transformers = pytest.importorskip("transformers")
 
@@ -79,12 +80,45 @@ def test_the_shrunk_model_reloads_with_plain_transformers(tmp_path):
     model, ids = tiny_llama(), token_ids()
     result = prune_structured(model, ids, 0.25, "swaps", progress=False)
     assert result.model.config.intermediate_size == 48
-    result.model.save_pretrained(tmp_path / "shrunk")
+    save_shrunk(result.model, None, tmp_path / "shrunk", {})
+    assert not (tmp_path / "shrunk" / WIDTHS_FILE).exists()  # the config says it all
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "shrunk").eval()
     torch.testing.assert_close(outputs(reloaded, ids), outputs(result.model, ids))
     again = prune_structured(model, ids, 0.25, "swaps", progress=False)
     for key, value in again.model.state_dict().items():  # deterministic
         assert torch.equal(value, result.model.state_dict()[key])
+
+
+def test_allocation_by_errors_removes_the_same_total_and_reloads_through_the_width_map(tmp_path):
+    model, ids = tiny_llama(), token_ids()
+    uniform = prune_structured(model, ids, 0.4, "obs", progress=False)
+    chosen = prune_structured(model, ids, 0.4, "obs", allocation="errors", progress=False)
+    assert sum(after for _, after in chosen.widths.values()) == sum(after for _, after in uniform.widths.values())
+    assert len({after for _, after in chosen.widths.values()}) > 1  # this model's blocks differ
+    assert chosen.settings["allocation"] == "errors"
+    save_shrunk(chosen.model, None, tmp_path / "shrunk", {"method": "obs"})
+    with pytest.raises(RuntimeError):  # plain transformers refuses the shapes rather than load them wrong
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "shrunk")
+    reloaded, tokenizer = load_pruned(tmp_path / "shrunk")
+    assert tokenizer is None
+    torch.testing.assert_close(outputs(reloaded, ids), outputs(chosen.model, ids), rtol=0, atol=0)
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in chosen.model.parameters())
+
+
+def test_a_width_map_that_does_not_fit_is_one_line(tmp_path):
+    model, ids = tiny_llama(), token_ids()
+    chosen = prune_structured(model, ids, 0.4, "obs", allocation="errors", progress=False)
+    folder = save_shrunk(chosen.model, None, tmp_path / "shrunk", {})
+    widths = (folder / WIDTHS_FILE).read_text()
+    (folder / WIDTHS_FILE).write_text(widths.replace("down_proj", "no_such_layer", 1))
+    with pytest.raises(BrainSurgeonError, match="no nn.Linear"):
+        load_pruned(folder)
+    (folder / WIDTHS_FILE).write_text("[1, 2]")
+    with pytest.raises(BrainSurgeonError, match="not a mapping"):
+        load_pruned(folder)
+    (folder / WIDTHS_FILE).write_text("{}")
+    with pytest.raises(BrainSurgeonError, match="do not fit"):
+        load_pruned(folder)
 
 
 def test_a_model_without_units_and_bad_values_are_one_line():
@@ -95,4 +129,6 @@ def test_a_model_without_units_and_bad_values_are_one_line():
         prune_structured(tiny_llama(), token_ids(), 1.0, "obs", progress=False)
     with pytest.raises(BrainSurgeonError, match="structured method"):
         prune_structured(tiny_llama(), token_ids(), 0.5, "magnitude", progress=False)
+    with pytest.raises(BrainSurgeonError, match="allocation"):
+        prune_structured(tiny_llama(), token_ids(), 0.5, "obs", allocation="global", progress=False)
     assert set(units.SELECTIONS) == {"norm", "wanda_sp", "obs", "swaps"}

@@ -91,3 +91,42 @@ def test_every_method_removes_exactly_the_count(method):
     assert len(set(removed.tolist())) == 4 and removed.max() < 10
     with pytest.raises(BrainSurgeonError, match="keep at least one"):
         units.choose_units(weight, hessian, 10, method)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), count=st.integers(1, 5))
+def test_the_obs_paths_error_curve_is_the_exact_error_of_each_prefix(seed, count):
+    weight, _, hessian = problem(seed)
+    order, errors = units.obs_path(weight, hessian, count)
+    for k in range(1, count + 1):
+        assert float(errors[k - 1]) == pytest.approx(units.removal_error(weight, hessian, order[:k].sort().values),
+                                                     rel=1e-8, abs=1e-12)
+
+
+def brute_force_allocation(curves, total):
+    names = list(curves)
+    best = None
+    for counts in itertools.product(*(range(len(curves[n]) + 1) for n in names)):
+        if sum(counts) == total:
+            cost = sum(float(curves[n][k - 1]) for n, k in zip(names, counts) if k)
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 5), min_size=1, max_size=3), data=st.data())
+def test_the_allocation_of_convex_curves_is_the_brute_force_optimum_with_the_exact_total(lengths, data):
+    curves = {}
+    for i, length in enumerate(lengths):
+        steps = sorted(data.draw(st.lists(st.floats(0, 10), min_size=length, max_size=length)))
+        curves[f"layer{i}"] = torch.tensor(steps, dtype=torch.float64).cumsum(0)  # nondecreasing steps: convex
+    total = data.draw(st.integers(0, sum(lengths)))
+    counts = units.allocate(curves, total)
+    assert sum(counts.values()) == total and all(0 <= counts[n] <= len(c) for n, c in curves.items())
+    cost = sum(float(curves[n][k - 1]) for n, k in counts.items() if k)
+    assert cost == pytest.approx(brute_force_allocation(curves, total), rel=1e-9, abs=1e-9)
+
+
+def test_an_allocation_beyond_the_curves_is_refused():
+    with pytest.raises(BrainSurgeonError, match="cannot remove 4 units"):
+        units.allocate({"a": torch.ones(3)}, 4)

@@ -5,9 +5,16 @@ are found by probing (models/surgery.py: a consumer's input columns produced by 
 else, such as an MLP's hidden neurons); every consumer's H = X X^T is accumulated on the block's inputs, the
 method chooses which units go (methods/units.py), the consumer's kept columns are refitted exactly (all methods
 but 'norm' and 'wanda_sp', which keep the columns as they are, as their papers do), and the producers and the
-consumer are replaced by smaller nn.Linear layers. The next block sees the pruned block's outputs. Every block
-removes the same fraction of each group's units, so a Hugging Face config keeps one width per kind
-(intermediate_size).
+consumer are replaced by smaller nn.Linear layers. The next block sees the pruned block's outputs.
+
+How many units each consumer loses (`allocation`):
+  uniform  the same fraction of every consumer's units, so a Hugging Face config keeps one width per kind
+           (intermediate_size)
+  errors   the same total, spread to give the least summed error: a first pass over the dense model follows
+           every consumer's structured-OBS path to one unit left and records its error curve, divided by the
+           mean squared norm of the block's output (the residual stream the error is added to, so errors of
+           different depths are on one scale); methods/units.allocate picks the counts. The widths then differ
+           per block and the model is saved with a width map (models/shrunk.py).
 """
 import copy
 import time
@@ -34,7 +41,8 @@ from .activations import (
 )
 from .layers import check_finite_model
 
-REFITTED = ("obs", "swaps")  # the methods whose kept columns are refitted (the others keep them as they were)
+REFITTED = ("obs", "swaps")
+ALLOCATIONS = ("uniform", "errors")  # the methods whose kept columns are refitted (the others keep them as they were)
 
 
 @dataclass
@@ -54,13 +62,15 @@ class StructuredResult:
 
 @solver_errors_as_one_line
 def prune_structured(model: nn.Module, calibration, fraction: float, method: str = "swaps", *,
-                     relative_damping: float = DEFAULT_RELATIVE_DAMPING, max_swaps: int = 200, blocks=None,
-                     batch_size: int = 8, progress: bool = True) -> StructuredResult:
-    """Remove `fraction` of the units of every unit group (module docstring) with `method` ('norm', 'wanda_sp',
-    'obs' or 'swaps', methods/units.py) and return the shrunk copy. `calibration` is model inputs, as for
-    prune_layerwise; `relative_damping` damps each consumer's H by a fraction of its mean diagonal."""
+                     allocation: str = "uniform", relative_damping: float = DEFAULT_RELATIVE_DAMPING,
+                     max_swaps: int = 200, blocks=None, batch_size: int = 8, progress: bool = True) -> StructuredResult:
+    """Remove `fraction` of the units of the unit groups (module docstring) with `method` ('norm', 'wanda_sp',
+    'obs' or 'swaps', methods/units.py), spread over the consumers by `allocation` ('uniform' or 'errors'), and
+    return the shrunk copy. `calibration` is model inputs, as for prune_layerwise; `relative_damping` damps each
+    consumer's H by a fraction of its mean diagonal."""
     fraction = validation.number("fraction", fraction, low=0, high=1, high_open=True)
     method = validation.choice("structured method", method, units.SELECTIONS)
+    allocation = validation.choice("allocation", allocation, ALLOCATIONS)
     relative_damping = validation.positive("relative_damping", relative_damping)
     max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
     batch_size = validation.count("batch_size", batch_size)
@@ -72,6 +82,10 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
         found = find_blocks(pruned, blocks)
         calls = model_calls(pruned, calibration, batch_size)
         inputs = capture_block_inputs(pruned, found[0][1], calls)
+        counts = None
+        if allocation == "errors":
+            curves = _error_curves(found, inputs, relative_damping, progress)
+            counts = units.allocate(curves, sum(num_to_prune(fraction, len(curve) + 1) for curve in curves.values()))
         for name, block in progress_bar(found, "structured blocks", progress):
             groups = find_unit_groups(block, *inputs[0])
             recorder = HessianRecorder({g.consumer: block.get_submodule(g.consumer) for g in groups})
@@ -84,8 +98,8 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                 consumer = block.get_submodule(group.consumer)
                 weight, width = consumer.weight.detach().double(), consumer.in_features
                 hessian = units.damped(recorder.hessian(group.consumer), relative_damping)
-                removed, figures = units.choose_units(weight, hessian, num_to_prune(fraction, width), method,
-                                                      max_swaps)
+                count = num_to_prune(fraction, width) if counts is None else counts[full]
+                removed, figures = units.choose_units(weight, hessian, count, method, max_swaps)
                 kept = torch.tensor(sorted(set(range(width)) - set(removed.tolist())), dtype=torch.long)
                 new = units.refit(weight, hessian, kept) if method in REFITTED else weight[:, kept]
                 stats[full] = dict(figures, removed=removed.tolist(), producers=group.producers,
@@ -97,9 +111,30 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
         raise BrainSurgeonError("no unit groups found: structured pruning needs nn.Linear consumers whose inputs come "
                                 "from other nn.Linear rows alone (MLP hidden neurons); attention heads come later")
     _update_config(pruned, widths)
-    settings = dict(method=method, fraction=fraction, relative_damping=relative_damping, max_swaps=max_swaps,
-                    blocks=[name for name, _ in found], batch_size=batch_size)
+    settings = dict(method=method, fraction=fraction, allocation=allocation, relative_damping=relative_damping,
+                    max_swaps=max_swaps, blocks=[name for name, _ in found], batch_size=batch_size)
     return StructuredResult(pruned, widths, settings, stats, {"total": time.perf_counter() - started})
+
+
+def _error_curves(found, inputs, relative_damping: float, progress: bool) -> dict:
+    """Every consumer's structured-OBS error curve on the dense model (to one unit left), each divided by the mean
+    squared norm of its block's output; the blocks are left as they were."""
+    curves = {}
+    for name, block in progress_bar(found, "error curves", progress):
+        groups = find_unit_groups(block, *inputs[0])
+        recorder = HessianRecorder({g.consumer: block.get_submodule(g.consumer) for g in groups})
+        try:
+            outputs = run_block(block, inputs)
+        finally:
+            recorder.close()
+        energy = sum(float(o.double().pow(2).sum()) for o in outputs) / sum(o[..., 0].numel() for o in outputs)
+        for group in groups:
+            weight = block.get_submodule(group.consumer).weight.detach().double()
+            hessian = units.damped(recorder.hessian(group.consumer), relative_damping)
+            _, errors = units.obs_path(weight, hessian, weight.shape[1] - 1)
+            curves[f"{name}.{group.consumer}".strip(".")] = errors / max(energy, 1e-300)
+        inputs = with_first(inputs, outputs)
+    return curves
 
 
 def _update_config(model: nn.Module, widths: dict) -> None:

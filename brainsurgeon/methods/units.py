@@ -65,24 +65,52 @@ def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(torch.sort(scores, stable=True).indices[:count]).values
 
 
-def greedy_obs(weight: torch.Tensor, hessian: torch.Tensor, count: int) -> torch.Tensor:
+def obs_path(weight: torch.Tensor, hessian: torch.Tensor, count: int) -> tuple:
     """Structured OBS: `count` units removed one at a time, each the one whose removal (with the refit of all the
-    others) raises the error least; H^-1 is downdated after each, so every score is exact given those removed."""
+    others) raises the error least; H^-1 is downdated after each, so every score is exact given those removed.
+    Returns (the units in the order removed, the error after each removal: the path's error curve)."""
     inverse = torch.linalg.inv(hessian.double())
     w = weight.double().clone()
     alive = torch.ones(w.shape[1], dtype=torch.bool)
-    removed = []
+    removed, errors, total = [], [], 0.0
     for _ in range(count):
         diagonal = torch.diagonal(inverse).clamp_min(1e-300)
         scores = w.pow(2).sum(0) / diagonal
         scores[~alive] = float("inf")
         j = int(torch.argmin(scores))
+        total += float(scores[j])
         row = inverse[j].clone()
         w -= torch.outer(w[:, j] / row[j], row)
         inverse -= torch.outer(row, row) / row[j]
         alive[j], w[:, j] = False, 0.0
         removed.append(j)
-    return torch.sort(torch.tensor(removed, dtype=torch.long)).values
+        errors.append(total)
+    return torch.tensor(removed, dtype=torch.long), torch.tensor(errors, dtype=torch.float64)
+
+
+def greedy_obs(weight: torch.Tensor, hessian: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` units of the structured OBS path, as sorted indices."""
+    return torch.sort(obs_path(weight, hessian, count)[0]).values
+
+
+def allocate(curves: dict, total: int) -> dict:
+    """Units to remove per consumer so that `total` are removed in all with the least summed error, given each
+    consumer's error curve (curves[name][k-1]: its error with k units removed, on a scale common to all). Each
+    curve's increments are raised to their running maximum, so the cheapest `total` increments over all curves
+    are prefixes of them; that is the exact optimum when every curve is convex, as OBS paths nearly are."""
+    available = sum(len(curve) for curve in curves.values())
+    if not 0 <= total <= available:
+        raise BrainSurgeonError(f"cannot remove {total} units where the curves allow {available}")
+    names, increments = [], []
+    for name, curve in curves.items():
+        steps = torch.diff(curve.double(), prepend=curve.new_zeros(1, dtype=torch.float64))
+        increments.append(torch.cummax(steps, 0).values)
+        names.extend([name] * len(curve))
+    order = torch.sort(torch.cat(increments), stable=True).indices[:total] if total else torch.zeros(0, dtype=torch.long)
+    counts = dict.fromkeys(curves, 0)
+    for index in order.tolist():
+        counts[names[index]] += 1
+    return counts
 
 
 class _RemovedSet:

@@ -143,11 +143,11 @@ def convert_gguf(gguf_file, target, overwrite: bool = False, progress: bool = Fa
         model.hf_quantizer = None
         model.is_quantized = False
         model.config.__dict__.pop("quantization_config", None)
-        _save(folder, model, tokenizer, progress)
+        save_model_folder(folder, model, tokenizer, progress)
     return Path(target)
 
 
-def _save(folder: Path, model, tokenizer, progress: bool = False) -> None:
+def save_model_folder(folder: Path, model, tokenizer, progress: bool = False) -> None:
     """save_pretrained of the model and the tokenizer; a failed write of either is an OSError (the caller's
     `outputs` turns it into one line and removes the scratch)."""
     try:
@@ -167,7 +167,7 @@ def write_pruned_folder(folder: Path, model, tokenizer, result, report: dict) ->
     from safetensors.torch import save_file
 
     result.apply(model)
-    _save(folder, model, tokenizer)
+    save_model_folder(folder, model, tokenizer)
     save_file({name: mask.to(torch.uint8).contiguous() for name, mask in result.masks.items()},
               str(folder / "masks.safetensors"))
     (folder / "brainsurgeon_report.json").write_text(json.dumps(report, indent=2) + "\n")
