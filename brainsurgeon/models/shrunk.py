@@ -17,7 +17,14 @@ from torch import nn
 from .. import validation
 from ..atomic import outputs
 from ..errors import BrainSurgeonError, first_line
-from .hf import _check_model_folder, _library_output, _transformers, check_causal, load_causal_lm, save_model_folder
+from .hf import (
+    _check_model_folder,
+    _library_output,
+    _transformers,
+    check_causal,
+    load_causal_lm,
+    save_model_folder,
+)
 
 WIDTHS_FILE = "brainsurgeon_widths.json"
 REPORT_FILE = "brainsurgeon_report.json"
