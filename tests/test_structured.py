@@ -48,16 +48,21 @@ def forced_to_zero(model, removed: dict, ids):
             handle.remove()
 
 
-@pytest.mark.parametrize("build, consumer", [(tiny_llama, "mlp.down_proj"), (tiny_bert, "output.dense")])
-def test_the_surgery_is_exact_and_the_counts_are(build, consumer):
+@pytest.mark.parametrize("build, consumers", [(tiny_llama, ("self_attn.o_proj", "mlp.down_proj")),
+                                              (tiny_bert, ("attention.output.dense", "output.dense"))])
+def test_the_surgery_is_exact_and_the_counts_are(build, consumers):
     model, ids = build(), token_ids()
     before = copy.deepcopy(model.state_dict())
     result = prune_structured(model, ids, 0.3, "norm", progress=False)  # no refit: the kept columns as they were
-    assert all(name.endswith(consumer) for name in result.widths)
+    assert {name.split(".", 3)[-1] for name in result.widths} == set(consumers)
+    removed = {}
     for name, (width, kept) in result.widths.items():
-        assert kept == width - int(0.3 * width + 0.5)
-        assert len(result.stats[name]["removed"]) == width - kept
-    removed = {name: stats["removed"] for name, stats in result.stats.items()}
+        stats = result.stats[name]
+        per_unit = width // stats["units"]
+        assert len(stats["removed"]) == int(0.3 * stats["units"] + 0.5)
+        assert kept == width - per_unit * len(stats["removed"])
+        removed[name] = [u * per_unit + i for u in stats["removed"] for i in range(per_unit)]
+    assert {stats["kind"] for stats in result.stats.values()} == {"heads", "neurons"}
     torch.testing.assert_close(outputs(result.model, ids), forced_to_zero(model, removed, ids), rtol=1e-5, atol=1e-5)
     dense, shrunk = result.parameters_before_after(model)
     assert shrunk < dense
@@ -80,6 +85,8 @@ def test_the_shrunk_model_reloads_with_plain_transformers(tmp_path):
     model, ids = tiny_llama(), token_ids()
     result = prune_structured(model, ids, 0.25, "swaps", progress=False)
     assert result.model.config.intermediate_size == 48
+    config = result.model.config  # one key-value group of two went, with its two query heads
+    assert (config.num_key_value_heads, config.num_attention_heads, config.head_dim) == (1, 2, 8)
     save_shrunk(result.model, None, tmp_path / "shrunk", {})
     assert not (tmp_path / "shrunk" / WIDTHS_FILE).exists()  # the config says it all
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "shrunk").eval()
@@ -93,8 +100,10 @@ def test_allocation_by_errors_removes_the_same_total_and_reloads_through_the_wid
     model, ids = tiny_llama(), token_ids()
     uniform = prune_structured(model, ids, 0.4, "obs", progress=False)
     chosen = prune_structured(model, ids, 0.4, "obs", allocation="errors", progress=False)
-    assert sum(after for _, after in chosen.widths.values()) == sum(after for _, after in uniform.widths.values())
-    assert len({after for _, after in chosen.widths.values()}) > 1  # this model's blocks differ
+    budget = 0.4 * sum(s["units"] * s["parameters_per_unit"] for s in uniform.stats.values())
+    removed = sum(len(s["removed"]) * s["parameters_per_unit"] for s in chosen.stats.values())
+    assert budget <= removed < budget + max(s["parameters_per_unit"] for s in chosen.stats.values())
+    assert len({after for _, after in chosen.widths.values()}) > 2  # the blocks differ
     assert chosen.settings["allocation"] == "errors"
     save_shrunk(chosen.model, None, tmp_path / "shrunk", {"method": "obs"})
     with pytest.raises(RuntimeError):  # plain transformers refuses the shapes rather than load them wrong
@@ -132,3 +141,15 @@ def test_a_model_without_units_and_bad_values_are_one_line():
     with pytest.raises(BrainSurgeonError, match="allocation"):
         prune_structured(tiny_llama(), token_ids(), 0.5, "obs", allocation="global", progress=False)
     assert set(units.SELECTIONS) == {"norm", "wanda_sp", "obs", "swaps"}
+
+
+def test_tied_embeddings_survive_the_width_map_round_trip(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model, ids = transformers.LlamaForCausalLM(config).eval(), token_ids()
+    chosen = prune_structured(model, ids, 0.3, "swaps", allocation="errors", progress=False)
+    folder = save_shrunk(chosen.model, None, tmp_path / "tied", {})
+    reloaded, _ = load_pruned(folder)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    torch.testing.assert_close(outputs(reloaded, ids), outputs(chosen.model, ids), rtol=0, atol=0)

@@ -128,5 +128,34 @@ def test_the_allocation_of_convex_curves_is_the_brute_force_optimum_with_the_exa
 
 
 def test_an_allocation_beyond_the_curves_is_refused():
-    with pytest.raises(BrainSurgeonError, match="cannot remove 4 units"):
+    with pytest.raises(BrainSurgeonError, match="cannot remove 4 where"):
         units.allocate({"a": torch.ones(3)}, 4)
+
+
+def block_problem(seed, units_count=4, per_unit=2):
+    weight, inputs, hessian = problem(seed, cols=units_count * per_unit)
+    return weight, hessian, torch.arange(units_count * per_unit).reshape(units_count, per_unit)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), count=st.integers(1, 3))
+def test_the_block_obs_path_takes_the_brute_force_best_unit_and_its_curve_is_exact(seed, count):
+    weight, hessian, columns = block_problem(seed)
+    order, errors = units.block_obs_path(weight, hessian, columns, count)
+    for k in range(1, count + 1):
+        before = order[:k - 1].tolist()
+        options = {u: units.removal_error(weight, hessian, columns[sorted(before + [u])].flatten())
+                   for u in range(len(columns)) if u not in before}
+        assert options[int(order[k - 1])] <= min(options.values()) * (1 + 1e-9) + 1e-12
+        assert float(errors[k - 1]) == pytest.approx(options[int(order[k - 1])], rel=1e-8, abs=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), count=st.integers(1, 3))
+def test_block_swaps_never_end_above_the_obs_start_nor_below_the_optimum(seed, count):
+    weight, hessian, columns = block_problem(seed)
+    removed, figures = units.choose_units(weight, hessian, count, "swaps", columns=columns)
+    assert len(removed) == count and figures["error"] <= figures["start_error"] * (1 + 1e-9) + 1e-12
+    optimum = min(units.removal_error(weight, hessian, columns[list(c)].flatten())
+                  for c in itertools.combinations(range(len(columns)), count))
+    assert figures["error"] >= optimum * (1 - 1e-9) - 1e-12

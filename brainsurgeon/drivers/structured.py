@@ -77,49 +77,58 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
     check_finite_model(model)
     pruned = copy.deepcopy(model)
     started = time.perf_counter()
-    widths, stats = {}, {}
+    widths, stats, kinds = {}, {}, {}
     with evaluating(pruned), torch.no_grad():
         found = find_blocks(pruned, blocks)
         calls = model_calls(pruned, calibration, batch_size)
         inputs = capture_block_inputs(pruned, found[0][1], calls)
         counts = None
         if allocation == "errors":
-            curves = _error_curves(found, inputs, relative_damping, progress)
-            counts = units.allocate(curves, sum(num_to_prune(fraction, len(curve) + 1) for curve in curves.values()))
+            curves, costs = _error_curves(found, inputs, relative_damping, progress)
+            budget = fraction * sum((len(curve) + 1) * costs[name] for name, curve in curves.items())
+            counts = units.allocate(curves, budget, costs)
         for name, block in progress_bar(found, "structured blocks", progress):
-            groups = find_unit_groups(block, *inputs[0])
-            recorder = HessianRecorder({g.consumer: block.get_submodule(g.consumer) for g in groups})
-            try:
-                run_block(block, inputs)
-            finally:
-                recorder.close()
-            for group in groups:
+            for group in find_unit_groups(block, *inputs[0]):  # in forward order, each on the inputs left by those before
                 full = f"{name}.{group.consumer}".strip(".")
                 consumer = block.get_submodule(group.consumer)
                 weight, width = consumer.weight.detach().double(), consumer.in_features
-                hessian = units.damped(recorder.hessian(group.consumer), relative_damping)
-                count = num_to_prune(fraction, width) if counts is None else counts[full]
-                removed, figures = units.choose_units(weight, hessian, count, method, max_swaps)
-                kept = torch.tensor(sorted(set(range(width)) - set(removed.tolist())), dtype=torch.long)
+                hessian = units.damped(_hessian(block, group.consumer, inputs), relative_damping)
+                count = num_to_prune(fraction, group.units) if counts is None else counts[full]
+                removed, figures = units.choose_units(weight, hessian, count, method, max_swaps, group.columns)
+                kept_units = torch.tensor(sorted(set(range(group.units)) - set(removed.tolist())), dtype=torch.long)
+                kept = group.columns_of(kept_units)
                 new = units.refit(weight, hessian, kept) if method in REFITTED else weight[:, kept]
-                stats[full] = dict(figures, removed=removed.tolist(), producers=group.producers,
-                                   error=units.error_of(weight, hessian, kept, new))
-                remove_units(block, group, kept, new.float())
+                stats[full] = dict(figures, kind=group.kind, removed=removed.tolist(), units=group.units,
+                                   parameters_per_unit=group.parameters_per_unit(block),
+                                   producers=list(group.producers), error=units.error_of(weight, hessian, kept, new))
+                remove_units(block, group, kept_units, new.float())
                 widths[full] = (width, len(kept))
+                kinds[full] = (group.kind, len(kept_units), group.heads_per_unit, group.columns.shape[1])
             inputs = with_first(inputs, run_block(block, inputs))
     if not widths:
         raise BrainSurgeonError("no unit groups found: structured pruning needs nn.Linear consumers whose inputs come "
-                                "from other nn.Linear rows alone (MLP hidden neurons); attention heads come later")
-    _update_config(pruned, widths)
+                                "from other nn.Linear rows alone (MLP hidden neurons) or attention heads")
+    _update_config(pruned, widths, kinds)
     settings = dict(method=method, fraction=fraction, allocation=allocation, relative_damping=relative_damping,
                     max_swaps=max_swaps, blocks=[name for name, _ in found], batch_size=batch_size)
     return StructuredResult(pruned, widths, settings, stats, {"total": time.perf_counter() - started})
 
 
-def _error_curves(found, inputs, relative_damping: float, progress: bool) -> dict:
+def _hessian(block, consumer: str, inputs) -> torch.Tensor:
+    """X X^T / N of the consumer's inputs, the block run on `inputs` as it is now."""
+    recorder = HessianRecorder({consumer: block.get_submodule(consumer)})
+    try:
+        run_block(block, inputs)
+    finally:
+        recorder.close()
+    return recorder.hessian(consumer)
+
+
+def _error_curves(found, inputs, relative_damping: float, progress: bool) -> tuple:
     """Every consumer's structured-OBS error curve on the dense model (to one unit left), each divided by the mean
-    squared norm of its block's output; the blocks are left as they were."""
-    curves = {}
+    squared norm of its block's output, and the parameters one of its units holds; the blocks are left as they
+    were."""
+    curves, costs = {}, {}
     for name, block in progress_bar(found, "error curves", progress):
         groups = find_unit_groups(block, *inputs[0])
         recorder = HessianRecorder({g.consumer: block.get_submodule(g.consumer) for g in groups})
@@ -129,19 +138,30 @@ def _error_curves(found, inputs, relative_damping: float, progress: bool) -> dic
             recorder.close()
         energy = sum(float(o.double().pow(2).sum()) for o in outputs) / sum(o[..., 0].numel() for o in outputs)
         for group in groups:
+            full = f"{name}.{group.consumer}".strip(".")
             weight = block.get_submodule(group.consumer).weight.detach().double()
             hessian = units.damped(recorder.hessian(group.consumer), relative_damping)
-            _, errors = units.obs_path(weight, hessian, weight.shape[1] - 1)
-            curves[f"{name}.{group.consumer}".strip(".")] = errors / max(energy, 1e-300)
+            _, errors = units.unit_path(weight, hessian, group.columns, group.units - 1)
+            curves[full], costs[full] = errors / max(energy, 1e-300), group.parameters_per_unit(block)
         inputs = with_first(inputs, outputs)
-    return curves
+    return curves, costs
 
 
-def _update_config(model: nn.Module, widths: dict) -> None:
-    """A Hugging Face config's intermediate_size follows the MLP widths when they are all one width and were its
-    own (other configs are left to the width map in the result)."""
+def _update_config(model: nn.Module, widths: dict, kinds: dict) -> None:
+    """A Hugging Face config follows the shrunk widths when every block kept one width of each kind and the
+    config held the old one (intermediate_size; num_attention_heads and num_key_value_heads, with head_dim made
+    explicit). Other widths are left to the width map (models/shrunk.py)."""
     config = getattr(model, "config", None)
-    before = {width for width, _ in widths.values()}
-    after = {width for _, width in widths.values()}
-    if config is not None and len(after) == 1 and before == {getattr(config, "intermediate_size", None)}:
+    if config is None:
+        return
+    neurons = [name for name in widths if kinds[name][0] == "neurons"]
+    before, after = {widths[n][0] for n in neurons}, {widths[n][1] for n in neurons}
+    if neurons and len(after) == 1 and before == {getattr(config, "intermediate_size", None)}:
         config.intermediate_size = after.pop()
+    heads = {kinds[name][1:] for name in widths if kinds[name][0] == "heads"}
+    if len(heads) == 1 and hasattr(config, "num_key_value_heads"):
+        kv_heads, per_unit, columns = heads.pop()
+        head_dim = columns // per_unit
+        if getattr(config, "head_dim", None) in (None, head_dim):
+            config.head_dim = head_dim
+            config.num_attention_heads, config.num_key_value_heads = kv_heads * per_unit, kv_heads

@@ -88,28 +88,66 @@ def obs_path(weight: torch.Tensor, hessian: torch.Tensor, count: int) -> tuple:
     return torch.tensor(removed, dtype=torch.long), torch.tensor(errors, dtype=torch.float64)
 
 
+def block_obs_path(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tensor, count: int) -> tuple:
+    """obs_path for units of several columns each (`columns`: units x columns per unit, such as an attention
+    head's head_dim columns): a unit's score is tr(W_u [(H^-1)_uu]^-1 W_u^T), and the downdate is by blocks."""
+    inverse = torch.linalg.inv(hessian.double())
+    w = weight.double().clone()
+    alive = torch.ones(len(columns), dtype=torch.bool)
+    removed, errors, total = [], [], 0.0
+    for _ in range(count):
+        scores = torch.full((len(columns),), float("inf"), dtype=torch.float64)
+        for u in torch.nonzero(alive).squeeze(1).tolist():
+            cols = columns[u]
+            scores[u] = (torch.linalg.solve(inverse[cols][:, cols], w[:, cols].T) * w[:, cols].T).sum()
+        u = int(torch.argmin(scores))
+        cols = columns[u]
+        total += float(scores[u])
+        rows = inverse[cols].clone()
+        solved = torch.linalg.solve(rows[:, cols], rows)  # [(H^-1)_uu]^-1 (H^-1)_u,:
+        w -= w[:, cols] @ solved
+        inverse -= rows.T @ solved
+        alive[u], w[:, cols] = False, 0.0
+        removed.append(u)
+        errors.append(total)
+    return torch.tensor(removed, dtype=torch.long), torch.tensor(errors, dtype=torch.float64)
+
+
+def unit_path(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tensor, count: int) -> tuple:
+    """The structured-OBS path over the units `columns` (units x columns per unit)."""
+    if columns.shape[1] == 1 and torch.equal(columns[:, 0], torch.arange(weight.shape[1])):
+        return obs_path(weight, hessian, count)
+    return block_obs_path(weight, hessian, columns, count)
+
+
 def greedy_obs(weight: torch.Tensor, hessian: torch.Tensor, count: int) -> torch.Tensor:
     """The first `count` units of the structured OBS path, as sorted indices."""
     return torch.sort(obs_path(weight, hessian, count)[0]).values
 
 
-def allocate(curves: dict, total: int) -> dict:
-    """Units to remove per consumer so that `total` are removed in all with the least summed error, given each
-    consumer's error curve (curves[name][k-1]: its error with k units removed, on a scale common to all). Each
-    curve's increments are raised to their running maximum, so the cheapest `total` increments over all curves
-    are prefixes of them; that is the exact optimum when every curve is convex, as OBS paths nearly are."""
-    available = sum(len(curve) for curve in curves.values())
+def allocate(curves: dict, total: float, costs: dict = None) -> dict:
+    """Units to remove per consumer so that `total` is removed in all with the least summed error, given each
+    consumer's error curve (curves[name][k-1]: its error with k units removed, on a scale common to all) and the
+    cost of one of its units (costs[name], in parameters; 1 when not given, so `total` counts units). Each curve's
+    increments are raised to their running maximum, and the increments are taken cheapest per unit of cost first
+    until `total` is reached: with equal costs that is the exact optimum when every curve is convex, as OBS paths
+    nearly are; with unequal costs it removes at most one unit's cost more than `total`."""
+    costs = costs or dict.fromkeys(curves, 1)
+    available = sum(len(curve) * costs[name] for name, curve in curves.items())
     if not 0 <= total <= available:
-        raise BrainSurgeonError(f"cannot remove {total} units where the curves allow {available}")
-    names, increments = [], []
+        raise BrainSurgeonError(f"cannot remove {total} where the curves allow {available}")
+    names, increments, unit_costs = [], [], []
     for name, curve in curves.items():
         steps = torch.diff(curve.double(), prepend=curve.new_zeros(1, dtype=torch.float64))
-        increments.append(torch.cummax(steps, 0).values)
+        increments.append(torch.cummax(steps, 0).values / costs[name])
         names.extend([name] * len(curve))
-    order = torch.sort(torch.cat(increments), stable=True).indices[:total] if total else torch.zeros(0, dtype=torch.long)
-    counts = dict.fromkeys(curves, 0)
-    for index in order.tolist():
+        unit_costs.extend([costs[name]] * len(curve))
+    counts, removed = dict.fromkeys(curves, 0), 0
+    for index in torch.sort(torch.cat(increments), stable=True).indices.tolist():
+        if removed >= total:
+            break
         counts[names[index]] += 1
+        removed += unit_costs[index]
     return counts
 
 
@@ -197,22 +235,57 @@ def swap_search(weight: torch.Tensor, hessian: torch.Tensor, start: torch.Tensor
     return torch.sort(torch.tensor(state.removed, dtype=torch.long)).values, swaps
 
 
+def block_swaps(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tensor, start: torch.Tensor,
+                max_swaps: int) -> tuple:
+    """swap_search for units of several columns: the best swap of a removed and a kept unit by the exact joint
+    error of every pair (units of this kind are few: a layer's attention heads), until none lowers it."""
+    inverse = torch.linalg.inv(hessian.double())
+    w = weight.double()
+
+    def error(removed):
+        cols = columns[sorted(removed)].flatten()
+        return float((torch.linalg.solve(inverse[cols][:, cols], w[:, cols].T) * w[:, cols].T).sum())
+
+    removed, swaps = set(start.tolist()), 0
+    current = error(removed) if removed else 0.0
+    while removed and swaps < max_swaps:
+        best, move = current * (1 - 1e-12), None
+        for out in sorted(removed):
+            for into in sorted(set(range(len(columns))) - removed):
+                trial = error(removed - {out} | {into})
+                if trial < best:
+                    best, move = trial, (out, into)
+        if move is None:
+            break
+        removed, current, swaps = removed - {move[0]} | {move[1]}, best, swaps + 1
+    return torch.tensor(sorted(removed), dtype=torch.long), swaps
+
+
 SELECTIONS = ("norm", "wanda_sp", "obs", "swaps")
 
 
-def choose_units(weight: torch.Tensor, hessian: torch.Tensor, count: int, method: str, max_swaps: int = 200) -> tuple:
-    """The `count` units (columns of the consumer `weight`) `method` removes, and figures for the report."""
-    if not 0 <= count < weight.shape[1]:
-        raise BrainSurgeonError(f"cannot remove {count} of {weight.shape[1]} units; keep at least one")
-    if method == "norm":
-        return lowest(norm_scores(weight, hessian), count), {}
-    if method == "wanda_sp":
-        return lowest(wanda_scores(weight, hessian), count), {}
-    start = greedy_obs(weight, hessian, count)
+def choose_units(weight: torch.Tensor, hessian: torch.Tensor, count: int, method: str, max_swaps: int = 200,
+                 columns: torch.Tensor = None) -> tuple:
+    """The `count` units `method` removes, as sorted unit indices, and figures for the report. A unit is one
+    column of the consumer `weight`, or the row of `columns` (units x columns per unit) when given."""
+    if columns is None:
+        columns = torch.arange(weight.shape[1]).unsqueeze(1)
+    if not 0 <= count < len(columns):
+        raise BrainSurgeonError(f"cannot remove {count} of {len(columns)} units; keep at least one")
+    if method in ("norm", "wanda_sp"):
+        per_column = (norm_scores if method == "norm" else wanda_scores)(weight, hessian)
+        per_unit = per_column.pow(2)[columns].sum(1) if method == "norm" else per_column[columns].sum(1)
+        return lowest(per_unit, count), {}
+    single = columns.shape[1] == 1
+    start = torch.sort(unit_path(weight, hessian, columns, count)[0]).values
     if method == "obs":
         return start, {}
     if method == "swaps":
-        removed, swaps = swap_search(weight, hessian, start, max_swaps)
-        return removed, dict(swaps=swaps, start_error=removal_error(weight, hessian, start),
-                             error=removal_error(weight, hessian, removed))
+        if single:
+            removed, swaps = swap_search(weight, hessian, columns[start, 0], max_swaps)
+            removed = torch.nonzero(torch.isin(columns[:, 0], removed)).squeeze(1)
+        else:
+            removed, swaps = block_swaps(weight, hessian, columns, start, max_swaps)
+        return removed, dict(swaps=swaps, start_error=removal_error(weight, hessian, columns[start].flatten()),
+                             error=removal_error(weight, hessian, columns[removed].flatten()))
     raise BrainSurgeonError(f"unknown structured method {method!r}; choose from {list(SELECTIONS)}")

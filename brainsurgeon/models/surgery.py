@@ -4,9 +4,16 @@ A consumer nn.Linear's input column j is a *unit* when it is produced by rows j 
 same block and by nothing else: zeroing those rows (weights and bias) zeroes exactly column j of the consumer's
 input, and leaves the block's output equal to the block run with that column forced to zero. Both are checked by
 probing the block on calibration inputs, so no architecture is named: a Llama MLP's hidden neuron (gate and up
-rows, down_proj column) and a GPT-2 or BERT MLP's (fc1 row, fc2 column) are found the same way. Attention heads
-are not units of this kind (their q and k rows do not zero anything) and stay for later; a value channel, which
-is one, is ruled out by a trial removal on a copy of the block, whose attention code reshapes by the head width.
+rows, down_proj column) and a GPT-2 or BERT MLP's (fc1 row, fc2 column) are found the same way. A value channel,
+which is one too, is ruled out by a trial removal on a copy of the block, whose attention code reshapes by the
+head width.
+
+Attention heads are units of another shape, found by probing one row of each other layer: a value row zeroes
+the consumer (o_proj) columns of every query head that reads it, n_rep columns head_dim apart; a query row
+changes its head's head_dim columns and nothing else; a key row changes the columns of every query head of its
+group. From those, a unit is a key-value group: its query heads' q rows and consumer columns, its k and v rows
+(with grouped-query attention, the group and all its query heads go together, so the block's ratio of query to
+key-value heads stays). A trial removal on a copy confirms the block runs and is exact without one.
 """
 import copy
 from dataclasses import dataclass
@@ -19,10 +26,37 @@ PROBE_COLUMNS = 3  # columns zeroed at once by a probe: any shared producer row 
 
 @dataclass
 class UnitGroup:
-    """The units of one consumer: its input columns, each with the producers' rows of the same index."""
+    """The units of one consumer: each unit is some of its input columns and some rows of each producer."""
 
     consumer: str  # module name inside the block
-    producers: list  # module names whose output rows are the units
+    producers: dict  # module name -> the rows of each unit (units x rows per unit)
+    columns: torch.Tensor  # the consumer's input columns of each unit (units x columns per unit)
+    kind: str = "neurons"  # or "heads": key-value groups of attention heads
+    heads_per_unit: int = 0  # for heads: the query heads of one unit
+
+    @property
+    def units(self) -> int:
+        return len(self.columns)
+
+    def parameters_per_unit(self, block: nn.Module) -> int:
+        """The weights (and biases) one unit removes: its producers' rows and its consumer columns."""
+        count = self.columns.shape[1] * block.get_submodule(self.consumer).out_features
+        for name, rows in self.producers.items():
+            module = block.get_submodule(name)
+            count += rows.shape[1] * (module.in_features + (module.bias is not None))
+        return count
+
+    def rows_of(self, name: str, kept: torch.Tensor) -> torch.Tensor:
+        return self.producers[name][kept].flatten()
+
+    def columns_of(self, kept: torch.Tensor) -> torch.Tensor:
+        return self.columns[kept].flatten()
+
+
+def neuron_group(consumer: str, producers: list, width: int) -> UnitGroup:
+    """Units of one column each, with the producers' rows of the same index."""
+    each = torch.arange(width).unsqueeze(1)
+    return UnitGroup(consumer, {name: each for name in producers}, each)
 
 
 def _output_of(block, args, kwargs):
@@ -82,15 +116,69 @@ def find_unit_groups(block: nn.Module, args, kwargs, tolerance: float = 1e-6) ->
             if zeroed and untouched:
                 producers.append(name)
         if producers and _removal_is_exact(block, linears, consumer, producers, probe, args, kwargs, dense_output):
-            group = UnitGroup(consumer_name, producers)
+            group = neuron_group(consumer_name, producers, width)
             if _shrinks(block, group, probe, consumer, args, kwargs):
                 groups.append(group)
+                continue
+        group = _head_group(block, linears, consumer_name, reference, args, kwargs, tolerance)
+        if group is not None and _shrinks(block, group, torch.tensor([0]), consumer, args, kwargs):
+            groups.append(group)
     return groups
 
 
-def _shrinks(block, group: UnitGroup, probe, consumer, args, kwargs) -> bool:
+def _row_effect(block, consumer, module, reference, args, kwargs, tolerance) -> tuple:
+    """The consumer's input columns that zeroing row 0 of `module` changes, and those it sets to exactly zero."""
+    saved = _zeroed_rows(module, torch.tensor([0]))
+    try:
+        changed, _ = _consumer_input(block, consumer, args, kwargs)
+    finally:
+        _restore_rows(module, torch.tensor([0]), saved)
+    scale = tolerance * float(reference.abs().max())
+    flat, before = changed.flatten(0, -2), reference.flatten(0, -2)
+    differs = ((flat - before).abs() > scale).any(0)
+    return differs, differs & (flat.abs() <= scale).all(0)
+
+
+def _head_group(block, linears, consumer_name, reference, args, kwargs, tolerance):
+    """The consumer's key-value groups of attention heads (module docstring), or None when the probes do not show
+    that layout."""
+    consumer = linears[consumer_name]
+    width = consumer.in_features
+    values, changers = [], []
+    for name, module in linears.items():
+        if name == consumer_name or width % module.out_features:
+            continue
+        differs, zeroed = _row_effect(block, consumer, module, reference, args, kwargs, tolerance)
+        changed = torch.nonzero(differs).squeeze(1)
+        if not len(changed):
+            continue
+        if torch.equal(differs, zeroed):
+            values.append((name, changed))
+        elif torch.equal(changed, torch.arange(len(changed))):  # a query or key row: its heads' columns
+            changers.append((name, len(changed)))
+        else:
+            return None
+    if len(values) != 1 or not changers:
+        return None
+    (value, zeroed), head_dim = values[0], min(count for _, count in changers)
+    kv_width, heads_per_unit = linears[value].out_features, len(zeroed)
+    if kv_width % head_dim or not torch.equal(zeroed, torch.arange(heads_per_unit) * head_dim):
+        return None
+    units = kv_width // head_dim
+    if units < 2 or width != units * heads_per_unit * head_dim or any(
+            count not in (head_dim, heads_per_unit * head_dim) or linears[name].out_features % units
+            for name, count in changers):
+        return None
+    producers = {name: torch.arange(linears[name].out_features).reshape(units, -1)
+                 for name in [value] + [name for name, _ in changers]}
+    return UnitGroup(consumer_name, producers, torch.arange(width).reshape(units, -1), "heads", heads_per_unit)
+
+
+def _shrinks(block, group: UnitGroup, probe_units, consumer, args, kwargs) -> bool:
     """The block still runs, and gives the zeroed block's output, with the probed units physically removed from a
     copy: a layout the block's code assumes (an attention head's width in a reshape) rules the group out."""
+    probe = group.columns_of(probe_units)
+
     def zero_columns(module, inputs):
         x = inputs[0].clone()
         x[..., probe] = 0
@@ -102,10 +190,10 @@ def _shrinks(block, group: UnitGroup, probe, consumer, args, kwargs) -> bool:
     finally:
         handle.remove()
     trial = copy.deepcopy(block)
-    kept = torch.ones(consumer.in_features, dtype=torch.bool)
-    kept[probe] = False
+    kept = torch.ones(group.units, dtype=torch.bool)
+    kept[probe_units] = False
     kept = torch.nonzero(kept).squeeze(1)
-    remove_units(trial, group, kept, consumer.weight[:, kept])
+    remove_units(trial, group, kept, consumer.weight[:, group.columns_of(kept)])
     try:
         actual = _output_of(trial, args, kwargs)
     except (RuntimeError, ValueError):
@@ -153,12 +241,12 @@ def _replace(block: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def remove_units(block: nn.Module, group: UnitGroup, kept: torch.Tensor, consumer_weight: torch.Tensor) -> None:
-    """Replace the group's producers by nn.Linear layers with only the `kept` rows, and its consumer by one with
-    only the kept input columns, whose weights are `consumer_weight` (rows x len(kept): the refit, or the kept
-    columns as they were)."""
+    """Replace the group's producers by nn.Linear layers with only the `kept` units' rows, and its consumer by one
+    with only their input columns, whose weights are `consumer_weight` (rows x kept columns: the refit, or the
+    kept columns as they were)."""
     for name in group.producers:
-        module = block.get_submodule(name)
-        _replace(block, name, _smaller_linear(module, module.weight[kept],
-                                              None if module.bias is None else module.bias[kept]))
+        module, rows = block.get_submodule(name), group.rows_of(name, kept)
+        _replace(block, name, _smaller_linear(module, module.weight[rows],
+                                              None if module.bias is None else module.bias[rows]))
     consumer = block.get_submodule(group.consumer)
     _replace(block, group.consumer, _smaller_linear(consumer, consumer_weight.to(consumer.weight.dtype), consumer.bias))
