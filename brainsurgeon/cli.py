@@ -8,8 +8,19 @@ import threading
 from . import bench, validation
 from .atomic import check_outputs, outputs
 from .bench import DEFAULT_CALIB_SAMPLES
-from .cli_lm import bench_language_model, check_flags, prune_language_model
+from .cli_lm import (
+    bench_language_model,
+    check_flags,
+    language_model_inputs,
+    load_language_model,
+    prune_language_model,
+)
 from .cli_options import add_option_flags, given_options
+from .cli_structured import (
+    STRUCTURED_PATTERNS,
+    check_structured_flags,
+    prune_structured_language_model,
+)
 from .datasets.text import EVAL_ARTICLES
 from .datasets.vision import (
     DATASETS,
@@ -24,6 +35,7 @@ from .drivers.oneshot import prune
 from .drivers.registry import needs_fisher
 from .drivers.settings import deprecated_scope
 from .drivers.stage import DEFAULT_DAMPING, DEFAULT_MAX_MEMORY, GIB, samples_that_fit
+from .drivers.structured import ALLOCATIONS
 from .errors import BrainSurgeonError, first_line
 from .models.hf import convert_gguf
 from .models.loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
@@ -124,6 +136,12 @@ def _load(args):
 
 
 def _cmd_prune(args):
+    if args.pattern in STRUCTURED_PATTERNS:
+        check_structured_flags(args, given_options(args))
+        check_flags(args, True)
+        return prune_structured_language_model(args, load_language_model, language_model_inputs(args))
+    if args.allocation is not None:
+        raise BrainSurgeonError("--allocation applies to a structured --pattern (units, heads or neurons); drop it")
     check_flags(args, bool(args.hf_model))
     if args.hf_model:
         return prune_language_model(args, given_options(args))
@@ -242,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern",
                    help="the budget: global (one count over all layers; the default without --hf-model), layer "
                         "(the sparsity in each layer; the default with --hf-model), row (in each output row) or N:M, "
-                        "e.g. 2:4 (N zeros in every M inputs)")
+                        "e.g. 2:4 (N zeros in every M inputs); with --hf-model also units, heads or neurons: remove "
+                        "whole attention heads and/or MLP neurons (--sparsity of them) and write a smaller model")
+    p.add_argument("--allocation", help=f"with a structured --pattern: {' or '.join(ALLOCATIONS)} (default "
+                                        "uniform): the same fraction in every block, or the least summed error")
     p.add_argument("--target", choices=("layer", "dense"),
                    help="with --hf-model: each layer keeps its own output on the pruned inputs (layer, as SparseGPT) "
                         "or reproduces the dense model's (dense: twice the activation memory)")

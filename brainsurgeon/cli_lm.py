@@ -33,7 +33,7 @@ def check_flags(args, language_model: bool) -> None:
             setattr(args, name, default)
 
 
-def _load(args):
+def load_language_model(args):
     """Model, tokenizer, calibration windows (seeded shuffle of the calibration articles) and evaluation windows."""
     model, tokenizer = load_causal_lm(args.hf_model, progress=not args.quiet)
     longest = getattr(model.config, "max_position_embeddings", None)
@@ -59,7 +59,7 @@ def _describe_text(source: str, seed: int) -> str:
             f"seed {seed}")
 
 
-def _inputs(args) -> list:
+def language_model_inputs(args) -> list:
     """The files and folders a language-model run reads: no output may overlap them."""
     return [args.hf_model] + ([] if args.text == "wiki" else [args.text])
 
@@ -70,9 +70,9 @@ def prune_language_model(args, options: dict):
     if "seed" in bench.check_lm_sweep([method], {})[method]:
         options = dict(options, seed=args.seed)  # --seed also shuffles the calibration text
     with outputs(args.overwrite) as staged:  # every output checked before any work, published together
-        folder = staged.folder(args.out, inputs=_inputs(args))
+        folder = staged.folder(args.out, inputs=language_model_inputs(args))
         report_path = staged.file(args.report) if args.report else None
-        model, tokenizer, calibration, evaluation = _load(args)
+        model, tokenizer, calibration, evaluation = load_language_model(args)
         result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern or "layer",
                                  target=args.target,
                                  relative_damping=args.relative_damp,
@@ -96,7 +96,7 @@ def prune_language_model(args, options: dict):
 def bench_language_model(args, options: dict):
     methods = args.methods.split(",")
     bench.check_lm_sweep(methods, options)  # before any work
-    model, _, calibration, evaluation = _load(args)
+    model, _, calibration, evaluation = load_language_model(args)
     return bench.run_lm_benchmark(model, calibration, evaluation, methods, args.sparsities,
                                   model_name=Path(args.hf_model).name, relative_damping=args.relative_damp,
                                   text_source=_describe_text(args.text, _text_seed(args)), json_path=args.json,

@@ -12,7 +12,7 @@ LAYERS = [
     {"methods"},
     {"drivers"},
     {"bench", "demo"},
-    {"cli", "cli_lm", "cli_options"},
+    {"cli", "cli_lm", "cli_options", "cli_structured"},
 ]
 
 

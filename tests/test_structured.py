@@ -2,6 +2,7 @@
 than keeping the columns, the swap search never above its OBS start, and the shrunk model saved and reloaded with
 plain transformers."""
 import copy
+import json
 
 import pytest
 import torch
@@ -132,12 +133,16 @@ def test_a_width_map_that_does_not_fit_is_one_line(tmp_path):
 
 def test_a_model_without_units_and_bad_values_are_one_line():
     plain = torch.nn.Sequential(torch.nn.Linear(4, 3))
-    with pytest.raises(BrainSurgeonError, match="no unit groups found"):
+    with pytest.raises(BrainSurgeonError, match="no unit groups of heads or neurons found"):
         prune_structured(plain, torch.randn(8, 4), 0.5, "obs", progress=False)
     with pytest.raises(BrainSurgeonError, match="fraction"):
         prune_structured(tiny_llama(), token_ids(), 1.0, "obs", progress=False)
     with pytest.raises(BrainSurgeonError, match="structured method"):
         prune_structured(tiny_llama(), token_ids(), 0.5, "magnitude", progress=False)
+    with pytest.raises(BrainSurgeonError, match="unit kind"):
+        prune_structured(tiny_llama(), token_ids(), 0.5, "obs", units_of=("channels",), progress=False)
+    heads = prune_structured(tiny_llama(), token_ids(), 0.5, "obs", units_of="heads", progress=False)
+    assert {stats["kind"] for stats in heads.stats.values()} == {"heads"}
     with pytest.raises(BrainSurgeonError, match="allocation"):
         prune_structured(tiny_llama(), token_ids(), 0.5, "obs", allocation="global", progress=False)
     assert set(units.SELECTIONS) == {"norm", "wanda_sp", "obs", "swaps"}
@@ -153,3 +158,44 @@ def test_tied_embeddings_survive_the_width_map_round_trip(tmp_path):
     reloaded, _ = load_pruned(folder)
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
     torch.testing.assert_close(outputs(reloaded, ids), outputs(chosen.model, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("allocation, plain", [("uniform", True), ("errors", False)])
+def test_the_cli_writes_a_smaller_model_that_reloads_at_the_reported_perplexity(capsys, tmp_path, allocation, plain):
+    from helpers import lm_folder
+
+    from brainsurgeon.cli import main
+    from brainsurgeon.datasets.text import perplexity, split_text, token_windows
+
+    folder, text = lm_folder(tmp_path, tiny_llama())
+    sizes = ["--calib-seqs", "6", "--seq-len", "16", "--eval-windows", "4", "--text", str(text), "--quiet"]
+    out, report = tmp_path / "shrunk", tmp_path / "report.json"
+    code = main(["prune", "--hf-model", str(folder), "--pattern", "units", "--sparsity", "0.4", "--method", "obs",
+                 "--allocation", allocation, "--out", str(out), "--report", str(report), *sizes])
+    assert code == 0, capsys.readouterr().err
+    figures = json.loads(report.read_text())
+    assert figures["parameters"] < figures["dense_parameters"] and figures["settings"]["allocation"] == allocation
+    reloaded, tokenizer = load_pruned(out)
+    if plain:
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    evaluation = token_windows(tokenizer, split_text(str(text))[0], 4, 16)
+    assert perplexity(reloaded, evaluation) == pytest.approx(figures["perplexity"], rel=1e-6)
+    assert (out / WIDTHS_FILE).exists() != plain
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--pattern", "heads", "--sparsity", "0.3", "--target", "dense"], "--target does not apply to --pattern heads"),
+    (["--pattern", "units", "--sparsity", "0.3", "--method", "sparsegpt"], "--method"),
+    (["--pattern", "units", "--sparsity", "0.3", "--allocation", "global"], "--allocation"),
+    (["--pattern", "units"], "--sparsity is required"),
+    (["--pattern", "2:4", "--allocation", "errors"], "--allocation applies to a structured --pattern"),
+])
+def test_the_cli_refuses_what_a_structured_prune_does_not_use(capsys, tmp_path, flags, message):
+    from helpers import lm_folder
+
+    from brainsurgeon.cli import main
+
+    folder, text = lm_folder(tmp_path, tiny_llama(layers=1))
+    code = main(["prune", "--hf-model", str(folder), "--text", str(text), "--out", str(tmp_path / "x"), *flags])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

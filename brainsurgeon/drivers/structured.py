@@ -42,7 +42,8 @@ from .activations import (
 from .layers import check_finite_model
 
 REFITTED = ("obs", "swaps")
-ALLOCATIONS = ("uniform", "errors")  # the methods whose kept columns are refitted (the others keep them as they were)
+ALLOCATIONS = ("uniform", "errors")
+UNIT_KINDS = ("heads", "neurons")  # the methods whose kept columns are refitted (the others keep them as they were)
 
 
 @dataclass
@@ -62,15 +63,21 @@ class StructuredResult:
 
 @solver_errors_as_one_line
 def prune_structured(model: nn.Module, calibration, fraction: float, method: str = "swaps", *,
-                     allocation: str = "uniform", relative_damping: float = DEFAULT_RELATIVE_DAMPING,
+                     units_of: tuple = UNIT_KINDS, allocation: str = "uniform", relative_damping: float = DEFAULT_RELATIVE_DAMPING,
                      max_swaps: int = 200, blocks=None, batch_size: int = 8, progress: bool = True) -> StructuredResult:
     """Remove `fraction` of the units of the unit groups (module docstring) with `method` ('norm', 'wanda_sp',
     'obs' or 'swaps', methods/units.py), spread over the consumers by `allocation` ('uniform' or 'errors'), and
-    return the shrunk copy. `calibration` is model inputs, as for prune_layerwise; `relative_damping` damps each
+    return the shrunk copy. `units_of` names the kinds of units pruned ('heads', 'neurons' or both); `fraction`
+    is of each group's units (uniform) or of all their parameters (errors). `calibration` is model inputs, as for prune_layerwise; `relative_damping` damps each
     consumer's H by a fraction of its mean diagonal."""
     fraction = validation.number("fraction", fraction, low=0, high=1, high_open=True)
     method = validation.choice("structured method", method, units.SELECTIONS)
     allocation = validation.choice("allocation", allocation, ALLOCATIONS)
+    units_of = (units_of,) if isinstance(units_of, str) else tuple(units_of)
+    for kind in units_of:
+        validation.choice("unit kind", kind, UNIT_KINDS)
+    if not units_of:
+        raise BrainSurgeonError(f"units_of is empty; name one or more of {list(UNIT_KINDS)}")
     relative_damping = validation.positive("relative_damping", relative_damping)
     max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
     batch_size = validation.count("batch_size", batch_size)
@@ -84,11 +91,11 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
         inputs = capture_block_inputs(pruned, found[0][1], calls)
         counts = None
         if allocation == "errors":
-            curves, costs = _error_curves(found, inputs, relative_damping, progress)
+            curves, costs = _error_curves(found, inputs, units_of, relative_damping, progress)
             budget = fraction * sum((len(curve) + 1) * costs[name] for name, curve in curves.items())
             counts = units.allocate(curves, budget, costs)
         for name, block in progress_bar(found, "structured blocks", progress):
-            for group in find_unit_groups(block, *inputs[0]):  # in forward order, each on the inputs left by those before
+            for group in _groups(block, inputs, units_of):  # in forward order, each on the inputs left by those before
                 full = f"{name}.{group.consumer}".strip(".")
                 consumer = block.get_submodule(group.consumer)
                 weight, width = consumer.weight.detach().double(), consumer.in_features
@@ -106,10 +113,11 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                 kinds[full] = (group.kind, len(kept_units), group.heads_per_unit, group.columns.shape[1])
             inputs = with_first(inputs, run_block(block, inputs))
     if not widths:
-        raise BrainSurgeonError("no unit groups found: structured pruning needs nn.Linear consumers whose inputs come "
-                                "from other nn.Linear rows alone (MLP hidden neurons) or attention heads")
+        raise BrainSurgeonError(f"no unit groups of {' or '.join(units_of)} found: structured pruning needs "
+                                "nn.Linear consumers whose inputs come from other nn.Linear rows alone (MLP hidden "
+                                "neurons) or from attention heads")
     _update_config(pruned, widths, kinds)
-    settings = dict(method=method, fraction=fraction, allocation=allocation, relative_damping=relative_damping,
+    settings = dict(method=method, fraction=fraction, units_of=list(units_of), allocation=allocation, relative_damping=relative_damping,
                     max_swaps=max_swaps, blocks=[name for name, _ in found], batch_size=batch_size)
     return StructuredResult(pruned, widths, settings, stats, {"total": time.perf_counter() - started})
 
@@ -124,13 +132,17 @@ def _hessian(block, consumer: str, inputs) -> torch.Tensor:
     return recorder.hessian(consumer)
 
 
-def _error_curves(found, inputs, relative_damping: float, progress: bool) -> tuple:
+def _groups(block, inputs, units_of) -> list:
+    return [group for group in find_unit_groups(block, *inputs[0]) if group.kind in units_of]
+
+
+def _error_curves(found, inputs, units_of, relative_damping: float, progress: bool) -> tuple:
     """Every consumer's structured-OBS error curve on the dense model (to one unit left), each divided by the mean
     squared norm of its block's output, and the parameters one of its units holds; the blocks are left as they
     were."""
     curves, costs = {}, {}
     for name, block in progress_bar(found, "error curves", progress):
-        groups = find_unit_groups(block, *inputs[0])
+        groups = _groups(block, inputs, units_of)
         recorder = HessianRecorder({g.consumer: block.get_submodule(g.consumer) for g in groups})
         try:
             outputs = run_block(block, inputs)

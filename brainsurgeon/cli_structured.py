@@ -1,0 +1,56 @@
+"""The command line's structured prune of a language model: `prune --hf-model DIR --pattern units|heads|neurons`
+removes whole attention heads and MLP neurons (drivers/structured.py) and writes a smaller model folder."""
+import json
+
+from . import validation
+from .atomic import outputs
+from .datasets.text import perplexity
+from .drivers.structured import ALLOCATIONS, UNIT_KINDS, prune_structured
+from .errors import BrainSurgeonError
+from .methods.units import SELECTIONS
+from .models.shrunk import write_shrunk_folder
+
+# --pattern value -> the unit kinds it prunes
+STRUCTURED_PATTERNS = {"units": UNIT_KINDS, "heads": ("heads",), "neurons": ("neurons",)}
+
+
+def check_structured_flags(args, options: dict) -> None:
+    """Refuse, before any work, what a structured prune does not use."""
+    if not args.hf_model:
+        raise BrainSurgeonError(f"--pattern {args.pattern} prunes a language model's units; pass --hf-model (vision "
+                                "models prune weights: --pattern global, layer, row or N:M)")
+    unused = [flag for flag, value in (("--target", args.target), ("--include", args.include),
+                                       ("--ignore", args.ignore)) if value is not None]
+    unused += ["--" + name.replace("_", "-") for name in options]
+    if unused:
+        raise BrainSurgeonError(f"{', '.join(unused)} {'do' if len(unused) > 1 else 'does'} not apply to --pattern "
+                                f"{args.pattern}; drop {'them' if len(unused) > 1 else 'it'}")
+    if args.sparsity is None:
+        raise BrainSurgeonError(f"--sparsity is required: the fraction of the {args.pattern} to remove")
+    validation.choice("--method", args.method or "swaps", SELECTIONS)
+    validation.choice("--allocation", args.allocation or "uniform", ALLOCATIONS)
+
+
+def prune_structured_language_model(args, load, inputs) -> None:
+    """`load(args)` gives (model, tokenizer, calibration, evaluation); `inputs` are the paths no output may overlap."""
+    method, allocation = args.method or "swaps", args.allocation or "uniform"
+    with outputs(args.overwrite) as staged:
+        folder = staged.folder(args.out, inputs=inputs)
+        report_path = staged.file(args.report) if args.report else None
+        model, tokenizer, calibration, evaluation = load(args)
+        result = prune_structured(model, calibration, args.sparsity, method, units_of=STRUCTURED_PATTERNS[args.pattern],
+                                  allocation=allocation, relative_damping=args.relative_damp,
+                                  progress=not args.quiet)
+        dense_ppl = perplexity(model, evaluation, progress=not args.quiet)
+        pruned_ppl = perplexity(result.model, evaluation, progress=not args.quiet)
+        dense, shrunk = result.parameters_before_after(model)
+        report = {"settings": result.settings, "widths": result.widths, "stats": result.stats,
+                  "timings": result.timings, "dense_parameters": dense, "parameters": shrunk,
+                  "dense_perplexity": dense_ppl, "perplexity": pruned_ppl,
+                  "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape)}
+        write_shrunk_folder(folder, result.model, tokenizer, report)
+        if report_path:
+            report_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{method} on {args.pattern} ({allocation}): {dense:,} -> {shrunk:,} parameters, perplexity "
+          f"{dense_ppl:.2f} -> {pruned_ppl:.2f} in {result.timings['total']:.1f}s; wrote {args.out} "
+          "(brainsurgeon.load_pruned reloads it; plain transformers too when every block kept one width)")
