@@ -5,7 +5,7 @@ import signal
 import sys
 import threading
 
-from . import bench, validation
+from . import bench, bench_structured, validation
 from .atomic import check_outputs, outputs
 from .bench import DEFAULT_CALIB_SAMPLES
 from .cli_lm import (
@@ -18,6 +18,8 @@ from .cli_lm import (
 from .cli_options import add_option_flags, given_options
 from .cli_structured import (
     STRUCTURED_PATTERNS,
+    bench_structured_language_model,
+    check_structured_bench_flags,
     check_structured_flags,
     prune_structured_language_model,
 )
@@ -37,6 +39,7 @@ from .drivers.settings import deprecated_scope
 from .drivers.stage import DEFAULT_DAMPING, DEFAULT_MAX_MEMORY, GIB, samples_that_fit
 from .drivers.structured import ALLOCATIONS
 from .errors import BrainSurgeonError, first_line
+from .methods.units import SELECTIONS
 from .models.hf import convert_gguf
 from .models.loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
 from .models.vision import MODELS, build_model
@@ -188,6 +191,17 @@ def _max_memory(args):
 
 def _cmd_bench(args):
     check_outputs(args.json, args.plot, overwrite=args.overwrite)
+    if args.pattern:
+        check_structured_bench_flags(args, given_options(args))
+        check_flags(args, True)
+        report = bench_structured_language_model(args, load_language_model)
+        print(bench_structured.markdown_table(report))
+        if args.plot:
+            bench_structured.plot(report, args.plot, overwrite=args.overwrite)
+        return
+    if args.allocations is not None:
+        raise BrainSurgeonError("--allocations applies to a structured sweep (--pattern units, heads or neurons); "
+                                "drop it")
     check_flags(args, bool(args.hf_model))
     if args.hf_model:
         return _finish_bench(bench_language_model(args, given_options(args)), args)
@@ -281,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sparsities", type=_sparsities, default="0.5,0.6,0.7,0.8,0.9,0.95,0.98",
                    help="comma-separated sparsities or N:M patterns, e.g. 0.5,0.7,4:8,2:4")
     b.add_argument("--seeds", type=_ints, default="0")
+    b.add_argument("--pattern", choices=sorted(STRUCTURED_PATTERNS),
+                   help="with --hf-model: a structured sweep that removes whole attention heads and/or MLP neurons; "
+                        "--sparsities are then fractions of the blocks' parameters, --methods of "
+                        f"{', '.join(SELECTIONS)}")
+    b.add_argument("--allocations", help=f"with --pattern: some of {', '.join(ALLOCATIONS)} (default uniform)")
     b.add_argument("--json", help="write results as JSON")
     b.add_argument("--plot", help="write accuracy-vs-sparsity PNG (needs matplotlib)")
     b.set_defaults(run=_cmd_bench)

@@ -1,9 +1,11 @@
 """The command line's structured prune of a language model: `prune --hf-model DIR --pattern units|heads|neurons`
 removes whole attention heads and MLP neurons (drivers/structured.py) and writes a smaller model folder."""
 import json
+from pathlib import Path
 
 from . import validation
 from .atomic import outputs
+from .bench_structured import plan_runs, run_structured_benchmark
 from .datasets.text import perplexity
 from .drivers.structured import ALLOCATIONS, UNIT_KINDS, prune_structured
 from .errors import BrainSurgeonError
@@ -54,3 +56,25 @@ def prune_structured_language_model(args, load, inputs) -> None:
     print(f"{method} on {args.pattern} ({allocation}): {dense:,} -> {shrunk:,} parameters, perplexity "
           f"{dense_ppl:.2f} -> {pruned_ppl:.2f} in {result.timings['total']:.1f}s; wrote {args.out} "
           "(brainsurgeon.load_pruned reloads it; plain transformers too when every block kept one width)")
+
+
+def check_structured_bench_flags(args, options: dict) -> None:
+    """Refuse, before any work, what a structured sweep does not use; the sweep itself is checked by plan_runs."""
+    if not args.hf_model:
+        raise BrainSurgeonError(f"--pattern {args.pattern} sweeps a language model's units; pass --hf-model")
+    unused = ["--" + name.replace("_", "-") for name in options]
+    unused += ["--seeds"] if args.seeds != [0] else []
+    if unused:
+        raise BrainSurgeonError(f"{', '.join(unused)} {'do' if len(unused) > 1 else 'does'} not apply to a "
+                                f"structured sweep; drop {'them' if len(unused) > 1 else 'it'}")
+    plan_runs(args.methods.split(","), (args.allocations or "uniform").split(","), args.sparsities,
+              STRUCTURED_PATTERNS[args.pattern])
+
+
+def bench_structured_language_model(args, load) -> dict:
+    model, tokenizer, calibration, evaluation = load(args)
+    return run_structured_benchmark(model, tokenizer, calibration, evaluation, args.methods.split(","),
+                                    (args.allocations or "uniform").split(","), args.sparsities,
+                                    STRUCTURED_PATTERNS[args.pattern], model_name=Path(args.hf_model).name,
+                                    relative_damping=args.relative_damp, json_path=args.json,
+                                    overwrite=args.overwrite, progress=not args.quiet)

@@ -11,7 +11,7 @@ LAYERS = [
     {"curvature", "models", "datasets"},
     {"methods"},
     {"drivers"},
-    {"bench", "demo"},
+    {"bench", "bench_structured", "demo"},
     {"cli", "cli_lm", "cli_options", "cli_structured"},
 ]
 

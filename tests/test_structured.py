@@ -199,3 +199,33 @@ def test_the_cli_refuses_what_a_structured_prune_does_not_use(capsys, tmp_path, 
     code = main(["prune", "--hf-model", str(folder), "--text", str(text), "--out", str(tmp_path / "x"), *flags])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_structured_bench_measures_every_run_and_refuses_a_bad_sweep(capsys, tmp_path):
+    from helpers import lm_folder
+
+    from brainsurgeon.cli import main
+
+    folder, text = lm_folder(tmp_path, tiny_llama())
+    sizes = ["--calib-seqs", "6", "--seq-len", "16", "--eval-windows", "4", "--text", str(text), "--quiet"]
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--hf-model", str(folder), "--pattern", "neurons", "--methods", "obs",
+                 "--allocations", "uniform,errors", "--sparsities", "0.4", "--json", str(out),
+                 "--plot", str(tmp_path / "bench.png"), *sizes])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["complete"] and len(report["results"]) == 2 and (tmp_path / "bench.png").stat().st_size
+    for row in report["results"]:
+        assert row["parameters"] < report["dense"]["parameters"] and row["macs"] < report["dense"]["macs"]
+        assert row["file_bytes"] < report["dense"]["file_bytes"] and row["latency_pruned"] > 0
+        per_unit = 3 * 32  # a neuron: its gate and up rows and its down_proj column
+        assert abs(row["blocks_removed"] - row["fraction"]) * report["settings"]["unit_parameters"]["blocks"] <= \
+            3 * per_unit  # within a unit per block of the asked fraction of the blocks' parameters
+    assert "| obs (errors) |" in capsys.readouterr().out
+    for flags, message in ((["--sparsities", "0.8"], "cannot remove 0.8 of the blocks' parameters"),
+                           (["--methods", "admm"], "unknown structured method"),
+                           (["--allocations", "global"], "unknown allocation"),
+                           (["--seeds", "0,1"], "--seeds does not apply")):
+        code = main(["bench", "--hf-model", str(folder), "--pattern", "neurons", *sizes,
+                     *(["--methods", "obs"] if "--methods" not in flags else []), *flags])
+        assert code == 2 and message in capsys.readouterr().err, flags

@@ -177,3 +177,20 @@ def _update_config(model: nn.Module, widths: dict, kinds: dict) -> None:
         if getattr(config, "head_dim", None) in (None, head_dim):
             config.head_dim = head_dim
             config.num_attention_heads, config.num_key_value_heads = kv_heads * per_unit, kv_heads
+
+
+@torch.no_grad()
+def unit_parameters(model: nn.Module, calibration, blocks=None) -> dict:
+    """The parameters of each kind of unit group in the blocks ('heads', 'neurons') and of the blocks in all
+    ('blocks'), found by the same probes as prune_structured on the first calibration batch; the model is left as
+    it was."""
+    totals = dict.fromkeys(UNIT_KINDS, 0)
+    with evaluating(model):
+        found = find_blocks(model, blocks)
+        inputs = capture_block_inputs(model, found[0][1], model_calls(model, calibration, 8)[:1])
+        for _, block in found:
+            for group in find_unit_groups(block, *inputs[0]):
+                totals[group.kind] += group.units * group.parameters_per_unit(block)
+            inputs = with_first(inputs, run_block(block, inputs))
+    totals["blocks"] = sum(p.numel() for _, block in found for p in block.parameters())
+    return totals

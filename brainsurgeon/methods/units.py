@@ -80,8 +80,8 @@ def obs_path(weight: torch.Tensor, hessian: torch.Tensor, count: int) -> tuple:
         j = int(torch.argmin(scores))
         total += float(scores[j])
         row = inverse[j].clone()
-        w -= torch.outer(w[:, j] / row[j], row)
-        inverse -= torch.outer(row, row) / row[j]
+        w.addr_(w[:, j].clone(), row, alpha=-1.0 / float(row[j]))  # in place: the path is O(count d^2)
+        inverse.addr_(row, row, alpha=-1.0 / float(row[j]))
         alive[j], w[:, j] = False, 0.0
         removed.append(j)
         errors.append(total)
