@@ -89,13 +89,13 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
         found = find_blocks(pruned, blocks)
         calls = model_calls(pruned, calibration, batch_size)
         inputs = capture_block_inputs(pruned, found[0][1], calls)
-        counts = None
+        counts, groups_of = None, {}  # block name -> its unit groups, found once
         if allocation == "errors":
-            curves, costs = _error_curves(found, inputs, units_of, relative_damping, progress)
+            curves, costs = _error_curves(found, inputs, units_of, relative_damping, progress, groups_of)
             budget = fraction * sum((len(curve) + 1) * costs[name] for name, curve in curves.items())
             counts = units.allocate(curves, budget, costs)
         for name, block in progress_bar(found, "structured blocks", progress):
-            for group in _groups(block, inputs, units_of):  # in forward order, each on the inputs left by those before
+            for group in _groups(name, block, inputs, units_of, groups_of):  # in forward order, each on the inputs left by those before
                 full = f"{name}.{group.consumer}".strip(".")
                 consumer = block.get_submodule(group.consumer)
                 weight, width = consumer.weight.detach().double(), consumer.in_features
@@ -132,17 +132,20 @@ def _hessian(block, consumer: str, inputs) -> torch.Tensor:
     return recorder.hessian(consumer)
 
 
-def _groups(block, inputs, units_of) -> list:
-    return [group for group in find_unit_groups(block, *inputs[0]) if group.kind in units_of]
+def _groups(name, block, inputs, units_of, found: dict) -> list:
+    """The block's unit groups of the kinds asked, probed on its first call the first time it is asked for."""
+    if name not in found:
+        found[name] = find_unit_groups(block, *inputs[0])
+    return [group for group in found[name] if group.kind in units_of]
 
 
-def _error_curves(found, inputs, units_of, relative_damping: float, progress: bool) -> tuple:
+def _error_curves(found, inputs, units_of, relative_damping: float, progress: bool, groups_of: dict) -> tuple:
     """Every consumer's structured-OBS error curve on the dense model (to one unit left), each divided by the mean
     squared norm of its block's output, and the parameters one of its units holds; the blocks are left as they
     were."""
     curves, costs = {}, {}
     for name, block in progress_bar(found, "error curves", progress):
-        groups = _groups(block, inputs, units_of)
+        groups = _groups(name, block, inputs, units_of, groups_of)
         recorder = HessianRecorder({g.consumer: block.get_submodule(g.consumer) for g in groups})
         try:
             outputs = run_block(block, inputs)

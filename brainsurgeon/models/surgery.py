@@ -88,10 +88,27 @@ def _restore_rows(module: nn.Linear, rows: torch.Tensor, saved) -> None:
         module.bias.data[rows] = saved[1]
 
 
+def first_sequence(args, kwargs) -> tuple:
+    """The call cut to its first sequence: every tensor whose leading size is the batch's (the hidden states', an
+    attention mask's) keeps its first row, and the rest (broadcast position tables, flags) is left as it is. The
+    probes need one sequence, not a batch."""
+    batch = args[0].shape[0] if args and torch.is_tensor(args[0]) and args[0].dim() > 1 else None
+
+    def cut(value):
+        if torch.is_tensor(value) and value.dim() > 1 and value.shape[0] == batch:
+            return value[:1]
+        if isinstance(value, (tuple, list)):
+            return type(value)(cut(v) for v in value)
+        return value
+
+    return (cut(tuple(args)), {key: cut(value) for key, value in kwargs.items()}) if batch else (args, kwargs)
+
+
 @torch.no_grad()
 def find_unit_groups(block: nn.Module, args, kwargs, tolerance: float = 1e-6) -> list:
     """Every consumer nn.Linear of `block` whose input columns are units (module docstring), with their producers,
-    found by probing the block on one captured call (args, kwargs)."""
+    found by probing the block on the first sequence of one captured call (args, kwargs)."""
+    args, kwargs = first_sequence(args, kwargs)
     linears = {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
     groups = []
     for consumer_name, consumer in linears.items():
