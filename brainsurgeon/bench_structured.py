@@ -130,28 +130,39 @@ def run_structured_benchmark(model, tokenizer, calibration, evaluation, methods,
     return report
 
 
+def is_structured(report: dict) -> bool:
+    return isinstance(report, dict) and "units" in report.get("settings", {})
+
+
+def _rows(reports: list) -> list:
+    """Every run of the reports, each with the unit kinds of its sweep."""
+    return [dict(row, units=report["settings"]["units"]) for report in reports for row in report["results"]]
+
+
 def label(row: dict) -> str:
-    return row["method"] + ("" if row["allocation"] == "uniform" else f" ({row['allocation']})")
+    return f"{row['method']} · {row['allocation']} · {'+'.join(row['units'])}"
 
 
-def markdown_table(report: dict) -> str:
-    """Perplexity per method (rows) and fraction of the blocks' parameters (columns); then each run's measured
-    size and speed."""
-    fractions = report["settings"]["fractions"]
+def markdown_table(reports) -> str:
+    """Perplexity per run kind (rows: method, allocation, units) and fraction of the blocks' parameters (columns),
+    over one or more sweeps of the same model and windows; then each run's measured size and speed."""
+    reports = [reports] if isinstance(reports, dict) else list(reports)
+    fractions = sorted({f for report in reports for f in report["settings"]["fractions"]})
     rows = {}
-    for row in report["results"]:
+    for row in _rows(reports):
         rows.setdefault(label(row), {})[row["fraction"]] = row
-    dense = report["dense"]
-    lines = ["| method | " + " | ".join(f"{f:g}" for f in fractions) + " |", "|---" * (len(fractions) + 1) + "|",
+    dense = reports[0]["dense"]
+    lines = ["| method · allocation · units | " + " | ".join(f"{f:g}" for f in fractions) + " |",
+             "|---" * (len(fractions) + 1) + "|",
              "| dense | " + " | ".join(f"{dense['perplexity']:.2f}" for _ in fractions) + " |"]
     for name, cells in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{cells[f]['perplexity']:.2f}" if f in cells else "" for f in fractions)
                      + " |")
-    lines += ["", "| fraction | method | blocks removed | parameters | MACs / window | file | latency | speed-up | "
-              "s/run | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|",
+    lines += ["", "| fraction | method · allocation · units | blocks removed | parameters | MACs / window | file | "
+              "latency (pruned vs dense) | speed-up | s/run | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|",
               f"| 0 | dense | 0 | {dense['parameters']:,} | {dense['macs'] / 1e9:.1f} G | "
               f"{dense['file_bytes'] / 2**20:.0f} MiB | | | | |"]
-    for row in report["results"]:
+    for row in sorted(_rows(reports), key=lambda r: r["fraction"]):
         lines.append(f"| {row['fraction']:g} | {label(row)} | {row['blocks_removed']:.3f} | {row['parameters']:,} | "
                      f"{row['macs'] / 1e9:.1f} G | {row['file_bytes'] / 2**20:.0f} MiB | "
                      f"{row['latency_pruned']:.3f} s vs {row['latency_dense']:.3f} s | {row['speedup']:.2f}x | "
@@ -159,15 +170,18 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, path, overwrite: bool = False) -> None:
-    """Perplexity against the measured speed-up, one line per method (needs the 'plot' extra: matplotlib)."""
+def plot(reports, path, overwrite: bool = False) -> None:
+    """Perplexity against the measured speed-up, one line per run kind over one or more sweeps (needs the 'plot'
+    extra: matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    reports = [reports] if isinstance(reports, dict) else list(reports)
+    report = reports[0]
     series = {}
-    for row in report["results"]:
+    for row in _rows(reports):
         series.setdefault(label(row), []).append((row["speedup"], row["perplexity"]))
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for name, points in series.items():

@@ -228,15 +228,26 @@ def _cmd_demo(args):
 
 
 def _cmd_table(args):
-    path = validation.input_file(args.json_file, "bench JSON", validation.MAX_TEXT_BYTES)
+    reports = []
+    for name in args.json_files:
+        path = validation.input_file(name, "bench JSON", validation.MAX_TEXT_BYTES)
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as error:
+            raise BrainSurgeonError(f"cannot read bench JSON {path}: {first_line(error)}") from None
+    structured = [bench_structured.is_structured(report) for report in reports]
+    if len(reports) > 1 and not all(structured):
+        raise BrainSurgeonError("several bench JSONs make one table only for structured sweeps (bench --pattern); "
+                                "pass one JSON")
+    if args.plot and not all(structured):
+        raise BrainSurgeonError("table --plot draws structured sweeps (bench --pattern); bench --plot draws the others")
     try:
-        report = json.loads(path.read_text())
-        table = bench.markdown_table(report)
-    except (OSError, ValueError) as error:
-        raise BrainSurgeonError(f"cannot read bench JSON {path}: {first_line(error)}") from None
+        table = bench_structured.markdown_table(reports) if all(structured) else bench.markdown_table(reports[0])
     except (KeyError, TypeError, IndexError, AttributeError) as error:
-        raise BrainSurgeonError(f"{path} is not a bench JSON written by 'brainsurgeon bench' "
+        raise BrainSurgeonError(f"{args.json_files[0]} is not a bench JSON written by 'brainsurgeon bench' "
                                 f"({type(error).__name__}: {first_line(error)}); pass one that is") from None
+    if args.plot:
+        bench_structured.plot(reports, args.plot, overwrite=args.overwrite)
     print(table)
 
 
@@ -317,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(run=_cmd_demo)
 
     t = sub.add_parser("table", help="a bench JSON as the README's markdown table")
-    t.add_argument("json_file")
+    t.add_argument("json_files", nargs="+", help="a bench JSON, or several structured sweeps of one model")
+    t.add_argument("--plot", help="with structured sweeps: perplexity against measured speed-up, as PNG")
+    t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     t.set_defaults(run=_cmd_table)
 
     c = sub.add_parser("convert-gguf", help="dequantise a GGUF causal LM into a float32 Hugging Face folder")

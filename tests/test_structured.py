@@ -221,7 +221,9 @@ def test_the_structured_bench_measures_every_run_and_refuses_a_bad_sweep(capsys,
         per_unit = 3 * 32  # a neuron: its gate and up rows and its down_proj column
         assert abs(row["blocks_removed"] - row["fraction"]) * report["settings"]["unit_parameters"]["blocks"] <= \
             3 * per_unit  # within a unit per block of the asked fraction of the blocks' parameters
-    assert "| obs (errors) |" in capsys.readouterr().out
+    assert "| obs · errors · neurons |" in capsys.readouterr().out
+    assert main(["table", str(out), str(out), "--plot", str(tmp_path / "both.png")]) == 0  # sweeps make one table
+    assert "| obs · uniform · neurons |" in capsys.readouterr().out and (tmp_path / "both.png").stat().st_size
     for flags, message in ((["--sparsities", "0.8"], "cannot remove 0.8 of the blocks' parameters"),
                            (["--methods", "admm"], "unknown structured method"),
                            (["--allocations", "global"], "unknown allocation"),

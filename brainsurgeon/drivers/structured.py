@@ -12,8 +12,9 @@ How many units each consumer loses (`allocation`):
            (intermediate_size)
   errors   the same total, spread to give the least summed error: a first pass over the dense model follows
            every consumer's structured-OBS path to one unit left and records its error curve, divided by the
-           mean squared norm of the block's output (the residual stream the error is added to, so errors of
-           different depths are on one scale); methods/units.allocate picks the counts. The widths then differ
+           median over tokens of the squared norm of the block's output (the residual stream the error is added
+           to, so errors of different depths are on one scale; the median, because the mean is dominated by the
+           few tokens that carry massive activations); methods/units.allocate picks the counts. The widths then differ
            per block and the model is saved with a width map (models/shrunk.py).
 """
 import copy
@@ -140,9 +141,9 @@ def _groups(name, block, inputs, units_of, found: dict) -> list:
 
 
 def _error_curves(found, inputs, units_of, relative_damping: float, progress: bool, groups_of: dict) -> tuple:
-    """Every consumer's structured-OBS error curve on the dense model (to one unit left), each divided by the mean
-    squared norm of its block's output, and the parameters one of its units holds; the blocks are left as they
-    were."""
+    """Every consumer's structured-OBS error curve on the dense model (to one unit left), each divided by the median
+    over tokens of the squared norm of its block's output, and the parameters one of its units holds; the blocks
+    are left as they were."""
     curves, costs = {}, {}
     for name, block in progress_bar(found, "error curves", progress):
         groups = _groups(name, block, inputs, units_of, groups_of)
@@ -151,7 +152,7 @@ def _error_curves(found, inputs, units_of, relative_damping: float, progress: bo
             outputs = run_block(block, inputs)
         finally:
             recorder.close()
-        energy = sum(float(o.double().pow(2).sum()) for o in outputs) / sum(o[..., 0].numel() for o in outputs)
+        energy = float(torch.cat([o.double().pow(2).sum(-1).flatten() for o in outputs]).median())
         for group in groups:
             full = f"{name}.{group.consumer}".strip(".")
             weight = block.get_submodule(group.consumer).weight.detach().double()
