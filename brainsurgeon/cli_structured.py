@@ -47,13 +47,14 @@ def prune_structured_language_model(args, load, inputs) -> None:
         pruned_ppl = perplexity(result.model, evaluation, progress=not args.quiet)
         dense, shrunk = result.parameters_before_after(model)
         report = {"settings": result.settings, "widths": result.widths, "stats": result.stats,
-                  "timings": result.timings, "dense_parameters": dense, "parameters": shrunk,
+                  "timings": result.timings, "left_dense": result.left_dense, "dense_parameters": dense, "parameters": shrunk,
                   "dense_perplexity": dense_ppl, "perplexity": pruned_ppl,
                   "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape)}
         write_shrunk_folder(folder, result.model, tokenizer, report)
         if report_path:
             report_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{method} on {args.pattern} ({allocation}): {dense:,} -> {shrunk:,} parameters, perplexity "
+    print(f"{method} on {args.pattern} ({allocation}): {dense:,} -> {shrunk:,} parameters ({len(result.left_dense)} "
+          f"linear layers kept their shape, listed with the reason in the report), perplexity "
           f"{dense_ppl:.2f} -> {pruned_ppl:.2f} in {result.timings['total']:.1f}s; wrote {args.out} "
           "(brainsurgeon.load_pruned reloads it; plain transformers too when every block kept one width)")
 

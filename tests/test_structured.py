@@ -143,6 +143,8 @@ def test_a_model_without_units_and_bad_values_are_one_line():
         prune_structured(tiny_llama(), token_ids(), 0.5, "obs", units_of=("channels",), progress=False)
     heads = prune_structured(tiny_llama(), token_ids(), 0.5, "obs", units_of="heads", progress=False)
     assert {stats["kind"] for stats in heads.stats.values()} == {"heads"}
+    assert heads.left_dense["lm_head"].startswith("outside the blocks")
+    assert heads.left_dense["model.layers.0.mlp.down_proj"] == "its neurons were not asked for"
     with pytest.raises(BrainSurgeonError, match="allocation"):
         prune_structured(tiny_llama(), token_ids(), 0.5, "obs", allocation="global", progress=False)
     assert set(units.SELECTIONS) == {"norm", "wanda_sp", "obs", "swaps"}

@@ -57,6 +57,7 @@ class StructuredResult:
     settings: dict
     stats: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    left_dense: dict = field(default_factory=dict)  # nn.Linear name -> why it kept its shape
 
     def parameters_before_after(self, dense: nn.Module) -> tuple:
         return sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in self.model.parameters())
@@ -120,7 +121,25 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
     _update_config(pruned, widths, kinds)
     settings = dict(method=method, fraction=fraction, units_of=list(units_of), allocation=allocation, relative_damping=relative_damping,
                     max_swaps=max_swaps, blocks=[name for name, _ in found], batch_size=batch_size)
-    return StructuredResult(pruned, widths, settings, stats, {"total": time.perf_counter() - started})
+    return StructuredResult(pruned, widths, settings, stats, {"total": time.perf_counter() - started},
+                            _left_dense(pruned, found, groups_of, units_of))
+
+
+def _left_dense(model: nn.Module, found, groups_of: dict, units_of) -> dict:
+    """Every nn.Linear the prune did not shrink, with the reason."""
+    members = {}
+    for name, _ in found:
+        for group in groups_of.get(name, []):
+            for member in [group.consumer, *group.producers]:
+                members[f"{name}.{member}".strip(".")] = group.kind
+    outside = "outside the blocks (embeddings and the output head stay whole)"
+    reasons = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and members.get(name) not in units_of:
+            inside = any(name.startswith(f"{block}.") or not block for block, _ in found)
+            reasons[name] = (f"its {members[name]} were not asked for" if name in members else
+                             "in no unit group the probes found" if inside else outside)
+    return reasons
 
 
 def _hessian(block, consumer: str, inputs) -> torch.Tensor:
