@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce
+.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-ours bench-structured-table
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -94,3 +94,18 @@ bench-reproduce: $(LM_DIR)/config.json
 bench-lm: $(LM_DIR)/config.json
 	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --methods mp,wanda,sparsegpt,admm --sparsities 0.5,0.7,4:8,2:4 \
 	  --calib-seqs 64 --seq-len 512 --eval-windows 32 --json bench/smollm2_wiki.json --plot bench/smollm2_wiki.png
+
+# The structured tables (issue 23): the baselines shrink the MLPs with the same fraction in every block; ours spends
+# the same parameter budget by the error curves. Fractions are of the blocks' parameters; the same windows as
+# bench-lm; dense and pruned latency timed interleaved. `make bench-structured-table` prints the README table.
+STRUCTURED_FRACTIONS ?= 0.3,0.5,0.2
+bench-structured: bench-structured-baselines bench-structured-ours
+bench-structured-baselines: $(LM_DIR)/config.json
+	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern neurons --methods wanda_sp,obs,norm \
+	  --allocations uniform --sparsities $(STRUCTURED_FRACTIONS) --json bench/smollm2_structured_baselines.json
+bench-structured-ours: $(LM_DIR)/config.json
+	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern $(OURS_UNITS) --methods obs,swaps \
+	  --allocations errors --sparsities $(STRUCTURED_FRACTIONS) --json bench/smollm2_structured_ours.json
+bench-structured-table:
+	@$(BIN)/brainsurgeon table bench/smollm2_structured_baselines.json bench/smollm2_structured_ours.json \
+	  --plot bench/smollm2_structured.png --overwrite

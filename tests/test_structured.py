@@ -233,3 +233,16 @@ def test_the_structured_bench_measures_every_run_and_refuses_a_bad_sweep(capsys,
         code = main(["bench", "--hf-model", str(folder), "--pattern", "neurons", *sizes,
                      *(["--methods", "obs"] if "--methods" not in flags else []), *flags])
         assert code == 2 and message in capsys.readouterr().err, flags
+
+
+def test_allocation_by_loss_spends_the_budget_and_leaves_the_callers_parameters_as_they_were():
+    model, ids = tiny_llama(), token_ids()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    chosen = prune_structured(model, ids, 0.4, "obs", allocation="loss", progress=False)
+    budget = 0.4 * sum(s["units"] * s["parameters_per_unit"] for s in chosen.stats.values())
+    removed = sum(len(s["removed"]) * s["parameters_per_unit"] for s in chosen.stats.values())
+    assert budget <= removed < budget + max(s["parameters_per_unit"] for s in chosen.stats.values())
+    assert all(p.grad is None for p in chosen.model.parameters())
+    assert not chosen.model.model.embed_tokens.weight.requires_grad
+    with pytest.raises(BrainSurgeonError, match="needs a causal language model whose output has logits"):
+        prune_structured(tiny_bert(), ids, 0.4, "obs", allocation="loss", progress=False)

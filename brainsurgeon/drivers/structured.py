@@ -14,8 +14,11 @@ How many units each consumer loses (`allocation`):
            every consumer's structured-OBS path to one unit left and records its error curve, divided by the
            median over tokens of the squared norm of the block's output (the residual stream the error is added
            to, so errors of different depths are on one scale; the median, because the mean is dominated by the
-           few tokens that carry massive activations); methods/units.allocate picks the counts. The widths then differ
-           per block and the model is saved with a width map (models/shrunk.py).
+           few tokens that carry massive activations); methods/units.allocate picks the counts. The widths
+           then differ per block and the model is saved with a width map (models/shrunk.py).
+  loss     as errors, but each curve is put on the scale of the calibration loss: multiplied by the mean
+           squared gradient of the loss with respect to its block's output (drivers/sensitivity.py; causal
+           language models)
 """
 import copy
 import time
@@ -41,9 +44,10 @@ from .activations import (
     with_first,
 )
 from .layers import check_finite_model
+from .sensitivity import block_sensitivities
 
 REFITTED = ("obs", "swaps")
-ALLOCATIONS = ("uniform", "errors")
+ALLOCATIONS = ("uniform", "errors", "loss")
 UNIT_KINDS = ("heads", "neurons")  # the methods whose kept columns are refitted (the others keep them as they were)
 
 
@@ -68,7 +72,7 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                      units_of: tuple = UNIT_KINDS, allocation: str = "uniform", relative_damping: float = DEFAULT_RELATIVE_DAMPING,
                      max_swaps: int = 200, blocks=None, batch_size: int = 8, progress: bool = True) -> StructuredResult:
     """Remove `fraction` of the units of the unit groups (module docstring) with `method` ('norm', 'wanda_sp',
-    'obs' or 'swaps', methods/units.py), spread over the consumers by `allocation` ('uniform' or 'errors'), and
+    'obs' or 'swaps', methods/units.py), spread over the consumers by `allocation` ('uniform', 'errors', 'loss'), and
     return the shrunk copy. `units_of` names the kinds of units pruned ('heads', 'neurons' or both); `fraction`
     is of each group's units (uniform) or of all their parameters (errors). `calibration` is model inputs, as for prune_layerwise; `relative_damping` damps each
     consumer's H by a fraction of its mean diagonal."""
@@ -92,8 +96,9 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
         calls = model_calls(pruned, calibration, batch_size)
         inputs = capture_block_inputs(pruned, found[0][1], calls)
         counts, groups_of = None, {}  # block name -> its unit groups, found once
-        if allocation == "errors":
-            curves, costs = _error_curves(found, inputs, units_of, relative_damping, progress, groups_of)
+        if allocation != "uniform":
+            scales = block_sensitivities(pruned, found, calls) if allocation == "loss" else None
+            curves, costs = _error_curves(found, inputs, units_of, relative_damping, progress, groups_of, scales)
             budget = fraction * sum((len(curve) + 1) * costs[name] for name, curve in curves.items())
             counts = units.allocate(curves, budget, costs)
         for name, block in progress_bar(found, "structured blocks", progress):
@@ -159,10 +164,12 @@ def _groups(name, block, inputs, units_of, found: dict) -> list:
     return [group for group in found[name] if group.kind in units_of]
 
 
-def _error_curves(found, inputs, units_of, relative_damping: float, progress: bool, groups_of: dict) -> tuple:
-    """Every consumer's structured-OBS error curve on the dense model (to one unit left), each divided by the median
-    over tokens of the squared norm of its block's output, and the parameters one of its units holds; the blocks
-    are left as they were."""
+def _error_curves(found, inputs, units_of, relative_damping: float, progress: bool, groups_of: dict,
+                  scales: dict = None) -> tuple:
+    """Every consumer's structured-OBS error curve on the dense model (to one unit left), and the parameters one
+    of its units holds. Each curve is multiplied by its block's loss sensitivity (`scales`), or without them
+    divided by the median over tokens of the squared norm of its block's output. The blocks are left as they
+    were."""
     curves, costs = {}, {}
     for name, block in progress_bar(found, "error curves", progress):
         groups = _groups(name, block, inputs, units_of, groups_of)
@@ -177,7 +184,8 @@ def _error_curves(found, inputs, units_of, relative_damping: float, progress: bo
             weight = block.get_submodule(group.consumer).weight.detach().double()
             hessian = units.damped(recorder.hessian(group.consumer), relative_damping)
             _, errors = units.unit_path(weight, hessian, group.columns, group.units - 1)
-            curves[full], costs[full] = errors / max(energy, 1e-300), group.parameters_per_unit(block)
+            scaled = errors * scales[name] if scales else errors / max(energy, 1e-300)
+            curves[full], costs[full] = scaled, group.parameters_per_unit(block)
         inputs = with_first(inputs, outputs)
     return curves, costs
 
