@@ -287,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the sparsity in each layer; the default with --hf-model), row (in each output row) or N:M, "
                         "e.g. 2:4 (N zeros in every M inputs); with --hf-model also units, heads or neurons: remove "
                         "whole attention heads and/or MLP neurons (--sparsity of them) and write a smaller model")
-    p.add_argument("--allocation", help=f"with a structured --pattern: {' or '.join(ALLOCATIONS)} (default "
-                                        "uniform): the same fraction in every block, or the least summed error")
+    p.add_argument("--allocation", help=f"with a structured --pattern: {', '.join(ALLOCATIONS)} (default "
+                                        "uniform): the same fraction in every block, or the least summed error, on "
+                                        "the residual stream's scale (errors) or the loss's (loss)")
     p.add_argument("--target", choices=("layer", "dense"),
                    help="with --hf-model: each layer keeps its own output on the pruned inputs (layer, as SparseGPT) "
                         "or reproduces the dense model's (dense: twice the activation memory)")
