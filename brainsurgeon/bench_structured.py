@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .atomic import atomic_path, check_writable
 from .bench import peak_memory_bytes, reset_peak_memory, write_json
@@ -42,9 +42,18 @@ def latency(models: dict, window: torch.Tensor, repeats: int = LATENCY_REPEATS) 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)  # the counter hands over shapes
+
+
+# torch's counter knows the GPU attention kernels; the CPU one it runs here is mapped to the same formula.
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 def macs(model, window: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward of `window` (torch's FLOP counter, halved)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """Multiply-accumulates of one forward of `window` (torch's FLOP counter, halved), attention products
+    included."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         model(window)
     return counter.get_total_flops() // 2
 

@@ -246,3 +246,12 @@ def test_allocation_by_loss_spends_the_budget_and_leaves_the_callers_parameters_
     assert not chosen.model.model.embed_tokens.weight.requires_grad
     with pytest.raises(BrainSurgeonError, match="needs a causal language model whose output has logits"):
         prune_structured(tiny_bert(), ids, 0.4, "obs", allocation="loss", progress=False)
+
+
+def test_macs_count_every_linear_layer_and_the_attention_products():
+    from brainsurgeon.bench_structured import macs
+
+    model, ids = tiny_llama(), token_ids(rows=1, length=64)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) * 64
+    attention = 3 * 2 * 4 * 64 * 64 * 8  # layers x (Q K^T and P V) x heads x tokens^2 x head_dim
+    assert macs(model, ids) == linear + attention
