@@ -104,7 +104,7 @@ bench-structured-baselines: $(LM_DIR)/config.json
 	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern neurons --methods wanda_sp,obs,norm \
 	  --allocations uniform --sparsities $(STRUCTURED_FRACTIONS) --json bench/smollm2_structured_baselines.json
 bench-structured-ours: $(LM_DIR)/config.json
-	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern $(OURS_UNITS) --methods obs,swaps \
+	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern units --methods obs,swaps \
 	  --allocations errors --sparsities $(STRUCTURED_FRACTIONS) --json bench/smollm2_structured_ours.json
 bench-structured-table:
 	@$(BIN)/brainsurgeon table bench/smollm2_structured_baselines.json bench/smollm2_structured_ours.json \
