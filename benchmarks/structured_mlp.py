@@ -7,32 +7,18 @@ forward latency of dense and shrunk measured interleaved in one process.
 """
 import argparse
 import json
-import statistics
 import time
 
 import torch
 
 from brainsurgeon.atomic import write_text
+from brainsurgeon.bench_structured import latency
 from brainsurgeon.datasets.text import perplexity, split_text, token_windows
 from brainsurgeon.drivers.structured import prune_structured
 from brainsurgeon.methods.units import SELECTIONS
 from brainsurgeon.models.hf import load_causal_lm
 
 FOLDER = "models/SmolLM2-135M-Instruct"
-
-
-def latency(models: dict, window: torch.Tensor, repeats: int = 7) -> dict:
-    """Median seconds of one forward per model, the models' runs interleaved (warm-up first)."""
-    times = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            model(window)
-        for _ in range(repeats):
-            for name, model in models.items():
-                started = time.perf_counter()
-                model(window)
-                times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def markdown_table(report: dict) -> str:
