@@ -165,8 +165,8 @@ def markdown_table(reports) -> str:
              "|---" * (len(fractions) + 1) + "|",
              "| dense | " + " | ".join(f"{dense['perplexity']:.2f}" for _ in fractions) + " |"]
     for name, cells in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{cells[f]['perplexity']:.2f}" if f in cells else "" for f in fractions)
-                     + " |")
+        cells_text = (f"{cells[f]['perplexity']:.2f}" if f in cells else "" for f in fractions)
+        lines.append(f"| {name} | " + " | ".join(cells_text) + " |")
     lines += ["", "| fraction | method · allocation · units | blocks removed | parameters | MACs / window | file | "
               "latency (pruned vs dense) | speed-up | s/run | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|",
               f"| 0 | dense | 0 | {dense['parameters']:,} | {dense['macs'] / 1e9:.1f} G | "

@@ -47,7 +47,8 @@ def prune_structured_language_model(args, load, inputs) -> None:
         pruned_ppl = perplexity(result.model, evaluation, progress=not args.quiet)
         dense, shrunk = result.parameters_before_after(model)
         report = {"settings": result.settings, "widths": result.widths, "stats": result.stats,
-                  "timings": result.timings, "left_dense": result.left_dense, "dense_parameters": dense, "parameters": shrunk,
+                  "timings": result.timings, "left_dense": result.left_dense,
+                  "dense_parameters": dense, "parameters": shrunk,
                   "dense_perplexity": dense_ppl, "perplexity": pruned_ppl,
                   "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape)}
         write_shrunk_folder(folder, result.model, tokenizer, report)

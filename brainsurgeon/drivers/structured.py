@@ -69,13 +69,15 @@ class StructuredResult:
 
 @solver_errors_as_one_line
 def prune_structured(model: nn.Module, calibration, fraction: float, method: str = "swaps", *,
-                     units_of: tuple = UNIT_KINDS, allocation: str = "uniform", relative_damping: float = DEFAULT_RELATIVE_DAMPING,
+                     units_of: tuple = UNIT_KINDS, allocation: str = "uniform",
+                     relative_damping: float = DEFAULT_RELATIVE_DAMPING,
                      max_swaps: int = 200, blocks=None, batch_size: int = 8, progress: bool = True) -> StructuredResult:
     """Remove `fraction` of the units of the unit groups (module docstring) with `method` ('norm', 'wanda_sp',
-    'obs' or 'swaps', methods/units.py), spread over the consumers by `allocation` ('uniform', 'errors', 'loss'), and
-    return the shrunk copy. `units_of` names the kinds of units pruned ('heads', 'neurons' or both); `fraction`
-    is of each group's units (uniform) or of all their parameters (errors). `calibration` is model inputs, as for prune_layerwise; `relative_damping` damps each
-    consumer's H by a fraction of its mean diagonal."""
+    'obs' or 'swaps', methods/units.py), spread over the consumers by `allocation` ('uniform', 'errors' or
+    'loss'), and return the shrunk copy. `units_of` names the kinds of units pruned ('heads', 'neurons' or
+    both); `fraction` is of each group's units (uniform) or of all their parameters (errors, loss).
+    `calibration` is model inputs, as for prune_layerwise; `relative_damping` damps each consumer's H by a
+    fraction of its mean diagonal."""
     fraction = validation.number("fraction", fraction, low=0, high=1, high_open=True)
     method = validation.choice("structured method", method, units.SELECTIONS)
     allocation = validation.choice("allocation", allocation, ALLOCATIONS)
@@ -102,7 +104,8 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
             budget = fraction * sum((len(curve) + 1) * costs[name] for name, curve in curves.items())
             counts = units.allocate(curves, budget, costs)
         for name, block in progress_bar(found, "structured blocks", progress):
-            for group in _groups(name, block, inputs, units_of, groups_of):  # in forward order, each on the inputs left by those before
+            # in forward order, each group's H recorded on the inputs the groups before it left
+            for group in _groups(name, block, inputs, units_of, groups_of):
                 full = f"{name}.{group.consumer}".strip(".")
                 consumer = block.get_submodule(group.consumer)
                 weight, width = consumer.weight.detach().double(), consumer.in_features
@@ -124,7 +127,8 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                                 "nn.Linear consumers whose inputs come from other nn.Linear rows alone (MLP hidden "
                                 "neurons) or from attention heads")
     _update_config(pruned, widths, kinds)
-    settings = dict(method=method, fraction=fraction, units_of=list(units_of), allocation=allocation, relative_damping=relative_damping,
+    settings = dict(method=method, fraction=fraction, units_of=list(units_of), allocation=allocation,
+                    relative_damping=relative_damping,
                     max_swaps=max_swaps, blocks=[name for name, _ in found], batch_size=batch_size)
     return StructuredResult(pruned, widths, settings, stats, {"total": time.perf_counter() - started},
                             _left_dense(pruned, found, groups_of, units_of))
