@@ -13,7 +13,6 @@ from .models.shrunk import load_pruned, save_shrunk
 from .models.vision import load_checkpoint
 
 __all__ = ["prune", "prune_layerwise", "prune_structured", "StructuredResult", "PruneResult", "FisherSettings",
-           "LayerSettings", "StageOptions", "Tuning", "BrainSurgeonError", "load_checkpoint", "load_pruned", "save_shrunk",
-           "parse_method",
-           "SELECTIONS", "UPDATES", "LAYER_METHODS", "method_table"]
+           "LayerSettings", "StageOptions", "Tuning", "BrainSurgeonError", "load_checkpoint", "load_pruned",
+           "save_shrunk", "parse_method", "SELECTIONS", "UPDATES", "LAYER_METHODS", "method_table"]
 __version__ = "0.1.0"
