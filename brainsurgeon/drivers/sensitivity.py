@@ -30,8 +30,13 @@ def block_sensitivities(model: nn.Module, found: list, calls: list) -> dict:
         if not args or not torch.is_tensor(args[0]) or args[0].is_floating_point() or args[0].dim() != 2:
             raise BrainSurgeonError("allocation='loss' needs a causal language model called on token ids "
                                     "(num_seqs x seq_len); use allocation='errors' for other models")
-        kept.append(((args[0][:SENSITIVITY_SEQUENCES - sequences], *args[1:]), kwargs))
-        sequences += len(kept[-1][0][0])
+        batch = args[0].shape[0]
+        for row in range(min(batch, SENSITIVITY_SEQUENCES - sequences)):  # one sequence per backward: its memory
+            def cut(value, row=row):
+                batched = torch.is_tensor(value) and value.dim() and value.shape[0] == batch
+                return value[row:row + 1] if batched else value
+            kept.append((tuple(cut(a) for a in args), {key: cut(value) for key, value in kwargs.items()}))
+            sequences += 1
     captured, sums, tokens = {}, dict.fromkeys(name for name, _ in found), 0
 
     def keep(name):
