@@ -15,13 +15,12 @@ from .atomic import atomic_path, check_writable
 from .bench import peak_memory_bytes, reset_peak_memory, write_json
 from .datasets.text import perplexity
 from .drivers.structured import (
-    ALLOCATIONS,
     UNIT_KINDS,
+    check_choices,
     prune_structured,
     unit_parameters,
 )
 from .errors import BrainSurgeonError
-from .methods.units import SELECTIONS
 from .models.shrunk import write_shrunk_folder
 
 LATENCY_REPEATS = 7  # forwards per model after one warm-up; the median is reported
@@ -75,16 +74,11 @@ def figures(model, tokenizer, evaluation) -> dict:
 def plan_runs(methods, allocations, fractions, units_of) -> list:
     """(fraction, method, allocation) for every run, each value checked before any work."""
     for method in methods:
-        if method not in SELECTIONS:
-            raise BrainSurgeonError(f"unknown structured method {method!r}; choose from {list(SELECTIONS)}")
-    for allocation in allocations:
-        if allocation not in ALLOCATIONS:
-            raise BrainSurgeonError(f"unknown allocation {allocation!r}; choose from {list(ALLOCATIONS)}")
+        for allocation in allocations:
+            check_choices(method, allocation, units_of)
     for fraction in fractions:
         if not isinstance(fraction, float) or not 0 < fraction < 1:
             raise BrainSurgeonError(f"structured fractions are of the blocks' parameters, in (0, 1); got {fraction}")
-    if not set(units_of) <= set(UNIT_KINDS) or not units_of:
-        raise BrainSurgeonError(f"units must be some of {list(UNIT_KINDS)}; got {list(units_of)}")
     if not (methods and allocations and fractions):
         raise BrainSurgeonError("bench needs at least one method, allocation and fraction")
     return [(fraction, method, allocation) for fraction in fractions for allocation in allocations

@@ -7,9 +7,8 @@ from . import validation
 from .atomic import outputs
 from .bench_structured import plan_runs, run_structured_benchmark
 from .datasets.text import perplexity
-from .drivers.structured import ALLOCATIONS, UNIT_KINDS, prune_structured
+from .drivers.structured import UNIT_KINDS, check_choices, prune_structured
 from .errors import BrainSurgeonError
-from .methods.units import SELECTIONS
 from .models.shrunk import write_shrunk_folder
 
 # --pattern value -> the unit kinds it prunes
@@ -29,8 +28,9 @@ def check_structured_flags(args, options: dict) -> None:
                                 f"{args.pattern}; drop {'them' if len(unused) > 1 else 'it'}")
     if args.sparsity is None:
         raise BrainSurgeonError(f"--sparsity is required: the fraction of the {args.pattern} to remove")
-    validation.choice("--method", args.method or "swaps", SELECTIONS)
-    validation.choice("--allocation", args.allocation or "uniform", ALLOCATIONS)
+    validation.number("--sparsity", args.sparsity, low=0, high=1, high_open=True)
+    check_choices(args.method or "swaps", args.allocation or "uniform", STRUCTURED_PATTERNS[args.pattern],
+                  names=("--method", "--allocation"))
 
 
 def prune_structured_language_model(args, load, inputs) -> None:

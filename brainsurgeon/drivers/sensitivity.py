@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional
 
 from ..errors import BrainSurgeonError
+from ..models.surgery import sequence_of
 
 SENSITIVITY_SEQUENCES = 16  # calibration sequences whose gradients are averaged (docs/decisions.md)
 
@@ -30,12 +31,8 @@ def block_sensitivities(model: nn.Module, found: list, calls: list) -> dict:
         if not args or not torch.is_tensor(args[0]) or args[0].is_floating_point() or args[0].dim() != 2:
             raise BrainSurgeonError("allocation='loss' needs a causal language model called on token ids "
                                     "(num_seqs x seq_len); use allocation='errors' for other models")
-        batch = args[0].shape[0]
-        for row in range(min(batch, SENSITIVITY_SEQUENCES - sequences)):  # one sequence per backward: its memory
-            def cut(value, row=row):
-                batched = torch.is_tensor(value) and value.dim() and value.shape[0] == batch
-                return value[row:row + 1] if batched else value
-            kept.append((tuple(cut(a) for a in args), {key: cut(value) for key, value in kwargs.items()}))
+        for row in range(min(args[0].shape[0], SENSITIVITY_SEQUENCES - sequences)):  # one per backward: its memory
+            kept.append(sequence_of(args, kwargs, row))
             sequences += 1
     captured, sums, tokens = {}, dict.fromkeys(name for name, _ in found), 0
 

@@ -46,9 +46,9 @@ from .activations import (
 from .layers import check_finite_model
 from .sensitivity import block_sensitivities
 
-REFITTED = ("obs", "swaps")
+REFITTED = ("obs", "swaps")  # the methods whose kept columns are refitted (the others keep them as they were)
 ALLOCATIONS = ("uniform", "errors", "loss")
-UNIT_KINDS = ("heads", "neurons")  # the methods whose kept columns are refitted (the others keep them as they were)
+UNIT_KINDS = ("heads", "neurons")
 
 
 @dataclass
@@ -67,6 +67,19 @@ class StructuredResult:
         return sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in self.model.parameters())
 
 
+def check_choices(method: str, allocation: str, units_of, names=("structured method", "allocation")) -> tuple:
+    """(method, allocation, unit kinds as a tuple), each checked against the valid ones; `names` are how the
+    messages call the first two (the command line names its flags)."""
+    method = validation.choice(names[0], method, units.SELECTIONS)
+    allocation = validation.choice(names[1], allocation, ALLOCATIONS)
+    units_of = (units_of,) if isinstance(units_of, str) else tuple(units_of)
+    for kind in units_of:
+        validation.choice("unit kind", kind, UNIT_KINDS)
+    if not units_of:
+        raise BrainSurgeonError(f"units_of is empty; name one or more of {list(UNIT_KINDS)}")
+    return method, allocation, units_of
+
+
 @solver_errors_as_one_line
 def prune_structured(model: nn.Module, calibration, fraction: float, method: str = "swaps", *,
                      units_of: tuple = UNIT_KINDS, allocation: str = "uniform",
@@ -79,13 +92,7 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
     `calibration` is model inputs, as for prune_layerwise; `relative_damping` damps each consumer's H by a
     fraction of its mean diagonal."""
     fraction = validation.number("fraction", fraction, low=0, high=1, high_open=True)
-    method = validation.choice("structured method", method, units.SELECTIONS)
-    allocation = validation.choice("allocation", allocation, ALLOCATIONS)
-    units_of = (units_of,) if isinstance(units_of, str) else tuple(units_of)
-    for kind in units_of:
-        validation.choice("unit kind", kind, UNIT_KINDS)
-    if not units_of:
-        raise BrainSurgeonError(f"units_of is empty; name one or more of {list(UNIT_KINDS)}")
+    method, allocation, units_of = check_choices(method, allocation, units_of)
     relative_damping = validation.positive("relative_damping", relative_damping)
     max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
     batch_size = validation.count("batch_size", batch_size)

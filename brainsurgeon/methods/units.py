@@ -33,10 +33,12 @@ def removal_error(weight: torch.Tensor, hessian: torch.Tensor, removed: torch.Te
     """tr(W_J [(H^-1)_JJ]^-1 W_J^T): the least error of the consumer without the columns `removed` (indices)."""
     if not len(removed):
         return 0.0
-    inverse = torch.linalg.inv(hessian.double())
-    block = inverse[removed][:, removed]
-    w = weight.double()[:, removed]
-    return float((torch.linalg.solve(block, w.T) * w.T).sum())
+    return float(_joint_error(weight.double(), torch.linalg.inv(hessian.double()), removed))
+
+
+def _joint_error(w: torch.Tensor, inverse: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """tr(W_J [(H^-1)_JJ]^-1 W_J^T) given H^-1 (or its downdate): removal_error without the inversion."""
+    return (torch.linalg.solve(inverse[removed][:, removed], w[:, removed].T) * w[:, removed].T).sum()
 
 
 def refit(weight: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -98,8 +100,7 @@ def block_obs_path(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.T
     for _ in range(count):
         scores = torch.full((len(columns),), float("inf"), dtype=torch.float64)
         for u in torch.nonzero(alive).squeeze(1).tolist():
-            cols = columns[u]
-            scores[u] = (torch.linalg.solve(inverse[cols][:, cols], w[:, cols].T) * w[:, cols].T).sum()
+            scores[u] = _joint_error(w, inverse, columns[u])
         u = int(torch.argmin(scores))
         cols = columns[u]
         total += float(scores[u])
@@ -243,8 +244,7 @@ def block_swaps(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tens
     w = weight.double()
 
     def error(removed):
-        cols = columns[sorted(removed)].flatten()
-        return float((torch.linalg.solve(inverse[cols][:, cols], w[:, cols].T) * w[:, cols].T).sum())
+        return float(_joint_error(w, inverse, columns[sorted(removed)].flatten()))
 
     removed, swaps = set(start.tolist()), 0
     current = error(removed) if removed else 0.0

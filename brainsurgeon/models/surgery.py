@@ -88,15 +88,15 @@ def _restore_rows(module: nn.Linear, rows: torch.Tensor, saved) -> None:
         module.bias.data[rows] = saved[1]
 
 
-def first_sequence(args, kwargs) -> tuple:
-    """The call cut to its first sequence: every tensor whose leading size is the batch's (the hidden states', an
-    attention mask's) keeps its first row, and the rest (broadcast position tables, flags) is left as it is. The
-    probes need one sequence, not a batch."""
+def sequence_of(args, kwargs, row: int = 0) -> tuple:
+    """The call cut to one sequence: every tensor whose leading size is the batch's (the hidden states' or token
+    ids', an attention mask's) keeps its row `row`, and the rest (broadcast position tables, flags) is left as it
+    is. The probes need one sequence, not a batch."""
     batch = args[0].shape[0] if args and torch.is_tensor(args[0]) and args[0].dim() > 1 else None
 
     def cut(value):
         if torch.is_tensor(value) and value.dim() > 1 and value.shape[0] == batch:
-            return value[:1]
+            return value[row:row + 1]
         if isinstance(value, (tuple, list)):
             return type(value)(cut(v) for v in value)
         return value
@@ -108,7 +108,7 @@ def first_sequence(args, kwargs) -> tuple:
 def find_unit_groups(block: nn.Module, args, kwargs, tolerance: float = 1e-6) -> list:
     """Every consumer nn.Linear of `block` whose input columns are units (module docstring), with their producers,
     found by probing the block on the first sequence of one captured call (args, kwargs)."""
-    args, kwargs = first_sequence(args, kwargs)
+    args, kwargs = sequence_of(args, kwargs)
     linears = {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
     groups = []
     for consumer_name, consumer in linears.items():
@@ -132,14 +132,18 @@ def find_unit_groups(block: nn.Module, args, kwargs, tolerance: float = 1e-6) ->
             untouched = torch.allclose(changed[..., others], reference[..., others], rtol=1e-5, atol=1e-6)
             if zeroed and untouched:
                 producers.append(name)
-        if producers and _removal_is_exact(block, linears, consumer, producers, probe, args, kwargs, dense_output):
+        if producers:
+            expected = _with_columns_zeroed(block, consumer, probe, args, kwargs)
             group = neuron_group(consumer_name, producers, width)
-            if _shrinks(block, group, probe, consumer, args, kwargs):
+            if (_removal_is_exact(block, linears, producers, probe, args, kwargs, expected, dense_output)
+                    and _shrinks(block, group, probe, consumer, args, kwargs, expected)):
                 groups.append(group)
                 continue
         group = _head_group(block, linears, consumer_name, reference, args, kwargs, tolerance)
-        if group is not None and _shrinks(block, group, torch.tensor([0]), consumer, args, kwargs):
-            groups.append(group)
+        if group is not None:
+            expected = _with_columns_zeroed(block, consumer, group.columns_of(torch.tensor([0])), args, kwargs)
+            if _shrinks(block, group, torch.tensor([0]), consumer, args, kwargs, expected):
+                groups.append(group)
     return groups
 
 
@@ -191,21 +195,24 @@ def _head_group(block, linears, consumer_name, reference, args, kwargs, toleranc
     return UnitGroup(consumer_name, producers, torch.arange(width).reshape(units, -1), "heads", heads_per_unit)
 
 
-def _shrinks(block, group: UnitGroup, probe_units, consumer, args, kwargs) -> bool:
-    """The block still runs, and gives the zeroed block's output, with the probed units physically removed from a
-    copy: a layout the block's code assumes (an attention head's width in a reshape) rules the group out."""
-    probe = group.columns_of(probe_units)
-
+def _with_columns_zeroed(block, consumer, columns, args, kwargs):
+    """The block's output with the consumer's input `columns` forced to zero."""
     def zero_columns(module, inputs):
         x = inputs[0].clone()
-        x[..., probe] = 0
+        x[..., columns] = 0
         return (x, *inputs[1:])
 
     handle = consumer.register_forward_pre_hook(zero_columns)
     try:
-        expected = _output_of(block, args, kwargs)
+        return _output_of(block, args, kwargs)
     finally:
         handle.remove()
+
+
+def _shrinks(block, group: UnitGroup, probe_units, consumer, args, kwargs, expected) -> bool:
+    """The block still runs, and gives `expected` (its output with the probed units' columns zeroed), with the
+    probed units physically removed from a copy: a layout the block's code assumes (an attention head's width in
+    a reshape) rules the group out."""
     trial = copy.deepcopy(block)
     kept = torch.ones(group.units, dtype=torch.bool)
     kept[probe_units] = False
@@ -219,19 +226,9 @@ def _shrinks(block, group: UnitGroup, probe_units, consumer, args, kwargs) -> bo
     return actual.shape == expected.shape and bool((actual - expected).abs().max() <= 1e-5 * scale)
 
 
-def _removal_is_exact(block, linears, consumer, producers, probe, args, kwargs, dense_output) -> bool:
-    """The block with the producers' rows zeroed equals the block with the consumer's probed columns zeroed: the
-    rows feed nothing else."""
-    def zero_columns(module, inputs):
-        x = inputs[0].clone()
-        x[..., probe] = 0
-        return (x, *inputs[1:])
-
-    handle = consumer.register_forward_pre_hook(zero_columns)
-    try:
-        expected = _output_of(block, args, kwargs)
-    finally:
-        handle.remove()
+def _removal_is_exact(block, linears, producers, probe, args, kwargs, expected, dense_output) -> bool:
+    """The block with the producers' rows zeroed equals `expected`, the block with the consumer's probed columns
+    zeroed: the rows feed nothing else."""
     saved = [_zeroed_rows(linears[name], probe) for name in producers]
     try:
         actual = _output_of(block, args, kwargs)
