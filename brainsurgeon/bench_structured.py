@@ -18,7 +18,7 @@ from .drivers.structured import (
     UNIT_KINDS,
     check_choices,
     prune_structured,
-    unit_parameters,
+    unit_totals,
 )
 from .errors import BrainSurgeonError
 from .models.shrunk import write_shrunk_folder
@@ -94,7 +94,7 @@ def run_structured_benchmark(model, tokenizer, calibration, evaluation, methods,
     if json_path:
         check_writable(json_path, overwrite)
     runs = plan_runs(methods, allocations, fractions, units_of)
-    sizes = unit_parameters(model, calibration)
+    sizes = unit_totals(model, calibration)
     prunable = sum(sizes[kind] for kind in units_of)
     too_much = [f for f in fractions if f * sizes["blocks"] >= prunable]
     if too_much:
@@ -103,7 +103,7 @@ def run_structured_benchmark(model, tokenizer, calibration, evaluation, methods,
     options = {} if relative_damping is None else {"relative_damping": relative_damping}
     report = dict(model=model_name, metric="perplexity", threads=torch.get_num_threads(),
                   settings=dict(methods=list(methods), allocations=list(allocations), fractions=list(fractions),
-                                units=list(units_of), calib_windows=list(calibration.shape),
+                                units=[kind for kind in units_of if sizes[kind]], calib_windows=list(calibration.shape),
                                 eval_windows=list(evaluation.shape), latency_window=list(evaluation[:1].shape),
                                 latency_repeats=LATENCY_REPEATS, unit_parameters=sizes, **options),
                   dense=figures(model, tokenizer, evaluation), results=[], complete=False)

@@ -5,7 +5,7 @@ import signal
 import sys
 import threading
 
-from . import bench, bench_structured, validation
+from . import bench, bench_structured, bench_structured_vision, validation
 from .atomic import check_outputs, outputs
 from .bench import DEFAULT_CALIB_SAMPLES
 from .cli_lm import (
@@ -19,6 +19,7 @@ from .cli_options import add_option_flags, given_options
 from .cli_structured import (
     STRUCTURED_PATTERNS,
     bench_structured_language_model,
+    bench_structured_vision_model,
     check_structured_bench_flags,
     check_structured_flags,
     prune_structured_language_model,
@@ -193,6 +194,12 @@ def _cmd_bench(args):
     check_outputs(args.json, args.plot, overwrite=args.overwrite)
     if args.pattern:
         check_structured_bench_flags(args, given_options(args))
+        if args.pattern == "channels":
+            check_flags(args, False)
+            if args.plot:
+                raise BrainSurgeonError("--plot draws language-model sweeps; drop it (the table is printed)")
+            print(bench_structured_vision.markdown_table(bench_structured_vision_model(args, _load)))
+            return
         check_flags(args, True)
         report = bench_structured_language_model(args, load_language_model)
         print(bench_structured.markdown_table(report))
@@ -235,6 +242,12 @@ def _cmd_table(args):
             reports.append(json.loads(path.read_text()))
         except (OSError, ValueError) as error:
             raise BrainSurgeonError(f"cannot read bench JSON {path}: {first_line(error)}") from None
+    if any(bench_structured_vision.is_vision_structured(report) for report in reports):
+        if len(reports) > 1 or args.plot:
+            raise BrainSurgeonError("a channel sweep (bench --pattern channels) makes its table alone; pass one JSON "
+                                    "and no --plot")
+        print(bench_structured_vision.markdown_table(reports[0]))
+        return
     structured = [bench_structured.is_structured(report) for report in reports]
     if len(reports) > 1 and not all(structured):
         raise BrainSurgeonError("several bench JSONs make one table only for structured sweeps (bench --pattern); "
@@ -308,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated sparsities or N:M patterns, e.g. 0.5,0.7,4:8,2:4")
     b.add_argument("--seeds", type=_ints, default="0")
     b.add_argument("--pattern", choices=sorted(STRUCTURED_PATTERNS),
-                   help="with --hf-model: a structured sweep that removes whole attention heads and/or MLP neurons; "
-                        "--sparsities are then fractions of the blocks' parameters, --methods of "
+                   help="a structured sweep: with --hf-model, of whole attention heads and/or MLP neurons, "
+                        "--sparsities being fractions of the blocks' parameters; with --model, of channels "
+                        "(--pattern channels), --sparsities being fractions of the MACs per image; --methods of "
                         f"{', '.join(SELECTIONS)}")
     b.add_argument("--allocations", help=f"with --pattern: some of {', '.join(ALLOCATIONS)} (default uniform)")
     b.add_argument("--json", help="write results as JSON")

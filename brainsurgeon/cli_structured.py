@@ -1,22 +1,28 @@
 """The command line's structured prune of a language model: `prune --hf-model DIR --pattern units|heads|neurons`
-removes whole attention heads and MLP neurons (drivers/structured.py) and writes a smaller model folder."""
+removes whole attention heads and MLP neurons (drivers/structured.py) and writes a smaller model folder; and the
+structured sweeps of `bench --pattern`, of a language model's units or a vision model's channels."""
 import json
 from pathlib import Path
 
 from . import validation
 from .atomic import outputs
 from .bench_structured import plan_runs, run_structured_benchmark
+from .bench_structured_vision import run_vision_structured_benchmark
 from .datasets.text import perplexity
 from .drivers.structured import UNIT_KINDS, check_choices, prune_structured
 from .errors import BrainSurgeonError
 from .models.shrunk import write_shrunk_folder
 
 # --pattern value -> the unit kinds it prunes
-STRUCTURED_PATTERNS = {"units": UNIT_KINDS, "heads": ("heads",), "neurons": ("neurons",)}
+STRUCTURED_PATTERNS = {"units": UNIT_KINDS, "heads": ("heads",), "neurons": ("neurons",), "channels": ("channels",)}
 
 
 def check_structured_flags(args, options: dict) -> None:
     """Refuse, before any work, what a structured prune does not use."""
+    if args.pattern == "channels":
+        raise BrainSurgeonError("prune --pattern channels has no output format on the command line yet: call "
+                                "brainsurgeon.prune_structured(model, images, fraction, units_of='channels') and keep "
+                                "the returned nn.Module, or measure it with bench --pattern channels")
     if not args.hf_model:
         raise BrainSurgeonError(f"--pattern {args.pattern} prunes a language model's units; pass --hf-model (vision "
                                 "models prune weights: --pattern global, layer, row or N:M)")
@@ -62,10 +68,15 @@ def prune_structured_language_model(args, load, inputs) -> None:
 
 def check_structured_bench_flags(args, options: dict) -> None:
     """Refuse, before any work, what a structured sweep does not use; the sweep itself is checked by plan_runs."""
-    if not args.hf_model:
-        raise BrainSurgeonError(f"--pattern {args.pattern} sweeps a language model's units; pass --hf-model")
+    vision = args.pattern == "channels"
+    if vision == bool(args.hf_model):
+        raise BrainSurgeonError(f"--pattern {args.pattern} sweeps " + (
+            "a vision model's channels; pass --model and --checkpoint, not --hf-model" if vision else
+            "a language model's units; pass --hf-model"))
     unused = ["--" + name.replace("_", "-") for name in options]
-    unused += ["--seeds"] if args.seeds != [0] else []
+    unused += ["--seeds"] if args.seeds != [0] and not vision else []
+    unused += [f"--{name.replace('_', '-')}" for name in ("damp", "structure", "gradients", "max_memory_gb")
+               if vision and getattr(args, name, None) is not None]
     if unused:
         raise BrainSurgeonError(f"{', '.join(unused)} {'do' if len(unused) > 1 else 'does'} not apply to a "
                                 f"structured sweep; drop {'them' if len(unused) > 1 else 'it'}")
@@ -80,3 +91,12 @@ def bench_structured_language_model(args, load) -> dict:
                                     STRUCTURED_PATTERNS[args.pattern], model_name=Path(args.hf_model).name,
                                     relative_damping=args.relative_damp, json_path=args.json,
                                     overwrite=args.overwrite, progress=not args.quiet)
+
+
+def bench_structured_vision_model(args, load) -> dict:
+    """`load(args)` gives (model, dataset); fractions are of the model's multiply-accumulates per image."""
+    model, dataset = load(args)
+    return run_vision_structured_benchmark(model, dataset, args.methods.split(","),
+                                           (args.allocations or "uniform").split(","), args.sparsities, args.seeds,
+                                           args.calib_samples or 1000, model_name=args.model,
+                                           json_path=args.json, overwrite=args.overwrite, progress=not args.quiet)

@@ -133,13 +133,15 @@ def test_a_width_map_that_does_not_fit_is_one_line(tmp_path):
 
 def test_a_model_without_units_and_bad_values_are_one_line():
     plain = torch.nn.Sequential(torch.nn.Linear(4, 3))
-    with pytest.raises(BrainSurgeonError, match="no unit groups of heads or neurons found"):
+    with pytest.raises(BrainSurgeonError, match="no unit groups of heads or neurons or channels found"):
         prune_structured(plain, torch.randn(8, 4), 0.5, "obs", progress=False)
     with pytest.raises(BrainSurgeonError, match="fraction"):
         prune_structured(tiny_llama(), token_ids(), 1.0, "obs", progress=False)
     with pytest.raises(BrainSurgeonError, match="structured method"):
         prune_structured(tiny_llama(), token_ids(), 0.5, "magnitude", progress=False)
     with pytest.raises(BrainSurgeonError, match="unit kind"):
+        prune_structured(tiny_llama(), token_ids(), 0.5, "obs", units_of=("filters",), progress=False)
+    with pytest.raises(BrainSurgeonError, match="no unit groups of channels found"):
         prune_structured(tiny_llama(), token_ids(), 0.5, "obs", units_of=("channels",), progress=False)
     heads = prune_structured(tiny_llama(), token_ids(), 0.5, "obs", units_of="heads", progress=False)
     assert {stats["kind"] for stats in heads.stats.values()} == {"heads"}
@@ -147,7 +149,7 @@ def test_a_model_without_units_and_bad_values_are_one_line():
     assert heads.left_dense["model.layers.0.mlp.down_proj"] == "its neurons were not asked for"
     with pytest.raises(BrainSurgeonError, match="allocation"):
         prune_structured(tiny_llama(), token_ids(), 0.5, "obs", allocation="global", progress=False)
-    assert set(units.SELECTIONS) == {"norm", "wanda_sp", "obs", "swaps"}
+    assert set(units.SELECTIONS) == {"norm", "l1", "tp", "wanda_sp", "obs", "swaps"}
 
 
 def test_tied_embeddings_survive_the_width_map_round_trip(tmp_path):

@@ -190,7 +190,8 @@ def _input_moments(model: nn.Module, names, inputs: torch.Tensor, batch_size: in
             for name, (total, squares, count) in sums.items()}
 
 
-def recalibrate_batchnorm(model: nn.Module, dense: nn.Module, inputs: torch.Tensor, batch_size: int = 128) -> dict:
+def recalibrate_batchnorm(model: nn.Module, dense: nn.Module, inputs: torch.Tensor, batch_size: int = 128,
+                          kept: dict = None) -> dict:
     """Re-estimate the running mean and variance of every BatchNorm of the pruned `model` so that, on `inputs`,
     its output has the per-channel mean and variance the same BatchNorm's output has in `dense`, the model before
     pruning: one BatchNorm at a time in forward order, each with those before it already re-estimated, with
@@ -200,7 +201,10 @@ def recalibrate_batchnorm(model: nn.Module, dense: nn.Module, inputs: torch.Tens
     (training batches, augmented), and replacing them by those of a small calibration set costs accuracy before
     any weight is pruned (3.4 points on the ResNet20 checkpoint with 1,000 CIFAR-10 images). Matching the dense
     model's outputs keeps what its statistics encode and corrects only what pruning moved: on `dense` itself it
-    changes nothing. Returns the statistics of every BatchNorm as {buffer name: tensor}, empty when there is none."""
+    changes nothing. A BatchNorm that structured pruning narrowed is matched on the channels it kept, given as
+    `kept` {name: the dense channels' indices}. Returns the statistics of every BatchNorm as {buffer name:
+    tensor}, empty when there is none."""
+    kept = kept or {}
     norms = _batchnorms(model)
     if not norms:
         return {}
@@ -208,8 +212,10 @@ def recalibrate_batchnorm(model: nn.Module, dense: nn.Module, inputs: torch.Tens
     for name in target:  # in the order the forward pass reaches them
         norm, stored = norms[name], dense_norms[name]
         mean, variance = _input_moments(model, [name], inputs, batch_size, stop_at=name)[name]
-        dense_mean, dense_variance = target[name]
-        stored_mean, stored_scale = stored.running_mean.double(), (stored.running_var.double() + stored.eps).sqrt()
+        channels = kept.get(name, slice(None))
+        dense_mean, dense_variance = (moment[channels] for moment in target[name])
+        stored_mean = stored.running_mean.double()[channels]
+        stored_scale = (stored.running_var.double()[channels] + stored.eps).sqrt()
         # Same output variance: scale / stored_scale = std / dense std (a channel constant in dense keeps its scale).
         ratio = torch.where(dense_variance > 0, variance / dense_variance.clamp_min(torch.finfo(torch.float64).tiny),
                             torch.ones_like(dense_variance))

@@ -32,7 +32,14 @@ from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from ..errors import BrainSurgeonError, solver_errors_as_one_line
 from ..methods import units
 from ..methods.budget import num_to_prune
-from ..models.surgery import find_unit_groups, remove_units
+from ..models.surgery import (
+    BATCHNORM,
+    find_unit_groups,
+    matrix_of,
+    remove_units,
+    sequence_of,
+    width_in,
+)
 from ..modes import evaluating
 from ..progress import progress_bar
 from .activations import (
@@ -45,10 +52,12 @@ from .activations import (
 )
 from .layers import check_finite_model
 from .sensitivity import block_sensitivities
+from .tp_importance import torch_pruning_scores
 
 REFITTED = ("obs", "swaps")  # the methods whose kept columns are refitted (the others keep them as they were)
 ALLOCATIONS = ("uniform", "errors", "loss")
-UNIT_KINDS = ("heads", "neurons")
+UNIT_KINDS = ("heads", "neurons", "channels")
+COSTS = ("parameters", "macs")
 
 
 @dataclass
@@ -61,7 +70,8 @@ class StructuredResult:
     settings: dict
     stats: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
-    left_dense: dict = field(default_factory=dict)  # nn.Linear name -> why it kept its shape
+    left_dense: dict = field(default_factory=dict)  # nn.Linear or nn.Conv2d name -> why it kept its shape
+    kept_rows: dict = field(default_factory=dict)  # producer name -> the dense model's rows (channels) it kept
 
     def parameters_before_after(self, dense: nn.Module) -> tuple:
         return sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in self.model.parameters())
@@ -82,24 +92,26 @@ def check_choices(method: str, allocation: str, units_of, names=("structured met
 
 @solver_errors_as_one_line
 def prune_structured(model: nn.Module, calibration, fraction: float, method: str = "swaps", *,
-                     units_of: tuple = UNIT_KINDS, allocation: str = "uniform",
+                     units_of: tuple = UNIT_KINDS, allocation: str = "uniform", cost: str = "parameters",
                      relative_damping: float = DEFAULT_RELATIVE_DAMPING,
                      max_swaps: int = 200, blocks=None, batch_size: int = 8, progress: bool = True) -> StructuredResult:
     """Remove `fraction` of the units of the unit groups (module docstring) with `method` ('norm', 'wanda_sp',
     'obs' or 'swaps', methods/units.py), spread over the consumers by `allocation` ('uniform', 'errors' or
-    'loss'), and return the shrunk copy. `units_of` names the kinds of units pruned ('heads', 'neurons' or
-    both); `fraction` is of each group's units (uniform) or of all their parameters (errors, loss).
+    'loss'), and return the shrunk copy. `units_of` names the kinds of units pruned ('heads', 'neurons',
+    'channels'); `fraction` is of each group's units (uniform), or (errors, loss) of all their `cost`:
+    'parameters', or 'macs' (multiply-accumulates per input, which a convolution's spatial size weighs).
     `calibration` is model inputs, as for prune_layerwise; `relative_damping` damps each consumer's H by a
     fraction of its mean diagonal."""
     fraction = validation.number("fraction", fraction, low=0, high=1, high_open=True)
     method, allocation, units_of = check_choices(method, allocation, units_of)
+    cost = validation.choice("cost", cost, COSTS)
     relative_damping = validation.positive("relative_damping", relative_damping)
     max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
     batch_size = validation.count("batch_size", batch_size)
     check_finite_model(model)
     pruned = copy.deepcopy(model)
     started = time.perf_counter()
-    widths, stats, kinds = {}, {}, {}
+    widths, stats, kinds, kept_rows = {}, {}, {}, {}
     with evaluating(pruned), torch.no_grad():
         found = find_blocks(pruned, blocks)
         calls = model_calls(pruned, calibration, batch_size)
@@ -107,7 +119,8 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
         counts, groups_of = None, {}  # block name -> its unit groups, found once
         if allocation != "uniform":
             scales = block_sensitivities(pruned, found, calls) if allocation == "loss" else None
-            curves, costs = _error_curves(found, inputs, units_of, relative_damping, progress, groups_of, scales)
+            curves, costs = _error_curves(found, inputs, units_of, relative_damping, progress, groups_of, scales,
+                                          cost)
             budget = fraction * sum((len(curve) + 1) * costs[name] for name, curve in curves.items())
             counts = units.allocate(curves, budget, costs)
         for name, block in progress_bar(found, "structured blocks", progress):
@@ -115,34 +128,49 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
             for group in _groups(name, block, inputs, units_of, groups_of):
                 full = f"{name}.{group.consumer}".strip(".")
                 consumer = block.get_submodule(group.consumer)
-                weight, width = consumer.weight.detach().double(), consumer.in_features
+                weight, width = matrix_of(consumer).detach().double(), width_in(consumer)
                 hessian = units.damped(_hessian(block, group.consumer, inputs), relative_damping)
                 count = num_to_prune(fraction, group.units) if counts is None else counts[full]
-                removed, figures = units.choose_units(weight, hessian, count, method, max_swaps, group.columns)
+                removed, figures = units.choose_units(weight, hessian, count, method, max_swaps, group.columns,
+                                                      _given_scores(method, block, group, inputs))
                 kept_units = torch.tensor(sorted(set(range(group.units)) - set(removed.tolist())), dtype=torch.long)
                 kept = group.columns_of(kept_units)
                 new = units.refit(weight, hessian, kept) if method in REFITTED else weight[:, kept]
                 stats[full] = dict(figures, kind=group.kind, removed=removed.tolist(), units=group.units,
                                    parameters_per_unit=group.parameters_per_unit(block),
                                    producers=list(group.producers), error=units.error_of(weight, hessian, kept, new))
+                for producer in group.producers:
+                    kept_rows[f"{name}.{producer}".strip(".")] = group.rows_of(producer, kept_units)
                 remove_units(block, group, kept_units, new.float())
-                widths[full] = (width, len(kept))
+                widths[full] = (width, width_in(block.get_submodule(group.consumer)))
                 kinds[full] = (group.kind, len(kept_units), group.heads_per_unit, group.columns.shape[1])
             inputs = with_first(inputs, run_block(block, inputs))
     if not widths:
         raise BrainSurgeonError(f"no unit groups of {' or '.join(units_of)} found: structured pruning needs "
-                                "nn.Linear consumers whose inputs come from other nn.Linear rows alone (MLP hidden "
-                                "neurons) or from attention heads")
+                                "nn.Linear or nn.Conv2d consumers whose inputs come from other layers' rows alone "
+                                "(MLP hidden neurons, a residual block's inner channels) or from attention heads")
     _update_config(pruned, widths, kinds)
-    settings = dict(method=method, fraction=fraction, units_of=list(units_of), allocation=allocation,
+    settings = dict(method=method, fraction=fraction, units_of=list(units_of), allocation=allocation, cost=cost,
                     relative_damping=relative_damping,
                     max_swaps=max_swaps, blocks=[name for name, _ in found], batch_size=batch_size)
     return StructuredResult(pruned, widths, settings, stats, {"total": time.perf_counter() - started},
-                            _left_dense(pruned, found, groups_of, units_of))
+                            _left_dense(pruned, found, groups_of, units_of), kept_rows)
+
+
+def _given_scores(method: str, block: nn.Module, group, inputs):
+    """The per-unit scores of the methods that rank the producers' weights: the L1 norm of each unit's producer
+    rows (a convolution's filter), or Torch-Pruning's importance."""
+    if method == "l1":
+        layers = [block.get_submodule(name) for name in group.producers]
+        return sum(layer.weight.detach().double().flatten(1).abs().sum(1) for layer in layers
+                   if not isinstance(layer, BATCHNORM))
+    if method == "tp":
+        return torch_pruning_scores(block, group, *sequence_of(*inputs[0]))
+    return None
 
 
 def _left_dense(model: nn.Module, found, groups_of: dict, units_of) -> dict:
-    """Every nn.Linear the prune did not shrink, with the reason."""
+    """Every nn.Linear and nn.Conv2d the prune did not shrink, with the reason."""
     members = {}
     for name, _ in found:
         for group in groups_of.get(name, []):
@@ -151,10 +179,11 @@ def _left_dense(model: nn.Module, found, groups_of: dict, units_of) -> dict:
     outside = "outside the blocks (embeddings and the output head stay whole)"
     reasons = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and members.get(name) not in units_of:
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and members.get(name) not in units_of:
             inside = any(name.startswith(f"{block}.") or not block for block, _ in found)
             reasons[name] = (f"its {members[name]} were not asked for" if name in members else
-                             "in no unit group the probes found" if inside else outside)
+                             "in no unit group the probes found (a residual stream's channels feed several "
+                             "consumers)" if inside else outside)
     return reasons
 
 
@@ -176,29 +205,52 @@ def _groups(name, block, inputs, units_of, found: dict) -> list:
 
 
 def _error_curves(found, inputs, units_of, relative_damping: float, progress: bool, groups_of: dict,
-                  scales: dict = None) -> tuple:
-    """Every consumer's structured-OBS error curve on the dense model (to one unit left), and the parameters one
-    of its units holds. Each curve is multiplied by its block's loss sensitivity (`scales`), or without them
+                  scales: dict = None, cost: str = "parameters") -> tuple:
+    """Every consumer's structured-OBS error curve on the dense model (to one unit left), and the `cost` of one of
+    its units (parameters, or multiply-accumulates per input). Each curve is multiplied by its block's loss sensitivity (`scales`), or without them
     divided by the median over tokens of the squared norm of its block's output. The blocks are left as they
     were."""
     curves, costs = {}, {}
     for name, block in progress_bar(found, "error curves", progress):
         groups = _groups(name, block, inputs, units_of, groups_of)
         recorder = HessianRecorder({g.consumer: block.get_submodule(g.consumer) for g in groups})
+        positions = _Positions(block, groups)
         try:
             outputs = run_block(block, inputs)
         finally:
             recorder.close()
+            positions.close()
         energy = float(torch.cat([o.double().pow(2).sum(-1).flatten() for o in outputs]).median())
         for group in groups:
             full = f"{name}.{group.consumer}".strip(".")
-            weight = block.get_submodule(group.consumer).weight.detach().double()
+            weight = matrix_of(block.get_submodule(group.consumer)).detach().double()
             hessian = units.damped(recorder.hessian(group.consumer), relative_damping)
             _, errors = units.unit_path(weight, hessian, group.columns, group.units - 1)
             scaled = errors * scales[name] if scales else errors / max(energy, 1e-300)
-            curves[full], costs[full] = scaled, group.parameters_per_unit(block)
+            curves[full] = scaled
+            costs[full] = (group.macs_per_unit(block, positions.per_input) if cost == "macs"
+                           else group.parameters_per_unit(block))
         inputs = with_first(inputs, outputs)
     return curves, costs
+
+
+class _Positions:
+    """Forward hooks that record, for each member of the groups, at how many positions per input its weights are
+    applied (a convolution's output pixels, a transformer's tokens)."""
+
+    def __init__(self, block, groups):
+        self.per_input = {}
+        members = {name for group in groups for name in [group.consumer, *group.producers]}
+        self.handles = [block.get_submodule(name).register_forward_hook(self._hook(name)) for name in members]
+
+    def _hook(self, name):
+        def record(module, args, output):
+            self.per_input.setdefault(name, output[0].numel() // output.shape[-1 if output.dim() == 3 else 1])
+        return record
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 def _update_config(model: nn.Module, widths: dict, kinds: dict) -> None:
@@ -222,17 +274,25 @@ def _update_config(model: nn.Module, widths: dict, kinds: dict) -> None:
 
 
 @torch.no_grad()
-def unit_parameters(model: nn.Module, calibration, blocks=None) -> dict:
-    """The parameters of each kind of unit group in the blocks ('heads', 'neurons') and of the blocks in all
-    ('blocks'), found by the same probes as prune_structured on the first calibration batch; the model is left as
-    it was."""
+def unit_totals(model: nn.Module, calibration, cost: str = "parameters", blocks=None) -> dict:
+    """The `cost` of each kind of unit group in the blocks ('heads', 'neurons', 'channels'): parameters, or
+    multiply-accumulates per input ('macs'); and the parameters of the blocks in all ('blocks'); found by the
+    same probes as prune_structured on the first calibration batch. The model is left as it was."""
+    cost = validation.choice("cost", cost, COSTS)
     totals = dict.fromkeys(UNIT_KINDS, 0)
     with evaluating(model):
         found = find_blocks(model, blocks)
         inputs = capture_block_inputs(model, found[0][1], model_calls(model, calibration, 8)[:1])
         for _, block in found:
-            for group in find_unit_groups(block, *inputs[0]):
-                totals[group.kind] += group.units * group.parameters_per_unit(block)
-            inputs = with_first(inputs, run_block(block, inputs))
+            groups = find_unit_groups(block, *inputs[0])
+            positions = _Positions(block, groups)
+            try:
+                outputs = run_block(block, inputs)
+            finally:
+                positions.close()
+            for group in groups:
+                totals[group.kind] += group.units * (group.macs_per_unit(block, positions.per_input) if cost == "macs"
+                                                     else group.parameters_per_unit(block))
+            inputs = with_first(inputs, outputs)
     totals["blocks"] = sum(p.numel() for _, block in found for p in block.parameters())
     return totals

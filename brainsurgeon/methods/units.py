@@ -9,6 +9,8 @@ W (rows x d) and its inputs X, H = X X^T / N (damped), removing the columns J an
 
 the group OBS update ZipLM and SlimGPT use, written once here as the exact least-squares refit. Selections:
   norm      the unit's consumer columns by norm (with its producers' rows when the caller adds them)
+  l1        the L1 norm of the unit's producer rows: a convolution's filter (Li et al., 2017)
+  tp        Torch-Pruning's default importance, computed by Torch-Pruning (drivers/tp_importance.py)
   wanda_sp  sum_i |W_ij| |X_j| over the unit's columns (Wanda-sp)
   obs       structured OBS: greedily the unit whose removal raises the error least, H^-1 downdated each time
   swaps     ours: from obs's set, swaps of a removed and a kept unit that lower the exact joint error, never
@@ -261,17 +263,23 @@ def block_swaps(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tens
     return torch.tensor(sorted(removed), dtype=torch.long), swaps
 
 
-SELECTIONS = ("norm", "wanda_sp", "obs", "swaps")
+SELECTIONS = ("norm", "l1", "tp", "wanda_sp", "obs", "swaps")
+GIVEN_SCORES = ("l1", "tp")  # ranked by scores the caller computes from the producer layers
 
 
 def choose_units(weight: torch.Tensor, hessian: torch.Tensor, count: int, method: str, max_swaps: int = 200,
-                 columns: torch.Tensor = None) -> tuple:
+                 columns: torch.Tensor = None, scores: torch.Tensor = None) -> tuple:
     """The `count` units `method` removes, as sorted unit indices, and figures for the report. A unit is one
-    column of the consumer `weight`, or the row of `columns` (units x columns per unit) when given."""
+    column of the consumer `weight`, or the row of `columns` (units x columns per unit) when given. The methods
+    of GIVEN_SCORES rank the caller's per-unit `scores`."""
     if columns is None:
         columns = torch.arange(weight.shape[1]).unsqueeze(1)
     if not 0 <= count < len(columns):
         raise BrainSurgeonError(f"cannot remove {count} of {len(columns)} units; keep at least one")
+    if method in GIVEN_SCORES:
+        if scores is None or scores.shape != (len(columns),):
+            raise BrainSurgeonError(f"structured method {method!r} needs one score per unit from the caller")
+        return lowest(scores.double(), count), {}
     if method in ("norm", "wanda_sp"):
         per_column = (norm_scores if method == "norm" else wanda_scores)(weight, hessian)
         per_unit = per_column.pow(2)[columns].sum(1) if method == "norm" else per_column[columns].sum(1)

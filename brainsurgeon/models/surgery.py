@@ -6,7 +6,10 @@ input, and leaves the block's output equal to the block run with that column for
 probing the block on calibration inputs, so no architecture is named: a Llama MLP's hidden neuron (gate and up
 rows, down_proj column) and a GPT-2 or BERT MLP's (fc1 row, fc2 column) are found the same way. A value channel,
 which is one too, is ruled out by a trial removal on a copy of the block, whose attention code reshapes by the
-head width.
+head width. A consumer nn.Conv2d's input channel is a unit the same way, its weight's columns being the channel's
+kernel taps: the producers are every layer whose row j changes channel j of the consumer's input and no other
+(a convolution's filter, the BatchNorm after it, whose scale and shift are its row), and at least one of them
+zeroes it. A channel of a residual stream, read by several consumers, is no unit of one consumer and stays whole.
 
 Attention heads are units of another shape, found by probing one row of each other layer: a value row zeroes
 the consumer (o_proj) columns of every query head that reads it, n_rep columns head_dim apart; a query row
@@ -22,6 +25,36 @@ import torch
 from torch import nn
 
 PROBE_COLUMNS = 3  # columns zeroed at once by a probe: any shared producer row shows up in one of them
+BATCHNORM = nn.modules.batchnorm._BatchNorm
+
+
+def width_in(module: nn.Module) -> int:
+    """A consumer's input width: features, or channels of a convolution."""
+    return module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+
+
+def width_out(module: nn.Module) -> int:
+    """A producer's rows: output features or channels, or a BatchNorm's channels."""
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    return module.num_features if isinstance(module, BATCHNORM) else module.out_features
+
+
+def matrix_of(module: nn.Module) -> torch.Tensor:
+    """A consumer's weight as the objective's matrix, rows x columns (a convolution unfolded, channel-major)."""
+    return module.weight.reshape(module.weight.shape[0], -1)
+
+
+def _channels(x: torch.Tensor, consumer: nn.Module, index):
+    """`x`'s channels `index` as the consumer reads them: dim 1 of an image batch, else the last dim."""
+    return x[:, index] if isinstance(consumer, nn.Conv2d) else x[..., index]
+
+
+def _layers(block: nn.Module) -> dict:
+    """The block's consumers and producers: nn.Linear, nn.Conv2d (not grouped) and affine BatchNorm layers."""
+    return {name: module for name, module in block.named_modules()
+            if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+            or (isinstance(module, BATCHNORM) and module.affine)}
 
 
 @dataclass
@@ -31,7 +64,7 @@ class UnitGroup:
     consumer: str  # module name inside the block
     producers: dict  # module name -> the rows of each unit (units x rows per unit)
     columns: torch.Tensor  # the consumer's input columns of each unit (units x columns per unit)
-    kind: str = "neurons"  # or "heads": key-value groups of attention heads
+    kind: str = "neurons"  # "heads": key-value groups of attention heads; "channels": a convolution's inputs
     heads_per_unit: int = 0  # for heads: the query heads of one unit
 
     @property
@@ -40,10 +73,21 @@ class UnitGroup:
 
     def parameters_per_unit(self, block: nn.Module) -> int:
         """The weights (and biases) one unit removes: its producers' rows and its consumer columns."""
-        count = self.columns.shape[1] * block.get_submodule(self.consumer).out_features
+        count = self.columns.shape[1] * block.get_submodule(self.consumer).weight.shape[0]
         for name, rows in self.producers.items():
             module = block.get_submodule(name)
-            count += rows.shape[1] * (module.in_features + (module.bias is not None))
+            per_row = 0 if isinstance(module, BATCHNORM) else module.weight[0].numel()
+            count += rows.shape[1] * (per_row + (module.bias is not None))
+        return count
+
+    def macs_per_unit(self, block: nn.Module, positions: dict) -> int:
+        """The multiply-accumulates per input one unit removes, given at how many `positions` per input each member
+        applies its weights (a convolution's output pixels; a BatchNorm's scaling is not counted)."""
+        count = self.columns.shape[1] * block.get_submodule(self.consumer).weight.shape[0] * positions[self.consumer]
+        for name, rows in self.producers.items():
+            module = block.get_submodule(name)
+            if not isinstance(module, BATCHNORM):
+                count += rows.shape[1] * module.weight[0].numel() * positions[name]
         return count
 
     def rows_of(self, name: str, kept: torch.Tensor) -> torch.Tensor:
@@ -53,10 +97,14 @@ class UnitGroup:
         return self.columns[kept].flatten()
 
 
-def neuron_group(consumer: str, producers: list, width: int) -> UnitGroup:
-    """Units of one column each, with the producers' rows of the same index."""
+def neuron_group(consumer: str, producers: list, width: int, taps: int = 0) -> UnitGroup:
+    """Units of one input feature each, with the producers' rows of the same index; or, given the `taps` of a
+    convolution's kernel, units of one input channel, each that many columns of the unfolded weight."""
     each = torch.arange(width).unsqueeze(1)
-    return UnitGroup(consumer, {name: each for name in producers}, each)
+    if not taps:
+        return UnitGroup(consumer, {name: each for name in producers}, each)
+    return UnitGroup(consumer, {name: each for name in producers}, torch.arange(width * taps).reshape(width, taps),
+                     "channels")
 
 
 def _output_of(block, args, kwargs):
@@ -74,7 +122,7 @@ def _consumer_input(block, consumer: nn.Module, args, kwargs):
     return captured["x"], output.detach()
 
 
-def _zeroed_rows(module: nn.Linear, rows: torch.Tensor):
+def _zeroed_rows(module: nn.Module, rows: torch.Tensor):
     saved = (module.weight.data[rows].clone(), None if module.bias is None else module.bias.data[rows].clone())
     module.weight.data[rows] = 0
     if module.bias is not None:
@@ -82,7 +130,7 @@ def _zeroed_rows(module: nn.Linear, rows: torch.Tensor):
     return saved
 
 
-def _restore_rows(module: nn.Linear, rows: torch.Tensor, saved) -> None:
+def _restore_rows(module: nn.Module, rows: torch.Tensor, saved) -> None:
     module.weight.data[rows] = saved[0]
     if module.bias is not None:
         module.bias.data[rows] = saved[1]
@@ -106,39 +154,47 @@ def sequence_of(args, kwargs, row: int = 0) -> tuple:
 
 @torch.no_grad()
 def find_unit_groups(block: nn.Module, args, kwargs, tolerance: float = 1e-6) -> list:
-    """Every consumer nn.Linear of `block` whose input columns are units (module docstring), with their producers,
-    found by probing the block on the first sequence of one captured call (args, kwargs)."""
+    """Every consumer nn.Linear or nn.Conv2d of `block` whose inputs are units (module docstring), with their
+    producers, found by probing the block on the first sequence of one captured call (args, kwargs)."""
     args, kwargs = sequence_of(args, kwargs)
-    linears = {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+    layers = _layers(block)
     groups = []
-    for consumer_name, consumer in linears.items():
-        width = consumer.in_features
+    for consumer_name, consumer in layers.items():
+        if isinstance(consumer, BATCHNORM):
+            continue
+        width = width_in(consumer)
         probe = torch.randperm(width, generator=torch.Generator().manual_seed(width))[:PROBE_COLUMNS]
         others = torch.ones(width, dtype=torch.bool)
         others[probe] = False
         reference, dense_output = _consumer_input(block, consumer, args, kwargs)
-        if reference[..., probe].abs().max() == 0:
+        if _channels(reference, consumer, probe).abs().max() == 0:
             continue  # the probed columns carry nothing: no evidence either way
-        producers = []
-        for name, module in linears.items():
-            if name == consumer_name or module.out_features != width:
+        producers, zeroing = [], False
+        for name, module in layers.items():
+            if name == consumer_name or width_out(module) != width:
                 continue
             saved = _zeroed_rows(module, probe)
             try:
                 changed, _ = _consumer_input(block, consumer, args, kwargs)
             finally:
                 _restore_rows(module, probe, saved)
-            zeroed = changed[..., probe].abs().max() <= tolerance * reference.abs().max()
-            untouched = torch.allclose(changed[..., others], reference[..., others], rtol=1e-5, atol=1e-6)
-            if zeroed and untouched:
+            probed = _channels(changed, consumer, probe)
+            untouched = torch.allclose(_channels(changed, consumer, others), _channels(reference, consumer, others),
+                                       rtol=1e-5, atol=1e-6)
+            if untouched and not torch.equal(probed, _channels(reference, consumer, probe)):
                 producers.append(name)
-        if producers:
+                zeroing |= bool(probed.abs().max() <= tolerance * reference.abs().max())
+        if producers and zeroing:
             expected = _with_columns_zeroed(block, consumer, probe, args, kwargs)
-            group = neuron_group(consumer_name, producers, width)
-            if (_removal_is_exact(block, linears, producers, probe, args, kwargs, expected, dense_output)
+            taps = matrix_of(consumer).shape[1] // width if isinstance(consumer, nn.Conv2d) else 0
+            group = neuron_group(consumer_name, producers, width, taps)
+            if (_removal_is_exact(block, layers, producers, probe, args, kwargs, expected, dense_output)
                     and _shrinks(block, group, probe, consumer, args, kwargs, expected)):
                 groups.append(group)
                 continue
+        if not isinstance(consumer, nn.Linear):
+            continue
+        linears = {name: module for name, module in layers.items() if isinstance(module, nn.Linear)}
         group = _head_group(block, linears, consumer_name, reference, args, kwargs, tolerance)
         if group is not None:
             expected = _with_columns_zeroed(block, consumer, group.columns_of(torch.tensor([0])), args, kwargs)
@@ -196,10 +252,13 @@ def _head_group(block, linears, consumer_name, reference, args, kwargs, toleranc
 
 
 def _with_columns_zeroed(block, consumer, columns, args, kwargs):
-    """The block's output with the consumer's input `columns` forced to zero."""
+    """The block's output with the consumer's input `columns` (features or channels) forced to zero."""
     def zero_columns(module, inputs):
         x = inputs[0].clone()
-        x[..., columns] = 0
+        if isinstance(module, nn.Conv2d):
+            x[:, columns] = 0
+        else:
+            x[..., columns] = 0
         return (x, *inputs[1:])
 
     handle = consumer.register_forward_pre_hook(zero_columns)
@@ -217,7 +276,7 @@ def _shrinks(block, group: UnitGroup, probe_units, consumer, args, kwargs, expec
     kept = torch.ones(group.units, dtype=torch.bool)
     kept[probe_units] = False
     kept = torch.nonzero(kept).squeeze(1)
-    remove_units(trial, group, kept, consumer.weight[:, group.columns_of(kept)])
+    remove_units(trial, group, kept, matrix_of(consumer)[:, group.columns_of(kept)])
     try:
         actual = _output_of(trial, args, kwargs)
     except (RuntimeError, ValueError):
@@ -226,15 +285,15 @@ def _shrinks(block, group: UnitGroup, probe_units, consumer, args, kwargs, expec
     return actual.shape == expected.shape and bool((actual - expected).abs().max() <= 1e-5 * scale)
 
 
-def _removal_is_exact(block, linears, producers, probe, args, kwargs, expected, dense_output) -> bool:
+def _removal_is_exact(block, layers, producers, probe, args, kwargs, expected, dense_output) -> bool:
     """The block with the producers' rows zeroed equals `expected`, the block with the consumer's probed columns
     zeroed: the rows feed nothing else."""
-    saved = [_zeroed_rows(linears[name], probe) for name in producers]
+    saved = [_zeroed_rows(layers[name], probe) for name in producers]
     try:
         actual = _output_of(block, args, kwargs)
     finally:
         for name, rows in zip(producers, saved):
-            _restore_rows(linears[name], probe, rows)
+            _restore_rows(layers[name], probe, rows)
     scale = float(dense_output.abs().max()) or 1.0
     return bool((actual - expected).abs().max() <= 1e-5 * scale)
 
@@ -248,6 +307,33 @@ def _smaller_linear(module: nn.Linear, weight: torch.Tensor, bias) -> nn.Linear:
     return smaller
 
 
+def _smaller(module: nn.Module, rows: torch.Tensor) -> nn.Module:
+    """A producer with only `rows` (output features or channels; a BatchNorm's entries and statistics)."""
+    if isinstance(module, nn.Linear):
+        return _smaller_linear(module, module.weight[rows], None if module.bias is None else module.bias[rows])
+    smaller = copy.deepcopy(module)
+    for name, value in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        if value is not None and value.dim() and value.shape[0] == width_out(module):
+            kept = value.detach()[rows].clone()
+            setattr(smaller, name, nn.Parameter(kept, value.requires_grad) if name in module._parameters else kept)
+    if isinstance(module, nn.Conv2d):
+        smaller.out_channels = len(rows)
+    else:
+        smaller.num_features = len(rows)
+    return smaller
+
+
+def _smaller_consumer(module: nn.Module, matrix: torch.Tensor) -> nn.Module:
+    """The consumer with the kept columns' weights `matrix` (rows x kept columns, a convolution's unfolded)."""
+    if isinstance(module, nn.Linear):
+        return _smaller_linear(module, matrix, module.bias)
+    smaller = copy.deepcopy(module)
+    taps = module.weight[0, 0].numel()
+    smaller.in_channels = matrix.shape[1] // taps
+    smaller.weight = nn.Parameter(matrix.reshape(module.out_channels, -1, *module.kernel_size).contiguous())
+    return smaller
+
+
 def _replace(block: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
@@ -255,12 +341,10 @@ def _replace(block: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def remove_units(block: nn.Module, group: UnitGroup, kept: torch.Tensor, consumer_weight: torch.Tensor) -> None:
-    """Replace the group's producers by nn.Linear layers with only the `kept` units' rows, and its consumer by one
-    with only their input columns, whose weights are `consumer_weight` (rows x kept columns: the refit, or the
-    kept columns as they were)."""
+    """Replace the group's producers by layers of their kind with only the `kept` units' rows, and its consumer by
+    one with only their input columns, whose weights are `consumer_weight` (rows x kept columns: the refit, or
+    the kept columns as they were)."""
     for name in group.producers:
-        module, rows = block.get_submodule(name), group.rows_of(name, kept)
-        _replace(block, name, _smaller_linear(module, module.weight[rows],
-                                              None if module.bias is None else module.bias[rows]))
+        _replace(block, name, _smaller(block.get_submodule(name), group.rows_of(name, kept)))
     consumer = block.get_submodule(group.consumer)
-    _replace(block, group.consumer, _smaller_linear(consumer, consumer_weight.to(consumer.weight.dtype), consumer.bias))
+    _replace(block, group.consumer, _smaller_consumer(consumer, consumer_weight.to(consumer.weight.dtype)))
