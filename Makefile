@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-ours bench-structured-table
+.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-ours bench-structured-table bench-structured-resnet20
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -106,6 +106,14 @@ bench-structured-baselines: $(LM_DIR)/config.json
 bench-structured-ours: $(LM_DIR)/config.json
 	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern units --methods obs,swaps \
 	  --allocations errors --sparsities $(STRUCTURED_FRACTIONS) --json bench/smollm2_structured_ours.json
+# ResNet20's channels (issue 23): the baselines remove the same fraction of every residual block's inner channels,
+# ours spends the same MACs by the error curves; fractions are of the MACs per image, 1,000 calibration images,
+# seeds 0-2, each prune scored with and without BatchNorm matching, latency at batch 1 and 128 timed interleaved.
+R20_CHANNELS = $(BIN)/brainsurgeon bench --overwrite --model resnet20 --checkpoint $(DATA)/checkpoints/resnet20_cifar10.pth.tar \
+	  --dataset cifar10 --data-dir $(DATA)/cifar10 --pattern channels --sparsities 0.3,0.5,0.7 --seeds 0,1,2 --calib-samples 1000
+bench-structured-resnet20: $(STAMP)
+	$(R20_CHANNELS) --methods swaps --allocations errors --json bench/resnet20_channels_ours.json
+	$(R20_CHANNELS) --methods l1,tp,obs --allocations uniform --json bench/resnet20_channels_baselines.json
 bench-structured-table:
 	@$(BIN)/brainsurgeon table bench/smollm2_structured_baselines.json bench/smollm2_structured_ours.json \
 	  --plot bench/smollm2_structured.png --overwrite
