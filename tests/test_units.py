@@ -87,10 +87,15 @@ def test_the_swap_search_never_ends_above_its_start_and_often_reaches_the_optimu
 @pytest.mark.parametrize("method", units.SELECTIONS)
 def test_every_method_removes_exactly_the_count(method):
     weight, _, hessian = problem(0, rows=4, cols=10, samples=40)
-    removed, _ = units.choose_units(weight, hessian, 4, method)
+    scores = torch.rand(10, generator=torch.Generator().manual_seed(0)) if method in units.GIVEN_SCORES else None
+    removed, _ = units.choose_units(weight, hessian, 4, method, scores=scores)
     assert len(set(removed.tolist())) == 4 and removed.max() < 10
+    if scores is not None:
+        assert removed.tolist() == sorted(torch.argsort(scores)[:4].tolist())
+        with pytest.raises(BrainSurgeonError, match="one score per unit"):
+            units.choose_units(weight, hessian, 4, method)
     with pytest.raises(BrainSurgeonError, match="keep at least one"):
-        units.choose_units(weight, hessian, 10, method)
+        units.choose_units(weight, hessian, 10, method, scores=scores)
 
 
 @settings(max_examples=20, deadline=None)
@@ -159,3 +164,22 @@ def test_block_swaps_never_end_above_the_obs_start_nor_below_the_optimum(seed, c
     optimum = min(units.removal_error(weight, hessian, columns[list(c)].flatten())
                   for c in itertools.combinations(range(len(columns)), count))
     assert figures["error"] >= optimum * (1 - 1e-9) - 1e-12
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), count=st.integers(1, 3))
+def test_one_block_swap_is_the_best_of_every_pair_by_brute_force(seed, count):
+    weight, hessian, columns = block_problem(seed)
+    start = torch.arange(count)
+
+    def error(removed):
+        return units.removal_error(weight, hessian, columns[sorted(removed)].flatten())
+
+    pairs = {(out, into): error(set(range(count)) - {out} | {into})
+             for out in range(count) for into in range(count, len(columns))}
+    best = min(pairs.values())
+    removed, swaps = units.block_swaps(weight, hessian, columns, start, max_swaps=1)
+    if best < error(set(range(count))) * (1 - 1e-9):
+        assert swaps == 1 and error(set(removed.tolist())) == pytest.approx(best, rel=1e-8)
+    else:
+        assert swaps == 0 and removed.tolist() == start.tolist()

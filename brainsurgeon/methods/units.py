@@ -240,27 +240,45 @@ def swap_search(weight: torch.Tensor, hessian: torch.Tensor, start: torch.Tensor
 
 def block_swaps(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tensor, start: torch.Tensor,
                 max_swaps: int) -> tuple:
-    """swap_search for units of several columns: the best swap of a removed and a kept unit by the exact joint
-    error of every pair (units of this kind are few: a layer's attention heads), until none lowers it."""
+    """swap_search for units of several columns (heads, convolution channels): each round takes the swap of a
+    removed and a kept unit that lowers the exact joint error most, until none does. Every pair is scored in one
+    batch from A = [(H^-1)_RR]^-1 of the removed set R: adding unit i costs tr(D C^-1 D^T) (C, D its Schur
+    complement and residual), and restoring unit o then gives back tr(V_o [(A_J)_oo]^-1 V_o^T), V = W_J A_J for
+    J = R + i, by the block-inverse formulas."""
     inverse = torch.linalg.inv(hessian.double())
     w = weight.double()
-
-    def error(removed):
-        return float(_joint_error(w, inverse, columns[sorted(removed)].flatten()))
-
-    removed, swaps = set(start.tolist()), 0
-    current = error(removed) if removed else 0.0
+    units, width = columns.shape
+    removed, swaps = sorted(start.tolist()), 0
+    current = float(_joint_error(w, inverse, columns[removed].flatten())) if removed else 0.0
     while removed and swaps < max_swaps:
-        best, move = current * (1 - 1e-12), None
-        for out in sorted(removed):
-            for into in sorted(set(range(len(columns))) - removed):
-                trial = error(removed - {out} | {into})
-                if trial < best:
-                    best, move = trial, (out, into)
-        if move is None:
+        kept = sorted(set(range(units)) - set(removed))
+        if not kept:
             break
-        removed, current, swaps = removed - {move[0]} | {move[1]}, best, swaps + 1
-    return torch.tensor(sorted(removed), dtype=torch.long), swaps
+        r_cols, k_cols = columns[removed].flatten(), columns[kept]  # (r,), (k, width)
+        a = torch.linalg.inv(inverse[r_cols][:, r_cols])
+        b = torch.einsum("rs,skc->krc", a, inverse[r_cols][:, k_cols])  # A S_Ri per kept unit i
+        c = inverse[k_cols.unsqueeze(2), k_cols.unsqueeze(1)] - torch.einsum("kcr,krd->kcd",
+                                                                              inverse[k_cols][:, :, r_cols], b)
+        d = torch.einsum("or,krc->koc", w[:, r_cols], b) - w[:, k_cols].permute(1, 0, 2)
+        c_inv = torch.linalg.inv(c)
+        added = (d @ c_inv * d).sum((1, 2))
+        v = (w[:, r_cols] @ a).unsqueeze(0) + d @ c_inv @ b.transpose(1, 2)  # (k, rows, r)
+        f = b @ c_inv  # (k, r, width)
+        blocks = len(removed)
+        a_oo = a.reshape(blocks, width, blocks, width).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        f_o, b_o = f.reshape(len(kept), blocks, width, width), b.reshape(len(kept), blocks, width, width)
+        m_oo = a_oo.unsqueeze(0) + f_o @ b_o.transpose(2, 3)  # (k, blocks, width, width)
+        v_o = v.reshape(len(kept), -1, blocks, width).permute(0, 2, 3, 1)  # (k, blocks, width, rows)
+        restored = (torch.linalg.solve(m_oo, v_o) * v_o).sum((2, 3))
+        trial = current + added.unsqueeze(1) - restored  # [into, out]
+        best = int(torch.argmin(trial))
+        into, out = kept[best // blocks], removed[best % blocks]
+        candidate = sorted(set(removed) - {out} | {into})
+        exact = float(_joint_error(w, inverse, columns[candidate].flatten()))
+        if exact >= current * (1 - 1e-12):
+            break
+        removed, current, swaps = candidate, exact, swaps + 1
+    return torch.tensor(removed, dtype=torch.long), swaps
 
 
 SELECTIONS = ("norm", "l1", "tp", "wanda_sp", "obs", "swaps")
