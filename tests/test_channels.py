@@ -8,7 +8,10 @@ import torch
 
 from brainsurgeon import BrainSurgeonError
 from brainsurgeon.bench_structured import macs
-from brainsurgeon.bench_structured_vision import markdown_table, run_vision_structured_benchmark
+from brainsurgeon.bench_structured_vision import (
+    markdown_table,
+    run_vision_structured_benchmark,
+)
 from brainsurgeon.datasets.vision import Dataset
 from brainsurgeon.drivers.layers import recalibrate_batchnorm
 from brainsurgeon.drivers.structured import prune_structured, unit_totals
