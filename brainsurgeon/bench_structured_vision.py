@@ -86,7 +86,8 @@ def run_vision_structured_benchmark(model, dataset: Dataset, methods, allocation
 
 
 def is_vision_structured(report: dict) -> bool:
-    return isinstance(report, dict) and report.get("settings", {}).get("units") == ["channels"]
+    settings = report.get("settings") if isinstance(report, dict) else None
+    return isinstance(settings, dict) and settings.get("units") == ["channels"]
 
 
 def _mean_std(values) -> str:

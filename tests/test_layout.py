@@ -11,7 +11,7 @@ LAYERS = [
     {"curvature", "models", "datasets"},
     {"methods"},
     {"drivers"},
-    {"bench", "bench_structured", "demo"},
+    {"bench", "bench_structured", "bench_structured_vision", "demo"},
     {"cli", "cli_lm", "cli_options", "cli_structured"},
 ]
 
