@@ -85,6 +85,14 @@ def plan_runs(methods, allocations, fractions, units_of) -> list:
             for method in methods]
 
 
+def check_fractions_fit(fractions, whole: float, prunable: float, of: str, units: str) -> None:
+    """Refuse a fraction of `whole` (the `of` measure) that the units can not reach: they hold `prunable` of it."""
+    too_much = [f for f in fractions if f * whole >= prunable]
+    if too_much:
+        raise BrainSurgeonError(f"cannot remove {too_much[0]:g} of the {of} from {units} alone "
+                                f"({prunable / whole:.3f} of them); lower the fraction")
+
+
 def run_structured_benchmark(model, tokenizer, calibration, evaluation, methods, allocations, fractions,
                              units_of=UNIT_KINDS, model_name="model", relative_damping=None, json_path=None,
                              overwrite=False, progress=True) -> dict:
@@ -96,10 +104,7 @@ def run_structured_benchmark(model, tokenizer, calibration, evaluation, methods,
     runs = plan_runs(methods, allocations, fractions, units_of)
     sizes = unit_totals(model, calibration)
     prunable = sum(sizes[kind] for kind in units_of)
-    too_much = [f for f in fractions if f * sizes["blocks"] >= prunable]
-    if too_much:
-        raise BrainSurgeonError(f"cannot remove {too_much[0]:g} of the blocks' parameters from {' and '.join(units_of)}"
-                                f" alone ({prunable / sizes['blocks']:.3f} of them); lower the fraction")
+    check_fractions_fit(fractions, sizes["blocks"], prunable, "blocks' parameters", " and ".join(units_of))
     options = {} if relative_damping is None else {"relative_damping": relative_damping}
     report = dict(model=model_name, metric="perplexity", threads=torch.get_num_threads(),
                   settings=dict(methods=list(methods), allocations=list(allocations), fractions=list(fractions),

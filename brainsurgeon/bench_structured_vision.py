@@ -11,11 +11,16 @@ import torch
 
 from .atomic import check_writable
 from .bench import peak_memory_bytes, reset_peak_memory, write_json
-from .bench_structured import LATENCY_REPEATS, latency, macs, plan_runs
+from .bench_structured import (
+    LATENCY_REPEATS,
+    check_fractions_fit,
+    latency,
+    macs,
+    plan_runs,
+)
 from .datasets.vision import Dataset, accuracy
 from .drivers.layers import recalibrate_batchnorm
 from .drivers.structured import prune_structured, unit_totals
-from .errors import BrainSurgeonError
 
 LATENCY_BATCHES = (1, 128)
 PROBE_IMAGES = 8  # the images the unit probes and the cost count run on
@@ -39,10 +44,7 @@ def run_vision_structured_benchmark(model, dataset: Dataset, methods, allocation
     probe = dataset.calibration(PROBE_IMAGES, 0)[0]
     prunable = unit_totals(model, probe, cost="macs")["channels"]
     dense = _figures(model, dataset)
-    too_much = [f for f in fractions if f * dense["macs"] >= prunable]
-    if too_much:
-        raise BrainSurgeonError(f"cannot remove {too_much[0]:g} of the MACs from channels alone "
-                                f"({prunable / dense['macs']:.3f} of them); lower the fraction")
+    check_fractions_fit(fractions, dense["macs"], prunable, "MACs", "channels")
     options = {} if relative_damping is None else {"relative_damping": relative_damping}
     report = dict(model=model_name, metric="accuracy", threads=torch.get_num_threads(),
                   settings=dict(methods=list(methods), allocations=list(allocations), fractions=list(fractions),
