@@ -97,6 +97,39 @@ def test_the_shrunk_model_reloads_with_plain_transformers(tmp_path):
         assert torch.equal(value, result.model.state_dict()[key])
 
 
+@pytest.mark.parametrize("method, allocation", [("flap", "fluctuation"), ("swaps", "uniform")])
+def test_added_biases_turn_on_the_config_switches_and_the_model_reloads(tmp_path, method, allocation):
+    model, ids = tiny_llama(), token_ids()
+    result = prune_structured(model, ids, 0.3, method, allocation=allocation, biases="add", progress=False)
+    assert result.settings["biases"] == "add"
+    config = result.model.config
+    assert config.mlp_bias and config.attention_bias  # down_proj and o_proj carry the removed columns' mean
+    budget = 0.3 * sum(s["units"] * s["parameters_per_unit"] for s in result.stats.values())
+    removed = sum(len(s["removed"]) * s["parameters_per_unit"] for s in result.stats.values())
+    if allocation != "uniform":  # uniform takes 0.3 of each group's units instead
+        assert budget <= removed < budget + max(s["parameters_per_unit"] for s in result.stats.values())
+    save_shrunk(result.model, None, tmp_path / "shrunk", {})
+    if allocation == "uniform":
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "shrunk").eval()
+    else:  # widths per block: the width map
+        reloaded = load_pruned(tmp_path / "shrunk")[0]
+    torch.testing.assert_close(outputs(reloaded, ids), outputs(result.model, ids))
+    plain = prune_structured(model, ids, 0.3, "swaps", progress=False)
+    assert plain.settings["biases"] == "existing" and not plain.model.config.mlp_bias
+    if method == "flap":  # FLAP's default adds biases; its mean output stays the dense model's (first block)
+        assert prune_structured(model, ids, 0.3, "flap", progress=False).settings["biases"] == "add"
+        name = "model.layers.0.mlp.down_proj"
+        means = []
+        for net in (model, result.model):
+            captured = []
+            handle = net.get_submodule(name).register_forward_hook(lambda m, a, out: captured.append(out))
+            outputs(net, ids)
+            handle.remove()
+            means.append(captured[0].reshape(-1, captured[0].shape[-1]).mean(0))
+        if result.widths[name][1] < result.widths[name][0]:
+            torch.testing.assert_close(means[1], means[0], rtol=1e-4, atol=1e-5)
+
+
 def test_allocation_by_errors_removes_the_same_total_and_reloads_through_the_width_map(tmp_path):
     model, ids = tiny_llama(), token_ids()
     uniform = prune_structured(model, ids, 0.4, "obs", progress=False)
@@ -149,7 +182,7 @@ def test_a_model_without_units_and_bad_values_are_one_line():
     assert heads.left_dense["model.layers.0.mlp.down_proj"] == "its neurons were not asked for"
     with pytest.raises(BrainSurgeonError, match="allocation"):
         prune_structured(tiny_llama(), token_ids(), 0.5, "obs", allocation="global", progress=False)
-    assert set(units.SELECTIONS) == {"norm", "l1", "tp", "wanda_sp", "obs", "swaps"}
+    assert set(units.SELECTIONS) == {"norm", "l1", "tp", "wanda_sp", "flap", "obs", "swaps"}
 
 
 def test_tied_embeddings_survive_the_width_map_round_trip(tmp_path):

@@ -33,6 +33,32 @@ def test_the_refit_is_the_least_squares_solve_and_its_error_is_the_closed_form(s
     assert units.removal_error(weight, hessian, removed) == pytest.approx(brute, rel=1e-8, abs=1e-12)
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), count=st.integers(1, 4), method=st.sampled_from(["obs", "swaps"]))
+def test_with_a_bias_the_refit_is_the_least_squares_solve_with_an_intercept(seed, count, method):
+    weight, inputs, _ = problem(seed)
+    inputs = inputs + torch.linspace(-1, 2, 6, dtype=torch.float64)  # inputs with a mean
+    bias = torch.randn(3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    hessian, mean = inputs.T @ inputs / len(inputs), inputs.mean(0)
+    full, extended = torch.cat([weight, bias[:, None]], 1), units.augmented(hessian, mean)
+    removed, _ = units.choose_units(full, extended, count, method, columns=torch.arange(6).unsqueeze(1))
+    assert len(removed) == count and int(removed.max()) < 6  # the bias column never goes
+    kept = torch.tensor(sorted(set(range(6)) - set(removed.tolist())) + [6])
+    new = units.refit(full, extended, kept)
+    ones = torch.ones(len(inputs), 1, dtype=torch.float64)
+    target = inputs @ weight.T + bias
+    solved = torch.linalg.lstsq(torch.cat([inputs, ones], 1)[:, kept], target).solution.T
+    torch.testing.assert_close(new, solved, rtol=1e-7, atol=1e-7)
+    residual = target - torch.cat([inputs, ones], 1)[:, kept] @ new.T
+    assert units.error_of(full, extended, kept, new) == pytest.approx(float((residual ** 2).sum()) / len(inputs),
+                                                                      rel=1e-7)
+    # FLAP's compensation keeps the other columns and moves only the bias: the mean output stays exact
+    flap = full[:, kept].clone()
+    flap[:, -1] += weight[:, removed] @ mean[removed]
+    torch.testing.assert_close((torch.cat([inputs, ones], 1)[:, kept] @ flap.T).mean(0), target.mean(0))
+    assert units.error_of(full, extended, kept, new) <= units.error_of(full, extended, kept, flap) + 1e-12
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), count=st.integers(1, 4))
 def test_greedy_obs_takes_the_brute_force_best_single_removal_at_every_step(seed, count):

@@ -95,12 +95,13 @@ def layer_inputs(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 
 class HessianRecorder:
-    """Forward hooks that add X X^T of every listed layer's inputs (float64 sums of float32 products). Layers fed
-    the same tensor (a transformer's q, k and v projections) share one product."""
+    """Forward hooks that add X X^T of every listed layer's inputs (float64 sums of float32 products), and the sum
+    of its rows. Layers fed the same tensor (a transformer's q, k and v projections) share one product."""
 
 
     def __init__(self, modules: dict):
         self.sums = {name: None for name in modules}
+        self.row_sums = {name: None for name in modules}
         self.counts = dict.fromkeys(modules, 0)
         self.last = (None, None, None)  # (input tensor, layer kind, its product)
         self.handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
@@ -110,15 +111,16 @@ class HessianRecorder:
         seen, kind, product = self.last
         if seen is not inputs or kind != _layout(module):
             rows = layer_inputs(module, inputs.detach()).float()
-            product = ((rows.T @ rows).double(), len(rows))
+            product = ((rows.T @ rows).double(), len(rows), rows.double().sum(0))
             self.last = (inputs, _layout(module), product)
         return product
 
 
     def _hook(self, name):
         def record(module, args, output):
-            product, rows = self._product(module, args[0])
+            product, rows, row_sum = self._product(module, args[0])
             self.sums[name] = product.clone() if self.sums[name] is None else self.sums[name].add_(product)
+            self.row_sums[name] = row_sum.clone() if self.row_sums[name] is None else self.row_sums[name] + row_sum
             self.counts[name] += rows
         return record
 
@@ -127,6 +129,11 @@ class HessianRecorder:
         hessian = self.sums[name] / self.counts[name]
         check_finite_hessian(hessian, name)
         return hessian
+
+
+    def mean(self, name) -> torch.Tensor:
+        """The mean of the layer's input rows."""
+        return self.row_sums[name] / self.counts[name]
 
 
     def close(self):

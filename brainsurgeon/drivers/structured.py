@@ -19,6 +19,13 @@ How many units each consumer loses (`allocation`):
   loss     as errors, but each curve is put on the scale of the calibration loss: multiplied by the mean
            squared gradient of the loss with respect to its block's output (drivers/sensitivity.py; causal
            language models)
+  fluctuation  FLAP's adaptive structure: every unit's fluctuation on the dense model, standardised over all the
+           consumers of its kind (heads, neurons, channels), and the lowest removed across the model until the
+           budget is spent
+
+Biases (`biases`): 'existing' refits (obs, swaps) or compensates (flap) through the consumers' own biases only;
+'add' gives every consumer a bias to carry the removed columns' mean contribution (FLAP does; the default for
+flap). A Hugging Face config then turns on the switch that builds those biases (models/shrunk.py).
 """
 import copy
 import time
@@ -32,6 +39,7 @@ from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from ..errors import BrainSurgeonError, solver_errors_as_one_line
 from ..methods import units
 from ..methods.budget import num_to_prune
+from ..models.shrunk import match_config_biases
 from ..models.surgery import (
     BATCHNORM,
     find_unit_groups,
@@ -55,7 +63,8 @@ from .sensitivity import block_sensitivities
 from .tp_importance import torch_pruning_scores
 
 REFITTED = ("obs", "swaps")  # the methods whose kept columns are refitted (the others keep them as they were)
-ALLOCATIONS = ("uniform", "errors", "loss")
+ALLOCATIONS = ("uniform", "errors", "loss", "fluctuation")
+BIASES = ("existing", "add")
 UNIT_KINDS = ("heads", "neurons", "channels")
 COSTS = ("parameters", "macs")
 
@@ -93,18 +102,21 @@ def check_choices(method: str, allocation: str, units_of, names=("structured met
 @solver_errors_as_one_line
 def prune_structured(model: nn.Module, calibration, fraction: float, method: str = "swaps", *,
                      units_of: tuple = UNIT_KINDS, allocation: str = "uniform", cost: str = "parameters",
-                     relative_damping: float = DEFAULT_RELATIVE_DAMPING,
+                     biases: str = None, relative_damping: float = DEFAULT_RELATIVE_DAMPING,
                      max_swaps: int = 200, blocks=None, batch_size: int = 8, progress: bool = True) -> StructuredResult:
     """Remove `fraction` of the units of the unit groups (module docstring) with `method` ('norm', 'wanda_sp',
     'obs' or 'swaps', methods/units.py), spread over the consumers by `allocation` ('uniform', 'errors' or
-    'loss'), and return the shrunk copy. `units_of` names the kinds of units pruned ('heads', 'neurons',
+    'loss', 'fluctuation'), and return the shrunk copy. `units_of` names the kinds of units pruned ('heads', 'neurons',
     'channels'); `fraction` is of each group's units (uniform), or (errors, loss) of all their `cost`:
     'parameters', or 'macs' (multiply-accumulates per input, which a convolution's spatial size weighs).
-    `calibration` is model inputs, as for prune_layerwise; `relative_damping` damps each consumer's H by a
-    fraction of its mean diagonal."""
+    `biases` ('existing' or 'add'; default 'add' for flap, else 'existing') says which consumers carry the
+    removed columns' mean (module docstring). `calibration` is model inputs, as for prune_layerwise;
+    `relative_damping` damps each consumer's H by a fraction of its mean diagonal."""
     fraction = validation.number("fraction", fraction, low=0, high=1, high_open=True)
     method, allocation, units_of = check_choices(method, allocation, units_of)
     cost = validation.choice("cost", cost, COSTS)
+    biases = validation.choice("biases", "add" if biases is None and method == "flap" else biases or "existing",
+                               BIASES)
     relative_damping = validation.positive("relative_damping", relative_damping)
     max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
     batch_size = validation.count("batch_size", batch_size)
@@ -120,7 +132,7 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
         if allocation != "uniform":
             scales = block_sensitivities(pruned, found, calls) if allocation == "loss" else None
             curves, costs = _error_curves(found, inputs, units_of, relative_damping, progress, groups_of, scales,
-                                          cost)
+                                          cost, _Objective(method, biases, relative_damping), allocation)
             budget = fraction * sum((len(curve) + 1) * costs[name] for name, curve in curves.items())
             counts = units.allocate(curves, budget, costs)
         for name, block in progress_bar(found, "structured blocks", progress):
@@ -128,20 +140,23 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
             for group in _groups(name, block, inputs, units_of, groups_of):
                 full = f"{name}.{group.consumer}".strip(".")
                 consumer = block.get_submodule(group.consumer)
-                weight, width = matrix_of(consumer).detach().double(), width_in(consumer)
-                hessian = units.damped(_hessian(block, group.consumer, inputs), relative_damping)
+                width = width_in(consumer)
+                raw, mean = _statistics(block, group.consumer, inputs)
+                objective = _Objective(method, biases, relative_damping)
+                weight, hessian, kept_bias = objective.problem(consumer, raw, mean)
                 count = num_to_prune(fraction, group.units) if counts is None else counts[full]
                 removed, figures = units.choose_units(weight, hessian, count, method, max_swaps, group.columns,
-                                                      _given_scores(method, block, group, inputs))
+                                                      _given_scores(method, block, group, inputs, raw, mean))
                 kept_units = torch.tensor(sorted(set(range(group.units)) - set(removed.tolist())), dtype=torch.long)
-                kept = group.columns_of(kept_units)
-                new = units.refit(weight, hessian, kept) if method in REFITTED else weight[:, kept]
+                kept = torch.cat([group.columns_of(kept_units), kept_bias])
+                new = objective.update(weight, hessian, kept, mean, group.columns[removed].flatten())
                 stats[full] = dict(figures, kind=group.kind, removed=removed.tolist(), units=group.units,
                                    parameters_per_unit=group.parameters_per_unit(block),
                                    producers=list(group.producers), error=units.error_of(weight, hessian, kept, new))
                 for producer in group.producers:
                     kept_rows[f"{name}.{producer}".strip(".")] = group.rows_of(producer, kept_units)
-                remove_units(block, group, kept_units, new.float())
+                bias = new[:, -1].float() if len(kept_bias) else None
+                remove_units(block, group, kept_units, new[:, : new.shape[1] - len(kept_bias)].float(), bias)
                 widths[full] = (width, width_in(block.get_submodule(group.consumer)))
                 kinds[full] = (group.kind, len(kept_units), group.heads_per_unit, group.columns.shape[1])
             inputs = with_first(inputs, run_block(block, inputs))
@@ -150,16 +165,21 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                                 "nn.Linear or nn.Conv2d consumers whose inputs come from other layers' rows alone "
                                 "(MLP hidden neurons, a residual block's inner channels) or from attention heads")
     _update_config(pruned, widths, kinds)
+    if biases == "add" and hasattr(getattr(pruned, "config", None), "to_dict"):
+        match_config_biases(pruned)
     settings = dict(method=method, fraction=fraction, units_of=list(units_of), allocation=allocation, cost=cost,
-                    relative_damping=relative_damping,
+                    biases=biases, relative_damping=relative_damping,
                     max_swaps=max_swaps, blocks=[name for name, _ in found], batch_size=batch_size)
     return StructuredResult(pruned, widths, settings, stats, {"total": time.perf_counter() - started},
                             _left_dense(pruned, found, groups_of, units_of), kept_rows)
 
 
-def _given_scores(method: str, block: nn.Module, group, inputs):
-    """The per-unit scores of the methods that rank the producers' weights: the L1 norm of each unit's producer
-    rows (a convolution's filter), or Torch-Pruning's importance."""
+def _given_scores(method: str, block: nn.Module, group, inputs, hessian, mean):
+    """The per-unit scores of the methods that rank what the consumer alone does not show: the L1 norm of each
+    unit's producer rows (a convolution's filter), Torch-Pruning's importance, or FLAP's fluctuation."""
+    if method == "flap":
+        consumer = matrix_of(block.get_submodule(group.consumer)).detach()
+        return units.fluctuation_scores(consumer, hessian, mean)[group.columns].sum(1)
     if method == "l1":
         layers = [block.get_submodule(name) for name in group.producers]
         return sum(layer.weight.detach().double().flatten(1).abs().sum(1) for layer in layers
@@ -187,14 +207,42 @@ def _left_dense(model: nn.Module, found, groups_of: dict, units_of) -> dict:
     return reasons
 
 
-def _hessian(block, consumer: str, inputs) -> torch.Tensor:
-    """X X^T / N of the consumer's inputs, the block run on `inputs` as it is now."""
+def _statistics(block, consumer: str, inputs) -> tuple:
+    """X X^T / N and the mean of the consumer's inputs, the block run on `inputs` as it is now."""
     recorder = HessianRecorder({consumer: block.get_submodule(consumer)})
     try:
         run_block(block, inputs)
     finally:
         recorder.close()
-    return recorder.hessian(consumer)
+    return recorder.hessian(consumer), recorder.mean(consumer)
+
+
+class _Objective:
+    """A consumer's layer-wise problem for `method`: its matrix and damped H, extended by the bias column where
+    the refit or FLAP's compensation goes through a bias (`biases`), and the new kept columns."""
+
+    def __init__(self, method: str, biases: str, relative_damping: float):
+        self.method, self.biases, self.relative_damping = method, biases, relative_damping
+
+    def problem(self, consumer: nn.Module, hessian: torch.Tensor, mean: torch.Tensor) -> tuple:
+        """(W, H, the bias column's index as a 0- or 1-element tensor)."""
+        weight = matrix_of(consumer).detach().double()
+        hessian = units.damped(hessian, self.relative_damping)
+        if self.biases == "existing" and consumer.bias is None or self.method not in (*REFITTED, "flap"):
+            return weight, hessian, torch.zeros(0, dtype=torch.long)
+        bias = consumer.bias.detach().double() if consumer.bias is not None else weight.new_zeros(len(weight))
+        return (torch.cat([weight, bias[:, None]], 1), units.augmented(hessian, mean),
+                torch.tensor([weight.shape[1]]))
+
+    def update(self, weight, hessian, kept, mean, removed_columns) -> torch.Tensor:
+        """The kept columns' new weights (the bias column last when kept): the exact refit, FLAP's compensation,
+        or the columns as they were."""
+        if self.method in REFITTED:
+            return units.refit(weight, hessian, kept)
+        new = weight[:, kept].clone()
+        if self.method == "flap" and weight.shape[1] > len(mean):
+            new[:, -1] += weight[:, removed_columns] @ mean.double()[removed_columns]
+        return new
 
 
 def _groups(name, block, inputs, units_of, found: dict) -> list:
@@ -205,10 +253,14 @@ def _groups(name, block, inputs, units_of, found: dict) -> list:
 
 
 def _error_curves(found, inputs, units_of, relative_damping: float, progress: bool, groups_of: dict,
-                  scales: dict = None, cost: str = "parameters") -> tuple:
-    """Every consumer's structured-OBS error curve on the dense model (to one unit left), and the `cost` of one of
-    its units (parameters, or multiply-accumulates per input). Each curve is multiplied by its block's loss sensitivity (`scales`), or without them
-    divided by the median over tokens of the squared norm of its block's output. The blocks are left as they
+                  scales: dict = None, cost: str = "parameters", objective: "_Objective" = None,
+                  allocation: str = "errors") -> tuple:
+    """Every consumer's curve on the dense model (to one unit left) and the `cost` of one of its units
+    (parameters, or multiply-accumulates per input). For 'errors' and 'loss', the structured-OBS error curve of
+    `objective`, multiplied by its block's loss sensitivity (`scales`), or without them divided by the median over
+    tokens of the squared norm of its block's output; for 'fluctuation' (FLAP's adaptive structure), each
+    column's fluctuation standardised over the consumer's columns, averaged over the unit's, sorted, times the
+    unit's cost and summed, so that allocate removes the lowest across the model. The blocks are left as they
     were."""
     curves, costs = {}, {}
     for name, block in progress_bar(found, "error curves", progress):
@@ -223,13 +275,18 @@ def _error_curves(found, inputs, units_of, relative_damping: float, progress: bo
         energy = float(torch.cat([o.double().pow(2).sum(-1).flatten() for o in outputs]).median())
         for group in groups:
             full = f"{name}.{group.consumer}".strip(".")
-            weight = matrix_of(block.get_submodule(group.consumer)).detach().double()
-            hessian = units.damped(recorder.hessian(group.consumer), relative_damping)
-            _, errors = units.unit_path(weight, hessian, group.columns, group.units - 1)
-            scaled = errors * scales[name] if scales else errors / max(energy, 1e-300)
-            curves[full] = scaled
+            consumer = block.get_submodule(group.consumer)
+            raw, mean = recorder.hessian(group.consumer), recorder.mean(group.consumer)
             costs[full] = (group.macs_per_unit(block, positions.per_input) if cost == "macs"
                            else group.parameters_per_unit(block))
+            if allocation == "fluctuation":
+                scores = units.fluctuation_scores(matrix_of(consumer).detach(), raw, mean)
+                standard = ((scores - scores.mean()) / scores.std().clamp_min(1e-300))[group.columns].mean(1)
+                curves[full] = torch.cumsum(torch.sort(standard).values[: group.units - 1] * costs[full], 0)
+                continue
+            weight, hessian, _ = objective.problem(consumer, raw, mean)
+            _, errors = units.unit_path(weight, hessian, group.columns, group.units - 1)
+            curves[full] = errors * scales[name] if scales else errors / max(energy, 1e-300)
         inputs = with_first(inputs, outputs)
     return curves, costs
 

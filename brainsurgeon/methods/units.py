@@ -12,10 +12,14 @@ the group OBS update ZipLM and SlimGPT use, written once here as the exact least
   l1        the L1 norm of the unit's producer rows: a convolution's filter (Li et al., 2017)
   tp        Torch-Pruning's default importance, computed by Torch-Pruning (drivers/tp_importance.py)
   wanda_sp  sum_i |W_ij| |X_j| over the unit's columns (Wanda-sp)
+  flap      FLAP's fluctuation, |W_:,j|^2 Var(X_j) summed over the unit's columns; the removed columns' mean
+            contribution W_J mean(X_J) goes into the consumer's bias (An et al., AAAI 2024)
   obs       structured OBS: greedily the unit whose removal raises the error least, H^-1 downdated each time
   swaps     ours: from obs's set, swaps of a removed and a kept unit that lower the exact joint error, never
             above the start
-This module handles units of one column each (MLP neurons); the caller maps units to columns.
+Where the consumer has a bias b, the refit is exact on the objective with it: the inputs gain a constant 1, so
+W and H become [W b] and [[H, mean], [mean^T, 1]] (`augmented`), and the constant column is never removed; FLAP's
+compensation is the special case that keeps the other columns as they were.
 """
 import torch
 
@@ -56,6 +60,20 @@ def error_of(weight: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, ne
     return float(((delta @ hessian.double()) * delta).sum())
 
 
+def augmented(hessian: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """[[H, mean], [mean^T, 1]]: H of the inputs with a constant 1 appended (the consumer's bias as a column)."""
+    d = len(mean)
+    out = torch.empty(d + 1, d + 1, dtype=torch.float64)
+    out[:d, :d], out[:d, d], out[d, :d], out[d, d] = hessian.double(), mean.double(), mean.double(), 1.0
+    return out
+
+
+def fluctuation_scores(weight: torch.Tensor, hessian: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """FLAP's fluctuation of each input column j: |W_:,j|^2 times the variance of input j (H and mean undamped)."""
+    variance = (torch.diagonal(hessian.double()) - mean.double().pow(2)).clamp_min(0)
+    return weight.double()[:, : len(mean)].pow(2).sum(0) * variance
+
+
 def norm_scores(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     return weight.double().norm(dim=0)
 
@@ -69,13 +87,15 @@ def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(torch.sort(scores, stable=True).indices[:count]).values
 
 
-def obs_path(weight: torch.Tensor, hessian: torch.Tensor, count: int) -> tuple:
+def obs_path(weight: torch.Tensor, hessian: torch.Tensor, count: int, removable: int = None) -> tuple:
     """Structured OBS: `count` units removed one at a time, each the one whose removal (with the refit of all the
     others) raises the error least; H^-1 is downdated after each, so every score is exact given those removed.
-    Returns (the units in the order removed, the error after each removal: the path's error curve)."""
+    Only the first `removable` columns may go (all when None; the bias column stays). Returns (the units in the
+    order removed, the error after each removal: the path's error curve)."""
     inverse = torch.linalg.inv(hessian.double())
     w = weight.double().clone()
-    alive = torch.ones(w.shape[1], dtype=torch.bool)
+    alive = torch.zeros(w.shape[1], dtype=torch.bool)
+    alive[: removable or w.shape[1]] = True
     removed, errors, total = [], [], 0.0
     for _ in range(count):
         diagonal = torch.diagonal(inverse).clamp_min(1e-300)
@@ -118,8 +138,8 @@ def block_obs_path(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.T
 
 def unit_path(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tensor, count: int) -> tuple:
     """The structured-OBS path over the units `columns` (units x columns per unit)."""
-    if columns.shape[1] == 1 and torch.equal(columns[:, 0], torch.arange(weight.shape[1])):
-        return obs_path(weight, hessian, count)
+    if columns.shape[1] == 1 and torch.equal(columns[:, 0], torch.arange(len(columns))):
+        return obs_path(weight, hessian, count, len(columns))
     return block_obs_path(weight, hessian, columns, count)
 
 
@@ -209,17 +229,19 @@ class _RemovedSet:
 
 
 def swap_search(weight: torch.Tensor, hessian: torch.Tensor, start: torch.Tensor, max_swaps: int,
-                candidates: int = 16) -> tuple:
+                candidates: int = 16, removable: int = None) -> tuple:
     """Ours: from the removed set `start`, swaps of one removed and one kept unit that lower the exact joint error
     (best improvement over `candidates` of each side per round, ranked by their single-move changes), until none
-    lowers it or `max_swaps`. Returns (the removed units, sorted; the number of swaps)."""
-    if not len(start) or len(start) == weight.shape[1]:
+    lowers it or `max_swaps`. Only the first `removable` columns may go (all when None). Returns (the removed
+    units, sorted; the number of swaps)."""
+    removable = removable or weight.shape[1]
+    if not len(start) or len(start) == removable:
         return start, 0
     inverse = torch.linalg.inv(hessian.double())
     state = _RemovedSet(weight.double(), inverse, start)
     swaps = 0
     while swaps < max_swaps:
-        kept = torch.tensor(sorted(set(range(weight.shape[1])) - set(state.removed)), dtype=torch.long)
+        kept = torch.tensor(sorted(set(range(removable)) - set(state.removed)), dtype=torch.long)
         leaving = torch.argsort(state.gain_of_leaving(), descending=True)[:candidates]
         joining = kept[torch.argsort(state.cost_of_joining(kept))[:candidates]]
         best, move = state.error * (1 - 1e-12), None
@@ -281,8 +303,8 @@ def block_swaps(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tens
     return torch.tensor(removed, dtype=torch.long), swaps
 
 
-SELECTIONS = ("norm", "l1", "tp", "wanda_sp", "obs", "swaps")
-GIVEN_SCORES = ("l1", "tp")  # ranked by scores the caller computes from the producer layers
+SELECTIONS = ("norm", "l1", "tp", "wanda_sp", "flap", "obs", "swaps")
+GIVEN_SCORES = ("l1", "tp", "flap")  # ranked by scores the caller computes (producer weights, input statistics)
 
 
 def choose_units(weight: torch.Tensor, hessian: torch.Tensor, count: int, method: str, max_swaps: int = 200,
@@ -308,7 +330,8 @@ def choose_units(weight: torch.Tensor, hessian: torch.Tensor, count: int, method
         return start, {}
     if method == "swaps":
         if single:
-            removed, swaps = swap_search(weight, hessian, columns[start, 0], max_swaps)
+            removed, swaps = swap_search(weight, hessian, columns[start, 0], max_swaps,
+                                         removable=int(columns.max()) + 1)
             removed = torch.nonzero(torch.isin(columns[:, 0], removed)).squeeze(1)
         else:
             removed, swaps = block_swaps(weight, hessian, columns, start, max_swaps)

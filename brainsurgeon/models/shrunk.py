@@ -8,6 +8,7 @@ config builds, and load_pruned builds the model from the config, replaces those 
 listed shapes and loads the weights without pickle, refusing any tensor that is missing, unexpected or
 misshapen. Plain transformers refuses such a folder (its shapes do not fit the config) rather than load it wrong.
 """
+import copy
 import json
 from pathlib import Path
 
@@ -44,6 +45,46 @@ def width_map(model: nn.Module) -> dict:
         reference = transformers.AutoModelForCausalLM.from_config(model.config)
     built = _linear_shapes(reference)
     return {name: shape for name, shape in _linear_shapes(model).items() if built.get(name) != shape}
+
+
+def _built_biases(config, model_type=None) -> set:
+    """The nn.Linear names the config builds with a bias (None when it builds a model of another class)."""
+    transformers = _transformers()
+    try:
+        with torch.device("meta"):
+            reference = transformers.AutoModelForCausalLM.from_config(config)
+    except ValueError:  # not a causal language model's config
+        return None
+    if model_type is not None and type(reference) is not model_type:
+        return None
+    return {name for name, shape in _linear_shapes(reference).items() if shape[2]}
+
+
+def match_config_biases(model: nn.Module) -> list:
+    """Turn on the config's bias switches (its boolean fields named like 'mlp_bias', 'attention_bias') that build
+    the biases a structured prune added to a causal language model, and give every other layer a switch builds
+    a zero bias, so the config rebuilds the model and plain transformers loads it. Returns the switches turned on;
+    biases no switch builds stay for the width map."""
+    config = model.config
+    built = _built_biases(config, type(model))
+    if built is None:
+        return []
+    have = {name for name, shape in _linear_shapes(model).items() if shape[2]}
+    needed, switched = have - built, []
+    for flag in [key for key, value in config.to_dict().items() if "bias" in key and value is False]:
+        if not needed:
+            break
+        trial = copy.deepcopy(config)
+        setattr(trial, flag, True)
+        gained = _built_biases(trial) - built
+        if gained & needed:
+            setattr(config, flag, True)
+            switched.append(flag)
+            for name in gained - have:
+                layer = model.get_submodule(name)
+                layer.bias = nn.Parameter(layer.weight.new_zeros(layer.out_features))
+            needed -= gained
+    return switched
 
 
 def save_shrunk(model: nn.Module, tokenizer, target, report: dict, overwrite: bool = False, inputs=()) -> Path:

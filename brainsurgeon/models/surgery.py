@@ -323,14 +323,17 @@ def _smaller(module: nn.Module, rows: torch.Tensor) -> nn.Module:
     return smaller
 
 
-def _smaller_consumer(module: nn.Module, matrix: torch.Tensor) -> nn.Module:
-    """The consumer with the kept columns' weights `matrix` (rows x kept columns, a convolution's unfolded)."""
+def _smaller_consumer(module: nn.Module, matrix: torch.Tensor, bias=None) -> nn.Module:
+    """The consumer with the kept columns' weights `matrix` (rows x kept columns, a convolution's unfolded), and
+    `bias` when given (added where the consumer had none), else its own."""
+    bias = module.bias if bias is None else bias.to(module.weight.dtype)
     if isinstance(module, nn.Linear):
-        return _smaller_linear(module, matrix, module.bias)
+        return _smaller_linear(module, matrix, bias)
     smaller = copy.deepcopy(module)
     taps = module.weight[0, 0].numel()
     smaller.in_channels = matrix.shape[1] // taps
     smaller.weight = nn.Parameter(matrix.reshape(module.out_channels, -1, *module.kernel_size).contiguous())
+    smaller.bias = None if bias is None else nn.Parameter(bias.detach().clone())
     return smaller
 
 
@@ -340,11 +343,13 @@ def _replace(block: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def remove_units(block: nn.Module, group: UnitGroup, kept: torch.Tensor, consumer_weight: torch.Tensor) -> None:
+def remove_units(block: nn.Module, group: UnitGroup, kept: torch.Tensor, consumer_weight: torch.Tensor,
+                 consumer_bias: torch.Tensor = None) -> None:
     """Replace the group's producers by layers of their kind with only the `kept` units' rows, and its consumer by
     one with only their input columns, whose weights are `consumer_weight` (rows x kept columns: the refit, or
-    the kept columns as they were)."""
+    the kept columns as they were) and whose bias is `consumer_bias` (its own when None)."""
     for name in group.producers:
         _replace(block, name, _smaller(block.get_submodule(name), group.rows_of(name, kept)))
     consumer = block.get_submodule(group.consumer)
-    _replace(block, group.consumer, _smaller_consumer(consumer, consumer_weight.to(consumer.weight.dtype)))
+    _replace(block, group.consumer, _smaller_consumer(consumer, consumer_weight.to(consumer.weight.dtype),
+                                                      consumer_bias))
