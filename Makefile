@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-ours bench-structured-table bench-structured-resnet20
+.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -99,10 +99,15 @@ bench-lm: $(LM_DIR)/config.json
 # the same parameter budget by the error curves. Fractions are of the blocks' parameters; the same windows as
 # bench-lm; dense and pruned latency timed interleaved. `make bench-structured-table` prints the README table.
 STRUCTURED_FRACTIONS ?= 0.3,0.5,0.2
-bench-structured: bench-structured-baselines bench-structured-ours
+bench-structured: bench-structured-baselines bench-structured-flap bench-structured-ours
 bench-structured-baselines: $(LM_DIR)/config.json
 	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern neurons --methods wanda_sp,obs,norm \
 	  --allocations uniform --sparsities $(STRUCTURED_FRACTIONS) --json bench/smollm2_structured_baselines.json
+# FLAP as its paper runs it: heads and neurons, its adaptive structure (standardised fluctuations ranked across the
+# model), the removed columns' mean folded into added biases.
+bench-structured-flap: $(LM_DIR)/config.json
+	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern units --methods flap \
+	  --allocations fluctuation,uniform --sparsities $(STRUCTURED_FRACTIONS) --json bench/smollm2_structured_flap.json
 bench-structured-ours: $(LM_DIR)/config.json
 	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern units --methods obs,swaps \
 	  --allocations errors --sparsities $(STRUCTURED_FRACTIONS) --json bench/smollm2_structured_ours.json

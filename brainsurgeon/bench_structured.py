@@ -94,8 +94,8 @@ def check_fractions_fit(fractions, whole: float, prunable: float, of: str, units
 
 
 def run_structured_benchmark(model, tokenizer, calibration, evaluation, methods, allocations, fractions,
-                             units_of=UNIT_KINDS, model_name="model", relative_damping=None, json_path=None,
-                             overwrite=False, progress=True) -> dict:
+                             units_of=UNIT_KINDS, model_name="model", relative_damping=None, biases=None,
+                             json_path=None, overwrite=False, progress=True) -> dict:
     """Prune with every (method, allocation) at every fraction of the blocks' parameters; the fraction of the
     pruned units' own parameters is that times the blocks' parameters over theirs (refused above 1). With
     `json_path` the report so far is written after every run."""
@@ -106,6 +106,7 @@ def run_structured_benchmark(model, tokenizer, calibration, evaluation, methods,
     prunable = sum(sizes[kind] for kind in units_of)
     check_fractions_fit(fractions, sizes["blocks"], prunable, "blocks' parameters", " and ".join(units_of))
     options = {} if relative_damping is None else {"relative_damping": relative_damping}
+    options.update({} if biases is None else {"biases": biases})
     report = dict(model=model_name, metric="perplexity", threads=torch.get_num_threads(),
                   settings=dict(methods=list(methods), allocations=list(allocations), fractions=list(fractions),
                                 units=[kind for kind in units_of if sizes[kind]], calib_windows=list(calibration.shape),

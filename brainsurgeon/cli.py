@@ -23,6 +23,7 @@ from .cli_structured import (
     check_structured_bench_flags,
     check_structured_flags,
     prune_structured_language_model,
+    prune_structured_vision_model,
 )
 from .datasets.text import EVAL_ARTICLES
 from .datasets.vision import (
@@ -38,7 +39,7 @@ from .drivers.oneshot import prune
 from .drivers.registry import needs_fisher
 from .drivers.settings import deprecated_scope
 from .drivers.stage import DEFAULT_DAMPING, DEFAULT_MAX_MEMORY, GIB, samples_that_fit
-from .drivers.structured import ALLOCATIONS
+from .drivers.structured import ALLOCATIONS, BIASES
 from .errors import BrainSurgeonError, first_line
 from .methods.units import SELECTIONS
 from .models.hf import convert_gguf
@@ -142,10 +143,15 @@ def _load(args):
 def _cmd_prune(args):
     if args.pattern in STRUCTURED_PATTERNS:
         check_structured_flags(args, given_options(args))
+        if args.pattern == "channels":
+            check_flags(args, False)
+            return prune_structured_vision_model(args, _load)
         check_flags(args, True)
         return prune_structured_language_model(args, load_language_model, language_model_inputs(args))
-    if args.allocation is not None:
-        raise BrainSurgeonError("--allocation applies to a structured --pattern (units, heads or neurons); drop it")
+    for flag, value in (("--allocation", args.allocation), ("--biases", args.biases)):
+        if value is not None:
+            raise BrainSurgeonError(f"{flag} applies to a structured --pattern (units, heads, neurons or channels); "
+                                    "drop it")
     check_flags(args, bool(args.hf_model))
     if args.hf_model:
         return prune_language_model(args, given_options(args))
@@ -206,9 +212,10 @@ def _cmd_bench(args):
         if args.plot:
             bench_structured.plot(report, args.plot, overwrite=args.overwrite)
         return
-    if args.allocations is not None:
-        raise BrainSurgeonError("--allocations applies to a structured sweep (--pattern units, heads or neurons); "
-                                "drop it")
+    for flag, value in (("--allocations", args.allocations), ("--biases", args.biases)):
+        if value is not None:
+            raise BrainSurgeonError(f"{flag} applies to a structured sweep (--pattern units, heads, neurons or "
+                                    "channels); drop it")
     check_flags(args, bool(args.hf_model))
     if args.hf_model:
         return _finish_bench(bench_language_model(args, given_options(args)), args)
@@ -273,6 +280,8 @@ def _cmd_download(args):
     print(f"MNIST files verified in {download_mnist(args.directory, args.mirror)}")
 
 
+BIASES_HELP = ("with a structured --pattern: existing (default; flap: add) refits or compensates through the layers' "
+               "own biases; add gives every consumer layer a bias for the removed inputs' mean")
 OVERWRITE_HELP = ("replace existing outputs: a file you name, or a folder brainsurgeon wrote (one holding other files "
                   "is still refused); default: refuse any output that exists")
 
@@ -301,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. 2:4 (N zeros in every M inputs); with --hf-model also units, heads or neurons: remove "
                         "whole attention heads and/or MLP neurons (--sparsity of them) and write a smaller model")
     p.add_argument("--allocation", help=f"with a structured --pattern: {', '.join(ALLOCATIONS)} (default "
-                                        "uniform): the same fraction in every block, or the least summed error, on "
-                                        "the residual stream's scale (errors) or the loss's (loss)")
+                                        "uniform): the same fraction in every block, the least summed error, on "
+                                        "the residual stream's scale (errors) or the loss's (loss), or FLAP's "
+                                        "standardised fluctuations (fluctuation)")
+    p.add_argument("--biases", choices=BIASES, help=BIASES_HELP)
     p.add_argument("--target", choices=("layer", "dense"),
                    help="with --hf-model: each layer keeps its own output on the pruned inputs (layer, as SparseGPT) "
                         "or reproduces the dense model's (dense: twice the activation memory)")
@@ -326,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--pattern channels), --sparsities being fractions of the MACs per image; --methods of "
                         f"{', '.join(SELECTIONS)}")
     b.add_argument("--allocations", help=f"with --pattern: some of {', '.join(ALLOCATIONS)} (default uniform)")
+    b.add_argument("--biases", choices=BIASES, help=BIASES_HELP)
     b.add_argument("--json", help="write results as JSON")
     b.add_argument("--plot", help="write accuracy-vs-sparsity PNG (needs matplotlib)")
     b.set_defaults(run=_cmd_bench)

@@ -1,16 +1,21 @@
-"""The command line's structured prune of a language model: `prune --hf-model DIR --pattern units|heads|neurons`
-removes whole attention heads and MLP neurons (drivers/structured.py) and writes a smaller model folder; and the
-structured sweeps of `bench --pattern`, of a language model's units or a vision model's channels."""
+"""The command line's structured prunes: `prune --hf-model DIR --pattern units|heads|neurons` removes whole
+attention heads and MLP neurons (drivers/structured.py) and writes a smaller model folder; `prune --model M
+--pattern channels` removes a vision model's channels and writes one safetensors file with its shape map
+(models/resized.py). And the structured sweeps of `bench --pattern`, of a language model's units or a vision
+model's channels."""
 import json
 from pathlib import Path
 
 from . import validation
 from .atomic import outputs
-from .bench_structured import plan_runs, run_structured_benchmark
+from .bench_structured import macs, plan_runs, run_structured_benchmark
 from .bench_structured_vision import run_vision_structured_benchmark
 from .datasets.text import perplexity
+from .datasets.vision import accuracy
+from .drivers.layers import recalibrate_batchnorm
 from .drivers.structured import UNIT_KINDS, check_choices, prune_structured
 from .errors import BrainSurgeonError
+from .models.resized import save_resized
 from .models.shrunk import write_shrunk_folder
 
 # --pattern value -> the unit kinds it prunes
@@ -19,16 +24,20 @@ STRUCTURED_PATTERNS = {"units": UNIT_KINDS, "heads": ("heads",), "neurons": ("ne
 
 def check_structured_flags(args, options: dict) -> None:
     """Refuse, before any work, what a structured prune does not use."""
-    if args.pattern == "channels":
-        raise BrainSurgeonError("prune --pattern channels has no output format on the command line yet: call "
-                                "brainsurgeon.prune_structured(model, images, fraction, units_of='channels') and keep "
-                                "the returned nn.Module, or measure it with bench --pattern channels")
-    if not args.hf_model:
+    vision = args.pattern == "channels"
+    if vision and args.hf_model:
+        raise BrainSurgeonError("--pattern channels prunes a vision model's channels; pass --model and --checkpoint, "
+                                "not --hf-model")
+    if vision:
+        options = {name: value for name, value in options.items() if name != "bn_recalibration"}
+    elif not args.hf_model:
         raise BrainSurgeonError(f"--pattern {args.pattern} prunes a language model's units; pass --hf-model (vision "
                                 "models prune weights: --pattern global, layer, row or N:M)")
     unused = [flag for flag, value in (("--target", args.target), ("--include", args.include),
                                        ("--ignore", args.ignore)) if value is not None]
     unused += ["--" + name.replace("_", "-") for name in options]
+    unused += [f"--{name.replace('_', '-')}" for name in ("damp", "structure", "gradients", "max_memory_gb")
+               if vision and getattr(args, name, None) is not None]
     if unused:
         raise BrainSurgeonError(f"{', '.join(unused)} {'do' if len(unused) > 1 else 'does'} not apply to --pattern "
                                 f"{args.pattern}; drop {'them' if len(unused) > 1 else 'it'}")
@@ -39,6 +48,37 @@ def check_structured_flags(args, options: dict) -> None:
                   names=("--method", "--allocation"))
 
 
+def prune_structured_vision_model(args, load) -> None:
+    """`load(args)` gives (model, dataset). --sparsity is the fraction of the channels' multiply-accumulates per
+    image; the calibration images are --calib-samples (default 1000) of the training set, drawn by --seed."""
+    method, allocation = args.method or "swaps", args.allocation or "uniform"
+    with outputs(args.overwrite) as staged:
+        out_path = staged.file(args.out)
+        report_path = staged.file(args.report) if args.report else None
+        model, dataset = load(args)
+        calibration = dataset.calibration(args.calib_samples or 1000, args.seed)[0]
+        result = prune_structured(model, calibration, args.sparsity, method, units_of=("channels",),
+                                  allocation=allocation, cost="macs", biases=args.biases, batch_size=128,
+                                  progress=not args.quiet)
+        if args.bn_recalibration:
+            recalibrate_batchnorm(result.model, model, calibration, kept=result.kept_rows)
+        dense, shrunk = (dict(accuracy=accuracy(m, dataset.test_x, dataset.test_y), macs=macs(m, dataset.test_x[:1]),
+                              parameters=sum(p.numel() for p in m.parameters())) for m in (model, result.model))
+        report = {"settings": dict(result.settings, bn_matching=bool(args.bn_recalibration),
+                                   calib_samples=len(calibration), seed=args.seed),
+                  "widths": result.widths, "stats": result.stats, "timings": result.timings,
+                  "left_dense": result.left_dense, "dense": dense, "pruned": shrunk}
+        save_resized(result.model, model, out_path)
+        if report_path:
+            report_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{method} on channels ({allocation}{', BN matched' if args.bn_recalibration else ''}): "
+          f"{dense['parameters']:,} -> {shrunk['parameters']:,} parameters, {dense['macs']:,} -> {shrunk['macs']:,} "
+          f"MACs per image ({len(result.left_dense)} layers kept their shape, listed with the reason in the "
+          f"report), test accuracy {dense['accuracy']:.2f}% -> {shrunk['accuracy']:.2f}% in "
+          f"{result.timings['total']:.1f}s; wrote {args.out} (brainsurgeon.load_resized(dense_model, path) "
+          "reloads it)")
+
+
 def prune_structured_language_model(args, load, inputs) -> None:
     """`load(args)` gives (model, tokenizer, calibration, evaluation); `inputs` are the paths no output may overlap."""
     method, allocation = args.method or "swaps", args.allocation or "uniform"
@@ -47,7 +87,7 @@ def prune_structured_language_model(args, load, inputs) -> None:
         report_path = staged.file(args.report) if args.report else None
         model, tokenizer, calibration, evaluation = load(args)
         result = prune_structured(model, calibration, args.sparsity, method, units_of=STRUCTURED_PATTERNS[args.pattern],
-                                  allocation=allocation, relative_damping=args.relative_damp,
+                                  allocation=allocation, biases=args.biases, relative_damping=args.relative_damp,
                                   progress=not args.quiet)
         dense_ppl = perplexity(model, evaluation, progress=not args.quiet)
         pruned_ppl = perplexity(result.model, evaluation, progress=not args.quiet)
@@ -89,7 +129,7 @@ def bench_structured_language_model(args, load) -> dict:
     return run_structured_benchmark(model, tokenizer, calibration, evaluation, args.methods.split(","),
                                     (args.allocations or "uniform").split(","), args.sparsities,
                                     STRUCTURED_PATTERNS[args.pattern], model_name=Path(args.hf_model).name,
-                                    relative_damping=args.relative_damp, json_path=args.json,
+                                    relative_damping=args.relative_damp, biases=args.biases, json_path=args.json,
                                     overwrite=args.overwrite, progress=not args.quiet)
 
 
@@ -98,5 +138,5 @@ def bench_structured_vision_model(args, load) -> dict:
     model, dataset = load(args)
     return run_vision_structured_benchmark(model, dataset, args.methods.split(","),
                                            (args.allocations or "uniform").split(","), args.sparsities, args.seeds,
-                                           args.calib_samples or 1000, model_name=args.model,
+                                           args.calib_samples or 1000, model_name=args.model, biases=args.biases,
                                            json_path=args.json, overwrite=args.overwrite, progress=not args.quiet)

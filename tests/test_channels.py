@@ -133,3 +133,35 @@ def test_the_vision_bench_measures_every_prune_twice():
     assert "| swaps · uniform · BN matched |" in table and "0.3 of MACs" in table
     with pytest.raises(BrainSurgeonError, match="MACs from channels alone"):
         run_vision_structured_benchmark(model, dataset, ["l1"], ["uniform"], [0.99], progress=False)
+
+
+def test_the_cli_writes_a_shrunk_resnet20_that_load_resized_rebuilds(shared_data, capsys, tmp_path):
+    import json
+
+    from brainsurgeon import load_resized, save_resized
+    from brainsurgeon.cli import main
+    from brainsurgeon.datasets.vision import accuracy, load_cifar10
+
+    checkpoint = shared_data / "checkpoints" / "resnet20_cifar10.pth.tar"
+    common = ["prune", "--model", "resnet20", "--checkpoint", str(checkpoint), "--dataset", "cifar10",
+              "--data-dir", str(shared_data / "cifar10"), "--pattern", "channels", "--quiet"]
+    out, report = tmp_path / "r20.safetensors", tmp_path / "report.json"
+    code = main([*common, "--sparsity", "0.3", "--method", "obs", "--allocation", "errors", "--biases", "add",
+                 "--calib-samples", "64", "--bn-recalibration", "--out", str(out), "--report", str(report)])
+    assert code == 0, capsys.readouterr().err
+    figures = json.loads(report.read_text())
+    assert figures["pruned"]["parameters"] < figures["dense"]["parameters"]
+    assert figures["settings"]["biases"] == "add" and figures["settings"]["bn_matching"]
+    reloaded = load_resized(ResNet20(), out)
+    cifar = load_cifar10(shared_data / "cifar10")
+    assert accuracy(reloaded, cifar.test_x, cifar.test_y) == pytest.approx(figures["pruned"]["accuracy"])
+    assert sum(p.numel() for p in reloaded.parameters()) == figures["pruned"]["parameters"]
+    with pytest.raises(BrainSurgeonError, match="do not fit the model given|names"):
+        load_resized(ResNet20(blocks=(1, 1, 1)), out)  # another architecture
+    save_resized(ResNet20(), ResNet20(), tmp_path / "dense.safetensors")  # nothing resized: an empty map
+    assert isinstance(load_resized(ResNet20(), tmp_path / "dense.safetensors"), ResNet20)
+    for flags, message in ((["--damp", "1e-3"], "--damp does not apply"),
+                           (["--hf-model", str(tmp_path)], "pass --model and --checkpoint")):
+        assert main([*common, "--sparsity", "0.3", "--out", str(tmp_path / "x"), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
