@@ -85,14 +85,16 @@ def test_refits_lower_the_error_and_swaps_never_end_above_obs():
     assert again.stats == runs["swaps"].stats  # deterministic
 
 
-def test_the_macs_budget_is_spent_and_counted_like_the_flop_counter():
+@pytest.mark.parametrize("allocation", ["errors", "loss"])
+def test_the_macs_budget_is_spent_and_counted_like_the_flop_counter(allocation):
     model, x = tiny_resnet(), images()
     totals = unit_totals(model, x, cost="macs")
-    result = prune_structured(model, x, 0.5, "obs", units_of="channels", allocation="errors", cost="macs",
-                              progress=False)
+    result = prune_structured(model, x, 0.5, "obs", units_of="channels", allocation=allocation, cost="macs",
+                              progress=False)  # loss: the cross-entropy against the model's own predictions
     removed = macs(model, x[:1]) - macs(result.model, x[:1])
     largest = max(stats["units"] for stats in result.stats.values())
     assert abs(removed - 0.5 * totals["channels"]) <= totals["channels"] / largest  # within one unit's cost
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
     with pytest.raises(BrainSurgeonError, match="cost"):
         prune_structured(model, x, 0.5, "obs", units_of="channels", cost="flops", progress=False)
 

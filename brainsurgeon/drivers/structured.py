@@ -16,9 +16,9 @@ How many units each consumer loses (`allocation`):
            to, so errors of different depths are on one scale; the median, because the mean is dominated by the
            few tokens that carry massive activations); methods/units.allocate picks the counts. The widths
            then differ per block and the model is saved with a width map (models/shrunk.py).
-  loss     as errors, but each curve is put on the scale of the calibration loss: multiplied by the mean
-           squared gradient of the loss with respect to its block's output (drivers/sensitivity.py; causal
-           language models)
+  loss     as errors, but each curve is put on the scale of the calibration loss: multiplied by the squared
+           gradient of the loss with respect to the consumer's output, per sample and channel
+           (drivers/sensitivity.py; causal language models, and classifiers against their own predictions)
   fluctuation  FLAP's adaptive structure: every unit's fluctuation on the dense model, standardised over all the
            consumers of its kind (heads, neurons, channels), and the lowest removed across the model until the
            budget is spent
@@ -59,7 +59,7 @@ from .activations import (
     with_first,
 )
 from .layers import check_finite_model
-from .sensitivity import block_sensitivities
+from .sensitivity import layer_sensitivities
 from .tp_importance import torch_pruning_scores
 
 REFITTED = ("obs", "swaps")  # the methods whose kept columns are refitted (the others keep them as they were)
@@ -130,7 +130,7 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
         inputs = capture_block_inputs(pruned, found[0][1], calls)
         counts, groups_of = None, {}  # block name -> its unit groups, found once
         if allocation != "uniform":
-            scales = block_sensitivities(pruned, found, calls) if allocation == "loss" else None
+            scales = layer_sensitivities(pruned, _block_layers(found), calls) if allocation == "loss" else None
             curves, costs = _error_curves(found, inputs, units_of, relative_damping, progress, groups_of, scales,
                                           cost, _Objective(method, biases, relative_damping), allocation)
             budget = fraction * sum((len(curve) + 1) * costs[name] for name, curve in curves.items())
@@ -172,6 +172,12 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                     max_swaps=max_swaps, blocks=[name for name, _ in found], batch_size=batch_size)
     return StructuredResult(pruned, widths, settings, stats, {"total": time.perf_counter() - started},
                             _left_dense(pruned, found, groups_of, units_of), kept_rows)
+
+
+def _block_layers(found) -> dict:
+    """Every nn.Linear and nn.Conv2d inside the blocks, by its name in the model."""
+    return {f"{name}.{sub}".strip("."): module for name, block in found for sub, module in block.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d))}
 
 
 def _given_scores(method: str, block: nn.Module, group, inputs, hessian, mean):
@@ -257,8 +263,8 @@ def _error_curves(found, inputs, units_of, relative_damping: float, progress: bo
                   allocation: str = "errors") -> tuple:
     """Every consumer's curve on the dense model (to one unit left) and the `cost` of one of its units
     (parameters, or multiply-accumulates per input). For 'errors' and 'loss', the structured-OBS error curve of
-    `objective`, multiplied by its block's loss sensitivity (`scales`), or without them divided by the median over
-    tokens of the squared norm of its block's output; for 'fluctuation' (FLAP's adaptive structure), each
+    `objective`, multiplied by the consumer's loss sensitivity (`scales`, drivers/sensitivity.py), or without them
+    divided by the median over tokens of the squared norm of its block's output; for 'fluctuation' (FLAP's adaptive structure), each
     column's fluctuation standardised over the consumer's columns, averaged over the unit's, sorted, times the
     unit's cost and summed, so that allocate removes the lowest across the model. The blocks are left as they
     were."""
@@ -286,7 +292,7 @@ def _error_curves(found, inputs, units_of, relative_damping: float, progress: bo
                 continue
             weight, hessian, _ = objective.problem(consumer, raw, mean)
             _, errors = units.unit_path(weight, hessian, group.columns, group.units - 1)
-            curves[full] = errors * scales[name] if scales else errors / max(energy, 1e-300)
+            curves[full] = errors * scales[full] if scales else errors / max(energy, 1e-300)
         inputs = with_first(inputs, outputs)
     return curves, costs
 
