@@ -130,6 +130,38 @@ def test_added_biases_turn_on_the_config_switches_and_the_model_reloads(tmp_path
             torch.testing.assert_close(means[1], means[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("biases", ["existing", "add"])
+def test_the_dense_target_refit_is_the_least_squares_fit_of_the_dense_outputs(biases):
+    model, ids = tiny_llama(layers=2), token_ids(rows=16)
+    result = prune_structured(model, ids, 0.5, "obs", units_of=("heads", "neurons"), target="dense", biases=biases,
+                              relative_damping=1e-9, progress=False)
+    assert result.settings["target"] == "dense"
+    name = "model.layers.1.mlp.down_proj"  # the last consumer of the second block: its inputs follow every prune
+
+    def inputs_and_weights(net):
+        captured = []
+        handle = net.get_submodule(name).register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+        outputs(net, ids)
+        handle.remove()
+        layer = net.get_submodule(name)
+        bias = None if layer.bias is None else layer.bias.detach().double()
+        return captured[0].reshape(-1, captured[0].shape[-1]).double(), layer.weight.detach().double(), bias
+    pruned_x, new, bias = inputs_and_weights(result.model)
+    dense_x, dense_w, _ = inputs_and_weights(model)
+    design = torch.cat([pruned_x, torch.ones(len(pruned_x), 1, dtype=torch.float64)], 1) if biases == "add" else pruned_x
+    solved = torch.linalg.lstsq(design, dense_x @ dense_w.T).solution.T
+    fitted = new if bias is None else torch.cat([new, bias[:, None]], 1)
+
+    def residual(w):
+        return float(((dense_x @ dense_w.T - design @ w.T) ** 2).sum())
+    assert residual(fitted) == pytest.approx(residual(solved), rel=1e-4)
+    layer = prune_structured(model, ids, 0.5, "obs", units_of=("heads", "neurons"), biases=biases,
+                             relative_damping=1e-9, progress=False)  # towards the layer's own outputs: another fit
+    assert not torch.allclose(inputs_and_weights(layer.model)[1], new)
+    with pytest.raises(BrainSurgeonError, match="target='dense' refits"):
+        prune_structured(model, ids, 0.5, "wanda_sp", target="dense", progress=False)
+
+
 def test_allocation_by_errors_removes_the_same_total_and_reloads_through_the_width_map(tmp_path):
     model, ids = tiny_llama(), token_ids()
     uniform = prune_structured(model, ids, 0.4, "obs", progress=False)

@@ -171,6 +171,11 @@ def with_first(inputs, hidden) -> list:
 def cross_products(block, dense_block, name, inputs, dense_inputs) -> tuple:
     """(X_p X_p^T / N, X_p X_d^T / N) of layer `name`: X_p its inputs in `block` on the pruned stream, X_d in
     `dense_block` on the dense stream, row for row. Each forward pass stops once the layer has its input."""
+    return cross_statistics(block, dense_block, name, inputs, dense_inputs)[:2]
+
+
+def cross_statistics(block, dense_block, name, inputs, dense_inputs) -> tuple:
+    """cross_products, and the means of X_p's and X_d's rows."""
     captured = {}
 
 
@@ -184,7 +189,7 @@ def cross_products(block, dense_block, name, inputs, dense_inputs) -> tuple:
     handles = [dict(model.named_modules())[name].register_forward_pre_hook(capture(key))
                for key, model in (("pruned", block), ("dense", dense_block))]
     hessian = cross = None
-    rows = 0
+    rows, sums = 0, [0.0, 0.0]
     try:
         for (args, kwargs), (dense_args, dense_kwargs) in zip(inputs, dense_inputs):
             for model, call_args, call_kwargs in ((dense_block, dense_args, dense_kwargs), (block, args, kwargs)):
@@ -195,6 +200,7 @@ def cross_products(block, dense_block, name, inputs, dense_inputs) -> tuple:
             pruned_rows, dense_rows = captured.pop("pruned"), captured.pop("dense")
             products = ((pruned_rows.T @ pruned_rows).double(), (pruned_rows.T @ dense_rows).double())
             hessian, cross = products if hessian is None else (hessian.add_(products[0]), cross.add_(products[1]))
+            sums = [sums[0] + pruned_rows.double().sum(0), sums[1] + dense_rows.double().sum(0)]
             rows += len(pruned_rows)
     finally:
         for handle in handles:
@@ -202,4 +208,4 @@ def cross_products(block, dense_block, name, inputs, dense_inputs) -> tuple:
     hessian, cross = hessian / rows, cross / rows
     check_finite_hessian(hessian, name)
     check_finite_hessian(cross, name)
-    return hessian, cross
+    return hessian, cross, sums[0] / rows, sums[1] / rows

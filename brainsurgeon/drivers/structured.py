@@ -53,6 +53,7 @@ from ..progress import progress_bar
 from .activations import (
     HessianRecorder,
     capture_block_inputs,
+    cross_statistics,
     find_blocks,
     model_calls,
     run_block,
@@ -65,6 +66,8 @@ from .tp_importance import torch_pruning_scores
 REFITTED = ("obs", "swaps")  # the methods whose kept columns are refitted (the others keep them as they were)
 ALLOCATIONS = ("uniform", "errors", "loss", "fluctuation")
 BIASES = ("existing", "add")
+TARGETS = ("layer", "dense")
+DEFAULT_TARGET = "layer"
 UNIT_KINDS = ("heads", "neurons", "channels")
 COSTS = ("parameters", "macs")
 
@@ -102,7 +105,7 @@ def check_choices(method: str, allocation: str, units_of, names=("structured met
 @solver_errors_as_one_line
 def prune_structured(model: nn.Module, calibration, fraction: float, method: str = "swaps", *,
                      units_of: tuple = UNIT_KINDS, allocation: str = "uniform", cost: str = "parameters",
-                     biases: str = None, relative_damping: float = DEFAULT_RELATIVE_DAMPING,
+                     biases: str = None, target: str = None, relative_damping: float = DEFAULT_RELATIVE_DAMPING,
                      max_swaps: int = 200, blocks=None, batch_size: int = 8, progress: bool = True) -> StructuredResult:
     """Remove `fraction` of the units of the unit groups (module docstring) with `method` ('norm', 'wanda_sp',
     'obs' or 'swaps', methods/units.py), spread over the consumers by `allocation` ('uniform', 'errors' or
@@ -117,6 +120,10 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
     cost = validation.choice("cost", cost, COSTS)
     biases = validation.choice("biases", "add" if biases is None and method == "flap" else biases or "existing",
                                BIASES)
+    target = validation.choice("target", target or DEFAULT_TARGET, TARGETS)
+    if target == "dense" and method not in REFITTED:
+        raise BrainSurgeonError(f"target='dense' refits towards the dense model's outputs, which only "
+                                f"{' and '.join(REFITTED)} do; drop target or choose one of them")
     relative_damping = validation.positive("relative_damping", relative_damping)
     max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
     batch_size = validation.count("batch_size", batch_size)
@@ -135,15 +142,23 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                                           cost, _Objective(method, biases, relative_damping), allocation)
             budget = fraction * sum((len(curve) + 1) * costs[name] for name, curve in curves.items())
             counts = units.allocate(curves, budget, costs)
+        dense_inputs = inputs
         for name, block in progress_bar(found, "structured blocks", progress):
             # in forward order, each group's H recorded on the inputs the groups before it left
+            dense_block = copy.deepcopy(block) if target == "dense" else None
             for group in _groups(name, block, inputs, units_of, groups_of):
                 full = f"{name}.{group.consumer}".strip(".")
                 consumer = block.get_submodule(group.consumer)
                 width = width_in(consumer)
-                raw, mean = _statistics(block, group.consumer, inputs)
+                if dense_block is None:
+                    raw, mean = _statistics(block, group.consumer, inputs)
+                    towards = None
+                else:
+                    raw, cross, mean, dense_mean = cross_statistics(block, dense_block, group.consumer, inputs,
+                                                                    dense_inputs)
+                    towards = (cross, dense_mean)
                 objective = _Objective(method, biases, relative_damping)
-                weight, hessian, kept_bias = objective.problem(consumer, raw, mean)
+                weight, hessian, kept_bias = objective.problem(consumer, raw, mean, towards)
                 count = num_to_prune(fraction, group.units) if counts is None else counts[full]
                 removed, figures = units.choose_units(weight, hessian, count, method, max_swaps, group.columns,
                                                       _given_scores(method, block, group, inputs, raw, mean))
@@ -160,6 +175,8 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                 widths[full] = (width, width_in(block.get_submodule(group.consumer)))
                 kinds[full] = (group.kind, len(kept_units), group.heads_per_unit, group.columns.shape[1])
             inputs = with_first(inputs, run_block(block, inputs))
+            if dense_block is not None:
+                dense_inputs = with_first(dense_inputs, run_block(dense_block, dense_inputs))
     if not widths:
         raise BrainSurgeonError(f"no unit groups of {' or '.join(units_of)} found: structured pruning needs "
                                 "nn.Linear or nn.Conv2d consumers whose inputs come from other layers' rows alone "
@@ -168,7 +185,7 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
     if biases == "add" and hasattr(getattr(pruned, "config", None), "to_dict"):
         match_config_biases(pruned)
     settings = dict(method=method, fraction=fraction, units_of=list(units_of), allocation=allocation, cost=cost,
-                    biases=biases, relative_damping=relative_damping,
+                    biases=biases, target=target, relative_damping=relative_damping,
                     max_swaps=max_swaps, blocks=[name for name, _ in found], batch_size=batch_size)
     return StructuredResult(pruned, widths, settings, stats, {"total": time.perf_counter() - started},
                             _left_dense(pruned, found, groups_of, units_of), kept_rows)
@@ -230,15 +247,24 @@ class _Objective:
     def __init__(self, method: str, biases: str, relative_damping: float):
         self.method, self.biases, self.relative_damping = method, biases, relative_damping
 
-    def problem(self, consumer: nn.Module, hessian: torch.Tensor, mean: torch.Tensor) -> tuple:
-        """(W, H, the bias column's index as a 0- or 1-element tensor)."""
+    def problem(self, consumer: nn.Module, hessian: torch.Tensor, mean: torch.Tensor, towards=None) -> tuple:
+        """(W, damped H, the bias column's index as a 0- or 1-element tensor). With `towards` = (C, dense mean),
+        C = X_p X_d^T / N, W is the target W* = W + W (C - H)^T H_damped^-1 whose objective on the pruned inputs
+        X_p is |W X_d - W' X_p|^2 up to a constant (the dense model's output as the target; W* = W where the
+        streams agree)."""
         weight = matrix_of(consumer).detach().double()
-        hessian = units.damped(hessian, self.relative_damping)
-        if self.biases == "existing" and consumer.bias is None or self.method not in (*REFITTED, "flap"):
-            return weight, hessian, torch.zeros(0, dtype=torch.long)
-        bias = consumer.bias.detach().double() if consumer.bias is not None else weight.new_zeros(len(weight))
-        return (torch.cat([weight, bias[:, None]], 1), units.augmented(hessian, mean),
-                torch.tensor([weight.shape[1]]))
+        raw, bias_column = hessian.double(), torch.zeros(0, dtype=torch.long)
+        cross = None if towards is None else towards[0].double()
+        if not (self.biases == "existing" and consumer.bias is None or self.method not in (*REFITTED, "flap")):
+            bias = consumer.bias.detach().double() if consumer.bias is not None else weight.new_zeros(len(weight))
+            weight, raw, bias_column = (torch.cat([weight, bias[:, None]], 1), units.augmented(raw, mean),
+                                        torch.tensor([weight.shape[1]]))
+            if cross is not None:
+                cross = units.augmented(cross, mean, towards[1])
+        damped = units.damped(raw, self.relative_damping)
+        if cross is not None:
+            weight = weight + torch.linalg.solve(damped, (cross - raw) @ weight.T).T
+        return weight, damped, bias_column
 
     def update(self, weight, hessian, kept, mean, removed_columns) -> torch.Tensor:
         """The kept columns' new weights (the bias column last when kept): the exact refit, FLAP's compensation,

@@ -60,11 +60,13 @@ def error_of(weight: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, ne
     return float(((delta @ hessian.double()) * delta).sum())
 
 
-def augmented(hessian: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """[[H, mean], [mean^T, 1]]: H of the inputs with a constant 1 appended (the consumer's bias as a column)."""
+def augmented(hessian: torch.Tensor, mean: torch.Tensor, other_mean: torch.Tensor = None) -> torch.Tensor:
+    """[[H, mean], [other_mean^T, 1]] (other_mean = mean when None): H of the inputs with a constant 1 appended
+    (the consumer's bias as a column); for a cross product X_p X_d^T / N, the means of X_p and X_d."""
     d = len(mean)
+    other_mean = mean if other_mean is None else other_mean
     out = torch.empty(d + 1, d + 1, dtype=torch.float64)
-    out[:d, :d], out[:d, d], out[d, :d], out[d, d] = hessian.double(), mean.double(), mean.double(), 1.0
+    out[:d, :d], out[:d, d], out[d, :d], out[d, d] = hessian.double(), mean.double(), other_mean.double(), 1.0
     return out
 
 
