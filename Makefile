@@ -107,7 +107,7 @@ bench-structured-baselines: $(LM_DIR)/config.json
 # model), the removed columns' mean folded into added biases.
 bench-structured-flap: $(LM_DIR)/config.json
 	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern units --methods flap \
-	  --allocations fluctuation,uniform --sparsities $(STRUCTURED_FRACTIONS) --json bench/smollm2_structured_flap.json
+	  --allocations fluctuation --sparsities $(STRUCTURED_FRACTIONS) --json bench/smollm2_structured_flap.json
 bench-structured-ours: $(LM_DIR)/config.json
 	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern units --methods obs,swaps \
 	  --allocations errors --sparsities $(STRUCTURED_FRACTIONS) --json bench/smollm2_structured_ours.json

@@ -304,7 +304,7 @@ def _error_curves(found, inputs, units_of, relative_damping: float, progress: bo
         finally:
             recorder.close()
             positions.close()
-        energy = float(torch.cat([o.double().pow(2).sum(-1).flatten() for o in outputs]).median())
+        energy = float(torch.cat([_position_energies(o) for o in outputs]).median())
         for group in groups:
             full = f"{name}.{group.consumer}".strip(".")
             consumer = block.get_submodule(group.consumer)
@@ -321,6 +321,13 @@ def _error_curves(found, inputs, units_of, relative_damping: float, progress: bo
             curves[full] = errors * scales[full] if scales else errors / max(energy, 1e-300)
         inputs = with_first(inputs, outputs)
     return curves, costs
+
+
+def _position_energies(output: torch.Tensor) -> torch.Tensor:
+    """The squared norm of the output's feature vector at every position: a token's hidden state, a pixel's
+    channels (dimension 1 of an image batch)."""
+    squares = output.double().pow(2)
+    return (squares.sum(1) if output.dim() == 4 else squares.sum(-1)).flatten()
 
 
 class _Positions:
