@@ -44,6 +44,7 @@ from ..models.surgery import (
     BATCHNORM,
     find_unit_groups,
     matrix_of,
+    output_scales,
     remove_units,
     sequence_of,
     width_in,
@@ -135,11 +136,11 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
         found = find_blocks(pruned, blocks)
         calls = model_calls(pruned, calibration, batch_size)
         inputs = capture_block_inputs(pruned, found[0][1], calls)
-        counts, groups_of = None, {}  # block name -> its unit groups, found once
+        counts, groups_of, scales_of = None, {}, {}  # block name -> its unit groups, found once; consumer -> scales
         if allocation != "uniform":
             scales = layer_sensitivities(pruned, _block_layers(found), calls) if allocation == "loss" else None
             curves, costs = _error_curves(found, inputs, units_of, relative_damping, progress, groups_of, scales,
-                                          cost, _Objective(method, biases, relative_damping), allocation)
+                                          cost, _Objective(method, biases, relative_damping), allocation, scales_of)
             budget = fraction * sum((len(curve) + 1) * costs[name] for name, curve in curves.items())
             counts = units.allocate(curves, budget, costs)
         dense_inputs = inputs
@@ -157,7 +158,7 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                     raw, cross, mean, dense_mean = cross_statistics(block, dense_block, group.consumer, inputs,
                                                                     dense_inputs)
                     towards = (cross, dense_mean)
-                objective = _Objective(method, biases, relative_damping)
+                objective = _Objective(method, biases, relative_damping, _scales(name, block, group, inputs, scales_of))
                 weight, hessian, kept_bias = objective.problem(consumer, raw, mean, towards)
                 count = num_to_prune(fraction, group.units) if counts is None else counts[full]
                 removed, figures = units.choose_units(weight, hessian, count, method, max_swaps, group.columns,
@@ -165,9 +166,11 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                 kept_units = torch.tensor(sorted(set(range(group.units)) - set(removed.tolist())), dtype=torch.long)
                 kept = torch.cat([group.columns_of(kept_units), kept_bias])
                 new = objective.update(weight, hessian, kept, mean, group.columns[removed].flatten())
+                error = units.error_of(weight, hessian, kept, new)
+                new = objective.unscaled(new)
                 stats[full] = dict(figures, kind=group.kind, removed=removed.tolist(), units=group.units,
                                    parameters_per_unit=group.parameters_per_unit(block),
-                                   producers=list(group.producers), error=units.error_of(weight, hessian, kept, new))
+                                   producers=list(group.producers), error=error)
                 for producer in group.producers:
                     kept_rows[f"{name}.{producer}".strip(".")] = group.rows_of(producer, kept_units)
                 bias = new[:, -1].float() if len(kept_bias) else None
@@ -189,6 +192,14 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                     max_swaps=max_swaps, blocks=[name for name, _ in found], batch_size=batch_size)
     return StructuredResult(pruned, widths, settings, stats, {"total": time.perf_counter() - started},
                             _left_dense(pruned, found, groups_of, units_of), kept_rows)
+
+
+def _scales(name, block, group, inputs, found: dict):
+    """The consumer's output_scales (models/surgery.py), probed on the block's first call the first time."""
+    key = f"{name}.{group.consumer}"
+    if key not in found:
+        found[key] = output_scales(block, group.consumer, *inputs[0])
+    return found[key]
 
 
 def _block_layers(found) -> dict:
@@ -242,10 +253,24 @@ def _statistics(block, consumer: str, inputs) -> tuple:
 
 class _Objective:
     """A consumer's layer-wise problem for `method`: its matrix and damped H, extended by the bias column where
-    the refit or FLAP's compensation goes through a bias (`biases`), and the new kept columns."""
+    the refit or FLAP's compensation goes through a bias (`biases`), and the new kept columns. When a BatchNorm
+    takes the consumer's output, the rows are multiplied by its factors, so that errors, and the units chosen,
+    are measured after it, where they join the stream; `unscaled` divides them out of the new weights."""
 
-    def __init__(self, method: str, biases: str, relative_damping: float):
+    def __init__(self, method: str, biases: str, relative_damping: float, output_scales=None):
         self.method, self.biases, self.relative_damping = method, biases, relative_damping
+        self.with_scales(output_scales)
+
+    def with_scales(self, output_scales) -> None:
+        """A following BatchNorm's per-channel factors (None: none), used by the refitted methods only: the
+        baselines rank the weights as their papers do."""
+        if output_scales is not None and self.method in REFITTED:
+            tiny = 1e-12 * float(output_scales.abs().max().clamp_min(1e-300))
+            output_scales = torch.where(output_scales.abs() < tiny, tiny, output_scales)
+        self.output_scales = output_scales if self.method in REFITTED else None
+
+    def unscaled(self, new: torch.Tensor) -> torch.Tensor:
+        return new if self.output_scales is None else new / self.output_scales[:, None]
 
     def problem(self, consumer: nn.Module, hessian: torch.Tensor, mean: torch.Tensor, towards=None) -> tuple:
         """(W, damped H, the bias column's index as a 0- or 1-element tensor). With `towards` = (C, dense mean),
@@ -264,6 +289,8 @@ class _Objective:
         damped = units.damped(raw, self.relative_damping)
         if cross is not None:
             weight = weight + torch.linalg.solve(damped, (cross - raw) @ weight.T).T
+        if self.output_scales is not None:  # rows weighted: the refit of each row is the same, the error is not
+            weight = weight * self.output_scales[:, None]
         return weight, damped, bias_column
 
     def update(self, weight, hessian, kept, mean, removed_columns) -> torch.Tensor:
@@ -286,7 +313,7 @@ def _groups(name, block, inputs, units_of, found: dict) -> list:
 
 def _error_curves(found, inputs, units_of, relative_damping: float, progress: bool, groups_of: dict,
                   scales: dict = None, cost: str = "parameters", objective: "_Objective" = None,
-                  allocation: str = "errors") -> tuple:
+                  allocation: str = "errors", scales_of: dict = None) -> tuple:
     """Every consumer's curve on the dense model (to one unit left) and the `cost` of one of its units
     (parameters, or multiply-accumulates per input). For 'errors' and 'loss', the structured-OBS error curve of
     `objective`, multiplied by the consumer's loss sensitivity (`scales`, drivers/sensitivity.py), or without them
@@ -316,6 +343,7 @@ def _error_curves(found, inputs, units_of, relative_damping: float, progress: bo
                 standard = ((scores - scores.mean()) / scores.std().clamp_min(1e-300))[group.columns].mean(1)
                 curves[full] = torch.cumsum(torch.sort(standard).values[: group.units - 1] * costs[full], 0)
                 continue
+            objective.with_scales(_scales(name, block, group, inputs, scales_of))
             weight, hessian, _ = objective.problem(consumer, raw, mean)
             _, errors = units.unit_path(weight, hessian, group.columns, group.units - 1)
             curves[full] = errors * scales[full] if scales else errors / max(energy, 1e-300)

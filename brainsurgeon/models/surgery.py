@@ -298,6 +298,37 @@ def _removal_is_exact(block, layers, producers, probe, args, kwargs, expected, d
     return bool((actual - expected).abs().max() <= 1e-5 * scale)
 
 
+@torch.no_grad()
+def output_scales(block: nn.Module, consumer: str, args, kwargs):
+    """gamma / sqrt(running var + eps) per output channel of the BatchNorm (in eval mode) that takes the consumer's
+    output as it is, or None when none does: the factor by which an error in the consumer's output reaches the
+    stream after it."""
+    module, produced, found = block.get_submodule(consumer), [], []
+
+    def keep(_, __, output):
+        produced.append(output)
+
+    def check(norm):
+        def hook(_, inputs):
+            if produced and inputs[0] is produced[-1]:
+                found.append(norm)
+        return hook
+
+    handles = [module.register_forward_hook(keep)]
+    handles += [norm.register_forward_pre_hook(check(norm)) for norm in block.modules()
+                if isinstance(norm, BATCHNORM) and norm.track_running_stats and not norm.training]
+    try:
+        block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not found:
+        return None
+    norm = found[0]
+    scale = torch.rsqrt(norm.running_var.double() + norm.eps)
+    return scale * norm.weight.detach().double() if norm.affine else scale
+
+
 def _smaller_linear(module: nn.Linear, weight: torch.Tensor, bias) -> nn.Linear:
     smaller = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
                         dtype=module.weight.dtype)
