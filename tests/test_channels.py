@@ -167,3 +167,17 @@ def test_the_cli_writes_a_shrunk_resnet20_that_load_resized_rebuilds(shared_data
         assert main([*common, "--sparsity", "0.3", "--out", str(tmp_path / "x"), *flags]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_consumer_feeding_a_batchnorm_is_judged_after_it():
+    from helpers import tiny_llama
+
+    from brainsurgeon.models.surgery import output_scales
+
+    model, x = tiny_resnet(), images(4)
+    bn = model.layer2[0].bn2
+    expected = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    torch.testing.assert_close(output_scales(model, "layer2.0.conv2", (x,), {}), expected)
+    assert output_scales(model, "fc", (x,), {}) is None  # nothing normalises the logits
+    llama = tiny_llama(layers=1)
+    assert output_scales(llama, "model.layers.0.mlp.down_proj", (torch.zeros(1, 4, dtype=torch.long),), {}) is None
