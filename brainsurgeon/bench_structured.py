@@ -94,7 +94,7 @@ def check_fractions_fit(fractions, whole: float, prunable: float, of: str, units
 
 
 def run_structured_benchmark(model, tokenizer, calibration, evaluation, methods, allocations, fractions,
-                             units_of=UNIT_KINDS, model_name="model", relative_damping=None, biases=None,
+                             units_of=UNIT_KINDS, model_name="model", relative_damping=None, biases=None, target=None,
                              json_path=None, overwrite=False, progress=True) -> dict:
     """Prune with every (method, allocation) at every fraction of the blocks' parameters; the fraction of the
     pruned units' own parameters is that times the blocks' parameters over theirs (refused above 1). With
@@ -106,7 +106,7 @@ def run_structured_benchmark(model, tokenizer, calibration, evaluation, methods,
     prunable = sum(sizes[kind] for kind in units_of)
     check_fractions_fit(fractions, sizes["blocks"], prunable, "blocks' parameters", " and ".join(units_of))
     options = {} if relative_damping is None else {"relative_damping": relative_damping}
-    options.update({} if biases is None else {"biases": biases})
+    options.update({key: value for key, value in (("biases", biases), ("target", target)) if value is not None})
     report = dict(model=model_name, metric="perplexity", threads=torch.get_num_threads(),
                   settings=dict(methods=list(methods), allocations=list(allocations), fractions=list(fractions),
                                 units=[kind for kind in units_of if sizes[kind]], calib_windows=list(calibration.shape),

@@ -33,7 +33,8 @@ def _figures(model, dataset: Dataset) -> dict:
 
 def run_vision_structured_benchmark(model, dataset: Dataset, methods, allocations, fractions, seeds=(0,),
                                     calib_samples: int = 1000, model_name: str = "model", relative_damping=None,
-                                    biases=None, json_path=None, overwrite: bool = False, progress: bool = True) -> dict:
+                                    biases=None, target=None, json_path=None, overwrite: bool = False,
+                                    progress: bool = True) -> dict:
     """Prune the channels of `model` with every (method, allocation) at every fraction of its multiply-accumulates
     per image, for each seed's calibration images; each prune is scored as it comes and with BatchNorm matching
     (drivers/layers.recalibrate_batchnorm on the calibration images). With `json_path` the report so far is
@@ -46,7 +47,7 @@ def run_vision_structured_benchmark(model, dataset: Dataset, methods, allocation
     dense = _figures(model, dataset)
     check_fractions_fit(fractions, dense["macs"], prunable, "MACs", "channels")
     options = {} if relative_damping is None else {"relative_damping": relative_damping}
-    options.update({} if biases is None else {"biases": biases})
+    options.update({key: value for key, value in (("biases", biases), ("target", target)) if value is not None})
     report = dict(model=model_name, metric="accuracy", threads=torch.get_num_threads(),
                   settings=dict(methods=list(methods), allocations=list(allocations), fractions=list(fractions),
                                 seeds=list(seeds), units=["channels"], calib_samples=calib_samples, cost="macs",

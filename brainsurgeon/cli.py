@@ -212,7 +212,7 @@ def _cmd_bench(args):
         if args.plot:
             bench_structured.plot(report, args.plot, overwrite=args.overwrite)
         return
-    for flag, value in (("--allocations", args.allocations), ("--biases", args.biases)):
+    for flag, value in (("--allocations", args.allocations), ("--biases", args.biases), ("--target", args.target)):
         if value is not None:
             raise BrainSurgeonError(f"{flag} applies to a structured sweep (--pattern units, heads, neurons or "
                                     "channels); drop it")
@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(SELECTIONS)}")
     b.add_argument("--allocations", help=f"with --pattern: some of {', '.join(ALLOCATIONS)} (default uniform)")
     b.add_argument("--biases", choices=BIASES, help=BIASES_HELP)
+    b.add_argument("--target", choices=("layer", "dense"),
+                   help="with --pattern: refit (obs, swaps) towards each layer's own output on the pruned inputs "
+                        "(layer, the default) or the dense model's (dense)")
     b.add_argument("--json", help="write results as JSON")
     b.add_argument("--plot", help="write accuracy-vs-sparsity PNG (needs matplotlib)")
     b.set_defaults(run=_cmd_bench)

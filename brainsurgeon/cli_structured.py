@@ -13,7 +13,12 @@ from .bench_structured_vision import run_vision_structured_benchmark
 from .datasets.text import perplexity
 from .datasets.vision import accuracy
 from .drivers.layers import recalibrate_batchnorm
-from .drivers.structured import UNIT_KINDS, check_choices, prune_structured
+from .drivers.structured import (
+    UNIT_KINDS,
+    check_choices,
+    check_target,
+    prune_structured,
+)
 from .errors import BrainSurgeonError
 from .models.resized import save_resized
 from .models.shrunk import write_shrunk_folder
@@ -33,8 +38,7 @@ def check_structured_flags(args, options: dict) -> None:
     elif not args.hf_model:
         raise BrainSurgeonError(f"--pattern {args.pattern} prunes a language model's units; pass --hf-model (vision "
                                 "models prune weights: --pattern global, layer, row or N:M)")
-    unused = [flag for flag, value in (("--target", args.target), ("--include", args.include),
-                                       ("--ignore", args.ignore)) if value is not None]
+    unused = [flag for flag, value in (("--include", args.include), ("--ignore", args.ignore)) if value is not None]
     unused += ["--" + name.replace("_", "-") for name in options]
     unused += [f"--{name.replace('_', '-')}" for name in ("damp", "structure", "gradients", "max_memory_gb")
                if vision and getattr(args, name, None) is not None]
@@ -46,6 +50,7 @@ def check_structured_flags(args, options: dict) -> None:
     validation.number("--sparsity", args.sparsity, low=0, high=1, high_open=True)
     check_choices(args.method or "swaps", args.allocation or "uniform", STRUCTURED_PATTERNS[args.pattern],
                   names=("--method", "--allocation"))
+    check_target(args.method or "swaps", args.target)
 
 
 def prune_structured_vision_model(args, load) -> None:
@@ -58,7 +63,8 @@ def prune_structured_vision_model(args, load) -> None:
         model, dataset = load(args)
         calibration = dataset.calibration(args.calib_samples or 1000, args.seed)[0]
         result = prune_structured(model, calibration, args.sparsity, method, units_of=("channels",),
-                                  allocation=allocation, cost="macs", biases=args.biases, batch_size=128,
+                                  allocation=allocation, cost="macs", biases=args.biases, target=args.target,
+                                  batch_size=128,
                                   progress=not args.quiet)
         if args.bn_recalibration:
             recalibrate_batchnorm(result.model, model, calibration, kept=result.kept_rows)
@@ -87,7 +93,8 @@ def prune_structured_language_model(args, load, inputs) -> None:
         report_path = staged.file(args.report) if args.report else None
         model, tokenizer, calibration, evaluation = load(args)
         result = prune_structured(model, calibration, args.sparsity, method, units_of=STRUCTURED_PATTERNS[args.pattern],
-                                  allocation=allocation, biases=args.biases, relative_damping=args.relative_damp,
+                                  allocation=allocation, biases=args.biases, target=args.target,
+                                  relative_damping=args.relative_damp,
                                   progress=not args.quiet)
         dense_ppl = perplexity(model, evaluation, progress=not args.quiet)
         pruned_ppl = perplexity(result.model, evaluation, progress=not args.quiet)
@@ -122,6 +129,8 @@ def check_structured_bench_flags(args, options: dict) -> None:
                                 f"structured sweep; drop {'them' if len(unused) > 1 else 'it'}")
     plan_runs(args.methods.split(","), (args.allocations or "uniform").split(","), args.sparsities,
               STRUCTURED_PATTERNS[args.pattern])
+    for method in args.methods.split(","):
+        check_target(method, args.target)
 
 
 def bench_structured_language_model(args, load) -> dict:
@@ -129,7 +138,8 @@ def bench_structured_language_model(args, load) -> dict:
     return run_structured_benchmark(model, tokenizer, calibration, evaluation, args.methods.split(","),
                                     (args.allocations or "uniform").split(","), args.sparsities,
                                     STRUCTURED_PATTERNS[args.pattern], model_name=Path(args.hf_model).name,
-                                    relative_damping=args.relative_damp, biases=args.biases, json_path=args.json,
+                                    relative_damping=args.relative_damp, biases=args.biases, target=args.target,
+                                    json_path=args.json,
                                     overwrite=args.overwrite, progress=not args.quiet)
 
 
@@ -139,4 +149,5 @@ def bench_structured_vision_model(args, load) -> dict:
     return run_vision_structured_benchmark(model, dataset, args.methods.split(","),
                                            (args.allocations or "uniform").split(","), args.sparsities, args.seeds,
                                            args.calib_samples or 1000, model_name=args.model, biases=args.biases,
+                                           target=args.target,
                                            json_path=args.json, overwrite=args.overwrite, progress=not args.quiet)

@@ -253,7 +253,8 @@ def test_the_cli_writes_a_smaller_model_that_reloads_at_the_reported_perplexity(
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--pattern", "heads", "--sparsity", "0.3", "--target", "dense"], "--target does not apply to --pattern heads"),
+    (["--pattern", "heads", "--sparsity", "0.3", "--include", "Linear"], "--include does not apply to --pattern heads"),
+    (["--pattern", "heads", "--sparsity", "0.3", "--method", "norm", "--target", "dense"], "target='dense' refits"),
     (["--pattern", "units", "--sparsity", "0.3", "--method", "sparsegpt"], "--method"),
     (["--pattern", "units", "--sparsity", "0.3", "--allocation", "global"], "--allocation"),
     (["--pattern", "units"], "--sparsity is required"),

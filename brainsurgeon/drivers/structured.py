@@ -103,6 +103,15 @@ def check_choices(method: str, allocation: str, units_of, names=("structured met
     return method, allocation, units_of
 
 
+def check_target(method: str, target: str) -> str:
+    """The target (default DEFAULT_TARGET), refused for a method that does not refit."""
+    target = validation.choice("target", target or DEFAULT_TARGET, TARGETS)
+    if target == "dense" and method not in REFITTED:
+        raise BrainSurgeonError(f"target='dense' refits towards the dense model's outputs, which only "
+                                f"{' and '.join(REFITTED)} do; drop target or choose one of them")
+    return target
+
+
 @solver_errors_as_one_line
 def prune_structured(model: nn.Module, calibration, fraction: float, method: str = "swaps", *,
                      units_of: tuple = UNIT_KINDS, allocation: str = "uniform", cost: str = "parameters",
@@ -121,10 +130,7 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
     cost = validation.choice("cost", cost, COSTS)
     biases = validation.choice("biases", "add" if biases is None and method == "flap" else biases or "existing",
                                BIASES)
-    target = validation.choice("target", target or DEFAULT_TARGET, TARGETS)
-    if target == "dense" and method not in REFITTED:
-        raise BrainSurgeonError(f"target='dense' refits towards the dense model's outputs, which only "
-                                f"{' and '.join(REFITTED)} do; drop target or choose one of them")
+    target = check_target(method, target)
     relative_damping = validation.positive("relative_damping", relative_damping)
     max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
     batch_size = validation.count("batch_size", batch_size)
