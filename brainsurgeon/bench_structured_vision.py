@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .atomic import check_writable
+from .atomic import atomic_path, check_writable
 from .bench import peak_memory_bytes, reset_peak_memory, write_json
 from .bench_structured import (
     LATENCY_REPEATS,
@@ -99,15 +99,28 @@ def _mean_std(values) -> str:
     return f"{statistics.mean(values):.2f}{spread}"
 
 
-def markdown_table(report: dict) -> str:
-    """Accuracy (mean ± std over seeds) per method, allocation and BatchNorm matching (rows) and fraction of MACs
-    removed (columns); then the measured MACs, parameters and latencies, averaged over seeds."""
-    fractions = sorted(set(report["settings"]["fractions"]))
+def _name(report: dict, row: dict) -> str:
+    towards = " · dense target" if report["settings"].get("target") == "dense" else ""
+    return f"{row['method']} · {row['allocation']}{towards}{' · BN matched' if row['bn_matching'] else ''}"
+
+
+def _groups(reports) -> dict:
+    """run name -> fraction -> its rows (one per seed), over one or more channel sweeps."""
     groups = {}
-    for row in report["results"]:
-        name = f"{row['method']} · {row['allocation']}{' · BN matched' if row['bn_matching'] else ''}"
-        groups.setdefault(name, {}).setdefault(row["fraction"], []).append(row)
-    dense = report["dense"]
+    for report in reports:
+        for row in report["results"]:
+            groups.setdefault(_name(report, row), {}).setdefault(row["fraction"], []).append(row)
+    return groups
+
+
+def markdown_table(reports) -> str:
+    """Accuracy (mean ± std over seeds) per method, allocation, target and BatchNorm matching (rows) and fraction
+    of MACs removed (columns), over one or more channel sweeps of the same model; then the measured MACs,
+    parameters and latencies, averaged over seeds."""
+    reports = [reports] if isinstance(reports, dict) else list(reports)
+    fractions = sorted({f for report in reports for f in report["settings"]["fractions"]})
+    groups = _groups(reports)
+    dense = reports[0]["dense"]
     lines = ["| method · allocation | " + " | ".join(f"{f:g} of MACs" for f in fractions) + " |",
              "|---" * (len(fractions) + 1) + "|",
              "| dense | " + " | ".join(f"{dense['accuracy']:.2f}" for _ in fractions) + " |"]
@@ -133,3 +146,27 @@ def markdown_table(report: dict) -> str:
                          f"{mean['latency_dense_b128'] * 1e3:.0f} ms | {mean['speedup_b128']:.2f}x | "
                          f"{mean['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def plot(reports, path, overwrite: bool = False) -> None:
+    """Accuracy against the measured batch-128 speed-up, one line per run (mean over seeds), over one or more
+    channel sweeps (needs the 'plot' extra: matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reports = [reports] if isinstance(reports, dict) else list(reports)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, cells in _groups(reports).items():
+        points = sorted((statistics.mean(r["speedup_b128"] for r in rows), statistics.mean(r["accuracy"] for r in rows))
+                        for rows in cells.values())
+        axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+    axes.scatter([1.0], [reports[0]["dense"]["accuracy"]], color="grey", marker="*", s=80, label="dense")
+    axes.set(xlabel=f"measured speed-up over dense at batch 128 ({reports[0]['threads']} threads)",
+             ylabel="test accuracy (%)", title=f"{reports[0]['model']}: channel pruning")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    with atomic_path(path, overwrite) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)

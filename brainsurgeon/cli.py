@@ -249,11 +249,14 @@ def _cmd_table(args):
             reports.append(json.loads(path.read_text()))
         except (OSError, ValueError) as error:
             raise BrainSurgeonError(f"cannot read bench JSON {path}: {first_line(error)}") from None
-    if any(bench_structured_vision.is_vision_structured(report) for report in reports):
-        if len(reports) > 1 or args.plot:
-            raise BrainSurgeonError("a channel sweep (bench --pattern channels) makes its table alone; pass one JSON "
-                                    "and no --plot")
-        print(bench_structured_vision.markdown_table(reports[0]))
+    vision = [bench_structured_vision.is_vision_structured(report) for report in reports]
+    if any(vision):
+        if not all(vision):
+            raise BrainSurgeonError("channel sweeps (bench --pattern channels) make a table only with other channel "
+                                    "sweeps; pass those alone")
+        if args.plot:
+            bench_structured_vision.plot(reports, args.plot, overwrite=args.overwrite)
+        print(bench_structured_vision.markdown_table(reports))
         return
     structured = [bench_structured.is_structured(report) for report in reports]
     if len(reports) > 1 and not all(structured):

@@ -121,7 +121,7 @@ def test_batchnorm_matching_follows_the_kept_channels():
     assert not torch.allclose(matched.layer2[0].bn2.running_mean, result.model.layer2[0].bn2.running_mean)
 
 
-def test_the_vision_bench_measures_every_prune_twice():
+def test_the_vision_bench_measures_every_prune_twice(tmp_path, capsys):
     model = tiny_resnet()
     labels = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(1))
     dataset = Dataset("random", images(64), labels, images(32, 2), labels[:32])
@@ -133,6 +133,17 @@ def test_the_vision_bench_measures_every_prune_twice():
         assert row["speedup_b1"] > 0 and row["latency_pruned_b128"] > 0
     table = markdown_table(report)
     assert "| swaps · uniform · BN matched |" in table and "0.3 of MACs" in table
+    towards = run_vision_structured_benchmark(model, dataset, ["obs"], ["uniform"], [0.3], calib_samples=32,
+                                              target="dense", json_path=tmp_path / "dense.json", progress=False)
+    assert towards["settings"]["target"] == "dense"
+    from brainsurgeon.bench import write_json
+    from brainsurgeon.cli import main
+    write_json(report, tmp_path / "layer.json")
+    assert main(["table", str(tmp_path / "layer.json"), str(tmp_path / "dense.json"), "--plot",
+                 str(tmp_path / "plot.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "| obs · uniform · dense target |" in printed and "| l1 · uniform |" in printed
+    assert (tmp_path / "plot.png").stat().st_size > 0
     with pytest.raises(BrainSurgeonError, match="MACs from channels alone"):
         run_vision_structured_benchmark(model, dataset, ["l1"], ["uniform"], [0.99], progress=False)
 
