@@ -144,7 +144,7 @@ def _cmd_prune(args):
     if args.pattern in STRUCTURED_PATTERNS:
         check_structured_flags(args, given_options(args))
         if args.pattern == "channels":
-            check_flags(args, False)
+            check_flags(args, False, also=("target",))
             return prune_structured_vision_model(args, _load)
         check_flags(args, True)
         return prune_structured_language_model(args, load_language_model, language_model_inputs(args))
@@ -201,7 +201,7 @@ def _cmd_bench(args):
     if args.pattern:
         check_structured_bench_flags(args, given_options(args))
         if args.pattern == "channels":
-            check_flags(args, False)
+            check_flags(args, False, also=("target",))
             if args.plot:
                 raise BrainSurgeonError("--plot draws language-model sweeps; drop it (the table is printed)")
             print(bench_structured_vision.markdown_table(bench_structured_vision_model(args, _load)))

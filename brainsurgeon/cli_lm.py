@@ -19,9 +19,10 @@ VISION_ONLY = ("model", "checkpoint", "dataset", "data_dir", "calib_samples", "m
                "gradients", "scope", "damp")
 
 
-def check_flags(args, language_model: bool) -> None:
-    """Refuse flags the chosen kind of run does not use, then fill in the language-model defaults."""
-    flags = VISION_ONLY if language_model else tuple(LM_DEFAULTS)
+def check_flags(args, language_model: bool, also=()) -> None:
+    """Refuse flags the chosen kind of run does not use (but those named in `also`), then fill in the
+    language-model defaults."""
+    flags = [name for name in (VISION_ONLY if language_model else LM_DEFAULTS) if name not in also]
     given = [name for name in flags if getattr(args, name, None) not in (None, False)]
     if given:
         listed = ", ".join("--" + name.replace("_", "-") for name in given)
