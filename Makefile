@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20
+.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-cost
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -120,6 +120,13 @@ R20_CHANNELS = $(BIN)/brainsurgeon bench --overwrite --model resnet20 --checkpoi
 bench-structured-resnet20: $(STAMP)
 	$(R20_CHANNELS) --methods obs,swaps --allocations uniform --target dense --json bench/resnet20_channels_ours.json
 	$(R20_CHANNELS) --methods l1,tp,obs --allocations uniform --json bench/resnet20_channels_baselines.json
+# The structured prune's cost against the unstructured sparsegpt prune of the same model, each alone on the machine:
+# seconds, peak resident memory, and (structured) the interleaved latency at 0.5 of the blocks' parameters.
+bench-structured-cost: $(LM_DIR)/config.json
+	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --methods sparsegpt --sparsities 0.5 \
+	  --json bench/smollm2_cost_sparsegpt.json
+	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern units --methods swaps --allocations errors \
+	  --sparsities 0.5 --json bench/smollm2_cost_structured.json
 bench-structured-table:
 	@$(BIN)/brainsurgeon table bench/smollm2_structured_baselines.json bench/smollm2_structured_ours.json \
 	  --plot bench/smollm2_structured.png --overwrite
