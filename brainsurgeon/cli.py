@@ -25,6 +25,7 @@ from .cli_structured import (
     prune_structured_language_model,
     prune_structured_vision_model,
 )
+from .cli_table import table_command
 from .datasets.text import EVAL_ARTICLES
 from .datasets.vision import (
     DATASETS,
@@ -40,7 +41,7 @@ from .drivers.registry import needs_fisher
 from .drivers.settings import deprecated_scope
 from .drivers.stage import DEFAULT_DAMPING, DEFAULT_MAX_MEMORY, GIB, samples_that_fit
 from .drivers.structured import ALLOCATIONS, BIASES
-from .errors import BrainSurgeonError, first_line
+from .errors import BrainSurgeonError
 from .methods.units import SELECTIONS
 from .models.hf import convert_gguf
 from .models.loading import TRUST_PICKLE_FLAG, TRUST_PICKLE_HELP
@@ -241,39 +242,6 @@ def _cmd_demo(args):
     _finish_bench(report, args)
 
 
-def _cmd_table(args):
-    reports = []
-    for name in args.json_files:
-        path = validation.input_file(name, "bench JSON", validation.MAX_TEXT_BYTES)
-        try:
-            reports.append(json.loads(path.read_text()))
-        except (OSError, ValueError) as error:
-            raise BrainSurgeonError(f"cannot read bench JSON {path}: {first_line(error)}") from None
-    vision = [bench_structured_vision.is_vision_structured(report) for report in reports]
-    if any(vision):
-        if not all(vision):
-            raise BrainSurgeonError("channel sweeps (bench --pattern channels) make a table only with other channel "
-                                    "sweeps; pass those alone")
-        if args.plot:
-            bench_structured_vision.plot(reports, args.plot, overwrite=args.overwrite)
-        print(bench_structured_vision.markdown_table(reports))
-        return
-    structured = [bench_structured.is_structured(report) for report in reports]
-    if len(reports) > 1 and not all(structured):
-        raise BrainSurgeonError("several bench JSONs make one table only for structured sweeps (bench --pattern); "
-                                "pass one JSON")
-    if args.plot and not all(structured):
-        raise BrainSurgeonError("table --plot draws structured sweeps (bench --pattern); bench --plot draws the others")
-    try:
-        table = bench_structured.markdown_table(reports) if all(structured) else bench.markdown_table(reports[0])
-    except (KeyError, TypeError, IndexError, AttributeError) as error:
-        raise BrainSurgeonError(f"{args.json_files[0]} is not a bench JSON written by 'brainsurgeon bench' "
-                                f"({type(error).__name__}: {first_line(error)}); pass one that is") from None
-    if args.plot:
-        bench_structured.plot(reports, args.plot, overwrite=args.overwrite)
-    print(table)
-
-
 def _cmd_convert_gguf(args):
     folder = convert_gguf(args.gguf_file, args.directory, args.overwrite, progress=not args.quiet)
     print(f"wrote {folder}")
@@ -364,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("json_files", nargs="+", help="a bench JSON, or several structured sweeps of one model")
     t.add_argument("--plot", help="with structured sweeps: perplexity against measured speed-up, as PNG")
     t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    t.set_defaults(run=_cmd_table)
+    t.set_defaults(run=table_command)
 
     c = sub.add_parser("convert-gguf", help="dequantise a GGUF causal LM into a float32 Hugging Face folder")
     c.add_argument("gguf_file")

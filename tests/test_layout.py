@@ -12,7 +12,7 @@ LAYERS = [
     {"methods"},
     {"drivers"},
     {"bench", "bench_structured", "bench_structured_vision", "demo"},
-    {"cli", "cli_lm", "cli_options", "cli_structured"},
+    {"cli", "cli_lm", "cli_options", "cli_structured", "cli_table"},
 ]
 
 

@@ -40,19 +40,10 @@ from ..errors import BrainSurgeonError, solver_errors_as_one_line
 from ..methods import units
 from ..methods.budget import num_to_prune
 from ..models.shrunk import match_config_biases
-from ..models.surgery import (
-    BATCHNORM,
-    find_unit_groups,
-    matrix_of,
-    output_scales,
-    remove_units,
-    sequence_of,
-    width_in,
-)
+from ..models.surgery import find_unit_groups, remove_units, width_in
 from ..modes import evaluating
 from ..progress import progress_bar
 from .activations import (
-    HessianRecorder,
     capture_block_inputs,
     cross_statistics,
     find_blocks,
@@ -62,9 +53,15 @@ from .activations import (
 )
 from .layers import check_finite_model
 from .sensitivity import layer_sensitivities
-from .tp_importance import torch_pruning_scores
+from .unit_curves import Positions, block_layers, error_curves, groups_of_block
+from .unit_objective import (
+    REFITTED,
+    UnitObjective,
+    given_scores,
+    output_scales_of,
+    statistics,
+)
 
-REFITTED = ("obs", "swaps")  # the methods whose kept columns are refitted (the others keep them as they were)
 ALLOCATIONS = ("uniform", "errors", "loss", "fluctuation")
 BIASES = ("existing", "add")
 TARGETS = ("layer", "dense")
@@ -144,31 +141,32 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
         inputs = capture_block_inputs(pruned, found[0][1], calls)
         counts, groups_of, scales_of = None, {}, {}  # block name -> its unit groups, found once; consumer -> scales
         if allocation != "uniform":
-            scales = layer_sensitivities(pruned, _block_layers(found), calls) if allocation == "loss" else None
-            curves, costs = _error_curves(found, inputs, units_of, relative_damping, progress, groups_of, scales,
-                                          cost, _Objective(method, biases, relative_damping), allocation, scales_of)
+            scales = layer_sensitivities(pruned, block_layers(found), calls) if allocation == "loss" else None
+            curves, costs = error_curves(found, inputs, units_of, relative_damping, progress, groups_of, scales,
+                                          cost, UnitObjective(method, biases, relative_damping), allocation, scales_of)
             budget = fraction * sum((len(curve) + 1) * costs[name] for name, curve in curves.items())
             counts = units.allocate(curves, budget, costs)
         dense_inputs = inputs
         for name, block in progress_bar(found, "structured blocks", progress):
             # in forward order, each group's H recorded on the inputs the groups before it left
             dense_block = copy.deepcopy(block) if target == "dense" else None
-            for group in _groups(name, block, inputs, units_of, groups_of):
+            for group in groups_of_block(name, block, inputs, units_of, groups_of):
                 full = f"{name}.{group.consumer}".strip(".")
                 consumer = block.get_submodule(group.consumer)
                 width = width_in(consumer)
                 if dense_block is None:
-                    raw, mean = _statistics(block, group.consumer, inputs)
+                    raw, mean = statistics(block, group.consumer, inputs)
                     towards = None
                 else:
                     raw, cross, mean, dense_mean = cross_statistics(block, dense_block, group.consumer, inputs,
                                                                     dense_inputs)
                     towards = (cross, dense_mean)
-                objective = _Objective(method, biases, relative_damping, _scales(name, block, group, inputs, scales_of))
+                objective = UnitObjective(method, biases, relative_damping,
+                                          output_scales_of(name, block, group, inputs, scales_of))
                 weight, hessian, kept_bias = objective.problem(consumer, raw, mean, towards)
                 count = num_to_prune(fraction, group.units) if counts is None else counts[full]
                 removed, figures = units.choose_units(weight, hessian, count, method, max_swaps, group.columns,
-                                                      _given_scores(method, block, group, inputs, raw, mean))
+                                                      given_scores(method, block, group, inputs, raw, mean))
                 kept_units = torch.tensor(sorted(set(range(group.units)) - set(removed.tolist())), dtype=torch.long)
                 kept = torch.cat([group.columns_of(kept_units), kept_bias])
                 new = objective.update(weight, hessian, kept, mean, group.columns[removed].flatten())
@@ -200,35 +198,6 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                             _left_dense(pruned, found, groups_of, units_of), kept_rows)
 
 
-def _scales(name, block, group, inputs, found: dict):
-    """The consumer's output_scales (models/surgery.py), probed on the block's first call the first time."""
-    key = f"{name}.{group.consumer}"
-    if key not in found:
-        found[key] = output_scales(block, group.consumer, *inputs[0])
-    return found[key]
-
-
-def _block_layers(found) -> dict:
-    """Every nn.Linear and nn.Conv2d inside the blocks, by its name in the model."""
-    return {f"{name}.{sub}".strip("."): module for name, block in found for sub, module in block.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv2d))}
-
-
-def _given_scores(method: str, block: nn.Module, group, inputs, hessian, mean):
-    """The per-unit scores of the methods that rank what the consumer alone does not show: the L1 norm of each
-    unit's producer rows (a convolution's filter), Torch-Pruning's importance, or FLAP's fluctuation."""
-    if method == "flap":
-        consumer = matrix_of(block.get_submodule(group.consumer)).detach()
-        return units.fluctuation_scores(consumer, hessian, mean)[group.columns].sum(1)
-    if method == "l1":
-        layers = [block.get_submodule(name) for name in group.producers]
-        return sum(layer.weight.detach().double().flatten(1).abs().sum(1) for layer in layers
-                   if not isinstance(layer, BATCHNORM))
-    if method == "tp":
-        return torch_pruning_scores(block, group, *sequence_of(*inputs[0]))
-    return None
-
-
 def _left_dense(model: nn.Module, found, groups_of: dict, units_of) -> dict:
     """Every nn.Linear and nn.Conv2d the prune did not shrink, with the reason."""
     members = {}
@@ -245,142 +214,6 @@ def _left_dense(model: nn.Module, found, groups_of: dict, units_of) -> dict:
                              "in no unit group the probes found (a residual stream's channels feed several "
                              "consumers)" if inside else outside)
     return reasons
-
-
-def _statistics(block, consumer: str, inputs) -> tuple:
-    """X X^T / N and the mean of the consumer's inputs, the block run on `inputs` as it is now."""
-    recorder = HessianRecorder({consumer: block.get_submodule(consumer)})
-    try:
-        run_block(block, inputs)
-    finally:
-        recorder.close()
-    return recorder.hessian(consumer), recorder.mean(consumer)
-
-
-class _Objective:
-    """A consumer's layer-wise problem for `method`: its matrix and damped H, extended by the bias column where
-    the refit or FLAP's compensation goes through a bias (`biases`), and the new kept columns. When a BatchNorm
-    takes the consumer's output, the rows are multiplied by its factors, so that errors, and the units chosen,
-    are measured after it, where they join the stream; `unscaled` divides them out of the new weights."""
-
-    def __init__(self, method: str, biases: str, relative_damping: float, output_scales=None):
-        self.method, self.biases, self.relative_damping = method, biases, relative_damping
-        self.with_scales(output_scales)
-
-    def with_scales(self, output_scales) -> None:
-        """A following BatchNorm's per-channel factors (None: none), used by the refitted methods only: the
-        baselines rank the weights as their papers do."""
-        if output_scales is not None and self.method in REFITTED:
-            tiny = 1e-12 * float(output_scales.abs().max().clamp_min(1e-300))
-            output_scales = torch.where(output_scales.abs() < tiny, tiny, output_scales)
-        self.output_scales = output_scales if self.method in REFITTED else None
-
-    def unscaled(self, new: torch.Tensor) -> torch.Tensor:
-        return new if self.output_scales is None else new / self.output_scales[:, None]
-
-    def problem(self, consumer: nn.Module, hessian: torch.Tensor, mean: torch.Tensor, towards=None) -> tuple:
-        """(W, damped H, the bias column's index as a 0- or 1-element tensor). With `towards` = (C, dense mean),
-        C = X_p X_d^T / N, W is the target W* = W + W (C - H)^T H_damped^-1 whose objective on the pruned inputs
-        X_p is |W X_d - W' X_p|^2 up to a constant (the dense model's output as the target; W* = W where the
-        streams agree)."""
-        weight = matrix_of(consumer).detach().double()
-        raw, bias_column = hessian.double(), torch.zeros(0, dtype=torch.long)
-        cross = None if towards is None else towards[0].double()
-        if not (self.biases == "existing" and consumer.bias is None or self.method not in (*REFITTED, "flap")):
-            bias = consumer.bias.detach().double() if consumer.bias is not None else weight.new_zeros(len(weight))
-            weight, raw, bias_column = (torch.cat([weight, bias[:, None]], 1), units.augmented(raw, mean),
-                                        torch.tensor([weight.shape[1]]))
-            if cross is not None:
-                cross = units.augmented(cross, mean, towards[1])
-        damped = units.damped(raw, self.relative_damping)
-        if cross is not None:
-            weight = weight + torch.linalg.solve(damped, (cross - raw) @ weight.T).T
-        if self.output_scales is not None:  # rows weighted: the refit of each row is the same, the error is not
-            weight = weight * self.output_scales[:, None]
-        return weight, damped, bias_column
-
-    def update(self, weight, hessian, kept, mean, removed_columns) -> torch.Tensor:
-        """The kept columns' new weights (the bias column last when kept): the exact refit, FLAP's compensation,
-        or the columns as they were."""
-        if self.method in REFITTED:
-            return units.refit(weight, hessian, kept)
-        new = weight[:, kept].clone()
-        if self.method == "flap" and weight.shape[1] > len(mean):
-            new[:, -1] += weight[:, removed_columns] @ mean.double()[removed_columns]
-        return new
-
-
-def _groups(name, block, inputs, units_of, found: dict) -> list:
-    """The block's unit groups of the kinds asked, probed on its first call the first time it is asked for."""
-    if name not in found:
-        found[name] = find_unit_groups(block, *inputs[0])
-    return [group for group in found[name] if group.kind in units_of]
-
-
-def _error_curves(found, inputs, units_of, relative_damping: float, progress: bool, groups_of: dict,
-                  scales: dict = None, cost: str = "parameters", objective: "_Objective" = None,
-                  allocation: str = "errors", scales_of: dict = None) -> tuple:
-    """Every consumer's curve on the dense model (to one unit left) and the `cost` of one of its units
-    (parameters, or multiply-accumulates per input). For 'errors' and 'loss', the structured-OBS error curve of
-    `objective`, multiplied by the consumer's loss sensitivity (`scales`, drivers/sensitivity.py), or without them
-    divided by the median over tokens of the squared norm of its block's output; for 'fluctuation' (FLAP's adaptive structure), each
-    column's fluctuation standardised over the consumer's columns, averaged over the unit's, sorted, times the
-    unit's cost and summed, so that allocate removes the lowest across the model. The blocks are left as they
-    were."""
-    curves, costs = {}, {}
-    for name, block in progress_bar(found, "error curves", progress):
-        groups = _groups(name, block, inputs, units_of, groups_of)
-        recorder = HessianRecorder({g.consumer: block.get_submodule(g.consumer) for g in groups})
-        positions = _Positions(block, groups)
-        try:
-            outputs = run_block(block, inputs)
-        finally:
-            recorder.close()
-            positions.close()
-        energy = float(torch.cat([_position_energies(o) for o in outputs]).median())
-        for group in groups:
-            full = f"{name}.{group.consumer}".strip(".")
-            consumer = block.get_submodule(group.consumer)
-            raw, mean = recorder.hessian(group.consumer), recorder.mean(group.consumer)
-            costs[full] = (group.macs_per_unit(block, positions.per_input) if cost == "macs"
-                           else group.parameters_per_unit(block))
-            if allocation == "fluctuation":
-                scores = units.fluctuation_scores(matrix_of(consumer).detach(), raw, mean)
-                standard = ((scores - scores.mean()) / scores.std().clamp_min(1e-300))[group.columns].mean(1)
-                curves[full] = torch.cumsum(torch.sort(standard).values[: group.units - 1] * costs[full], 0)
-                continue
-            objective.with_scales(_scales(name, block, group, inputs, scales_of))
-            weight, hessian, _ = objective.problem(consumer, raw, mean)
-            _, errors = units.unit_path(weight, hessian, group.columns, group.units - 1)
-            curves[full] = errors * scales[full] if scales else errors / max(energy, 1e-300)
-        inputs = with_first(inputs, outputs)
-    return curves, costs
-
-
-def _position_energies(output: torch.Tensor) -> torch.Tensor:
-    """The squared norm of the output's feature vector at every position: a token's hidden state, a pixel's
-    channels (dimension 1 of an image batch)."""
-    squares = output.double().pow(2)
-    return (squares.sum(1) if output.dim() == 4 else squares.sum(-1)).flatten()
-
-
-class _Positions:
-    """Forward hooks that record, for each member of the groups, at how many positions per input its weights are
-    applied (a convolution's output pixels, a transformer's tokens)."""
-
-    def __init__(self, block, groups):
-        self.per_input = {}
-        members = {name for group in groups for name in [group.consumer, *group.producers]}
-        self.handles = [block.get_submodule(name).register_forward_hook(self._hook(name)) for name in members]
-
-    def _hook(self, name):
-        def record(module, args, output):
-            self.per_input.setdefault(name, output[0].numel() // output.shape[-1 if output.dim() == 3 else 1])
-        return record
-
-    def close(self):
-        for handle in self.handles:
-            handle.remove()
 
 
 def _update_config(model: nn.Module, widths: dict, kinds: dict) -> None:
@@ -415,7 +248,7 @@ def unit_totals(model: nn.Module, calibration, cost: str = "parameters", blocks=
         inputs = capture_block_inputs(model, found[0][1], model_calls(model, calibration, 8)[:1])
         for _, block in found:
             groups = find_unit_groups(block, *inputs[0])
-            positions = _Positions(block, groups)
+            positions = Positions(block, groups)
             try:
                 outputs = run_block(block, inputs)
             finally:
