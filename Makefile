@@ -128,5 +128,7 @@ bench-structured-cost: $(LM_DIR)/config.json
 	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern units --methods swaps --allocations errors \
 	  --sparsities 0.5 --json bench/smollm2_cost_structured.json
 bench-structured-table:
-	@$(BIN)/brainsurgeon table bench/smollm2_structured_baselines.json bench/smollm2_structured_ours.json \
-	  --plot bench/smollm2_structured.png --overwrite
+	@$(BIN)/brainsurgeon table bench/smollm2_structured_baselines.json bench/smollm2_structured_flap.json \
+	  bench/smollm2_structured_ours.json --plot bench/smollm2_structured.png --overwrite
+	@$(BIN)/brainsurgeon table bench/resnet20_channels_baselines.json bench/resnet20_channels_ours.json \
+	  --plot bench/resnet20_channels.png --overwrite
