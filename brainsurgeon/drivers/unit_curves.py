@@ -29,10 +29,10 @@ def error_curves(found, inputs, units_of, relative_damping: float, progress: boo
     """Every consumer's curve on the dense model (to one unit left) and the `cost` of one of its units
     (parameters, or multiply-accumulates per input). For 'errors' and 'loss', the structured-OBS error curve of
     `objective`, multiplied by the consumer's loss sensitivity (`scales`, drivers/sensitivity.py), or without them
-    divided by the median over tokens of the squared norm of its block's output; for 'fluctuation' (FLAP's adaptive structure), each
-    column's fluctuation standardised over the consumer's columns, averaged over the unit's, sorted, times the
-    unit's cost and summed, so that allocate removes the lowest across the model. The blocks are left as they
-    were."""
+    divided by the median over positions of the squared norm of its block's output; for 'fluctuation' (FLAP's
+    adaptive structure), each column's fluctuation standardised over the consumer's columns, averaged over the
+    unit's, sorted, times the unit's cost and summed, so that allocate removes the lowest across the model. The
+    blocks are left as they were."""
     curves, costs = {}, {}
     for name, block in progress_bar(found, "error curves", progress):
         groups = groups_of_block(name, block, inputs, units_of, groups_of)
