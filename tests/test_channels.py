@@ -178,7 +178,8 @@ def test_the_cli_writes_a_shrunk_resnet20_that_load_resized_rebuilds(shared_data
               "--data-dir", str(shared_data / "cifar10"), "--pattern", "channels", "--quiet"]
     out, report = tmp_path / "r20.safetensors", tmp_path / "report.json"
     code = main([*common, "--sparsity", "0.3", "--method", "obs", "--allocation", "errors", "--biases", "add",
-                 "--target", "dense", "--calib-samples", "64", "--bn-recalibration", "--out", str(out), "--report", str(report)])
+                 "--target", "dense", "--calib-samples", "64", "--bn-recalibration", "--out", str(out),
+                 "--report", str(report)])
     assert code == 0, capsys.readouterr().err
     figures = json.loads(report.read_text())
     assert figures["pruned"]["parameters"] < figures["dense"]["parameters"]

@@ -148,7 +148,8 @@ def test_the_dense_target_refit_is_the_least_squares_fit_of_the_dense_outputs(bi
         return captured[0].reshape(-1, captured[0].shape[-1]).double(), layer.weight.detach().double(), bias
     pruned_x, new, bias = inputs_and_weights(result.model)
     dense_x, dense_w, _ = inputs_and_weights(model)
-    design = torch.cat([pruned_x, torch.ones(len(pruned_x), 1, dtype=torch.float64)], 1) if biases == "add" else pruned_x
+    ones = torch.ones(len(pruned_x), 1, dtype=torch.float64)
+    design = torch.cat([pruned_x, ones], 1) if biases == "add" else pruned_x
     solved = torch.linalg.lstsq(design, dense_x @ dense_w.T).solution.T
     fitted = new if bias is None else torch.cat([new, bias[:, None]], 1)
 
