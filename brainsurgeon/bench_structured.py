@@ -93,6 +93,12 @@ def check_fractions_fit(fractions, whole: float, prunable: float, of: str, units
                                 f"({prunable / whole:.3f} of them); lower the fraction")
 
 
+def prune_options(relative_damping=None, biases=None, target=None) -> dict:
+    """The prune_structured options a sweep was given (None: the library's default), recorded in its settings."""
+    given = dict(relative_damping=relative_damping, biases=biases, target=target)
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def run_structured_benchmark(model, tokenizer, calibration, evaluation, methods, allocations, fractions,
                              units_of=UNIT_KINDS, model_name="model", relative_damping=None, biases=None, target=None,
                              json_path=None, overwrite=False, progress=True) -> dict:
@@ -105,8 +111,7 @@ def run_structured_benchmark(model, tokenizer, calibration, evaluation, methods,
     sizes = unit_totals(model, calibration)
     prunable = sum(sizes[kind] for kind in units_of)
     check_fractions_fit(fractions, sizes["blocks"], prunable, "blocks' parameters", " and ".join(units_of))
-    options = {} if relative_damping is None else {"relative_damping": relative_damping}
-    options.update({key: value for key, value in (("biases", biases), ("target", target)) if value is not None})
+    options = prune_options(relative_damping, biases, target)
     report = dict(model=model_name, metric="perplexity", threads=torch.get_num_threads(),
                   settings=dict(methods=list(methods), allocations=list(allocations), fractions=list(fractions),
                                 units=[kind for kind in units_of if sizes[kind]], calib_windows=list(calibration.shape),

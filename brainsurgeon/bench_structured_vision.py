@@ -17,6 +17,7 @@ from .bench_structured import (
     latency,
     macs,
     plan_runs,
+    prune_options,
 )
 from .datasets.vision import Dataset, accuracy
 from .drivers.layers import recalibrate_batchnorm
@@ -46,8 +47,7 @@ def run_vision_structured_benchmark(model, dataset: Dataset, methods, allocation
     prunable = unit_totals(model, probe, cost="macs")["channels"]
     dense = _figures(model, dataset)
     check_fractions_fit(fractions, dense["macs"], prunable, "MACs", "channels")
-    options = {} if relative_damping is None else {"relative_damping": relative_damping}
-    options.update({key: value for key, value in (("biases", biases), ("target", target)) if value is not None})
+    options = prune_options(relative_damping, biases, target)
     report = dict(model=model_name, metric="accuracy", threads=torch.get_num_threads(),
                   settings=dict(methods=list(methods), allocations=list(allocations), fractions=list(fractions),
                                 seeds=list(seeds), units=["channels"], calib_samples=calib_samples, cost="macs",

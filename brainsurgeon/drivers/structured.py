@@ -19,8 +19,8 @@ How many units each consumer loses (`allocation`):
   loss     as errors, but each curve is put on the scale of the calibration loss: multiplied by the squared
            gradient of the loss with respect to the consumer's output, per sample and channel
            (drivers/sensitivity.py; causal language models, and classifiers against their own predictions)
-  fluctuation  FLAP's adaptive structure: every unit's fluctuation on the dense model, standardised over all the
-           consumers of its kind (heads, neurons, channels), and the lowest removed across the model until the
+  fluctuation  FLAP's adaptive structure: every column's fluctuation on the dense model, standardised within its
+           consumer and averaged per unit, and the lowest units removed across the model until the parameter
            budget is spent
 
 Biases (`biases`): 'existing' refits (obs, swaps) or compensates (flap) through the consumers' own biases only;
@@ -28,6 +28,7 @@ Biases (`biases`): 'existing' refits (obs, swaps) or compensates (flap) through 
 flap). A Hugging Face config then turns on the switch that builds those biases (models/shrunk.py).
 """
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -114,14 +115,15 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                      units_of: tuple = UNIT_KINDS, allocation: str = "uniform", cost: str = "parameters",
                      biases: str = None, target: str = None, relative_damping: float = DEFAULT_RELATIVE_DAMPING,
                      max_swaps: int = 200, blocks=None, batch_size: int = 8, progress: bool = True) -> StructuredResult:
-    """Remove `fraction` of the units of the unit groups (module docstring) with `method` ('norm', 'wanda_sp',
-    'obs' or 'swaps', methods/units.py), spread over the consumers by `allocation` ('uniform', 'errors' or
-    'loss', 'fluctuation'), and return the shrunk copy. `units_of` names the kinds of units pruned ('heads', 'neurons',
-    'channels'); `fraction` is of each group's units (uniform), or (errors, loss) of all their `cost`:
+    """Remove `fraction` of the units of the unit groups (module docstring) with `method` (one of
+    methods/units.SELECTIONS), spread over the consumers by `allocation` ('uniform', 'errors',
+    'loss' or 'fluctuation'), and return the shrunk copy. `units_of` names the kinds of units pruned ('heads',
+    'neurons', 'channels'); `fraction` is of each group's units (uniform), or (errors, loss) of all their `cost`:
     'parameters', or 'macs' (multiply-accumulates per input, which a convolution's spatial size weighs).
     `biases` ('existing' or 'add'; default 'add' for flap, else 'existing') says which consumers carry the
-    removed columns' mean (module docstring). `calibration` is model inputs, as for prune_layerwise;
-    `relative_damping` damps each consumer's H by a fraction of its mean diagonal."""
+    removed columns' mean (module docstring); `target` ('layer' or 'dense', for obs and swaps) what the refit
+    reproduces: each consumer's output on the pruned inputs, or the dense model's. `calibration` is model
+    inputs, as for prune_layerwise; `relative_damping` damps each consumer's H by a fraction of its mean diagonal."""
     fraction = validation.number("fraction", fraction, low=0, high=1, high_open=True)
     method, allocation, units_of = check_choices(method, allocation, units_of)
     cost = validation.choice("cost", cost, COSTS)
@@ -143,7 +145,8 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
         if allocation != "uniform":
             scales = layer_sensitivities(pruned, block_layers(found), calls) if allocation == "loss" else None
             curves, costs = error_curves(found, inputs, units_of, relative_damping, progress, groups_of, scales,
-                                          cost, UnitObjective(method, biases, relative_damping), allocation, scales_of)
+                                         cost, functools.partial(UnitObjective, method, biases, relative_damping),
+                                         allocation, scales_of)
             budget = fraction * sum((len(curve) + 1) * costs[name] for name, curve in curves.items())
             counts = units.allocate(curves, budget, costs)
         dense_inputs = inputs

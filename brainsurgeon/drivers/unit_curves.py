@@ -24,15 +24,15 @@ def block_layers(found) -> dict:
 
 
 def error_curves(found, inputs, units_of, relative_damping: float, progress: bool, groups_of: dict,
-                 scales: dict = None, cost: str = "parameters", objective=None,
+                 scales: dict = None, cost: str = "parameters", objective_of=None,
                  allocation: str = "errors", scales_of: dict = None) -> tuple:
     """Every consumer's curve on the dense model (to one unit left) and the `cost` of one of its units
     (parameters, or multiply-accumulates per input). For 'errors' and 'loss', the structured-OBS error curve of
-    `objective`, multiplied by the consumer's loss sensitivity (`scales`, drivers/sensitivity.py), or without them
-    divided by the median over positions of the squared norm of its block's output; for 'fluctuation' (FLAP's
-    adaptive structure), each column's fluctuation standardised over the consumer's columns, averaged over the
-    unit's, sorted, times the unit's cost and summed, so that allocate removes the lowest across the model. The
-    blocks are left as they were."""
+    `objective_of(output scales)` (a UnitObjective), multiplied by the consumer's loss sensitivity (`scales`,
+    drivers/sensitivity.py), or without them divided by the median over positions of the squared norm of its
+    block's output; for 'fluctuation' (FLAP's adaptive structure), each column's fluctuation standardised over
+    the consumer's columns, averaged over the unit's, sorted, times the unit's cost and summed, so that allocate
+    removes the lowest across the model. The blocks are left as they were."""
     curves, costs = {}, {}
     for name, block in progress_bar(found, "error curves", progress):
         groups = groups_of_block(name, block, inputs, units_of, groups_of)
@@ -55,7 +55,7 @@ def error_curves(found, inputs, units_of, relative_damping: float, progress: boo
                 standard = ((scores - scores.mean()) / scores.std().clamp_min(1e-300))[group.columns].mean(1)
                 curves[full] = torch.cumsum(torch.sort(standard).values[: group.units - 1] * costs[full], 0)
                 continue
-            objective.with_scales(output_scales_of(name, block, group, inputs, scales_of))
+            objective = objective_of(output_scales_of(name, block, group, inputs, scales_of))
             weight, hessian, _ = objective.problem(consumer, raw, mean)
             _, errors = units.unit_path(weight, hessian, group.columns, group.units - 1)
             curves[full] = errors * scales[full] if scales else errors / max(energy, 1e-300)

@@ -30,15 +30,12 @@ class UnitObjective:
 
     def __init__(self, method: str, biases: str, relative_damping: float, output_scales=None):
         self.method, self.biases, self.relative_damping = method, biases, relative_damping
-        self.with_scales(output_scales)
-
-    def with_scales(self, output_scales) -> None:
-        """A following BatchNorm's per-channel factors (None: none), used by the refitted methods only: the
-        baselines rank the weights as their papers do."""
-        if output_scales is not None and self.method in REFITTED:
+        # a following BatchNorm's per-channel factors, used by the refitted methods only: the baselines rank the
+        # weights as their papers do
+        if output_scales is not None and method in REFITTED:
             tiny = 1e-12 * float(output_scales.abs().max().clamp_min(1e-300))
             output_scales = torch.where(output_scales.abs() < tiny, tiny, output_scales)
-        self.output_scales = output_scales if self.method in REFITTED else None
+        self.output_scales = output_scales if method in REFITTED else None
 
     def unscaled(self, new: torch.Tensor) -> torch.Tensor:
         return new if self.output_scales is None else new / self.output_scales[:, None]

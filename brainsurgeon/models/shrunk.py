@@ -38,21 +38,22 @@ def _linear_shapes(model: nn.Module) -> dict:
             for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def _built(config) -> nn.Module:
+    """The causal language model `config` builds, on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        return _transformers().AutoModelForCausalLM.from_config(config)
+
+
 def width_map(model: nn.Module) -> dict:
     """Every nn.Linear of `model` whose shape differs from the one its config builds: name -> [out, in, bias]."""
-    transformers = _transformers()
-    with torch.device("meta"):
-        reference = transformers.AutoModelForCausalLM.from_config(model.config)
-    built = _linear_shapes(reference)
+    built = _linear_shapes(_built(model.config))
     return {name: shape for name, shape in _linear_shapes(model).items() if built.get(name) != shape}
 
 
 def _built_biases(config, model_type=None) -> set:
     """The nn.Linear names the config builds with a bias (None when it builds a model of another class)."""
-    transformers = _transformers()
     try:
-        with torch.device("meta"):
-            reference = transformers.AutoModelForCausalLM.from_config(config)
+        reference = _built(config)
     except ValueError:  # not a causal language model's config
         return None
     if model_type is not None and type(reference) is not model_type:
