@@ -120,6 +120,7 @@ R20_CHANNELS = $(BIN)/brainsurgeon bench --overwrite --model resnet20 --checkpoi
 bench-structured-resnet20: $(STAMP)
 	$(R20_CHANNELS) --methods swaps --allocations uniform --target dense --json bench/resnet20_channels_ours.json
 	$(R20_CHANNELS) --methods l1,tp,obs --allocations uniform --json bench/resnet20_channels_baselines.json
+	$(R20_CHANNELS) --methods obs --allocations uniform --row-weights none --json bench/resnet20_channels_obs_plain.json
 # Every uniform run at a fraction has the same widths, so one quick prune per fraction, timed with nothing else
 # running, gives the speed-up of them all (the sweeps above may share the cores).
 bench-structured-resnet20-latency: $(STAMP)
@@ -136,5 +137,6 @@ bench-structured-cost: $(LM_DIR)/config.json
 bench-structured-table:
 	@$(BIN)/brainsurgeon table bench/smollm2_structured_baselines.json bench/smollm2_structured_flap.json \
 	  bench/smollm2_structured_ours.json --plot bench/smollm2_structured.png --overwrite
-	@$(BIN)/brainsurgeon table bench/resnet20_channels_baselines.json bench/resnet20_channels_ours.json \
+	@$(BIN)/brainsurgeon table bench/resnet20_channels_baselines.json bench/resnet20_channels_obs_plain.json \
+	  bench/resnet20_channels_ours.json \
 	  --plot bench/resnet20_channels.png --overwrite

@@ -93,15 +93,15 @@ def check_fractions_fit(fractions, whole: float, prunable: float, of: str, units
                                 f"({prunable / whole:.3f} of them); lower the fraction")
 
 
-def prune_options(relative_damping=None, biases=None, target=None) -> dict:
+def prune_options(relative_damping=None, biases=None, target=None, row_weights=None) -> dict:
     """The prune_structured options a sweep was given (None: the library's default), recorded in its settings."""
-    given = dict(relative_damping=relative_damping, biases=biases, target=target)
+    given = dict(relative_damping=relative_damping, biases=biases, target=target, row_weights=row_weights)
     return {key: value for key, value in given.items() if value is not None}
 
 
 def run_structured_benchmark(model, tokenizer, calibration, evaluation, methods, allocations, fractions,
                              units_of=UNIT_KINDS, model_name="model", relative_damping=None, biases=None, target=None,
-                             json_path=None, overwrite=False, progress=True) -> dict:
+                             row_weights=None, json_path=None, overwrite=False, progress=True) -> dict:
     """Prune with every (method, allocation) at every fraction of the blocks' parameters; the fraction of the
     pruned units' own parameters is that times the blocks' parameters over theirs (refused above 1). With
     `json_path` the report so far is written after every run."""
@@ -111,7 +111,7 @@ def run_structured_benchmark(model, tokenizer, calibration, evaluation, methods,
     sizes = unit_totals(model, calibration)
     prunable = sum(sizes[kind] for kind in units_of)
     check_fractions_fit(fractions, sizes["blocks"], prunable, "blocks' parameters", " and ".join(units_of))
-    options = prune_options(relative_damping, biases, target)
+    options = prune_options(relative_damping, biases, target, row_weights)
     report = dict(model=model_name, metric="perplexity", threads=torch.get_num_threads(),
                   settings=dict(methods=list(methods), allocations=list(allocations), fractions=list(fractions),
                                 units=[kind for kind in units_of if sizes[kind]], calib_windows=list(calibration.shape),

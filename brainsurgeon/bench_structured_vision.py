@@ -34,7 +34,7 @@ def _figures(model, dataset: Dataset) -> dict:
 
 def run_vision_structured_benchmark(model, dataset: Dataset, methods, allocations, fractions, seeds=(0,),
                                     calib_samples: int = 1000, model_name: str = "model", relative_damping=None,
-                                    biases=None, target=None, json_path=None, overwrite: bool = False,
+                                    biases=None, target=None, row_weights=None, json_path=None, overwrite: bool = False,
                                     progress: bool = True) -> dict:
     """Prune the channels of `model` with every (method, allocation) at every fraction of its multiply-accumulates
     per image, for each seed's calibration images; each prune is scored as it comes and with BatchNorm matching
@@ -47,7 +47,7 @@ def run_vision_structured_benchmark(model, dataset: Dataset, methods, allocation
     prunable = unit_totals(model, probe, cost="macs")["channels"]
     dense = _figures(model, dataset)
     check_fractions_fit(fractions, dense["macs"], prunable, "MACs", "channels")
-    options = prune_options(relative_damping, biases, target)
+    options = prune_options(relative_damping, biases, target, row_weights)
     report = dict(model=model_name, metric="accuracy", threads=torch.get_num_threads(),
                   settings=dict(methods=list(methods), allocations=list(allocations), fractions=list(fractions),
                                 seeds=list(seeds), units=["channels"], calib_samples=calib_samples, cost="macs",
@@ -101,7 +101,8 @@ def _mean_std(values) -> str:
 
 def _name(report: dict, row: dict) -> str:
     towards = " · dense target" if report["settings"].get("target") == "dense" else ""
-    return f"{row['method']} · {row['allocation']}{towards}{' · BN matched' if row['bn_matching'] else ''}"
+    plain = " · rows unweighted" if report["settings"].get("row_weights") == "none" else ""
+    return f"{row['method']} · {row['allocation']}{towards}{plain}{' · BN matched' if row['bn_matching'] else ''}"
 
 
 def _groups(reports) -> dict:

@@ -40,7 +40,7 @@ from .drivers.oneshot import prune
 from .drivers.registry import needs_fisher
 from .drivers.settings import deprecated_scope
 from .drivers.stage import DEFAULT_DAMPING, DEFAULT_MAX_MEMORY, GIB, samples_that_fit
-from .drivers.structured import ALLOCATIONS, BIASES
+from .drivers.structured import ALLOCATIONS, BIASES, ROW_WEIGHTS
 from .errors import BrainSurgeonError
 from .methods.units import SELECTIONS
 from .models.hf import convert_gguf
@@ -149,7 +149,8 @@ def _cmd_prune(args):
             return prune_structured_vision_model(args, _load)
         check_flags(args, True)
         return prune_structured_language_model(args, load_language_model, language_model_inputs(args))
-    for flag, value in (("--allocation", args.allocation), ("--biases", args.biases)):
+    for flag, value in (("--allocation", args.allocation), ("--biases", args.biases),
+                        ("--row-weights", args.row_weights)):
         if value is not None:
             raise BrainSurgeonError(f"{flag} applies to a structured --pattern (units, heads, neurons or channels); "
                                     "drop it")
@@ -213,7 +214,8 @@ def _cmd_bench(args):
         if args.plot:
             bench_structured.plot(report, args.plot, overwrite=args.overwrite)
         return
-    for flag, value in (("--allocations", args.allocations), ("--biases", args.biases), ("--target", args.target)):
+    for flag, value in (("--allocations", args.allocations), ("--biases", args.biases), ("--target", args.target),
+                        ("--row-weights", args.row_weights)):
         if value is not None:
             raise BrainSurgeonError(f"{flag} applies to a structured sweep (--pattern units, heads, neurons or "
                                     "channels); drop it")
@@ -253,6 +255,9 @@ def _cmd_download(args):
 
 BIASES_HELP = ("with a structured --pattern: existing (default; flap: add) refits or compensates through the layers' "
                "own biases; add gives every consumer layer a bias for the removed inputs' mean")
+ROW_WEIGHTS_HELP = ("with --pattern channels, for obs and swaps: batchnorm (default) weights each layer's output rows "
+                    "by the factors of the BatchNorm after it, so errors count where they join the stream; none "
+                    "leaves them equal, as the structured-OBS papers do")
 OVERWRITE_HELP = ("replace existing outputs: a file you name, or a folder brainsurgeon wrote (one holding other files "
                   "is still refused); default: refuse any output that exists")
 
@@ -285,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "the residual stream's scale (errors) or the loss's (loss), or FLAP's "
                                         "standardised fluctuations (fluctuation)")
     p.add_argument("--biases", choices=BIASES, help=BIASES_HELP)
+    p.add_argument("--row-weights", choices=ROW_WEIGHTS, help=ROW_WEIGHTS_HELP)
     p.add_argument("--target", choices=("layer", "dense"),
                    help="with --hf-model: each layer keeps its own output on the pruned inputs (layer, as SparseGPT) "
                         "or reproduces the dense model's (dense: twice the activation memory)")
@@ -309,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(SELECTIONS)}")
     b.add_argument("--allocations", help=f"with --pattern: some of {', '.join(ALLOCATIONS)} (default uniform)")
     b.add_argument("--biases", choices=BIASES, help=BIASES_HELP)
+    b.add_argument("--row-weights", choices=ROW_WEIGHTS, help=ROW_WEIGHTS_HELP)
     b.add_argument("--target", choices=("layer", "dense"),
                    help="with --pattern: refit (obs, swaps) towards each layer's own output on the pruned inputs "
                         "(layer, the default) or the dense model's (dense)")

@@ -16,7 +16,7 @@ LM_DEFAULTS = dict(text="wiki", calib_seqs=64, seq_len=512, eval_windows=32, tar
                    relative_damp=DEFAULT_RELATIVE_DAMPING)
 # Flags of the Fisher objective's runs, refused with --hf-model when given.
 VISION_ONLY = ("model", "checkpoint", "dataset", "data_dir", "calib_samples", "max_memory_gb", "structure",
-               "gradients", "scope", "damp")
+               "gradients", "scope", "damp", "row_weights")
 
 
 def check_flags(args, language_model: bool, also=()) -> None:

@@ -16,7 +16,7 @@ from .drivers.layers import recalibrate_batchnorm
 from .drivers.structured import (
     UNIT_KINDS,
     check_choices,
-    check_target,
+    check_refit_options,
     prune_structured,
 )
 from .errors import BrainSurgeonError
@@ -50,7 +50,7 @@ def check_structured_flags(args, options: dict) -> None:
     validation.number("--sparsity", args.sparsity, low=0, high=1, high_open=True)
     check_choices(args.method or "swaps", args.allocation or "uniform", STRUCTURED_PATTERNS[args.pattern],
                   names=("--method", "--allocation"))
-    check_target(args.method or "swaps", args.target)
+    check_refit_options(args.method or "swaps", args.target, args.row_weights)
 
 
 def prune_structured_vision_model(args, load) -> None:
@@ -64,7 +64,7 @@ def prune_structured_vision_model(args, load) -> None:
         calibration = dataset.calibration(args.calib_samples or 1000, args.seed)[0]
         result = prune_structured(model, calibration, args.sparsity, method, units_of=("channels",),
                                   allocation=allocation, cost="macs", biases=args.biases, target=args.target,
-                                  batch_size=128,
+                                  row_weights=args.row_weights, batch_size=128,
                                   progress=not args.quiet)
         if args.bn_recalibration:
             recalibrate_batchnorm(result.model, model, calibration, kept=result.kept_rows)
@@ -130,7 +130,7 @@ def check_structured_bench_flags(args, options: dict) -> None:
     plan_runs(args.methods.split(","), (args.allocations or "uniform").split(","), args.sparsities,
               STRUCTURED_PATTERNS[args.pattern])
     for method in args.methods.split(","):
-        check_target(method, args.target)
+        check_refit_options(method, args.target, args.row_weights)
 
 
 def bench_structured_language_model(args, load) -> dict:
@@ -149,5 +149,5 @@ def bench_structured_vision_model(args, load) -> dict:
     return run_vision_structured_benchmark(model, dataset, args.methods.split(","),
                                            (args.allocations or "uniform").split(","), args.sparsities, args.seeds,
                                            args.calib_samples or 1000, model_name=args.model, biases=args.biases,
-                                           target=args.target,
+                                           target=args.target, row_weights=args.row_weights,
                                            json_path=args.json, overwrite=args.overwrite, progress=not args.quiet)

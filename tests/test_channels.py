@@ -134,15 +134,16 @@ def test_the_vision_bench_measures_every_prune_twice(tmp_path, capsys):
     table = markdown_table(report)
     assert "| swaps · uniform · BN matched |" in table and "0.3 of MACs" in table
     towards = run_vision_structured_benchmark(model, dataset, ["obs"], ["uniform"], [0.3], calib_samples=32,
-                                              target="dense", json_path=tmp_path / "dense.json", progress=False)
-    assert towards["settings"]["target"] == "dense"
+                                              target="dense", row_weights="none", json_path=tmp_path / "dense.json",
+                                              progress=False)
+    assert towards["settings"]["target"] == "dense" and towards["settings"]["row_weights"] == "none"
     from brainsurgeon.bench import write_json
     from brainsurgeon.cli import main
     write_json(report, tmp_path / "layer.json")
     assert main(["table", str(tmp_path / "layer.json"), str(tmp_path / "dense.json"), "--plot",
                  str(tmp_path / "plot.png")]) == 0
     printed = capsys.readouterr().out
-    assert "| obs · uniform · dense target |" in printed and "| l1 · uniform |" in printed
+    assert "| obs · uniform · dense target · rows unweighted |" in printed and "| l1 · uniform |" in printed
     assert (tmp_path / "plot.png").stat().st_size > 0
     with pytest.raises(BrainSurgeonError, match="MACs from channels alone"):
         run_vision_structured_benchmark(model, dataset, ["l1"], ["uniform"], [0.99], progress=False)
@@ -210,3 +211,20 @@ def test_a_consumer_feeding_a_batchnorm_is_judged_after_it():
     assert output_scales(model, "fc", (x,), {}) is None  # nothing normalises the logits
     llama = tiny_llama(layers=1)
     assert output_scales(llama, "model.layers.0.mlp.down_proj", (torch.zeros(1, 4, dtype=torch.long),), {}) is None
+
+
+def test_row_weights_none_leaves_the_following_batchnorm_out_of_the_choice():
+    model, x = tiny_resnet(), images()
+    rescaled = copy.deepcopy(model)
+    rescaled.layer2[0].bn2.weight.data *= torch.linspace(0.1, 10, 32)  # what follows layer2.0.conv2, and only that
+    consumer = "layer2.0.conv2"
+    plain = [prune_structured(m, x, 0.5, "obs", units_of="channels", row_weights="none", progress=False)
+             for m in (model, rescaled)]
+    assert plain[0].stats[consumer]["removed"] == plain[1].stats[consumer]["removed"]
+    assert plain[0].stats[consumer]["error"] == pytest.approx(plain[1].stats[consumer]["error"], rel=1e-9)
+    assert plain[0].settings["row_weights"] == "none"
+    weighted = [prune_structured(m, x, 0.5, "obs", units_of="channels", progress=False) for m in (model, rescaled)]
+    assert weighted[0].settings["row_weights"] == "batchnorm"
+    assert weighted[0].stats[consumer]["error"] != pytest.approx(weighted[1].stats[consumer]["error"], rel=1e-3)
+    with pytest.raises(BrainSurgeonError, match="row_weights only changes the methods that refit"):
+        prune_structured(model, x, 0.5, "l1", units_of="channels", row_weights="none", progress=False)

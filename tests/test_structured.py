@@ -159,7 +159,7 @@ def test_the_dense_target_refit_is_the_least_squares_fit_of_the_dense_outputs(bi
     layer = prune_structured(model, ids, 0.5, "obs", units_of=("heads", "neurons"), biases=biases,
                              relative_damping=1e-9, progress=False)  # towards the layer's own outputs: another fit
     assert not torch.allclose(inputs_and_weights(layer.model)[1], new)
-    with pytest.raises(BrainSurgeonError, match="target='dense' refits"):
+    with pytest.raises(BrainSurgeonError, match="target only changes the methods that refit"):
         prune_structured(model, ids, 0.5, "wanda_sp", target="dense", progress=False)
 
 
@@ -255,7 +255,9 @@ def test_the_cli_writes_a_smaller_model_that_reloads_at_the_reported_perplexity(
 
 @pytest.mark.parametrize("flags, message", [
     (["--pattern", "heads", "--sparsity", "0.3", "--include", "Linear"], "--include does not apply to --pattern heads"),
-    (["--pattern", "heads", "--sparsity", "0.3", "--method", "norm", "--target", "dense"], "target='dense' refits"),
+    (["--pattern", "heads", "--sparsity", "0.3", "--method", "norm", "--target", "dense"],
+     "target only changes the methods that refit"),
+    (["--pattern", "heads", "--sparsity", "0.3", "--row-weights", "none"], "--row-weights does not apply with"),
     (["--pattern", "units", "--sparsity", "0.3", "--method", "sparsegpt"], "--method"),
     (["--pattern", "units", "--sparsity", "0.3", "--allocation", "global"], "--allocation"),
     (["--pattern", "units"], "--sparsity is required"),

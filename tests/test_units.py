@@ -93,6 +93,11 @@ def test_the_removed_sets_single_moves_equal_brute_force(seed):
     state.join(5)
     assert state.error == pytest.approx(units.removal_error(weight, hessian, torch.tensor([0, 3, 5])), rel=1e-7)
     fresh = units._RemovedSet(weight, inverse, [0, 3, 5])  # the updated A and Z equal those formed from scratch
+    swapped = state.swap_errors(torch.tensor([0, 2]), torch.tensor([1, 4]))  # 0 or 5 leaves, 1 or 4 joins
+    for row, leaving in enumerate([0, 5]):
+        for column, joining in enumerate([1, 4]):
+            brute = units.removal_error(weight, hessian, torch.tensor(sorted({0, 3, 5} - {leaving} | {joining})))
+            assert float(swapped[row, column]) == pytest.approx(brute, rel=1e-7)
     torch.testing.assert_close(state.a, fresh.a, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(state.z, fresh.z, rtol=1e-7, atol=1e-9)
 
@@ -102,8 +107,10 @@ def test_the_removed_sets_single_moves_equal_brute_force(seed):
 def test_the_swap_search_never_ends_above_its_start_and_often_reaches_the_optimum(seed, count):
     weight, _, hessian = problem(seed)
     start = units.greedy_obs(weight, hessian, count)
-    removed, _ = units.swap_search(weight, hessian, start, max_swaps=50)
+    removed, _, (start_error, error) = units.swap_search(weight, hessian, start, max_swaps=50)
     assert len(removed) == count
+    assert start_error == pytest.approx(units.removal_error(weight, hessian, start), rel=1e-7)
+    assert error == pytest.approx(units.removal_error(weight, hessian, removed), rel=1e-7)
     assert units.removal_error(weight, hessian, removed) <= units.removal_error(weight, hessian, start) * (1 + 1e-9)
     optimum = min(units.removal_error(weight, hessian, torch.tensor(combination))
                   for combination in itertools.combinations(range(6), count))
@@ -204,7 +211,7 @@ def test_one_block_swap_is_the_best_of_every_pair_by_brute_force(seed, count):
     pairs = {(out, into): error(set(range(count)) - {out} | {into})
              for out in range(count) for into in range(count, len(columns))}
     best = min(pairs.values())
-    removed, swaps = units.block_swaps(weight, hessian, columns, start, max_swaps=1)
+    removed, swaps, _ = units.block_swaps(weight, hessian, columns, start, max_swaps=1)
     if best < error(set(range(count))) * (1 - 1e-9):
         assert swaps == 1 and error(set(removed.tolist())) == pytest.approx(best, rel=1e-8)
     else:

@@ -164,6 +164,23 @@ def run_block(block, inputs) -> list:
     return outputs
 
 
+def run_block_until(block, layer: nn.Module, inputs) -> None:
+    """Run each captured call of `block` only until `layer` has run (its forward hooks included): the
+    statistics of one layer need nothing after it."""
+    def stop(module, args, output):
+        raise StopForward
+
+    handle = layer.register_forward_hook(stop)  # registered last, so the layer's other hooks run first
+    try:
+        for args, kwargs in inputs:
+            try:
+                block(*args, **kwargs)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+
+
 def with_first(inputs, hidden) -> list:
     return [((h, *args[1:]), kwargs) for (args, kwargs), h in zip(inputs, hidden)]
 

@@ -41,7 +41,7 @@ from ..errors import BrainSurgeonError, solver_errors_as_one_line
 from ..methods import units
 from ..methods.budget import num_to_prune
 from ..models.shrunk import match_config_biases
-from ..models.surgery import find_unit_groups, remove_units, width_in
+from ..models.surgery import remove_units, width_in
 from ..modes import evaluating
 from ..progress import progress_bar
 from .activations import (
@@ -54,12 +54,12 @@ from .activations import (
 )
 from .layers import check_finite_model
 from .sensitivity import layer_sensitivities
-from .unit_curves import Positions, block_layers, error_curves, groups_of_block
+from .unit_curves import Positions, UnitGroups, block_layers, error_curves
 from .unit_objective import (
     REFITTED,
+    OutputScales,
     UnitObjective,
     given_scores,
-    output_scales_of,
     statistics,
 )
 
@@ -67,6 +67,7 @@ ALLOCATIONS = ("uniform", "errors", "loss", "fluctuation")
 BIASES = ("existing", "add")
 TARGETS = ("layer", "dense")
 DEFAULT_TARGET = "layer"
+ROW_WEIGHTS = ("batchnorm", "none")
 UNIT_KINDS = ("heads", "neurons", "channels")
 COSTS = ("parameters", "macs")
 
@@ -101,20 +102,24 @@ def check_choices(method: str, allocation: str, units_of, names=("structured met
     return method, allocation, units_of
 
 
-def check_target(method: str, target: str) -> str:
-    """The target (default DEFAULT_TARGET), refused for a method that does not refit."""
-    target = validation.choice("target", target or DEFAULT_TARGET, TARGETS)
-    if target == "dense" and method not in REFITTED:
-        raise BrainSurgeonError(f"target='dense' refits towards the dense model's outputs, which only "
-                                f"{' and '.join(REFITTED)} do; drop target or choose one of them")
-    return target
+def check_refit_options(method: str, target: str = None, row_weights: str = None) -> tuple:
+    """(target, row_weights), defaults filled in; each refused, before any work, when given for a method that
+    does not refit (only obs and swaps use them)."""
+    given = [name for name, value in (("target", target), ("row_weights", row_weights)) if value is not None]
+    if given and method not in REFITTED:
+        raise BrainSurgeonError(f"{' and '.join(given)} only change{'s' if len(given) == 1 else ''} the methods that "
+                                f"refit ({' and '.join(REFITTED)}), not {method!r}; drop {' and '.join(given)} or "
+                                "choose one of them")
+    return (validation.choice("target", target or DEFAULT_TARGET, TARGETS),
+            validation.choice("row_weights", row_weights or ROW_WEIGHTS[0], ROW_WEIGHTS))
 
 
 @solver_errors_as_one_line
 def prune_structured(model: nn.Module, calibration, fraction: float, method: str = "swaps", *,
                      units_of: tuple = UNIT_KINDS, allocation: str = "uniform", cost: str = "parameters",
-                     biases: str = None, target: str = None, relative_damping: float = DEFAULT_RELATIVE_DAMPING,
-                     max_swaps: int = 200, blocks=None, batch_size: int = 8, progress: bool = True) -> StructuredResult:
+                     biases: str = None, target: str = None, row_weights: str = None,
+                     relative_damping: float = DEFAULT_RELATIVE_DAMPING, max_swaps: int = 200, blocks=None,
+                     batch_size: int = 8, progress: bool = True) -> StructuredResult:
     """Remove `fraction` of the units of the unit groups (module docstring) with `method` (one of
     methods/units.SELECTIONS), spread over the consumers by `allocation` ('uniform', 'errors',
     'loss' or 'fluctuation'), and return the shrunk copy. `units_of` names the kinds of units pruned ('heads',
@@ -122,14 +127,16 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
     'parameters', or 'macs' (multiply-accumulates per input, which a convolution's spatial size weighs).
     `biases` ('existing' or 'add'; default 'add' for flap, else 'existing') says which consumers carry the
     removed columns' mean (module docstring); `target` ('layer' or 'dense', for obs and swaps) what the refit
-    reproduces: each consumer's output on the pruned inputs, or the dense model's. `calibration` is model
+    reproduces: each consumer's output on the pruned inputs, or the dense model's; `row_weights` ('batchnorm' or
+    'none', for obs and swaps) whether a consumer's rows are weighted by the factors of a BatchNorm that takes its
+    output, so that errors are measured where they join the stream. `calibration` is model
     inputs, as for prune_layerwise; `relative_damping` damps each consumer's H by a fraction of its mean diagonal."""
     fraction = validation.number("fraction", fraction, low=0, high=1, high_open=True)
     method, allocation, units_of = check_choices(method, allocation, units_of)
     cost = validation.choice("cost", cost, COSTS)
     biases = validation.choice("biases", "add" if biases is None and method == "flap" else biases or "existing",
                                BIASES)
-    target = check_target(method, target)
+    target, row_weights = check_refit_options(method, target, row_weights)
     relative_damping = validation.positive("relative_damping", relative_damping)
     max_swaps = validation.count("max_swaps", max_swaps, minimum=0)
     batch_size = validation.count("batch_size", batch_size)
@@ -141,7 +148,7 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
         found = find_blocks(pruned, blocks)
         calls = model_calls(pruned, calibration, batch_size)
         inputs = capture_block_inputs(pruned, found[0][1], calls)
-        counts, groups_of, scales_of = None, {}, {}  # block name -> its unit groups, found once; consumer -> scales
+        counts, groups_of, scales_of = None, UnitGroups(), OutputScales(row_weights == "batchnorm")
         if allocation != "uniform":
             scales = layer_sensitivities(pruned, block_layers(found), calls) if allocation == "loss" else None
             curves, costs = error_curves(found, inputs, units_of, relative_damping, progress, groups_of, scales,
@@ -153,7 +160,7 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
         for name, block in progress_bar(found, "structured blocks", progress):
             # in forward order, each group's H recorded on the inputs the groups before it left
             dense_block = copy.deepcopy(block) if target == "dense" else None
-            for group in groups_of_block(name, block, inputs, units_of, groups_of):
+            for group in groups_of(name, block, inputs, units_of):
                 full = f"{name}.{group.consumer}".strip(".")
                 consumer = block.get_submodule(group.consumer)
                 width = width_in(consumer)
@@ -165,7 +172,7 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
                                                                     dense_inputs)
                     towards = (cross, dense_mean)
                 objective = UnitObjective(method, biases, relative_damping,
-                                          output_scales_of(name, block, group, inputs, scales_of))
+                                          scales_of(name, block, group, inputs))
                 weight, hessian, kept_bias = objective.problem(consumer, raw, mean, towards)
                 count = num_to_prune(fraction, group.units) if counts is None else counts[full]
                 removed, figures = units.choose_units(weight, hessian, count, method, max_swaps, group.columns,
@@ -195,17 +202,17 @@ def prune_structured(model: nn.Module, calibration, fraction: float, method: str
     if biases == "add" and hasattr(getattr(pruned, "config", None), "to_dict"):
         match_config_biases(pruned)
     settings = dict(method=method, fraction=fraction, units_of=list(units_of), allocation=allocation, cost=cost,
-                    biases=biases, target=target, relative_damping=relative_damping,
+                    biases=biases, target=target, row_weights=row_weights, relative_damping=relative_damping,
                     max_swaps=max_swaps, blocks=[name for name, _ in found], batch_size=batch_size)
     return StructuredResult(pruned, widths, settings, stats, {"total": time.perf_counter() - started},
                             _left_dense(pruned, found, groups_of, units_of), kept_rows)
 
 
-def _left_dense(model: nn.Module, found, groups_of: dict, units_of) -> dict:
+def _left_dense(model: nn.Module, found, groups_of: UnitGroups, units_of) -> dict:
     """Every nn.Linear and nn.Conv2d the prune did not shrink, with the reason."""
     members = {}
     for name, _ in found:
-        for group in groups_of.get(name, []):
+        for group in groups_of.of_block.get(name, []):
             for member in [group.consumer, *group.producers]:
                 members[f"{name}.{member}".strip(".")] = group.kind
     outside = "outside the blocks (embeddings and the output head stay whole)"
@@ -249,8 +256,9 @@ def unit_totals(model: nn.Module, calibration, cost: str = "parameters", blocks=
     with evaluating(model):
         found = find_blocks(model, blocks)
         inputs = capture_block_inputs(model, found[0][1], model_calls(model, calibration, 8)[:1])
-        for _, block in found:
-            groups = find_unit_groups(block, *inputs[0])
+        groups_of = UnitGroups()
+        for name, block in found:
+            groups = groups_of(name, block, inputs, UNIT_KINDS)
             positions = Positions(block, groups)
             try:
                 outputs = run_block(block, inputs)

@@ -7,14 +7,26 @@ from ..methods import units
 from ..models.surgery import find_unit_groups, matrix_of
 from ..progress import progress_bar
 from .activations import HessianRecorder, run_block, with_first
-from .unit_objective import output_scales_of
+from .unit_objective import OutputScales
 
 
-def groups_of_block(name, block, inputs, units_of, found: dict) -> list:
-    """The block's unit groups of the kinds asked, probed on its first call the first time it is asked for."""
-    if name not in found:
-        found[name] = find_unit_groups(block, *inputs[0])
-    return [group for group in found[name] if group.kind in units_of]
+class UnitGroups:
+    """Each block's unit groups (models/surgery.find_unit_groups), probed on its first call. Blocks alike in
+    structure (module types, parameter names and shapes: a model's repeated layers) run the same code on the same
+    shapes, so their groups are probed once and shared; probing is several block forwards per consumer."""
+
+    def __init__(self):
+        self.of_block, self._of_structure = {}, {}
+
+    def __call__(self, name, block, inputs, units_of) -> list:
+        """The block's groups of the kinds asked."""
+        if name not in self.of_block:
+            structure = (type(block), tuple((sub, type(module)) for sub, module in block.named_modules()),
+                         tuple((sub, tuple(p.shape)) for sub, p in block.named_parameters()))
+            if structure not in self._of_structure:
+                self._of_structure[structure] = find_unit_groups(block, *inputs[0])
+            self.of_block[name] = self._of_structure[structure]
+        return [group for group in self.of_block[name] if group.kind in units_of]
 
 
 def block_layers(found) -> dict:
@@ -23,9 +35,9 @@ def block_layers(found) -> dict:
             if isinstance(module, (nn.Linear, nn.Conv2d))}
 
 
-def error_curves(found, inputs, units_of, relative_damping: float, progress: bool, groups_of: dict,
+def error_curves(found, inputs, units_of, relative_damping: float, progress: bool, groups_of: UnitGroups,
                  scales: dict = None, cost: str = "parameters", objective_of=None,
-                 allocation: str = "errors", scales_of: dict = None) -> tuple:
+                 allocation: str = "errors", scales_of: OutputScales = None) -> tuple:
     """Every consumer's curve on the dense model (to one unit left) and the `cost` of one of its units
     (parameters, or multiply-accumulates per input). For 'errors' and 'loss', the structured-OBS error curve of
     `objective_of(output scales)` (a UnitObjective), multiplied by the consumer's loss sensitivity (`scales`,
@@ -35,7 +47,7 @@ def error_curves(found, inputs, units_of, relative_damping: float, progress: boo
     removes the lowest across the model. The blocks are left as they were."""
     curves, costs = {}, {}
     for name, block in progress_bar(found, "error curves", progress):
-        groups = groups_of_block(name, block, inputs, units_of, groups_of)
+        groups = groups_of(name, block, inputs, units_of)
         recorder = HessianRecorder({g.consumer: block.get_submodule(g.consumer) for g in groups})
         positions = Positions(block, groups)
         try:
@@ -55,7 +67,7 @@ def error_curves(found, inputs, units_of, relative_damping: float, progress: boo
                 standard = ((scores - scores.mean()) / scores.std().clamp_min(1e-300))[group.columns].mean(1)
                 curves[full] = torch.cumsum(torch.sort(standard).values[: group.units - 1] * costs[full], 0)
                 continue
-            objective = objective_of(output_scales_of(name, block, group, inputs, scales_of))
+            objective = objective_of(scales_of(name, block, group, inputs))
             weight, hessian, _ = objective.problem(consumer, raw, mean)
             _, errors = units.unit_path(weight, hessian, group.columns, group.units - 1)
             curves[full] = errors * scales[full] if scales else errors / max(energy, 1e-300)

@@ -6,17 +6,18 @@ from torch import nn
 
 from ..methods import units
 from ..models.surgery import BATCHNORM, matrix_of, output_scales, sequence_of
-from .activations import HessianRecorder, run_block
+from .activations import HessianRecorder, run_block_until
 from .tp_importance import torch_pruning_scores
 
 REFITTED = ("obs", "swaps")  # the methods whose kept columns are refitted (the others keep them as they were)
 
 
 def statistics(block, consumer: str, inputs) -> tuple:
-    """X X^T / N and the mean of the consumer's inputs, the block run on `inputs` as it is now."""
+    """X X^T / N and the mean of the consumer's inputs, the block run on `inputs` as it is now, up to the
+    consumer."""
     recorder = HessianRecorder({consumer: block.get_submodule(consumer)})
     try:
-        run_block(block, inputs)
+        run_block_until(block, block.get_submodule(consumer), inputs)
     finally:
         recorder.close()
     return recorder.hessian(consumer), recorder.mean(consumer)
@@ -72,12 +73,20 @@ class UnitObjective:
         return new
 
 
-def output_scales_of(name, block, group, inputs, found: dict):
-    """The consumer's output_scales (models/surgery.py), probed on the block's first call the first time."""
-    key = f"{name}.{group.consumer}"
-    if key not in found:
-        found[key] = output_scales(block, group.consumer, *inputs[0])
-    return found[key]
+class OutputScales:
+    """Each consumer's output_scales (models/surgery.py), probed on its block's first call the first time; None
+    for every consumer when not `weighted` (the rows as they are, as the structured-OBS papers have them)."""
+
+    def __init__(self, weighted: bool = True):
+        self.weighted, self.found = weighted, {}
+
+    def __call__(self, name, block, group, inputs):
+        if not self.weighted:
+            return None
+        key = f"{name}.{group.consumer}"
+        if key not in self.found:
+            self.found[key] = output_scales(block, group.consumer, *inputs[0])
+        return self.found[key]
 
 
 def given_scores(method: str, block: nn.Module, group, inputs, hessian, mean):

@@ -96,10 +96,17 @@ def obs_path(weight: torch.Tensor, hessian: torch.Tensor, count: int, removable:
     order removed, the error after each removal: the path's error curve)."""
     inverse = torch.linalg.inv(hessian.double())
     w = weight.double().clone()
-    alive = torch.zeros(w.shape[1], dtype=torch.bool)
-    alive[: removable or w.shape[1]] = True
+    positions = torch.arange(w.shape[1])  # each current column's index in `weight`
+    alive = positions < (removable or w.shape[1])  # the current columns that may still go
+    gone = torch.zeros(w.shape[1], dtype=torch.bool)
     removed, errors, total = [], [], 0.0
     for _ in range(count):
+        if int(gone.sum()) > len(gone) // 4:
+            # a removed column's row and column of H^-1 are zero after its downdate, so dropping them is exact and
+            # every later step costs the square of the columns left, not of all
+            keep = ~gone
+            w, inverse, positions, alive, gone = (w[:, keep], inverse[keep][:, keep], positions[keep], alive[keep],
+                                                  gone[keep])
         diagonal = torch.diagonal(inverse).clamp_min(1e-300)
         scores = w.pow(2).sum(0) / diagonal
         scores[~alive] = float("inf")
@@ -108,8 +115,8 @@ def obs_path(weight: torch.Tensor, hessian: torch.Tensor, count: int, removable:
         row = inverse[j].clone()
         w.addr_(w[:, j].clone(), row, alpha=-1.0 / float(row[j]))  # in place: the path is O(count d^2)
         inverse.addr_(row, row, alpha=-1.0 / float(row[j]))
-        alive[j], w[:, j] = False, 0.0
-        removed.append(j)
+        alive[j], gone[j], w[:, j] = False, True, 0.0
+        removed.append(int(positions[j]))
         errors.append(total)
     return torch.tensor(removed, dtype=torch.long), torch.tensor(errors, dtype=torch.float64)
 
@@ -187,22 +194,34 @@ class _RemovedSet:
         self.z = self.w[:, self.removed] @ self.a
         self.error = float((self.z * self.w[:, self.removed]).sum())
 
-    def copy(self) -> "_RemovedSet":
-        twin = _RemovedSet.__new__(_RemovedSet)
-        twin.w, twin.inverse, twin.removed, twin.a, twin.z, twin.error = (
-            self.w, self.inverse, list(self.removed), self.a, self.z, self.error)
-        return twin
-
     def gain_of_leaving(self) -> torch.Tensor:
         """f minus f without each member: |Z_:,a|^2 / A_aa."""
         return self.z.pow(2).sum(0) / torch.diagonal(self.a)
 
     def cost_of_joining(self, candidates: torch.Tensor) -> torch.Tensor:
         """f with each candidate b added, minus f: |W_:,b - Z s_b|^2 / (H^-1_bb - s_b^T A s_b), s_b = H^-1_{J,b}."""
-        s = self.inverse[self.removed][:, candidates]
+        return self._joining(candidates)[0]
+
+    def _joining(self, candidates: torch.Tensor) -> tuple:
+        s = self.inverse[candidates][:, self.removed].T  # H^-1 is symmetric: |candidates| rows gathered, not |J|
+        a_s = self.a @ s
         residual = self.w[:, candidates] - self.z @ s
-        schur = torch.diagonal(self.inverse)[candidates] - (s * (self.a @ s)).sum(0)
-        return residual.pow(2).sum(0) / schur.clamp_min(1e-300)
+        schur = torch.diagonal(self.inverse)[candidates] - (s * a_s).sum(0)
+        return residual.pow(2).sum(0) / schur.clamp_min(1e-300), a_s, residual, schur
+
+    def swap_errors(self, leaving: torch.Tensor, joining: torch.Tensor) -> torch.Tensor:
+        """f after the member at each position of `leaving` leaves and each unit of `joining` joins (leaving x
+        joining), in closed form: with p leaving, A's Schur complement gives the residual R_b + Z_p (A s_b)_p / A_pp
+        and the pivot c_b + (A s_b)_p^2 / A_pp, so no trial set is formed."""
+        _, a_s, residual, schur = self._joining(joining)
+        pivots = torch.diagonal(self.a)[leaving]
+        z_leaving = self.z[:, leaving]
+        shift = a_s[leaving] / pivots[:, None]
+        leaving_norms = z_leaving.pow(2).sum(0)
+        numerator = (residual.pow(2).sum(0)[None] + 2 * shift * (z_leaving.T @ residual)
+                     + shift.pow(2) * leaving_norms[:, None])
+        denominator = schur[None] + a_s[leaving].pow(2) / pivots[:, None]
+        return self.error - (leaving_norms / pivots)[:, None] + numerator / denominator.clamp_min(1e-300)
 
     def leave(self, position: int) -> None:
         """Drop member `position`: A and Z by one Schur complement, O(|J| (|J| + rows))."""
@@ -215,7 +234,7 @@ class _RemovedSet:
 
     def join(self, unit: int) -> None:
         """Add `unit`: A and Z grown by one bordered inverse, O(|J| (|J| + rows))."""
-        s = self.inverse[self.removed][:, unit]
+        s = self.inverse[unit, self.removed]
         a_s = self.a @ s
         c = float(self.inverse[unit, unit] - s @ a_s)
         residual = self.w[:, unit] - self.z @ s
@@ -233,38 +252,33 @@ class _RemovedSet:
 def swap_search(weight: torch.Tensor, hessian: torch.Tensor, start: torch.Tensor, max_swaps: int,
                 candidates: int = 16, removable: int = None) -> tuple:
     """Ours: from the removed set `start`, swaps of one removed and one kept unit that lower the exact joint error
-    (best improvement over `candidates` of each side per round, ranked by their single-move changes), until none
-    lowers it or `max_swaps`. Only the first `removable` columns may go (all when None). Returns (the removed
-    units, sorted; the number of swaps)."""
+    (the best of `candidates` of each side per round, ranked by their single-move changes, every pair's error
+    exact), until none lowers it or `max_swaps`. Only the first `removable` columns may go (all when None).
+    Returns (the removed units, sorted; the number of swaps; the joint errors at the start and the end)."""
     removable = removable or weight.shape[1]
     if not len(start) or len(start) == removable:
-        return start, 0
+        error = removal_error(weight, hessian, start) if len(start) else 0.0
+        return start, 0, (error, error)
     inverse = torch.linalg.inv(hessian.double())
     state = _RemovedSet(weight.double(), inverse, start)
-    swaps = 0
+    start_error, swaps = state.error, 0
     while swaps < max_swaps:
         kept = torch.tensor(sorted(set(range(removable)) - set(state.removed)), dtype=torch.long)
         leaving = torch.argsort(state.gain_of_leaving(), descending=True)[:candidates]
         joining = kept[torch.argsort(state.cost_of_joining(kept))[:candidates]]
-        best, move = state.error * (1 - 1e-12), None
-        for position in leaving.tolist():
-            trial = state.copy()
-            trial.leave(position)
-            costs = trial.cost_of_joining(joining)
-            k = int(torch.argmin(costs))
-            if trial.error + float(costs[k]) < best:
-                best, move = trial.error + float(costs[k]), (position, int(joining[k]))
-        if move is None:
+        trial = state.swap_errors(leaving, joining)
+        best = int(torch.argmin(trial))
+        if float(trial.flatten()[best]) >= state.error * (1 - 1e-12):
             break
-        state.leave(move[0])
-        state.join(move[1])
+        state.leave(int(leaving[best // len(joining)]))
+        state.join(int(joining[best % len(joining)]))
         swaps += 1
-    return torch.sort(torch.tensor(state.removed, dtype=torch.long)).values, swaps
+    return torch.sort(torch.tensor(state.removed, dtype=torch.long)).values, swaps, (start_error, state.error)
 
 
 def block_swaps(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tensor, start: torch.Tensor,
                 max_swaps: int) -> tuple:
-    """swap_search for units of several columns (heads, convolution channels): each round takes the swap of a
+    """swap_search (with what it returns) for units of several columns (heads, convolution channels): each round takes the swap of a
     removed and a kept unit that lowers the exact joint error most, until none does. Every pair is scored in one
     batch from A = [(H^-1)_RR]^-1 of the removed set R: adding unit i costs tr(D C^-1 D^T) (C, D its Schur
     complement and residual), and restoring unit o then gives back tr(V_o [(A_J)_oo]^-1 V_o^T), V = W_J A_J for
@@ -274,6 +288,7 @@ def block_swaps(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tens
     units, width = columns.shape
     removed, swaps = sorted(start.tolist()), 0
     current = float(_joint_error(w, inverse, columns[removed].flatten())) if removed else 0.0
+    start_error = current
     while removed and swaps < max_swaps:
         kept = sorted(set(range(units)) - set(removed))
         if not kept:
@@ -302,7 +317,7 @@ def block_swaps(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tens
         if exact >= current * (1 - 1e-12):
             break
         removed, current, swaps = candidate, exact, swaps + 1
-    return torch.tensor(removed, dtype=torch.long), swaps
+    return torch.tensor(removed, dtype=torch.long), swaps, (start_error, current)
 
 
 SELECTIONS = ("norm", "l1", "tp", "wanda_sp", "flap", "obs", "swaps")
@@ -332,11 +347,10 @@ def choose_units(weight: torch.Tensor, hessian: torch.Tensor, count: int, method
         return start, {}
     if method == "swaps":
         if single:
-            removed, swaps = swap_search(weight, hessian, columns[start, 0], max_swaps,
-                                         removable=int(columns.max()) + 1)
+            removed, swaps, errors = swap_search(weight, hessian, columns[start, 0], max_swaps,
+                                                 removable=int(columns.max()) + 1)
             removed = torch.nonzero(torch.isin(columns[:, 0], removed)).squeeze(1)
         else:
-            removed, swaps = block_swaps(weight, hessian, columns, start, max_swaps)
-        return removed, dict(swaps=swaps, start_error=removal_error(weight, hessian, columns[start].flatten()),
-                             error=removal_error(weight, hessian, columns[removed].flatten()))
+            removed, swaps, errors = block_swaps(weight, hessian, columns, start, max_swaps)
+        return removed, dict(swaps=swaps, start_error=errors[0], error=errors[1])
     raise BrainSurgeonError(f"unknown structured method {method!r}; choose from {list(SELECTIONS)}")

@@ -303,6 +303,10 @@ def output_scales(block: nn.Module, consumer: str, args, kwargs):
     """gamma / sqrt(running var + eps) per output channel of the BatchNorm (in eval mode) that takes the consumer's
     output as it is, or None when none does: the factor by which an error in the consumer's output reaches the
     stream after it."""
+    norms = [norm for norm in block.modules()
+             if isinstance(norm, BATCHNORM) and norm.track_running_stats and not norm.training]
+    if not norms:
+        return None  # nothing to probe for: a transformer block's forward is not run
     module, produced, found = block.get_submodule(consumer), [], []
 
     def keep(_, __, output):
@@ -315,8 +319,7 @@ def output_scales(block: nn.Module, consumer: str, args, kwargs):
         return hook
 
     handles = [module.register_forward_hook(keep)]
-    handles += [norm.register_forward_pre_hook(check(norm)) for norm in block.modules()
-                if isinstance(norm, BATCHNORM) and norm.track_running_stats and not norm.training]
+    handles += [norm.register_forward_pre_hook(check(norm)) for norm in norms]
     try:
         block(*args, **kwargs)
     finally:
