@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost
+.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost bench-structured-reload
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -134,6 +134,9 @@ bench-structured-cost: $(LM_DIR)/config.json
 	  --json bench/smollm2_cost_sparsegpt.json
 	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --pattern units --methods swaps --allocations errors \
 	  --sparsities 0.5 --json bench/smollm2_cost_structured.json
+# A uniform prune written by the command line reloads with plain transformers at the perplexity it reported.
+bench-structured-reload: $(LM_DIR)/config.json
+	$(BIN)/python benchmarks/structured_reload.py --json bench/smollm2_structured_reload.json
 bench-structured-table:
 	@$(BIN)/brainsurgeon table bench/smollm2_structured_baselines.json bench/smollm2_structured_flap.json \
 	  bench/smollm2_structured_ours.json --plot bench/smollm2_structured.png --overwrite
