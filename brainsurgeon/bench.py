@@ -296,13 +296,17 @@ def check_lm_sweep(methods, options: dict) -> dict:
 
 
 def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_name="model", relative_damping=None,
-                     progress=True, text_source="wiki", json_path=None, overwrite=False, **options) -> dict:
+                     progress=True, text_source="wiki", json_path=None, overwrite=False, reconstruction=None,
+                     **options) -> dict:
     """Prune a language model with every layer-wise method x pattern on the same calibration token windows and
     score perplexity on the same evaluation windows. A pattern is a sparsity (unstructured per layer) or 'N:M'.
-    With `json_path`, the report so far is written after every run, as in run_benchmark."""
+    `reconstruction`: prune_layerwise's reconstruct keywords, the same for every run. With `json_path`, the report
+    so far is written after every run, as in run_benchmark."""
+    reconstruction = dict(reconstruction or {})
     if json_path:
         check_writable(json_path, overwrite)
     from .datasets.text import perplexity
+    from .drivers.reconstruct import plan_reconstruction
     from .drivers.sequential import plan_layerwise, prune_layerwise
 
     if not (len(methods) and len(patterns)):
@@ -317,6 +321,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
     for method, pattern in runs:  # checked before the first run
         plan_layerwise(model, *split_pattern(pattern), method, relative_damping=relative_damping,
                        **method_options(method))
+    plan_reconstruction(**reconstruction)
     started = time.perf_counter()
     dense = perplexity(model, evaluation, progress=progress)
     report = {
@@ -326,7 +331,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         "dense_perplexity": dense,
         "settings": dict(methods=list(methods), sparsities=list(patterns), seeds=[0], relative_damping=relative_damping,
                          calib_samples=len(calibration), calib_windows=list(calibration.shape),
-                         eval_windows=list(evaluation.shape), options=options),
+                         eval_windows=list(evaluation.shape), options=options, **reconstruction),
         "results": [],
         "complete": False,
         "note": UNSTRUCTURED_NOTE,
@@ -335,7 +340,8 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         sparsity, kind = split_pattern(pattern)
         measured = measure_run(model, lambda: prune_layerwise(
             model, calibration, sparsity, method, pattern=kind, relative_damping=relative_damping, progress=progress,
-            **method_options(method)), lambda pruned: perplexity(pruned, evaluation, progress=progress))
+            **reconstruction, **method_options(method)),
+            lambda pruned: perplexity(pruned, evaluation, progress=progress))
         row = dict(method=method, sparsity=pattern, seed=0, perplexity=measured.pop("score"), **measured)
         report["settings"]["wall_seconds"] = time.perf_counter() - started
         _record(report, row, json_path)

@@ -15,7 +15,7 @@ from .cli_lm import (
     load_language_model,
     prune_language_model,
 )
-from .cli_options import add_option_flags, given_options
+from .cli_options import add_option_flags, add_reconstruct_flags, given_options
 from .cli_structured import (
     STRUCTURED_PATTERNS,
     bench_structured_language_model,
@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=("layer", "dense"),
                    help="with --hf-model: each layer keeps its own output on the pruned inputs (layer, as SparseGPT) "
                         "or reproduces the dense model's (dense: twice the activation memory)")
+    add_reconstruct_flags(p)
     p.add_argument("--scope", choices=("global", "layer"), help="deprecated: --pattern global or --pattern layer")
     p.add_argument("--include", nargs="*", help="module types or name regexes to prune (default: Linear)")
     p.add_argument("--ignore", nargs="*", help="module types or name regexes to leave dense")
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target", choices=("layer", "dense"),
                    help="with --pattern: refit (obs, swaps) towards each layer's own output on the pruned inputs "
                         "(layer, the default) or the dense model's (dense)")
+    add_reconstruct_flags(b)
     b.add_argument("--json", help="write results as JSON")
     b.add_argument("--plot", help="write accuracy-vs-sparsity PNG (needs matplotlib)")
     b.set_defaults(run=_cmd_bench)

@@ -7,13 +7,15 @@ from . import bench, validation
 from .atomic import outputs
 from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from .datasets.text import EVAL_ARTICLES, perplexity, split_text, token_windows
+from .drivers.reconstruct import KEYWORDS as RECONSTRUCT_KEYWORDS
 from .drivers.sequential import prune_layerwise
 from .errors import BrainSurgeonError
 from .models.hf import load_causal_lm, write_pruned_folder
 
 # The language-model flags and their defaults (None on the parser: a vision run refuses them when given).
 LM_DEFAULTS = dict(text="wiki", calib_seqs=64, seq_len=512, eval_windows=32, target="layer",
-                   relative_damp=DEFAULT_RELATIVE_DAMPING)
+                   relative_damp=DEFAULT_RELATIVE_DAMPING, reconstruct=None, reconstruct_epochs=None,
+                   reconstruct_step=None)
 # Flags of the Fisher objective's runs, refused with --hf-model when given.
 VISION_ONLY = ("model", "checkpoint", "dataset", "data_dir", "calib_samples", "max_memory_gb", "structure",
                "gradients", "scope", "damp", "row_weights")
@@ -47,6 +49,11 @@ def load_language_model(args):
     return model, tokenizer, calibration, evaluation
 
 
+def reconstruction_of(args) -> dict:
+    """The block-reconstruction flags given, as prune_layerwise's keywords."""
+    return {name: getattr(args, name) for name in RECONSTRUCT_KEYWORDS if getattr(args, name, None) is not None}
+
+
 def _text_seed(args) -> int:
     """prune's --seed; bench shuffles the calibration text with seed 0 (its --seeds are for vision runs)."""
     return getattr(args, "seed", 0)
@@ -75,7 +82,7 @@ def prune_language_model(args, options: dict):
         report_path = staged.file(args.report) if args.report else None
         model, tokenizer, calibration, evaluation = load_language_model(args)
         result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern or "layer",
-                                 target=args.target,
+                                 target=args.target, **reconstruction_of(args),
                                  relative_damping=args.relative_damp,
                                  include=args.include, ignore=args.ignore or (), progress=not args.quiet, **options)
         dense = perplexity(model, evaluation, progress=not args.quiet)
@@ -101,4 +108,5 @@ def bench_language_model(args, options: dict):
     return bench.run_lm_benchmark(model, calibration, evaluation, methods, args.sparsities,
                                   model_name=Path(args.hf_model).name, relative_damping=args.relative_damp,
                                   text_source=_describe_text(args.text, _text_seed(args)), json_path=args.json,
+                                  reconstruction=reconstruction_of(args),
                                   overwrite=args.overwrite, progress=not args.quiet, **options)

@@ -71,3 +71,14 @@ def given_options(args) -> dict:
     """The method and stage options given on the command line."""
     return {name: getattr(args, name) for name in declared_options()
             if name not in OWN_FLAGS and getattr(args, name, None) is not None}
+
+
+def add_reconstruct_flags(parser) -> None:
+    """prune's and bench's block-reconstruction flags (drivers/reconstruct.py)."""
+    parser.add_argument("--reconstruct", choices=("none", "block"),
+                        help="with --hf-model (weights, not units): block fits each pruned block's kept weights to "
+                             "the dense block's outputs, masks fixed, stopped early on held-out calibration windows")
+    parser.add_argument("--reconstruct-epochs", type=int, help="with --reconstruct block: at most this many passes "
+                                                               "(default 4)")
+    parser.add_argument("--reconstruct-step", type=float, help="with --reconstruct block: Adam's step as a fraction "
+                                                               "of each layer's weight RMS (default 1e-3)")

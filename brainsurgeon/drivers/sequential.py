@@ -38,6 +38,7 @@ from .activations import (
     with_first,
 )
 from .layers import check_finite_model, find_prunable
+from .reconstruct import plan_reconstruction, reconstruct_block
 from .result import PruneResult
 
 OUTSIDE_BLOCKS = "outside the repeated blocks the layer-wise driver prunes (embeddings, stem, output head stay dense)"
@@ -62,7 +63,9 @@ def unprunable_layer(module: nn.Module, layer) -> str | None:
 @solver_errors_as_one_line
 def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = "sparsegpt", *, pattern="layer",
                     relative_damping: float = DEFAULT_RELATIVE_DAMPING, blocks=None, include=None, ignore=(),
-                    batch_size: int = 8, target: str = "layer", progress: bool = True, **options) -> PruneResult:
+                    batch_size: int = 8, target: str = "layer", reconstruct: str = "none",
+                    reconstruct_epochs: int = None, reconstruct_step: float = None,
+                    progress: bool = True, **options) -> PruneResult:
     """Prune every prunable layer of `model`'s blocks on the layer-wise objective, block by block.
 
     `method`: 'mp', 'wanda', 'sparsegpt', 'admm', 'wf', 'cbs' or 'swaps' (methods/catalog.py). `pattern`:
@@ -71,38 +74,44 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     `damping` is an absolute lambda instead). `calibration`: model inputs (a tensor such as
     token ids, batched by `batch_size`, an (inputs, targets) pair, or an iterable of tensors or keyword dicts).
     `target`: 'layer' (each layer keeps its own output on the pruned model's inputs, as SparseGPT) or 'dense'
-    (each layer reproduces the dense model's output; module docstring). `sparsity` may also be a dict
+    (each layer reproduces the dense model's output; module docstring). `reconstruct`: 'none' or 'block' (after
+    each block is pruned, its kept weights are fitted to the dense block's outputs: drivers/reconstruct.py, with
+    at most `reconstruct_epochs` passes (default 4) and Adam's step `reconstruct_step` (default 1e-3) times each
+    layer's weight RMS; the dense stream is carried as for target='dense'). `sparsity` may also be a dict
     {layer name: sparsity} for 'layer' and 'row' patterns. `options` go to the method. The model is not
     modified: call `result.apply(model)`.
     """
+    refit = plan_reconstruction(reconstruct, reconstruct_epochs, reconstruct_step)  # checked before any work
     layer_method, pattern, blocks, per_block, dense = plan_layerwise(
         model, sparsity, pattern, method, relative_damping=relative_damping, blocks=blocks, include=include,
         ignore=ignore, batch_size=batch_size, target=target, **options)
     to_dense = target == "dense" and layer_method.needs_hessian
     per_layer = isinstance(sparsity, dict)
     pattern_name = f"{pattern.kind} (per layer)" if per_layer else pattern.name
-    timings, stats, masks, weights = {"capture": 0.0, "hessians": 0.0, "prune": 0.0, "propagate": 0.0}, {}, {}, {}
+    timings = {"capture": 0.0, "hessians": 0.0, "prune": 0.0, "reconstruct": 0.0, "propagate": 0.0}
+    stats, masks, weights, refits = {}, {}, {}, {}
     started = mark = time.perf_counter()
     with torch.no_grad(), evaluating(model):
         inputs = dense_inputs = None
-        if layer_method.needs_hessian:
+        if layer_method.needs_hessian or refit.active:
             inputs = capture_block_inputs(model, blocks[0][1], model_calls(model, calibration, batch_size))
-            dense_inputs = inputs if to_dense else None
+            dense_inputs = inputs if to_dense or refit.active else None
         timings["capture"] = time.perf_counter() - mark
         bar = progress_bar(blocks, f"{layer_method.name} {pattern_name}", progress)
-        for (_, block), layers in zip(bar, per_block):
+        for (block_name, block), layers in zip(bar, per_block):
             run = _prune_block_to_dense if to_dense else _prune_block
             inputs, dense_inputs = run(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings,
-                                       stats, masks, weights)
+                                       stats, masks, weights, (refit, refits, block_name))
     timings["total"] = time.perf_counter() - started
     settings = dict(objective="layer", method=layer_method.name, pattern=pattern_name,
                     sparsity=_fraction_pruned(masks) if per_layer else pattern.sparsity, target=target,
                     layer_sparsities=dict(sparsity) if per_layer else None, relative_damping=relative_damping,
-                    blocks=[name for name, _ in blocks], layers=list(masks),
+                    blocks=[name for name, _ in blocks], layers=list(masks), **refit.settings(),
                     num_calls=None if inputs is None else len(inputs), batch_size=batch_size,
                     **layer_method.settings())
     return PruneResult(masks=masks, weights=weights, settings=settings, timings=timings,
-                       stats={"layers": stats}, dense_layers=dense)
+                       stats={"layers": stats, **({"reconstruction": refits} if refit.active else {})},
+                       dense_layers=dense)
 
 
 def _fraction_pruned(masks: dict) -> float:
@@ -168,10 +177,13 @@ def plan_layerwise(model, sparsity, pattern, method, *, relative_damping=DEFAULT
     return layer_method, pattern, blocks, per_block, dense
 
 
-def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings, stats, masks, weights):
-    """Prune one block's layers from its (already pruned-upstream) inputs; return the next block's inputs."""
+def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings, stats, masks, weights,
+                 reconstruction):
+    """Prune one block's layers from its (already pruned-upstream) inputs; return the next block's inputs (and,
+    when reconstructing, the dense stream's)."""
     modules = dict(block.named_modules())
     mark = time.perf_counter()
+    targets = run_block(block, dense_inputs) if reconstruction[0].active else None  # the block is still dense
     recorder = None
     if inputs is not None:
         recorder = HessianRecorder({name: modules[name] for name, _, _ in layers})
@@ -188,16 +200,17 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
             hessian = recorder.hessian(name) if recorder else torch.eye(weight[0].numel(), dtype=torch.float64)
             _prune_layer(modules[name], full_name, LayerObjective(weight, hessian, relative_damping),
                          recorder is not None, layer_method, pattern, timings, stats, masks, weights)
+        _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks, weights)
         mark = time.perf_counter()
         next_inputs = None if inputs is None else with_first(inputs, run_block(block, inputs))
         timings["propagate"] += time.perf_counter() - mark
     finally:  # the caller's model comes back unchanged, whatever happened
         _restore(modules, originals)
-    return next_inputs, None
+    return next_inputs, None if targets is None else with_first(dense_inputs, targets)
 
 
 def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings, stats, masks,
-                          weights):
+                          weights, reconstruction):
     """target='dense': prune the block's layers one at a time, each towards the dense block's output of that layer
     (module docstring); return the next block's pruned and dense inputs."""
     modules = dict(block.named_modules())
@@ -213,12 +226,30 @@ def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, rel
             _prune_layer(modules[name], full_name, objective, True, layer_method, pattern, timings, stats, masks,
                          weights)
         mark = time.perf_counter()
+        dense_outputs = run_block(dense_block, dense_inputs)
+        timings["propagate"] += time.perf_counter() - mark
+        _reconstruct(block, layers, inputs, dense_outputs, reconstruction, timings, masks, weights)
+        mark = time.perf_counter()
         next_inputs = with_first(inputs, run_block(block, inputs))
-        next_dense = with_first(dense_inputs, run_block(dense_block, dense_inputs))
+        next_dense = with_first(dense_inputs, dense_outputs)
         timings["propagate"] += time.perf_counter() - mark
     finally:
         _restore(modules, originals)
     return next_inputs, next_dense
+
+
+def _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks, weights) -> None:
+    """With a Reconstruction that is active, fit the block's pruned weights to `targets` (the dense block's
+    outputs) and record them and the fit's figures."""
+    plan, refits, block_name = reconstruction
+    if not plan.active:
+        return
+    modules = dict(block.named_modules())
+    keep = {name: masks[f"{full_name}.weight"] for name, full_name, _ in layers}
+    refits[block_name] = reconstruct_block(block, keep, inputs, targets, plan)
+    timings["reconstruct"] += refits[block_name]["seconds"]
+    for name, full_name, _ in layers:
+        weights[f"{full_name}.weight"] = modules[name].weight.detach().clone()
 
 
 def _restore(modules: dict, originals: dict) -> None:

@@ -57,11 +57,18 @@ class LayerSettings(MethodOptions):
     target: str = option(None, "'layer' (default): each layer keeps its own output; 'dense': the dense model's")
     blocks: object = option(None, "names of the blocks to prune in turn (default: the largest nn.ModuleList)")
     batch_size: int = option(None, "calibration inputs per forward (default 8)")
+    reconstruct: str = option(None, "'none' (default) or 'block': fit each pruned block to the dense block's outputs")
+    reconstruct_epochs: int = option(None, "with reconstruct='block': at most this many passes (default 4)")
+    reconstruct_step: float = option(None, "with reconstruct='block': Adam's step per layer, times its weight RMS "
+                                           "(default 1e-3)")
 
     def checked(self):
         checks = dict(relative_damping=lambda v: validation.positive("relative_damping", v),
                       target=lambda v: validation.choice("target", v, ("layer", "dense")),
-                      batch_size=lambda v: validation.count("batch_size", v))
+                      batch_size=lambda v: validation.count("batch_size", v),
+                      reconstruct=lambda v: validation.choice("reconstruct", v, ("none", "block")),
+                      reconstruct_epochs=lambda v: validation.count("reconstruct_epochs", v),
+                      reconstruct_step=lambda v: validation.positive("reconstruct_step", v))
         return {name: check(getattr(self, name)) for name, check in checks.items() if getattr(self, name) is not None}
 
 

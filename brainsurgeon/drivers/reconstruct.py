@@ -1,0 +1,137 @@
+"""Block reconstruction (issue 24): after a block's layers are pruned, its kept weights are fitted so that the block's
+output on the pruned model's inputs matches the dense block's output on the dense model's inputs, with every mask
+fixed.
+
+A per-matrix refit (SparseGPT's, or the exact least-squares update) cannot see the nonlinearity between two layers
+(attention's softmax, the MLP's gate); a fit of the whole block can. The fit is Adam on the mean squared output
+error over the training calls, each pruned layer's step size a fraction of its weights' root mean square (so one
+constant serves layers and models of any scale), stopped early on held-out calls: the weights kept are those with
+the least held-out error seen, the unrefit ones included, so the held-out block error never rises. A pruned weight
+gets no gradient and stays exactly zero. Cost: forward and backward passes of one block; memory: one block, its
+activations and Adam's two moments of the pruned layers' weights.
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import validation
+from ..errors import BrainSurgeonError
+
+WINDOWS = ("none", "block")
+KEYWORDS = ("reconstruct", "reconstruct_epochs", "reconstruct_step")  # prune_layerwise's, and the flags' names
+DEFAULT_EPOCHS = 4
+DEFAULT_STEP = 1e-3  # Adam's step as a fraction of each layer's weight RMS
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """How each pruned block is refitted: `window` 'none' (the per-matrix refits alone) or 'block' (the whole
+    block against the dense block's output); at most `epochs` passes over the training calls, Adam's step
+    `step` times each layer's weight RMS; the last `held_out` fraction of the calls (at least one) judges
+    early stopping; `seed` orders the training calls."""
+
+    window: str = "none"
+    epochs: int = DEFAULT_EPOCHS
+    step: float = DEFAULT_STEP
+    held_out: float = 0.125
+    seed: int = 0
+
+    def __post_init__(self):
+        validation.choice("reconstruct", self.window, WINDOWS)
+        validation.count("reconstruct_epochs", self.epochs)
+        validation.positive("reconstruct_step", self.step)
+        validation.number("reconstruct_held_out", self.held_out, low=0, high=1, low_open=True, high_open=True)
+        validation.count("seed", self.seed, minimum=0)
+
+    @property
+    def active(self) -> bool:
+        return self.window != "none"
+
+    def settings(self) -> dict:
+        return dict(reconstruct=self.window, **(dict(reconstruct_epochs=self.epochs, reconstruct_step=self.step,
+                                                     reconstruct_held_out=self.held_out) if self.active else {}))
+
+
+def plan_reconstruction(reconstruct: str = "none", reconstruct_epochs: int = None,
+                        reconstruct_step: float = None) -> Reconstruction:
+    """The Reconstruction prune_layerwise's keywords ask for (None: the default); epochs or step without a window
+    to fit is refused rather than ignored."""
+    given = [name for name, value in (("reconstruct_epochs", reconstruct_epochs),
+                                      ("reconstruct_step", reconstruct_step)) if value is not None]
+    if given and reconstruct in (None, "none"):
+        raise BrainSurgeonError(f"{' and '.join(given)} apply to a block reconstruction; pass reconstruct='block' or "
+                                f"drop {' and '.join(given)}")
+    return Reconstruction(reconstruct or "none", DEFAULT_EPOCHS if reconstruct_epochs is None else reconstruct_epochs,
+                          DEFAULT_STEP if reconstruct_step is None else reconstruct_step)
+
+
+def block_output(block: nn.Module, args, kwargs) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _error(block, calls, targets) -> float:
+    with torch.no_grad():
+        return sum(float((block_output(block, *call) - target).double().pow(2).sum())
+                   for call, target in zip(calls, targets)) / sum(target.numel() for target in targets)
+
+
+def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list, plan: Reconstruction) -> dict:
+    """Fit the weights of `block`'s pruned layers (`masks`: module name inside the block -> bool keep mask) so
+    that the block's output on `inputs` (captured calls: (args, kwargs)) matches `targets` (one tensor per call).
+    The block's weights are changed in place. Returns the held-out errors before and after, the epochs run and
+    the seconds."""
+    if len(inputs) != len(targets):
+        raise BrainSurgeonError(f"{len(inputs)} calls but {len(targets)} targets to reconstruct")
+    if len(inputs) < 2:
+        raise BrainSurgeonError("block reconstruction holds out calibration calls to stop early and needs at least 2; "
+                                "give more calibration inputs or a smaller batch_size")
+    started = time.perf_counter()
+    held = max(1, round(plan.held_out * len(inputs)))
+    train, train_targets = inputs[:-held], targets[:-held]
+    check, check_targets = inputs[-held:], targets[-held:]
+    modules = dict(block.named_modules())
+    weights = {name: modules[name].weight for name in masks}
+    keep = {name: mask.to(weights[name].device) for name, mask in masks.items()}
+    requires = {p: p.requires_grad for p in block.parameters()}
+    for p in requires:
+        p.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+    groups = [dict(params=[w], lr=plan.step * float(w.detach().pow(2).mean().sqrt().clamp_min(1e-12)))
+              for w in weights.values()]
+    optimizer = torch.optim.Adam(groups)
+    best = before = _error(block, check, check_targets)
+    best_state = {name: w.detach().clone() for name, w in weights.items()}
+    generator = torch.Generator().manual_seed(plan.seed)
+    epochs = 0
+    try:
+        with torch.enable_grad():
+            for epoch in range(plan.epochs):
+                for index in torch.randperm(len(train), generator=generator).tolist():
+                    optimizer.zero_grad(set_to_none=True)
+                    output = block_output(block, *train[index])
+                    loss = (output - train_targets[index]).pow(2).mean()
+                    loss.backward()
+                    for name, w in weights.items():
+                        w.grad.mul_(keep[name])
+                    optimizer.step()
+                    with torch.no_grad():
+                        for name, w in weights.items():
+                            w.mul_(keep[name])  # Adam gives a zero gradient a zero step; this guards rounding
+                epochs = epoch + 1
+                error = _error(block, check, check_targets)
+                if not error < best:
+                    break
+                best, best_state = error, {name: w.detach().clone() for name, w in weights.items()}
+    finally:
+        with torch.no_grad():
+            for name, w in weights.items():
+                w.copy_(best_state[name])
+                w.grad = None
+        for p, required in requires.items():
+            p.requires_grad_(required)
+    return dict(held_out_before=before, held_out_after=best, epochs=epochs, held_out_calls=held,
+                seconds=time.perf_counter() - started)

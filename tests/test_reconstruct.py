@@ -1,0 +1,101 @@
+"""Block reconstruction (issue 24): masks fixed, the held-out block error never raised, deterministic, and every
+option checked before any work."""
+import pytest
+import torch
+from helpers import assert_same_result, tiny_llama
+
+from brainsurgeon import BrainSurgeonError, prune_layerwise
+from brainsurgeon.drivers.reconstruct import Reconstruction, reconstruct_block
+
+
+def token_ids(count=16, length=24, seed=0):
+    return torch.randint(0, 96, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method, pattern, target", [("sparsegpt", "2:4", "layer"), ("wanda", "layer", "layer"),
+                                                     ("sparsegpt", "layer", "dense")])
+def test_block_reconstruction_keeps_every_mask_and_never_raises_the_held_out_error(method, pattern, target):
+    model, ids = tiny_llama(), token_ids()
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    options = dict(pattern=pattern, target=target, reconstruct="block", reconstruct_step=1e-2, batch_size=2)
+    refit = prune_layerwise(model, ids, 0.5, method, progress=False, **options)
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())  # the caller's model
+    for name, keep in refit.masks.items():
+        assert not refit.weights[name][~keep].any(), name
+        if pattern == "2:4":
+            assert torch.all((~keep).reshape(keep.shape[0], -1, 4).sum(-1) == 2), name
+    figures = refit.stats["reconstruction"]
+    assert list(figures) == refit.settings["blocks"] and refit.settings["reconstruct"] == "block"
+    for block, entry in figures.items():
+        assert entry["held_out_after"] <= entry["held_out_before"], block
+    again = prune_layerwise(model, ids, 0.5, method, progress=False, **options)
+    assert_same_result(refit, again)  # deterministic
+
+
+def test_the_first_blocks_masks_are_the_methods_and_later_blocks_see_the_refit_stream():
+    model, ids = tiny_llama(layers=2), token_ids()
+    plain = prune_layerwise(model, ids, 0.5, "sparsegpt", batch_size=2, progress=False)
+    refit = prune_layerwise(model, ids, 0.5, "sparsegpt", reconstruct="block", batch_size=2, progress=False)
+    first = [name for name in plain.masks if name.startswith("model.layers.0.")]
+    assert first and all(torch.equal(plain.masks[name], refit.masks[name]) for name in first)
+    assert "reconstruction" not in plain.stats and plain.settings["reconstruct"] == "none"
+
+
+def test_reconstruct_block_fits_a_block_to_its_target_with_masks_fixed():
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    dense = [torch.randn(32, 8) for _ in range(8)]
+    targets = [block(x).detach() for x in dense]
+    keep = {name: torch.rand(block.get_submodule(name).weight.shape) > 0.5 for name in ("0", "2")}
+    with torch.no_grad():
+        for name, mask in keep.items():
+            block.get_submodule(name).weight.mul_(mask)
+    calls = [((x,), {}) for x in dense]
+    figures = reconstruct_block(block, keep, calls, targets, Reconstruction("block", epochs=20, step=1e-2))
+    assert figures["held_out_after"] < 0.5 * figures["held_out_before"]
+    for name, mask in keep.items():
+        assert not block.get_submodule(name).weight[~mask].any()
+    assert all(p.requires_grad for p in block.parameters()) and all(p.grad is None for p in block.parameters())
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(reconstruct="blocks"), "reconstruct"),
+    (dict(reconstruct="block", reconstruct_epochs=0), "reconstruct_epochs"),
+    (dict(reconstruct="block", reconstruct_step=-1.0), "reconstruct_step"),
+    (dict(reconstruct="block", reconstruct_step=float("nan")), "reconstruct_step"),
+    (dict(reconstruct_epochs=3), "reconstruct_epochs apply to a block reconstruction"),
+])
+def test_reconstruction_options_are_checked_before_any_work(options, message):
+    with pytest.raises(BrainSurgeonError, match=message):
+        prune_layerwise(tiny_llama(layers=1), token_ids(), 0.5, "sparsegpt", progress=False, **options)
+
+
+def test_the_command_line_reconstructs_and_refuses_where_it_does_not_apply(tmp_path, capsys):
+    import json
+
+    from helpers import lm_folder
+
+    from brainsurgeon.cli import main
+
+    folder, text = lm_folder(tmp_path, tiny_llama(layers=2))
+    sizes = ["--calib-seqs", "16", "--seq-len", "16", "--eval-windows", "4", "--text", str(text), "--quiet"]
+    out, report = tmp_path / "pruned", tmp_path / "report.json"
+    code = main(["prune", "--hf-model", str(folder), "--pattern", "2:4", "--method", "sparsegpt", "--reconstruct",
+                 "block", "--reconstruct-epochs", "2", "--out", str(out), "--report",
+                 str(report), *sizes])
+    assert code == 0, capsys.readouterr().err
+    figures = json.loads(report.read_text())
+    assert figures["settings"]["reconstruct"] == "block" and figures["settings"]["reconstruct_epochs"] == 2
+    bench = tmp_path / "bench.json"
+    assert main(["bench", "--hf-model", str(folder), "--methods", "sparsegpt", "--sparsities", "2:4", "--reconstruct",
+                 "block", "--json", str(bench), *sizes]) == 0
+    assert json.loads(bench.read_text())["settings"]["reconstruct"] == "block"
+    for flags, message in ((["--reconstruct-epochs", "2"], "apply to a block reconstruction"),
+                           (["--pattern", "units", "--sparsity", "0.3", "--reconstruct", "block"],
+                            "--reconstruct does not apply to --pattern units")):
+        code = main(["prune", "--hf-model", str(folder), "--out", str(tmp_path / "x"), *flags, *sizes])
+        assert code == 2 and message in capsys.readouterr().err
+    assert main(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--reconstruct", "block", "--out",
+                 str(tmp_path / "y.safetensors")]) == 2
+    assert "--reconstruct does not apply without --hf-model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y.safetensors").exists()
