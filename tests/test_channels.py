@@ -226,5 +226,5 @@ def test_row_weights_none_leaves_the_following_batchnorm_out_of_the_choice():
     weighted = [prune_structured(m, x, 0.5, "obs", units_of="channels", progress=False) for m in (model, rescaled)]
     assert weighted[0].settings["row_weights"] == "batchnorm"
     assert weighted[0].stats[consumer]["error"] != pytest.approx(weighted[1].stats[consumer]["error"], rel=1e-3)
-    with pytest.raises(BrainSurgeonError, match="row_weights only changes the methods that refit"):
+    with pytest.raises(BrainSurgeonError, match="row_weights='none' only changes the methods that refit"):
         prune_structured(model, x, 0.5, "l1", units_of="channels", row_weights="none", progress=False)

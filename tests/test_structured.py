@@ -159,7 +159,7 @@ def test_the_dense_target_refit_is_the_least_squares_fit_of_the_dense_outputs(bi
     layer = prune_structured(model, ids, 0.5, "obs", units_of=("heads", "neurons"), biases=biases,
                              relative_damping=1e-9, progress=False)  # towards the layer's own outputs: another fit
     assert not torch.allclose(inputs_and_weights(layer.model)[1], new)
-    with pytest.raises(BrainSurgeonError, match="target only changes the methods that refit"):
+    with pytest.raises(BrainSurgeonError, match="target='dense' only changes the methods that refit"):
         prune_structured(model, ids, 0.5, "wanda_sp", target="dense", progress=False)
 
 
@@ -230,8 +230,10 @@ def test_tied_embeddings_survive_the_width_map_round_trip(tmp_path):
     torch.testing.assert_close(outputs(reloaded, ids), outputs(chosen.model, ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("allocation, plain", [("uniform", True), ("errors", False)])
-def test_the_cli_writes_a_smaller_model_that_reloads_at_the_reported_perplexity(capsys, tmp_path, allocation, plain):
+@pytest.mark.parametrize("method, allocation, plain", [("obs", "uniform", True), ("obs", "errors", False),
+                                                      ("flap", "fluctuation", False)])
+def test_the_cli_writes_a_smaller_model_that_reloads_at_the_reported_perplexity(capsys, tmp_path, method, allocation,
+                                                                                 plain):
     from helpers import lm_folder
 
     from brainsurgeon.cli import main
@@ -240,7 +242,7 @@ def test_the_cli_writes_a_smaller_model_that_reloads_at_the_reported_perplexity(
     folder, text = lm_folder(tmp_path, tiny_llama())
     sizes = ["--calib-seqs", "6", "--seq-len", "16", "--eval-windows", "4", "--text", str(text), "--quiet"]
     out, report = tmp_path / "shrunk", tmp_path / "report.json"
-    code = main(["prune", "--hf-model", str(folder), "--pattern", "units", "--sparsity", "0.4", "--method", "obs",
+    code = main(["prune", "--hf-model", str(folder), "--pattern", "units", "--sparsity", "0.4", "--method", method,
                  "--allocation", allocation, "--out", str(out), "--report", str(report), *sizes])
     assert code == 0, capsys.readouterr().err
     figures = json.loads(report.read_text())
@@ -256,7 +258,7 @@ def test_the_cli_writes_a_smaller_model_that_reloads_at_the_reported_perplexity(
 @pytest.mark.parametrize("flags, message", [
     (["--pattern", "heads", "--sparsity", "0.3", "--include", "Linear"], "--include does not apply to --pattern heads"),
     (["--pattern", "heads", "--sparsity", "0.3", "--method", "norm", "--target", "dense"],
-     "target only changes the methods that refit"),
+     "target='dense' only changes the methods that refit"),
     (["--pattern", "heads", "--sparsity", "0.3", "--row-weights", "none"], "--row-weights does not apply with"),
     (["--pattern", "units", "--sparsity", "0.3", "--method", "sparsegpt"], "--method"),
     (["--pattern", "units", "--sparsity", "0.3", "--allocation", "global"], "--allocation"),

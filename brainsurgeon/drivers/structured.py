@@ -103,15 +103,17 @@ def check_choices(method: str, allocation: str, units_of, names=("structured met
 
 
 def check_refit_options(method: str, target: str = None, row_weights: str = None) -> tuple:
-    """(target, row_weights), defaults filled in; each refused, before any work, when given for a method that
-    does not refit (only obs and swaps use them)."""
-    given = [name for name, value in (("target", target), ("row_weights", row_weights)) if value is not None]
-    if given and method not in REFITTED:
-        raise BrainSurgeonError(f"{' and '.join(given)} only change{'s' if len(given) == 1 else ''} the methods that "
-                                f"refit ({' and '.join(REFITTED)}), not {method!r}; drop {' and '.join(given)} or "
-                                "choose one of them")
-    return (validation.choice("target", target or DEFAULT_TARGET, TARGETS),
-            validation.choice("row_weights", row_weights or ROW_WEIGHTS[0], ROW_WEIGHTS))
+    """(target, row_weights), defaults filled in; a value other than the default is refused, before any work,
+    for a method that does not refit (only obs and swaps can honour it)."""
+    target = validation.choice("target", target or DEFAULT_TARGET, TARGETS)
+    row_weights = validation.choice("row_weights", row_weights or ROW_WEIGHTS[0], ROW_WEIGHTS)
+    asked = [f"{name}={value!r}" for name, value, default in (("target", target, DEFAULT_TARGET),
+                                                             ("row_weights", row_weights, ROW_WEIGHTS[0]))
+             if value != default]
+    if asked and method not in REFITTED:
+        raise BrainSurgeonError(f"{' and '.join(asked)} only change{'s' if len(asked) == 1 else ''} the methods that "
+                                f"refit ({' and '.join(REFITTED)}), not {method!r}; drop it or choose one of them")
+    return target, row_weights
 
 
 @solver_errors_as_one_line
