@@ -38,9 +38,11 @@ from .activations import (
     with_first,
 )
 from .layers import check_finite_model, find_prunable
+from .owl import owl_allocation
 from .reconstruct import plan_reconstruction, reconstruct_block
 from .result import PruneResult
 
+ALLOCATIONS = ("uniform", "owl")
 OUTSIDE_BLOCKS = "outside the repeated blocks the layer-wise driver prunes (embeddings, stem, output head stay dense)"
 
 
@@ -64,7 +66,7 @@ def unprunable_layer(module: nn.Module, layer) -> str | None:
 def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = "sparsegpt", *, pattern="layer",
                     relative_damping: float = DEFAULT_RELATIVE_DAMPING, blocks=None, include=None, ignore=(),
                     batch_size: int = 8, target: str = "layer", reconstruct: str = "none",
-                    reconstruct_epochs: int = None, reconstruct_step: float = None,
+                    reconstruct_epochs: int = None, reconstruct_step: float = None, allocation: str = "uniform",
                     progress: bool = True, **options) -> PruneResult:
     """Prune every prunable layer of `model`'s blocks on the layer-wise objective, block by block.
 
@@ -77,14 +79,25 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     (each layer reproduces the dense model's output; module docstring). `reconstruct`: 'none' or 'block' (after
     each block is pruned, its kept weights are fitted to the dense block's outputs: drivers/reconstruct.py, with
     at most `reconstruct_epochs` passes (default 4) and Adam's step `reconstruct_step` (default 1e-3) times each
-    layer's weight RMS; the dense stream is carried as for target='dense'). `sparsity` may also be a dict
+    layer's weight RMS; the dense stream is carried as for target='dense'). `allocation`: 'uniform' (`sparsity`
+    in every layer) or 'owl' (OWL's per-block sparsities from the dense model's outlier ratios, drivers/owl.py,
+    with the global count exact; patterns 'layer' and 'row'). `sparsity` may also be a dict
     {layer name: sparsity} for 'layer' and 'row' patterns. `options` go to the method. The model is not
     modified: call `result.apply(model)`.
     """
     refit = plan_reconstruction(reconstruct, reconstruct_epochs, reconstruct_step)  # checked before any work
+    allocation = validation.choice("allocation", allocation, ALLOCATIONS)
     layer_method, pattern, blocks, per_block, dense = plan_layerwise(
         model, sparsity, pattern, method, relative_damping=relative_damping, blocks=blocks, include=include,
         ignore=ignore, batch_size=batch_size, target=target, **options)
+    if allocation == "owl":
+        if isinstance(sparsity, dict) or pattern.kind == "nm":
+            raise BrainSurgeonError(f"allocation='owl' chooses each layer's sparsity; pass one sparsity with pattern "
+                                    f"'layer' or 'row', not {'a dict' if isinstance(sparsity, dict) else pattern.name}")
+        sparsity = owl_allocation(model, calibration, pattern.sparsity, per_block, blocks, batch_size=batch_size)
+        layer_method, pattern, blocks, per_block, dense = plan_layerwise(
+            model, sparsity, pattern.kind, method, relative_damping=relative_damping, blocks=[n for n, _ in blocks],
+            include=include, ignore=ignore, batch_size=batch_size, target=target, **options)
     to_dense = target == "dense" and layer_method.needs_hessian
     per_layer = isinstance(sparsity, dict)
     pattern_name = f"{pattern.kind} (per layer)" if per_layer else pattern.name
@@ -105,6 +118,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     timings["total"] = time.perf_counter() - started
     settings = dict(objective="layer", method=layer_method.name, pattern=pattern_name,
                     sparsity=_fraction_pruned(masks) if per_layer else pattern.sparsity, target=target,
+                    allocation=allocation,
                     layer_sparsities=dict(sparsity) if per_layer else None, relative_damping=relative_damping,
                     blocks=[name for name, _ in blocks], layers=list(masks), **refit.settings(),
                     num_calls=None if inputs is None else len(inputs), batch_size=batch_size,
