@@ -139,7 +139,7 @@ bench-structured-reload: $(LM_DIR)/config.json
 	$(BIN)/python benchmarks/structured_reload.py --json bench/smollm2_structured_reload.json
 bench-structured-table:
 	@$(BIN)/brainsurgeon table bench/smollm2_structured_baselines.json bench/smollm2_structured_flap.json \
-	  bench/smollm2_structured_ours.json --plot bench/smollm2_structured.png --overwrite
+	  bench/smollm2_structured_flap_02.json bench/smollm2_structured_ours.json --plot bench/smollm2_structured.png --overwrite
 	@$(BIN)/brainsurgeon table bench/resnet20_channels_baselines.json bench/resnet20_channels_obs_plain.json \
 	  bench/resnet20_channels_ours.json \
 	  --plot bench/resnet20_channels.png --overwrite
