@@ -1,0 +1,50 @@
+"""One layer-wise prune of SmolLM2-135M on the language-model table's windows, with block reconstruction and/or
+OWL's allocation (issue 24, exploration before the bench target): perplexity, seconds and the driver's timings and
+per-block reconstruction figures as JSON.
+
+    .venv/bin/python benchmarks/layerwise_explore.py sparsegpt 2:4 --reconstruct-epochs 2 --json out.json
+    .venv/bin/python benchmarks/layerwise_explore.py sparsegpt 0.7 --allocation owl --json out.json
+"""
+import argparse
+import json
+import time
+from types import SimpleNamespace
+
+from brainsurgeon import prune_layerwise
+from brainsurgeon.atomic import write_text
+from brainsurgeon.bench import split_pattern
+from brainsurgeon.cli_lm import load_language_model
+from brainsurgeon.datasets.text import perplexity
+
+FOLDER = "models/SmolLM2-135M-Instruct"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method")
+    parser.add_argument("pattern", help="a sparsity (unstructured per layer) or N:M")
+    parser.add_argument("--reconstruct-epochs", type=int, default=0, help="0: no block reconstruction")
+    parser.add_argument("--reconstruct-step", type=float)
+    parser.add_argument("--allocation", default="uniform")
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    text = SimpleNamespace(hf_model=FOLDER, quiet=True, seq_len=512, text="wiki", calib_seqs=64, eval_windows=32,
+                           seed=0)
+    model, _, calibration, evaluation = load_language_model(text)
+    refit = (dict(reconstruct="block", reconstruct_epochs=args.reconstruct_epochs,
+                  reconstruct_step=args.reconstruct_step) if args.reconstruct_epochs else {})
+    sparsity, kind = split_pattern(args.pattern)
+    started = time.perf_counter()
+    result = prune_layerwise(model, calibration, sparsity, args.method, pattern=kind, allocation=args.allocation,
+                             progress=False, **{k: v for k, v in refit.items() if v is not None})
+    seconds = time.perf_counter() - started
+    result.apply(model)
+    report = dict(method=args.method, pattern=args.pattern, allocation=args.allocation, seconds=seconds,
+                  perplexity=perplexity(model, evaluation), settings=result.settings, timings=result.timings,
+                  reconstruction=result.stats.get("reconstruction"))
+    write_text(args.json, json.dumps(report, indent=1) + "\n", overwrite=True)
+    print(f"{args.method} {args.pattern} {args.allocation}: perplexity {report['perplexity']:.2f} in {seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
