@@ -198,6 +198,8 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
     modules = dict(block.named_modules())
     mark = time.perf_counter()
     targets = run_block(block, dense_inputs) if reconstruction[0].active else None  # the block is still dense
+    timings["propagate"] += time.perf_counter() - mark
+    mark = time.perf_counter()
     recorder = None
     if inputs is not None:
         recorder = HessianRecorder({name: modules[name] for name, _, _ in layers})
