@@ -278,11 +278,11 @@ def swap_search(weight: torch.Tensor, hessian: torch.Tensor, start: torch.Tensor
 
 def block_swaps(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tensor, start: torch.Tensor,
                 max_swaps: int) -> tuple:
-    """swap_search (returning the same) for units of several columns (heads, convolution channels): each round
-    takes the swap of a removed and a kept unit that lowers the exact joint error most, until none does. Every
-    pair is scored in one batch from A = [(H^-1)_RR]^-1 of the removed set R: adding unit i costs tr(D C^-1 D^T) (C, D its Schur
-    complement and residual), and restoring unit o then gives back tr(V_o [(A_J)_oo]^-1 V_o^T), V = W_J A_J for
-    J = R + i, by the block-inverse formulas."""
+    """swap_search (returning the same) for units of several columns (heads, convolution channels): each round takes
+    the swap of a removed and a kept unit that lowers the exact joint error most, until none does. Every pair is
+    scored in one batch from A = [(H^-1)_RR]^-1 of the removed set R: adding unit i costs tr(D C^-1 D^T) (C, D its
+    Schur complement and residual), and restoring unit o then gives back tr(V_o [(A_J)_oo]^-1 V_o^T), V = W_J A_J
+    for J = R + i, by the block-inverse formulas."""
     inverse = torch.linalg.inv(hessian.double())
     w = weight.double()
     units, width = columns.shape
