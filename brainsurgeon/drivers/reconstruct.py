@@ -89,17 +89,12 @@ def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list
         raise BrainSurgeonError("block reconstruction holds out calibration calls to stop early and needs at least 2; "
                                 "give more calibration inputs or a smaller batch_size")
     started = time.perf_counter()
-    held = max(1, round(plan.held_out * len(inputs)))
+    held = min(max(1, round(plan.held_out * len(inputs))), len(inputs) - 1)  # at least one call each side
     train, train_targets = inputs[:-held], targets[:-held]
     check, check_targets = inputs[-held:], targets[-held:]
     modules = dict(block.named_modules())
     weights = {name: modules[name].weight for name in masks}
     keep = {name: mask.to(weights[name].device) for name, mask in masks.items()}
-    requires = {p: p.requires_grad for p in block.parameters()}
-    for p in requires:
-        p.requires_grad_(False)
-    for w in weights.values():
-        w.requires_grad_(True)
     groups = [dict(params=[w], lr=plan.step * float(w.detach().pow(2).mean().sqrt().clamp_min(1e-12)))
               for w in weights.values()]
     optimizer = torch.optim.Adam(groups)
@@ -107,7 +102,12 @@ def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list
     best_state = {name: w.detach().clone() for name, w in weights.items()}
     generator = torch.Generator().manual_seed(plan.seed)
     epochs = 0
+    requires = {p: p.requires_grad for p in block.parameters()}
     try:
+        for p in requires:
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
         with torch.enable_grad():
             for epoch in range(plan.epochs):
                 for index in torch.randperm(len(train), generator=generator).tolist():
