@@ -173,12 +173,17 @@ def run_block_until(block, layer: nn.Module, inputs) -> None:
     handle = layer.register_forward_hook(stop)  # registered last, so the layer's other hooks run first
     try:
         for args, kwargs in inputs:
-            try:
-                block(*args, **kwargs)
-            except StopForward:
-                pass
+            call_until_stopped(block, args, kwargs)
     finally:
         handle.remove()
+
+
+def call_until_stopped(module: nn.Module, args, kwargs) -> None:
+    """Call `module`; a hook that raises StopForward ends the call early, as meant."""
+    try:
+        module(*args, **kwargs)
+    except StopForward:
+        pass
 
 
 def with_first(inputs, hidden) -> list:
@@ -210,10 +215,7 @@ def cross_statistics(block, dense_block, name, inputs, dense_inputs) -> tuple:
     try:
         for (args, kwargs), (dense_args, dense_kwargs) in zip(inputs, dense_inputs):
             for model, call_args, call_kwargs in ((dense_block, dense_args, dense_kwargs), (block, args, kwargs)):
-                try:
-                    model(*call_args, **call_kwargs)
-                except StopForward:
-                    pass
+                call_until_stopped(model, call_args, call_kwargs)
             pruned_rows, dense_rows = captured.pop("pruned"), captured.pop("dense")
             products = ((pruned_rows.T @ pruned_rows).double(), (pruned_rows.T @ dense_rows).double())
             hessian, cross = products if hessian is None else (hessian.add_(products[0]), cross.add_(products[1]))
