@@ -26,6 +26,9 @@ def main() -> None:
     parser.add_argument("--reconstruct-epochs", type=int, default=0, help="0: no block reconstruction")
     parser.add_argument("--reconstruct-step", type=float)
     parser.add_argument("--allocation", default="uniform")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per call (an Adam step of "
+                                                                  "the reconstruction is one call)")
+    parser.add_argument("--option", action="append", default=[], help="a method option, name=value (a number)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     text = SimpleNamespace(hf_model=FOLDER, quiet=True, seq_len=512, text="wiki", calib_seqs=64, eval_windows=32,
@@ -36,7 +39,8 @@ def main() -> None:
     sparsity, kind = split_pattern(args.pattern)
     started = time.perf_counter()
     result = prune_layerwise(model, calibration, sparsity, args.method, pattern=kind, allocation=args.allocation,
-                             progress=False, **{k: v for k, v in refit.items() if v is not None})
+                             batch_size=args.batch_size, progress=False,
+                             **{k: v for k, v in refit.items() if v is not None}, **method_options(args.option))
     seconds = time.perf_counter() - started
     result.apply(model)
     report = dict(method=args.method, pattern=args.pattern, allocation=args.allocation, seconds=seconds,
@@ -44,6 +48,14 @@ def main() -> None:
                   reconstruction=result.stats.get("reconstruction"))
     write_text(args.json, json.dumps(report, indent=1) + "\n", overwrite=True)
     print(f"{args.method} {args.pattern} {args.allocation}: perplexity {report['perplexity']:.2f} in {seconds:.0f} s")
+
+
+def method_options(pairs) -> dict:
+    options = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        options[name] = float(value) if "." in value or "e" in value else int(value)
+    return options
 
 
 if __name__ == "__main__":

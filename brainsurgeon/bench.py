@@ -136,11 +136,24 @@ def label(sparsity) -> str:
     return f"{sparsity:g}" if isinstance(sparsity, (int, float)) else str(sparsity)
 
 
+def row_label(row: dict) -> str:
+    """A run's row in the tables: its method, with the allocation when it is not uniform."""
+    allocation = row.get("allocation", "uniform")
+    return row["method"] if allocation == "uniform" else f"{row['method']} ({allocation})"
+
+
+def row_labels(report: dict) -> list:
+    """The tables' rows in the sweep's order: every allocation of the sweep x every method."""
+    return [row_label(dict(method=method, allocation=allocation))
+            for allocation in report["settings"].get("allocations", ["uniform"])
+            for method in report["settings"]["methods"]]
+
+
 def summarise(report: dict) -> dict:
-    """{(method, sparsity): (mean metric, std metric, mean seconds)} over seeds."""
+    """{(row label, sparsity): (mean metric, std metric, mean seconds)} over seeds."""
     groups = {}
     for row in report["results"]:
-        groups.setdefault((row["method"], row["sparsity"]), []).append(row)
+        groups.setdefault((row_label(row), row["sparsity"]), []).append(row)
     summary = {}
     for key, rows in groups.items():
         accs = [row[metric_of(report)] for row in rows]
@@ -155,16 +168,18 @@ def format_table(report: dict) -> str:
     sparsities = report["settings"]["sparsities"]
     width = 15
     metric = metric_of(report)
+    rows = row_labels(report)
+    first = max(12, *(len(row) + 2 for row in rows))
     lines = [f"{report['model']} / {report['dataset']}: dense {metric} {report['dense_' + metric]:.2f} "
              f"(seeds {report['settings']['seeds']}, {report['settings']['calib_samples']} calibration samples)",
-             "method".ljust(12) + "".join(f"s={label(s)}".rjust(width) for s in sparsities) + "   mean s/run"]
-    for method in report["settings"]["methods"]:
+             "method".ljust(first) + "".join(f"s={label(s)}".rjust(width) for s in sparsities) + "   mean s/run"]
+    for method in rows:
         cells, seconds = [], []
         for sparsity in sparsities:
             mean, std, secs = summary[(method, sparsity)]
             cells.append(f"{mean:.2f}±{std:.2f}".rjust(width))
             seconds.append(secs)
-        lines.append(method.ljust(12) + "".join(cells) + f"{statistics.fmean(seconds):12.1f}")
+        lines.append(method.ljust(first) + "".join(cells) + f"{statistics.fmean(seconds):12.1f}")
     lines.append(report["note"])
     return "\n".join(lines)
 
@@ -177,7 +192,7 @@ def markdown_table(report: dict) -> str:
     lines = [f"| method | {' | '.join(label(s) for s in sparsities)} | s/run |",
              "|---" * (len(sparsities) + 2) + "|",
              "| dense | " + " | ".join(f"{dense:.2f}" for _ in sparsities) + " | |"]
-    for method in report["settings"]["methods"]:
+    for method in row_labels(report):
         cells = [summary[(method, s)] for s in sparsities]
         values = [f"{mean:.2f}" + (f"±{std:.2f}" if len(seeds) > 1 else "") for mean, std, _ in cells]
         seconds = statistics.fmean(secs for _, _, secs in cells)
@@ -248,7 +263,7 @@ def plot(report: dict, path, overwrite: bool = False) -> None:
     axes = panels[0][0]
     numeric = all(isinstance(s, (int, float)) for s in sparsities)
     positions = sparsities if numeric else list(range(len(sparsities)))
-    for method in report["settings"]["methods"]:
+    for method in row_labels(report):
         means = [summary[(method, s)][0] for s in sparsities]
         stds = [summary[(method, s)][1] for s in sparsities]
         axes.errorbar(positions, means, yerr=stds, marker="o", capsize=3, label=method)
@@ -297,17 +312,18 @@ def check_lm_sweep(methods, options: dict) -> dict:
 
 def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_name="model", relative_damping=None,
                      progress=True, text_source="wiki", json_path=None, overwrite=False, reconstruction=None,
-                     **options) -> dict:
-    """Prune a language model with every layer-wise method x pattern on the same calibration token windows and
-    score perplexity on the same evaluation windows. A pattern is a sparsity (unstructured per layer) or 'N:M'.
-    `reconstruction`: prune_layerwise's reconstruct keywords, the same for every run. With `json_path`, the report
-    so far is written after every run, as in run_benchmark."""
+                     allocations=("uniform",), **options) -> dict:
+    """Prune a language model with every layer-wise method x pattern x allocation on the same calibration token
+    windows and score perplexity on the same evaluation windows. A pattern is a sparsity (unstructured per layer)
+    or 'N:M'; an allocation is prune_layerwise's ('uniform' or 'owl'). `reconstruction`: prune_layerwise's
+    reconstruct keywords, the same for every run. With `json_path`, the report so far is written after every
+    run, as in run_benchmark."""
     reconstruction = dict(reconstruction or {})
     if json_path:
         check_writable(json_path, overwrite)
     from .datasets.text import perplexity
     from .drivers.reconstruct import plan_reconstruction
-    from .drivers.sequential import plan_layerwise, prune_layerwise
+    from .drivers.sequential import check_allocation, plan_layerwise, prune_layerwise
 
     if not (len(methods) and len(patterns)):
         raise BrainSurgeonError("bench needs at least one method and one sparsity or pattern")
@@ -316,11 +332,15 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
     def method_options(method):
         return {key: value for key, value in options.items() if key in declared[method]}
 
-    runs = [(method, pattern) for pattern in patterns for method in methods]
+    if not allocations:
+        raise BrainSurgeonError("bench needs at least one allocation (uniform, owl)")
+    runs = [(method, pattern, allocation) for pattern in patterns for allocation in allocations for method in methods]
     relative_damping = DEFAULT_RELATIVE_DAMPING if relative_damping is None else relative_damping
-    for method, pattern in runs:  # checked before the first run
-        plan_layerwise(model, *split_pattern(pattern), method, relative_damping=relative_damping,
-                       **method_options(method))
+    for method, pattern, allocation in runs:  # checked before the first run
+        sparsity, kind = split_pattern(pattern)
+        layer_method, parsed, *_ = plan_layerwise(model, sparsity, kind, method, relative_damping=relative_damping,
+                                                  **method_options(method))
+        check_allocation(allocation, sparsity, parsed)
     plan_reconstruction(**reconstruction)
     started = time.perf_counter()
     dense = perplexity(model, evaluation, progress=progress)
@@ -331,22 +351,24 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         "dense_perplexity": dense,
         "settings": dict(methods=list(methods), sparsities=list(patterns), seeds=[0], relative_damping=relative_damping,
                          calib_samples=len(calibration), calib_windows=list(calibration.shape),
-                         eval_windows=list(evaluation.shape), options=options, **reconstruction),
+                         eval_windows=list(evaluation.shape), options=options, allocations=list(allocations),
+                         **reconstruction),
         "results": [],
         "complete": False,
         "note": UNSTRUCTURED_NOTE,
     }
-    for method, pattern in runs:
+    for method, pattern, allocation in runs:
         sparsity, kind = split_pattern(pattern)
         measured = measure_run(model, lambda: prune_layerwise(
             model, calibration, sparsity, method, pattern=kind, relative_damping=relative_damping, progress=progress,
-            **reconstruction, **method_options(method)),
+            allocation=allocation, **reconstruction, **method_options(method)),
             lambda pruned: perplexity(pruned, evaluation, progress=progress))
-        row = dict(method=method, sparsity=pattern, seed=0, perplexity=measured.pop("score"), **measured)
+        row = dict(method=method, sparsity=pattern, seed=0, allocation=allocation, perplexity=measured.pop("score"),
+                   **measured)
         report["settings"]["wall_seconds"] = time.perf_counter() - started
         _record(report, row, json_path)
         if progress:
-            print(f"[{len(report['results'])}/{len(runs)}] {method} {label(pattern)}: perplexity "
+            print(f"[{len(report['results'])}/{len(runs)}] {method} {label(pattern)} ({allocation}): perplexity "
                   f"{row['perplexity']:.2f} (dense {dense:.2f}) in {row['seconds']:.1f}s", file=sys.stderr, flush=True)
     report["complete"] = True
     return report

@@ -38,6 +38,7 @@ from .demo import demo_setup
 from .drivers.layers import find_prunable
 from .drivers.oneshot import prune
 from .drivers.registry import needs_fisher
+from .drivers.sequential import ALLOCATIONS as LAYER_ALLOCATIONS
 from .drivers.settings import deprecated_scope
 from .drivers.stage import DEFAULT_DAMPING, DEFAULT_MAX_MEMORY, GIB, samples_that_fit
 from .drivers.structured import ALLOCATIONS, BIASES, ROW_WEIGHTS
@@ -149,11 +150,11 @@ def _cmd_prune(args):
             return prune_structured_vision_model(args, _load)
         check_flags(args, True)
         return prune_structured_language_model(args, load_language_model, language_model_inputs(args))
-    for flag, value in (("--allocation", args.allocation), ("--biases", args.biases),
+    for flag, value in (("--allocation", None if args.hf_model else args.allocation), ("--biases", args.biases),
                         ("--row-weights", args.row_weights)):
         if value is not None:
-            raise BrainSurgeonError(f"{flag} applies to a structured --pattern (units, heads, neurons or channels); "
-                                    "drop it")
+            raise BrainSurgeonError(f"{flag} applies to a structured --pattern (units, heads, neurons or channels)"
+                                    f"{' or with --hf-model' if flag == '--allocation' else ''}; drop it")
     check_flags(args, bool(args.hf_model))
     if args.hf_model:
         return prune_language_model(args, given_options(args))
@@ -214,11 +215,11 @@ def _cmd_bench(args):
         if args.plot:
             bench_structured.plot(report, args.plot, overwrite=args.overwrite)
         return
-    for flag, value in (("--allocations", args.allocations), ("--biases", args.biases), ("--target", args.target),
-                        ("--row-weights", args.row_weights)):
+    for flag, value in (("--allocations", None if args.hf_model else args.allocations), ("--biases", args.biases),
+                        ("--target", args.target), ("--row-weights", args.row_weights)):
         if value is not None:
             raise BrainSurgeonError(f"{flag} applies to a structured sweep (--pattern units, heads, neurons or "
-                                    "channels); drop it")
+                                    f"channels){' or with --hf-model' if flag == '--allocations' else ''}; drop it")
     check_flags(args, bool(args.hf_model))
     if args.hf_model:
         return _finish_bench(bench_language_model(args, given_options(args)), args)
@@ -288,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", help=f"with a structured --pattern: {', '.join(ALLOCATIONS)} (default "
                                         "uniform): the same fraction in every block, the least summed error, on "
                                         "the residual stream's scale (errors) or the loss's (loss), or FLAP's "
-                                        "standardised fluctuations (fluctuation)")
+                                        "standardised fluctuations (fluctuation). With --hf-model and a sparsity: "
+                                        f"{' or '.join(LAYER_ALLOCATIONS)} (OWL's outlier-weighted sparsities)")
     p.add_argument("--biases", choices=BIASES, help=BIASES_HELP)
     p.add_argument("--row-weights", choices=ROW_WEIGHTS, help=ROW_WEIGHTS_HELP)
     p.add_argument("--target", choices=("layer", "dense"),
@@ -314,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--sparsities being fractions of the blocks' parameters; with --model, of channels "
                         "(--pattern channels), --sparsities being fractions of the MACs per image; --methods of "
                         f"{', '.join(SELECTIONS)}")
-    b.add_argument("--allocations", help=f"with --pattern: some of {', '.join(ALLOCATIONS)} (default uniform)")
+    b.add_argument("--allocations", help=f"with --pattern: some of {', '.join(ALLOCATIONS)}; with --hf-model and "
+                                         f"sparsities: some of {', '.join(LAYER_ALLOCATIONS)} (default uniform)")
     b.add_argument("--biases", choices=BIASES, help=BIASES_HELP)
     b.add_argument("--row-weights", choices=ROW_WEIGHTS, help=ROW_WEIGHTS_HELP)
     b.add_argument("--target", choices=("layer", "dense"),

@@ -82,7 +82,8 @@ def prune_language_model(args, options: dict):
         report_path = staged.file(args.report) if args.report else None
         model, tokenizer, calibration, evaluation = load_language_model(args)
         result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern or "layer",
-                                 target=args.target, **reconstruction_of(args),
+                                 target=args.target, allocation=args.allocation or "uniform",
+                                 **reconstruction_of(args),
                                  relative_damping=args.relative_damp,
                                  include=args.include, ignore=args.ignore or (), progress=not args.quiet, **options)
         dense = perplexity(model, evaluation, progress=not args.quiet)
@@ -109,4 +110,5 @@ def bench_language_model(args, options: dict):
                                   model_name=Path(args.hf_model).name, relative_damping=args.relative_damp,
                                   text_source=_describe_text(args.text, _text_seed(args)), json_path=args.json,
                                   reconstruction=reconstruction_of(args),
+                                  allocations=(args.allocations or "uniform").split(","),
                                   overwrite=args.overwrite, progress=not args.quiet, **options)

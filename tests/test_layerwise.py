@@ -26,7 +26,8 @@ from brainsurgeon.drivers.activations import (
 )
 from brainsurgeon.drivers.sequential import prune_layerwise
 from brainsurgeon.methods.budget import Budget
-from brainsurgeon.methods.layerwise import LAYER_METHODS, SparseGPT
+from brainsurgeon.methods.catalog import LAYER_METHODS
+from brainsurgeon.methods.layerwise import SparseGPT
 from brainsurgeon.models.hf import save_pruned
 from brainsurgeon.models.vision import ResNet20
 

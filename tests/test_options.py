@@ -14,7 +14,7 @@ from brainsurgeon.cli import build_parser, main
 from brainsurgeon.cli_options import declared_options
 from brainsurgeon.drivers.registry import SELECTIONS
 from brainsurgeon.methods.budget import lowest
-from brainsurgeon.methods.layerwise import LAYER_METHODS
+from brainsurgeon.methods.catalog import LAYER_METHODS
 from brainsurgeon.methods.options import MethodOptions, option
 from brainsurgeon.methods.selection import Selection
 from brainsurgeon.methods.update import UPDATES

@@ -1,4 +1,6 @@
 """OWL's allocation (issue 24): the published rule, the outlier ratios by brute force, and the global count exact."""
+import json
+
 import pytest
 import torch
 from helpers import tiny_llama
@@ -63,7 +65,38 @@ def test_prune_with_owl_prunes_the_global_count_with_one_sparsity_per_block():
     for name, value in chosen.items():
         per_block.setdefault(name.split(".")[2], []).append(value)
     assert max(max(v) for v in per_block.values()) - min(min(v) for v in per_block.values()) <= 0.16 + 1e-2
-    with pytest.raises(BrainSurgeonError, match="allocation='owl' chooses"):
+    with pytest.raises(BrainSurgeonError, match="allocation 'owl' chooses"):
         prune_layerwise(model, ids, None, "sparsegpt", pattern="2:4", allocation="owl", progress=False)
     with pytest.raises(BrainSurgeonError, match="allocation"):
         prune_layerwise(model, ids, 0.5, "sparsegpt", allocation="owls", progress=False)
+
+
+def test_the_command_line_prunes_and_benches_with_owl_and_reports_each_layers_sparsity(capsys, tmp_path):
+    from helpers import lm_folder
+
+    from brainsurgeon.cli import main
+
+    folder, text = lm_folder(tmp_path, tiny_llama(layers=3))
+    sizes = ["--calib-seqs", "8", "--seq-len", "16", "--eval-windows", "2", "--text", str(text), "--quiet"]
+    report = tmp_path / "report.json"
+    assert main(["prune", "--hf-model", str(folder), "--sparsity", "0.6", "--method", "sparsegpt", "--allocation",
+                 "owl", "--out", str(tmp_path / "pruned"), "--report", str(report), *sizes]) == 0
+    settings = json.loads(report.read_text())["settings"]
+    assert settings["allocation"] == "owl" and len(set(settings["layer_sparsities"].values())) > 1
+    bench = tmp_path / "bench.json"
+    assert main(["bench", "--hf-model", str(folder), "--methods", "mp,sparsegpt", "--sparsities", "0.6",
+                 "--allocations", "uniform,owl", "--json", str(bench), *sizes]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("sparsegpt (owl) ") for line in table)
+    assert any(line.startswith("sparsegpt ") and "(owl)" not in line for line in table)
+    rows = json.loads(bench.read_text())["results"]
+    assert [(row["method"], row["allocation"]) for row in rows] == [
+        ("mp", "uniform"), ("sparsegpt", "uniform"), ("mp", "owl"), ("sparsegpt", "owl")]
+    for flags, message in ((["--sparsities", "2:4", "--allocations", "owl"], "allocation 'owl' chooses"),
+                           (["--sparsities", "0.5", "--allocations", "owls"], "unknown allocation 'owls'; choose from")):
+        assert main(["bench", "--hf-model", str(folder), "--methods", "sparsegpt", *flags, *sizes]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--allocation", "owl", "--out",
+                 str(tmp_path / "y.safetensors")]) == 2
+    assert "--allocation applies to a structured --pattern (units, heads, neurons or channels) or with --hf-model" \
+        in capsys.readouterr().err

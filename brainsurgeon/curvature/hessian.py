@@ -52,13 +52,14 @@ class LayerObjective:
         delta = (self.weight - new_weight.reshape(self.shape)).double()
         return float(((delta @ self.hessian) * delta).sum())
 
-    def exact_update(self, pruned: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    def exact_update(self, pruned: torch.Tensor, start: torch.Tensor | None = None, *,
+                     tolerance: float = SOLVE_TOLERANCE, max_iterations: int = SOLVE_MAX_ITERATIONS) -> torch.Tensor:
         """The best weights with `pruned` zero: for each row, w'_S = H_SS^-1 (H w)_S on its kept set S (damped H).
 
         All rows at once by conjugate gradients on the masked system, preconditioned by diag(H) and started from
-        `start` (default: the weights with `pruned` zeroed), until every row's residual is below `SOLVE_TOLERANCE`
-        of its right-hand side: float32 precision, reached far sooner than batched Cholesky factors of each row's
-        H_SS (docs/decisions.md).
+        `start` (default: the weights with `pruned` zeroed), until every row's residual is below `tolerance`
+        of its right-hand side: float32 precision by default, reached far sooner than batched Cholesky factors of
+        each row's H_SS (docs/decisions.md). A baseline that refits with a few steps (ALPS) caps `max_iterations`.
         """
         hessian, keep = self.damped.float(), (~pruned).float()
         rhs = (self.weight @ hessian) * keep
@@ -68,9 +69,9 @@ class LayerObjective:
         scale = rhs.norm(dim=1, keepdim=True).clamp_min(1e-30)
         direction = residual * preconditioner
         rz = (residual * direction).sum(1, keepdim=True)
-        for iteration in range(SOLVE_MAX_ITERATIONS):
-            if float((residual.norm(dim=1, keepdim=True) / scale).max()) < SOLVE_TOLERANCE:
-                break
+        steps = 0
+        while steps < max_iterations and float((residual.norm(dim=1, keepdim=True) / scale).max()) >= tolerance:
+            steps += 1
             product = (direction @ hessian) * keep
             step = rz / (direction * product).sum(1, keepdim=True).clamp_min(1e-30)
             solution += step * direction
@@ -78,7 +79,7 @@ class LayerObjective:
             preconditioned = residual * preconditioner
             rz, previous = (residual * preconditioned).sum(1, keepdim=True), rz
             direction = preconditioned + rz / previous.clamp_min(1e-30) * direction
-        self.solve_iterations = iteration  # for the report
+        self.solve_iterations = steps  # for the report
         return solution * keep
 
 

@@ -86,14 +86,11 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     modified: call `result.apply(model)`.
     """
     refit = plan_reconstruction(reconstruct, reconstruct_epochs, reconstruct_step)  # checked before any work
-    allocation = validation.choice("allocation", allocation, ALLOCATIONS)
     layer_method, pattern, blocks, per_block, dense = plan_layerwise(
         model, sparsity, pattern, method, relative_damping=relative_damping, blocks=blocks, include=include,
         ignore=ignore, batch_size=batch_size, target=target, **options)
+    allocation = check_allocation(allocation, sparsity, pattern)
     if allocation == "owl":
-        if isinstance(sparsity, dict) or pattern.kind == "nm":
-            raise BrainSurgeonError(f"allocation='owl' chooses each layer's sparsity; pass one sparsity with pattern "
-                                    f"'layer' or 'row', not {'a dict' if isinstance(sparsity, dict) else pattern.name}")
         sparsity = owl_allocation(model, calibration, pattern.sparsity, per_block, blocks, batch_size=batch_size)
         layer_method, pattern, blocks, per_block, dense = plan_layerwise(
             model, sparsity, pattern.kind, method, relative_damping=relative_damping, blocks=[n for n, _ in blocks],
@@ -126,6 +123,16 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     return PruneResult(masks=masks, weights=weights, settings=settings, timings=timings,
                        stats={"layers": stats, **({"reconstruction": refits} if refit.active else {})},
                        dense_layers=dense)
+
+
+def check_allocation(allocation: str, sparsity, pattern: Budget) -> str:
+    """`allocation` if it can run with this sparsity and (parsed) pattern: a data-chosen allocation sets each
+    layer's own count, so it takes one sparsity and a per-layer or per-row pattern."""
+    validation.choice("allocation", allocation, ALLOCATIONS)
+    if allocation != "uniform" and (isinstance(sparsity, dict) or pattern.kind == "nm"):
+        raise BrainSurgeonError(f"allocation '{allocation}' chooses each layer's sparsity; pass one sparsity with "
+                                f"pattern 'layer' or 'row', not {'a dict' if isinstance(sparsity, dict) else pattern.name}")
+    return allocation
 
 
 def _fraction_pruned(masks: dict) -> float:

@@ -6,12 +6,14 @@ algorithm it now runs on the objective at hand. `method_table()` is the README's
 two equal)."""
 
 from ..errors import warn_deprecated
+from .alps import AlpsLayer
 from .joint import JointSelection
-from .layerwise import LAYER_METHODS
+from .layerwise import LAYER_METHODS as BASIC_LAYER_METHODS
 from .selection import SELECTIONS as BASIC_SELECTIONS
 from .update import UPDATES
 
 FISHER_SELECTIONS = {**BASIC_SELECTIONS, JointSelection.name: JointSelection}
+LAYER_METHODS = {**BASIC_LAYER_METHODS, AlpsLayer.name: AlpsLayer}
 OBJECTIVES = {"fisher": FISHER_SELECTIONS, "layer": LAYER_METHODS}
 
 # Old name -> the name of the algorithm it ran, per objective ('joint' was IHT plus swaps on the Fisher objective
