@@ -4,6 +4,7 @@ defaults. A flag not given is left out, so the library's defaults apply, and one
 not declare is refused by the library, naming the ones it does."""
 import argparse
 
+from .drivers.reconstruct import DEFAULT_EPOCHS, DEFAULT_STEP, WINDOWS
 from .drivers.registry import SELECTIONS, StageOptions, comma_numbers
 from .drivers.tuning import Tuning
 from .methods.catalog import LAYER_METHODS
@@ -75,10 +76,11 @@ def given_options(args) -> dict:
 
 def add_reconstruct_flags(parser) -> None:
     """prune's and bench's block-reconstruction flags (drivers/reconstruct.py)."""
-    parser.add_argument("--reconstruct", choices=("none", "block"),
+    parser.add_argument("--reconstruct", choices=WINDOWS,
                         help="with --hf-model (weights, not units): block fits each pruned block's kept weights to "
-                             "the dense block's outputs, masks fixed, stopped early on held-out calibration windows")
-    parser.add_argument("--reconstruct-epochs", type=int, help="with --reconstruct block: at most this many passes "
-                                                               "(default 4)")
-    parser.add_argument("--reconstruct-step", type=float, help="with --reconstruct block: Adam's step as a fraction "
-                                                               "of each layer's weight RMS (default 1e-3)")
+                             "the dense block's outputs, sublayer each attention or MLP to the dense one's; masks "
+                             "fixed, stopped early on held-out calibration windows")
+    parser.add_argument("--reconstruct-epochs", type=int, help="with --reconstruct: at most this many passes "
+                                                               f"(default {DEFAULT_EPOCHS})")
+    parser.add_argument("--reconstruct-step", type=float, help="with --reconstruct: Adam's step as a fraction of "
+                                                               f"each layer's weight RMS (default {DEFAULT_STEP:g})")

@@ -12,12 +12,13 @@ def token_ids(count=16, length=24, seed=0):
     return torch.randint(0, 96, (count, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("method, pattern, target", [("sparsegpt", "2:4", "layer"), ("wanda", "layer", "layer"),
-                                                     ("sparsegpt", "layer", "dense")])
-def test_block_reconstruction_keeps_every_mask_and_never_raises_the_held_out_error(method, pattern, target):
+@pytest.mark.parametrize("method, pattern, target, window", [
+    ("sparsegpt", "2:4", "layer", "block"), ("wanda", "layer", "layer", "block"), ("sparsegpt", "layer", "dense", "block"),
+    ("sparsegpt", "2:4", "layer", "sublayer"), ("admm", "layer", "dense", "sublayer")])
+def test_block_reconstruction_keeps_every_mask_and_never_raises_the_held_out_error(method, pattern, target, window):
     model, ids = tiny_llama(layers=2), token_ids()
     before = {name: p.detach().clone() for name, p in model.state_dict().items()}
-    options = dict(pattern=pattern, target=target, reconstruct="block", reconstruct_epochs=2, reconstruct_step=1e-2,
+    options = dict(pattern=pattern, target=target, reconstruct=window, reconstruct_epochs=2, reconstruct_step=1e-2,
                    batch_size=2)
     refit = prune_layerwise(model, ids, 0.5, method, progress=False, **options)
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())  # the caller's model
@@ -26,10 +27,13 @@ def test_block_reconstruction_keeps_every_mask_and_never_raises_the_held_out_err
         if pattern == "2:4":
             assert torch.all((~keep).reshape(keep.shape[0], -1, 4).sum(-1) == 2), name
     figures = refit.stats["reconstruction"]
-    assert list(figures) == refit.settings["blocks"] and refit.settings["reconstruct"] == "block"
+    assert list(figures) == refit.settings["blocks"] and refit.settings["reconstruct"] == window
     for block, entry in figures.items():
-        assert entry["held_out_after"] <= entry["held_out_before"], block
-    if pattern == "2:4":
+        fits = entry["sublayers"] if window == "sublayer" else {"": entry}
+        assert list(fits) == (["self_attn", "mlp"] if window == "sublayer" else [""])  # in the order they run
+        for fit in fits.values():
+            assert fit["held_out_after"] <= fit["held_out_before"], block
+    if pattern == "2:4" or window == "sublayer":
         assert_same_result(refit, prune_layerwise(model, ids, 0.5, method, progress=False, **options))  # deterministic
 
 

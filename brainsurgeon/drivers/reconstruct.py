@@ -9,6 +9,11 @@ constant serves layers and models of any scale), stopped early on held-out calls
 the least held-out error seen, the unrefit ones included, so the held-out block error never rises. A pruned weight
 gets no gradient and stays exactly zero. Cost: forward and backward passes of one block; memory: one block, its
 activations and Adam's two moments of the pruned layers' weights.
+
+The window is the whole block ('block') or each of its sub-layers ('sublayer': every child module of the block
+that holds pruned layers, such as a transformer's attention and MLP, in the order the block runs them). A
+sub-layer is fitted to the dense sub-layer's output on the dense stream, from its inputs on the pruned stream as
+the sub-layers refitted before it leave them.
 """
 import time
 from dataclasses import dataclass
@@ -18,8 +23,9 @@ from torch import nn
 
 from .. import validation
 from ..errors import BrainSurgeonError
+from .activations import StopForward, call_until_stopped
 
-WINDOWS = ("none", "block")
+WINDOWS = ("none", "sublayer", "block")
 KEYWORDS = ("reconstruct", "reconstruct_epochs", "reconstruct_step")  # prune_layerwise's, and the flags' names
 DEFAULT_EPOCHS = 4
 DEFAULT_STEP = 1e-3  # Adam's step as a fraction of each layer's weight RMS
@@ -27,8 +33,9 @@ DEFAULT_STEP = 1e-3  # Adam's step as a fraction of each layer's weight RMS
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """How each pruned block is refitted: `window` 'none' (the per-matrix refits alone) or 'block' (the whole
-    block against the dense block's output); at most `epochs` passes over the training calls, Adam's step
+    """How each pruned block is refitted: `window` 'none' (the per-matrix refits alone), 'sublayer' (each child
+    module holding pruned layers against the dense child's output) or 'block' (the whole block against the dense
+    block's output); at most `epochs` passes over the training calls, Adam's step
     `step` times each layer's weight RMS; the last `held_out` fraction of the calls (at least one) judges
     early stopping; `seed` orders the training calls."""
 
@@ -61,15 +68,92 @@ def plan_reconstruction(reconstruct: str = "none", reconstruct_epochs: int = Non
     given = [name for name, value in (("reconstruct_epochs", reconstruct_epochs),
                                       ("reconstruct_step", reconstruct_step)) if value is not None]
     if given and reconstruct in (None, "none"):
-        raise BrainSurgeonError(f"{' and '.join(given)} apply to a block reconstruction; pass reconstruct='block' or "
-                                f"drop {' and '.join(given)}")
+        raise BrainSurgeonError(f"{' and '.join(given)} apply to a block reconstruction; pass reconstruct='block' "
+                                f"(or 'sublayer') or drop {' and '.join(given)}")
     return Reconstruction(reconstruct or "none", DEFAULT_EPOCHS if reconstruct_epochs is None else reconstruct_epochs,
                           DEFAULT_STEP if reconstruct_step is None else reconstruct_step)
 
 
 def block_output(block: nn.Module, args, kwargs) -> torch.Tensor:
     out = block(*args, **kwargs)
+    return first_output(out)
+
+
+def first_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def fitted_children(block: nn.Module, pruned: list) -> list:
+    """The names of `block`'s direct children that hold any of the `pruned` module names, in registration order."""
+    return [name for name, _ in block.named_children() if any(p == name or p.startswith(name + ".") for p in pruned)]
+
+
+def dense_targets(block: nn.Module, dense_inputs: list, plan: Reconstruction, pruned: list) -> tuple:
+    """Run the still-dense `block` on the dense stream: (its outputs, what the plan's window fits them to). The
+    latter is the outputs themselves for 'block', and for 'sublayer' [(child name, its outputs per call)] in the
+    order the block runs the children."""
+    if plan.window != "sublayer":
+        outputs = run_outputs(block, dense_inputs)
+        return outputs, outputs
+    children = fitted_children(block, pruned)
+    captured, order = {name: [] for name in children}, []
+
+    def keep(name):
+        def hook(module, args, output):
+            captured[name].append(first_output(output).detach())
+            if name not in order:
+                order.append(name)
+        return hook
+
+    handles = [block.get_submodule(name).register_forward_hook(keep(name)) for name in children]
+    try:
+        outputs = run_outputs(block, dense_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(len(captured[name]) != len(dense_inputs) for name in children):
+        raise BrainSurgeonError("reconstruct='sublayer' needs each sub-layer to run once per block call; use "
+                                "reconstruct='block'")
+    return outputs, [(name, captured[name]) for name in order]
+
+
+def run_outputs(block, calls) -> list:
+    with torch.no_grad():
+        return [block_output(block, *call) for call in calls]
+
+
+def reconstruct(block: nn.Module, masks: dict, inputs: list, targets, plan: Reconstruction) -> dict:
+    """Fit `block`'s pruned weights (`masks`: module name inside the block -> keep mask) in the plan's window, from
+    the pruned stream's `inputs`, to `targets` (the second item of dense_targets). Returns the fit's figures: for
+    'sublayer', the held-out errors and epochs per child, the seconds summed."""
+    if plan.window == "block":
+        return reconstruct_block(block, masks, inputs, targets, plan)
+    figures = {}
+    for name, child_targets in targets:
+        child = block.get_submodule(name)
+        child_inputs = _child_inputs(block, child, inputs)
+        child_masks = {key[len(name) + 1:]: mask for key, mask in masks.items()  # the child itself is ''
+                       if key == name or key.startswith(name + ".")}
+        figures[name] = reconstruct_block(child, child_masks, child_inputs, child_targets, plan)
+    return dict(sublayers=figures, seconds=sum(figure["seconds"] for figure in figures.values()))
+
+
+def _child_inputs(block, child, inputs) -> list:
+    """The (args, kwargs) each block call hands `child`, the block stopped there."""
+    captured = []
+
+    def stop(module, args, kwargs):
+        captured.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs))
+        raise StopForward
+
+    handle = child.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                call_until_stopped(block, args, kwargs)
+    finally:
+        handle.remove()
+    return captured
 
 
 def _error(block, calls, targets) -> float:

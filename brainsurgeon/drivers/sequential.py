@@ -39,7 +39,7 @@ from .activations import (
 )
 from .layers import check_finite_model, find_prunable
 from .owl import owl_allocation
-from .reconstruct import plan_reconstruction, reconstruct_block
+from .reconstruct import dense_targets, plan_reconstruction, reconstruct
 from .result import PruneResult
 
 ALLOCATIONS = ("uniform", "owl")
@@ -76,8 +76,9 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     `damping` is an absolute lambda instead). `calibration`: model inputs (a tensor such as
     token ids, batched by `batch_size`, an (inputs, targets) pair, or an iterable of tensors or keyword dicts).
     `target`: 'layer' (each layer keeps its own output on the pruned model's inputs, as SparseGPT) or 'dense'
-    (each layer reproduces the dense model's output; module docstring). `reconstruct`: 'none' or 'block' (after
-    each block is pruned, its kept weights are fitted to the dense block's outputs: drivers/reconstruct.py, with
+    (each layer reproduces the dense model's output; module docstring). `reconstruct`: 'none', 'block' (after
+    each block is pruned, its kept weights are fitted to the dense block's outputs) or 'sublayer' (each child
+    module holding pruned layers, such as attention and MLP, to the dense child's): drivers/reconstruct.py, with
     at most `reconstruct_epochs` passes (default 4) and Adam's step `reconstruct_step` (default 1e-3) times each
     layer's weight RMS; the dense stream is carried as for target='dense'). `allocation`: 'uniform' (`sparsity`
     in every layer) or 'owl' (OWL's per-block sparsities from the dense model's outlier ratios, drivers/owl.py,
@@ -204,7 +205,9 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
     when reconstructing, the dense stream's)."""
     modules = dict(block.named_modules())
     mark = time.perf_counter()
-    targets = run_block(block, dense_inputs) if reconstruction[0].active else None  # the block is still dense
+    dense_outputs = targets = None
+    if reconstruction[0].active:  # the block is still dense
+        dense_outputs, targets = dense_targets(block, dense_inputs, reconstruction[0], [name for name, *_ in layers])
     timings["propagate"] += time.perf_counter() - mark
     mark = time.perf_counter()
     recorder = None
@@ -229,7 +232,7 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
         timings["propagate"] += time.perf_counter() - mark
     finally:  # the caller's model comes back unchanged, whatever happened
         _restore(modules, originals)
-    return next_inputs, None if targets is None else with_first(dense_inputs, targets)
+    return next_inputs, None if dense_outputs is None else with_first(dense_inputs, dense_outputs)
 
 
 def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings, stats, masks,
@@ -249,9 +252,10 @@ def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, rel
             _prune_layer(modules[name], full_name, objective, True, layer_method, pattern, timings, stats, masks,
                          weights)
         mark = time.perf_counter()
-        dense_outputs = run_block(dense_block, dense_inputs)
+        dense_outputs, targets = dense_targets(dense_block, dense_inputs, reconstruction[0],
+                                               [name for name, *_ in layers])
         timings["propagate"] += time.perf_counter() - mark
-        _reconstruct(block, layers, inputs, dense_outputs, reconstruction, timings, masks, weights)
+        _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks, weights)
         mark = time.perf_counter()
         next_inputs = with_first(inputs, run_block(block, inputs))
         next_dense = with_first(dense_inputs, dense_outputs)
@@ -262,14 +266,14 @@ def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, rel
 
 
 def _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks, weights) -> None:
-    """With a Reconstruction that is active, fit the block's pruned weights to `targets` (the dense block's
-    outputs) and record them and the fit's figures."""
+    """With a Reconstruction that is active, fit the block's pruned weights to `targets` (dense_targets: the
+    dense block's outputs, or its sub-layers') and record them and the fit's figures."""
     plan, refits, block_name = reconstruction
     if not plan.active:
         return
     modules = dict(block.named_modules())
     keep = {name: masks[f"{full_name}.weight"] for name, full_name, _ in layers}
-    refits[block_name] = reconstruct_block(block, keep, inputs, targets, plan)
+    refits[block_name] = reconstruct(block, keep, inputs, targets, plan)
     timings["reconstruct"] += refits[block_name]["seconds"]
     for name, full_name, _ in layers:
         weights[f"{full_name}.weight"] = modules[name].weight.detach().clone()
