@@ -28,12 +28,11 @@ OUTLIER_MULTIPLE = 5.0  # OWL's M
 SPREAD = 0.08  # OWL's lambda
 
 
-def outlier_ratios(model, calibration, per_block, blocks, outlier_multiple: float = OUTLIER_MULTIPLE,
-                   batch_size: int = 8) -> list:
-    """Each block's outlier ratio on the dense model: the fraction of its layers' |W_ij| ||X_j|| above
-    `outlier_multiple` times their mean. `per_block`: the pruned layers of each block as (module name, full name,
-    ...) (sequential.plan_layerwise)."""
-    ratios = []
+def input_norms(model, calibration, per_block, blocks, batch_size: int = 8) -> list:
+    """On the dense model, each pruned layer's input column norms ||X_j|| (Wanda's), one {module name: norms} per
+    block. `per_block`: the pruned layers of each block as (module name, full name, ...)
+    (sequential.plan_layerwise)."""
+    norms = []
     with torch.no_grad(), evaluating(model):
         inputs = capture_block_inputs(model, blocks[0][1], model_calls(model, calibration, batch_size))
         for (_, block), layers in zip(blocks, per_block):
@@ -51,10 +50,25 @@ def outlier_ratios(model, calibration, per_block, blocks, outlier_multiple: floa
             finally:
                 for handle in handles:
                     handle.remove()
-            scores = torch.cat([(modules[name].weight.detach().double().flatten(1).abs()
-                                 * squares[name].sqrt()).flatten() for name in modules])
-            ratios.append(float((scores > outlier_multiple * scores.mean()).double().mean()) if len(scores) else 0.0)
+            norms.append({name: torch.as_tensor(squares[name]).sqrt() for name in modules})
             inputs = with_first(inputs, outputs)
+    return norms
+
+
+def wanda_scores(module, norms: torch.Tensor) -> torch.Tensor:
+    """|W_ij| ||X_j||, rows x inputs."""
+    return module.weight.detach().double().flatten(1).abs() * norms
+
+
+def outlier_ratios(model, calibration, per_block, blocks, outlier_multiple: float = OUTLIER_MULTIPLE,
+                   batch_size: int = 8) -> list:
+    """Each block's outlier ratio on the dense model: the fraction of its layers' Wanda scores |W_ij| ||X_j||
+    above `outlier_multiple` times their mean."""
+    ratios = []
+    for (_, block), block_norms in zip(blocks, input_norms(model, calibration, per_block, blocks, batch_size)):
+        scores = torch.cat([wanda_scores(block.get_submodule(name), norms).flatten()
+                            for name, norms in block_norms.items()])
+        ratios.append(float((scores > outlier_multiple * scores.mean()).double().mean()) if len(scores) else 0.0)
     return ratios
 
 

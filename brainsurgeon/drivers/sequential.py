@@ -41,8 +41,9 @@ from .layers import check_finite_model, find_prunable
 from .owl import owl_allocation
 from .reconstruct import dense_targets, plan_reconstruction, reconstruct
 from .result import PruneResult
+from .search_allocation import searched_allocation
 
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "search")
 OUTSIDE_BLOCKS = "outside the repeated blocks the layer-wise driver prunes (embeddings, stem, output head stay dense)"
 
 
@@ -81,8 +82,9 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     module holding pruned layers, such as attention and MLP, to the dense child's): drivers/reconstruct.py, with
     at most `reconstruct_epochs` passes (default 4) and Adam's step `reconstruct_step` (default 1e-3) times each
     layer's weight RMS; the dense stream is carried as for target='dense'). `allocation`: 'uniform' (`sparsity`
-    in every layer) or 'owl' (OWL's per-block sparsities from the dense model's outlier ratios, drivers/owl.py,
-    with the global count exact; patterns 'layer' and 'row'). `sparsity` may also be a dict
+    in every layer), 'owl' (OWL's per-block sparsities from the dense model's outlier ratios, drivers/owl.py) or
+    'search' (ours: per-block sparsities from a short evolutionary search judged on held-out calibration windows,
+    drivers/search_allocation.py), both with the global count exact, for patterns 'layer' and 'row'. `sparsity` may also be a dict
     {layer name: sparsity} for 'layer' and 'row' patterns. `options` go to the method. The model is not
     modified: call `result.apply(model)`.
     """
@@ -91,17 +93,24 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
         model, sparsity, pattern, method, relative_damping=relative_damping, blocks=blocks, include=include,
         ignore=ignore, batch_size=batch_size, target=target, **options)
     allocation = check_allocation(allocation, sparsity, pattern)
+    chose = time.perf_counter()
+    allocation_figures = None
     if allocation == "owl":
         sparsity = owl_allocation(model, calibration, pattern.sparsity, per_block, blocks, batch_size=batch_size)
+    elif allocation == "search":
+        sparsity, allocation_figures = searched_allocation(model, calibration, pattern.sparsity, per_block, blocks,
+                                                           batch_size=batch_size, progress=progress)
+    if allocation != "uniform":
         layer_method, pattern, blocks, per_block, dense = plan_layerwise(
             model, sparsity, pattern.kind, method, relative_damping=relative_damping, blocks=[n for n, _ in blocks],
             include=include, ignore=ignore, batch_size=batch_size, target=target, **options)
     to_dense = target == "dense" and layer_method.needs_hessian
     per_layer = isinstance(sparsity, dict)
     pattern_name = f"{pattern.kind} (per layer)" if per_layer else pattern.name
-    timings = {"capture": 0.0, "hessians": 0.0, "prune": 0.0, "reconstruct": 0.0, "propagate": 0.0}
+    timings = {"allocation": time.perf_counter() - chose, "capture": 0.0, "hessians": 0.0, "prune": 0.0,
+               "reconstruct": 0.0, "propagate": 0.0}
     stats, masks, weights, refits = {}, {}, {}, {}
-    started = mark = time.perf_counter()
+    mark = time.perf_counter()
     with torch.no_grad(), evaluating(model):
         inputs = dense_inputs = None
         if layer_method.needs_hessian or refit.active:
@@ -113,7 +122,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
             run = _prune_block_to_dense if to_dense else _prune_block
             inputs, dense_inputs = run(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings,
                                        stats, masks, weights, (refit, refits, block_name))
-    timings["total"] = time.perf_counter() - started
+    timings["total"] = time.perf_counter() - chose
     settings = dict(objective="layer", method=layer_method.name, pattern=pattern_name,
                     sparsity=_fraction_pruned(masks) if per_layer else pattern.sparsity, target=target,
                     allocation=allocation,
@@ -122,7 +131,8 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                     num_calls=None if inputs is None else len(inputs), batch_size=batch_size,
                     **layer_method.settings())
     return PruneResult(masks=masks, weights=weights, settings=settings, timings=timings,
-                       stats={"layers": stats, **({"reconstruction": refits} if refit.active else {})},
+                       stats={"layers": stats, **({"reconstruction": refits} if refit.active else {}),
+                              **({"allocation": allocation_figures} if allocation_figures else {})},
                        dense_layers=dense)
 
 
