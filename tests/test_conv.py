@@ -206,3 +206,29 @@ def test_layer_objective_with_batchnorm_recalibration_matches_the_dense_model():
         torch.testing.assert_close(result.buffers[name], value)
     with pytest.raises(brainsurgeon.BrainSurgeonError, match="one tensor or an \\(inputs, targets\\) pair"):
         brainsurgeon.prune(model, list(images.split(16)), 0.5, "sparsegpt", bn_recalibration=True, **options)
+
+
+def test_max_layer_start_prunes_and_refits_a_resnets_residual_blocks_one_by_one():
+    """The layer start finds the residual blocks (the repeated module class holding every pruned layer, each
+    feeding the next), prunes them in order and fits each to the dense block's output; tuning turns it off."""
+    from brainsurgeon.drivers.tuning import Tuning
+    from brainsurgeon.models.vision import ResNet20
+
+    model = ResNet20(blocks=(1, 1, 1)).eval()
+    images, labels = torch.randn(96, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randint(0, 10, (96,))
+    settings = dict(progress=False, init_trials=2, num_samples=64, tuning=Tuning(layer_reconstruct_epochs=2))
+    result = brainsurgeon.prune(model, (images, labels), 0.8, "max", **settings)
+    assert result.num_pruned == int(0.8 * result.num_weights + 0.5)
+    layer_stage = layer_start_stage(result)
+    fits = layer_stage["stats"]["reconstruction"]
+    assert list(fits) == ["layer1.0", "layer2.0", "layer3.0"]
+    assert all(fit["held_out_after"] <= fit["held_out_before"] for fit in fits.values())
+    plain = brainsurgeon.prune(model, (images, labels), 0.8, "max",
+                               **dict(settings, tuning=Tuning(layer_reconstruct="none")))
+    assert "reconstruction" not in layer_start_stage(plain)["stats"]
+
+
+def layer_start_stage(result) -> dict:
+    """The layer start's stage report, on the path taken or the one not taken."""
+    stages = result.stats["stages"] + result.stats["other_path_stages"].get("layer", [])
+    return next(stage for stage in stages if stage.get("path") == "layer")

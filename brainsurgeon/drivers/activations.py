@@ -31,6 +31,62 @@ def find_blocks(model: nn.Module, blocks=None) -> list:
     return [(f"{name}.{index}", block) for index, block in enumerate(chosen)]
 
 
+GENERIC_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def repeated_blocks(model: nn.Module, layers: list) -> list:
+    """[(name, module)] of the model's repeated blocks that hold all the `layers` (module names), in the model's
+    order: the instances of the most common module class (generic containers aside) that hold a layer without
+    being one, such as a ResNet's residual blocks. Empty when no such class holds every layer, or when it has a
+    single instance. The caller must check that each block's output is the next one's input (check_chained)."""
+    counts, holders = {}, {}
+    for name, module in model.named_modules():
+        if not name or name in layers or isinstance(module, GENERIC_CONTAINERS):
+            continue
+        held = [layer for layer in layers if layer.startswith(name + ".")]
+        if held:
+            counts[type(module)] = counts.get(type(module), 0) + 1
+            holders.setdefault(type(module), []).append((name, module, held))
+    if not counts:
+        return []
+    kind = max(counts, key=counts.get)
+    chosen = holders[kind]
+    covered = sorted(layer for _, _, held in chosen for layer in held)
+    if len(chosen) < 2 or covered != sorted(layers):
+        return []
+    return [(name, module) for name, module, _ in chosen]
+
+
+def check_chained(model: nn.Module, blocks: list, call) -> bool:
+    """Whether, on one call of the dense model, every block after the first is fed exactly the output of the one
+    before it (and runs once): the layer-wise driver's propagation assumes it."""
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen.setdefault(name, []).append((args[0] if args else None, output[0] if isinstance(output, (tuple, list))
+                                              else output))
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in blocks]
+    try:
+        with torch.no_grad():
+            model(*call[0], **call[1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(len(seen.get(name, [])) != 1 for name, _ in blocks):
+        return False
+    return all(_same_tensor(seen[after][0][0], seen[before][0][1])
+               for (before, _), (after, _) in zip(blocks, blocks[1:]))
+
+
+def _same_tensor(fed, given) -> bool:
+    if not (isinstance(fed, torch.Tensor) and isinstance(given, torch.Tensor)):
+        return False
+    return fed is given or (fed.shape == given.shape and torch.equal(fed, given))
+
+
 def model_calls(model: nn.Module, calibration, batch_size: int) -> list:
     """Calibration as the model's (args, kwargs) calls: a tensor of inputs (token ids, images) split into batches,
     an (inputs, targets) pair, or an iterable of tensors, (inputs, ...) tuples or keyword dicts."""

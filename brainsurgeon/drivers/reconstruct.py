@@ -5,8 +5,10 @@ fixed.
 A per-matrix refit (SparseGPT's, or the exact least-squares update) cannot see the nonlinearity between two layers
 (attention's softmax, the MLP's gate); a fit of the whole block can. The fit is Adam on the mean squared output
 error over the training calls, each pruned layer's step size a fraction of its weights' root mean square (so one
-constant serves layers and models of any scale), stopped early on held-out calls: the weights kept are those with
-the least held-out error seen, the unrefit ones included, so the held-out block error never rises. A pruned weight
+constant serves layers and models of any scale), judged on held-out calls after every epoch: an epoch that does not
+lower the held-out error goes back to the best weights and halves the step, and the fit stops after the third such
+epoch in a row. The weights kept are those with the least held-out error seen, the unrefit ones included, so the
+held-out block error never rises. A pruned weight
 gets no gradient and stays exactly zero. Cost: forward and backward passes of one block; memory: one block, its
 activations and Adam's two moments of the pruned layers' weights.
 
@@ -29,6 +31,7 @@ WINDOWS = ("none", "sublayer", "block")
 KEYWORDS = ("reconstruct", "reconstruct_epochs", "reconstruct_step")  # prune_layerwise's, and the flags' names
 DEFAULT_EPOCHS = 4
 DEFAULT_STEP = 1e-3  # Adam's step as a fraction of each layer's weight RMS
+MAX_STEP_HALVINGS = 2  # an epoch that does not lower the held-out error halves the step, from the best weights
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,7 @@ def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list
     best = before = _error(block, check, check_targets)
     best_state = {name: w.detach().clone() for name, w in weights.items()}
     generator = torch.Generator().manual_seed(plan.seed)
-    epochs = 0
+    epochs = stalls = 0
     requires = {p: p.requires_grad for p in block.parameters()}
     try:
         for p in requires:
@@ -207,9 +210,17 @@ def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list
                             w.mul_(keep[name])  # Adam gives a zero gradient a zero step; this guards rounding
                 epochs = epoch + 1
                 error = _error(block, check, check_targets)
-                if not error < best:
+                if error < best:
+                    best, best_state, stalls = error, {name: w.detach().clone() for name, w in weights.items()}, 0
+                    continue
+                stalls += 1
+                if stalls > MAX_STEP_HALVINGS:
                     break
-                best, best_state = error, {name: w.detach().clone() for name, w in weights.items()}
+                with torch.no_grad():  # back to the best weights seen, on at half the step
+                    for name, w in weights.items():
+                        w.copy_(best_state[name])
+                for group in optimizer.param_groups:
+                    group["lr"] /= 2
     finally:
         with torch.no_grad():
             for name, w in weights.items():

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from .. import validation
 from ..methods.options import MethodOptions, option
+from .reconstruct import WINDOWS
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,13 @@ class Tuning(MethodOptions):
                                   "random subsets of them")
     path_margin: float = option(2.0, "'max' keeps the layer path only when its judged loss is lower by more than "
                                      "this many standard errors of the per-sample difference")
-    layer_start_batch: int = option(128, "calibration inputs per forward pass of the layer start")
+    layer_start_batch: int = option(32, "calibration inputs per forward pass of the layer start (and per step of "
+                                        "its reconstruction)")
+    layer_reconstruct: str = option("block", "the layer start fits each of the model's repeated blocks (a ResNet's "
+                                             "residual blocks) to the dense one's output: block, sublayer or none")
+    layer_reconstruct_epochs: int = option(20, "at most this many passes of the layer start's reconstruction")
+    layer_reconstruct_step: float = option(1e-2, "Adam's step of the layer start's reconstruction, a fraction of each "
+                                                 "layer's weight RMS")
 
     def checked(self):
         return dict(step_loss_ratio=validation.number("step_loss_ratio", self.step_loss_ratio, low=1, low_open=True),
@@ -35,7 +42,11 @@ class Tuning(MethodOptions):
                                                              maximum=validation.MAX_REFINE),
                     pool_stages=validation.count("pool_stages", self.pool_stages),
                     path_margin=validation.non_negative("path_margin", self.path_margin),
-                    layer_start_batch=validation.count("layer_start_batch", self.layer_start_batch))
+                    layer_start_batch=validation.count("layer_start_batch", self.layer_start_batch),
+                    layer_reconstruct=validation.choice("layer_reconstruct", self.layer_reconstruct, WINDOWS),
+                    layer_reconstruct_epochs=validation.count("layer_reconstruct_epochs",
+                                                              self.layer_reconstruct_epochs),
+                    layer_reconstruct_step=validation.positive("layer_reconstruct_step", self.layer_reconstruct_step))
 
 
 DEFAULT_TUNING = Tuning()
