@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--reconstruct-epochs", type=int, default=0, help="0: no block reconstruction")
     parser.add_argument("--reconstruct-step", type=float)
     parser.add_argument("--allocation", default="uniform")
+    parser.add_argument("--target", default="layer")
+    parser.add_argument("--window", default="block", help="the reconstruction's window, with --reconstruct-epochs")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per call (an Adam step of "
                                                                   "the reconstruction is one call)")
     parser.add_argument("--option", action="append", default=[], help="a method option, name=value (a number)")
@@ -34,18 +36,18 @@ def main() -> None:
     text = SimpleNamespace(hf_model=FOLDER, quiet=True, seq_len=512, text="wiki", calib_seqs=64, eval_windows=32,
                            seed=0)
     model, _, calibration, evaluation = load_language_model(text)
-    refit = (dict(reconstruct="block", reconstruct_epochs=args.reconstruct_epochs,
+    refit = (dict(reconstruct=args.window, reconstruct_epochs=args.reconstruct_epochs,
                   reconstruct_step=args.reconstruct_step) if args.reconstruct_epochs else {})
     sparsity, kind = split_pattern(args.pattern)
     started = time.perf_counter()
     result = prune_layerwise(model, calibration, sparsity, args.method, pattern=kind, allocation=args.allocation,
-                             batch_size=args.batch_size, progress=False,
+                             batch_size=args.batch_size, target=args.target, progress=False,
                              **{k: v for k, v in refit.items() if v is not None}, **method_options(args.option))
     seconds = time.perf_counter() - started
     result.apply(model)
     report = dict(method=args.method, pattern=args.pattern, allocation=args.allocation, seconds=seconds,
                   perplexity=perplexity(model, evaluation), settings=result.settings, timings=result.timings,
-                  reconstruction=result.stats.get("reconstruction"))
+                  reconstruction=result.stats.get("reconstruction"), allocation_search=result.stats.get("allocation"))
     write_text(args.json, json.dumps(report, indent=1) + "\n", overwrite=True)
     print(f"{args.method} {args.pattern} {args.allocation}: perplexity {report['perplexity']:.2f} in {seconds:.0f} s")
 

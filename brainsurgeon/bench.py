@@ -257,9 +257,10 @@ def plot(report: dict, path, overwrite: bool = False) -> None:
 
     summary = summarise(report)
     sparsities = report["settings"]["sparsities"]
-    runs, others = staged_runs(report), paths_not_taken(report)
+    runs, others, allocated = staged_runs(report), paths_not_taken(report), allocated_runs(report)
     staged = bool(runs or others)
-    figure, panels = plt.subplots(1, 2 if staged else 1, figsize=(13 if staged else 7, 4.5), squeeze=False)
+    count = 1 + staged + bool(allocated)
+    figure, panels = plt.subplots(1, count, figsize=(6.5 * count, 4.5), squeeze=False)
     axes = panels[0][0]
     numeric = all(isinstance(s, (int, float)) for s in sparsities)
     positions = sparsities if numeric else list(range(len(sparsities)))
@@ -278,10 +279,23 @@ def plot(report: dict, path, overwrite: bool = False) -> None:
     axes.legend()
     if staged:
         _plot_stages(panels[0][1], runs, others)
+    if allocated:
+        axes = panels[0][-1]
+        for name, sparsities_by_layer in allocated:
+            axes.plot(range(len(sparsities_by_layer)), list(sparsities_by_layer.values()), marker=".", label=name)
+        axes.set(xlabel="pruned layer, in model order", ylabel="sparsity", title="per-layer sparsities chosen")
+        axes.legend()
     figure.tight_layout()
     with atomic_path(path, overwrite) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
     plt.close(figure)
+
+
+def allocated_runs(report: dict) -> list:
+    """[(row label at its sparsity, {layer: sparsity})] of the runs whose allocation chose per-layer sparsities."""
+    return [(f"{row_label(row)} at {label(row['sparsity'])}", row["settings"]["layer_sparsities"])
+            for row in report["results"] if row.get("allocation", "uniform") != "uniform"
+            and (row.get("settings") or {}).get("layer_sparsities")]
 
 
 def split_pattern(pattern) -> tuple:

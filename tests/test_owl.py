@@ -84,8 +84,10 @@ def test_the_command_line_prunes_and_benches_with_owl_and_reports_each_layers_sp
     settings = json.loads(report.read_text())["settings"]
     assert settings["allocation"] == "owl" and len(set(settings["layer_sparsities"].values())) > 1
     bench = tmp_path / "bench.json"
+    plot = tmp_path / "bench.png"
     assert main(["bench", "--hf-model", str(folder), "--methods", "mp,sparsegpt", "--sparsities", "0.6",
-                 "--allocations", "uniform,owl", "--json", str(bench), *sizes]) == 0
+                 "--allocations", "uniform,owl", "--json", str(bench), "--plot", str(plot), *sizes]) == 0
+    assert plot.stat().st_size > 0  # perplexities, and beside them the per-layer sparsities OWL chose
     table = capsys.readouterr().out.splitlines()
     assert any(line.startswith("sparsegpt (owl) ") for line in table)
     assert any(line.startswith("sparsegpt ") and "(owl)" not in line for line in table)
