@@ -104,3 +104,23 @@ def test_the_command_line_reconstructs_and_refuses_where_it_does_not_apply(tmp_p
                  str(tmp_path / "y.safetensors")]) == 2
     assert "--reconstruct does not apply without --hf-model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_pieces_cut_a_transformer_call_along_its_batch_and_run_to_the_same_outputs():
+    """A decoder layer run on the pieces of a captured call gives the call's output, piece by piece: per-sample
+    tensors (hidden states, a 2-D mask) are cut, shared ones (rotary tables of batch 1, cache positions) are not."""
+    from brainsurgeon.drivers.activations import capture_block_inputs, model_calls
+    from brainsurgeon.drivers.reconstruct import first_output, pieces
+
+    model, ids = tiny_llama(layers=1), token_ids(count=8, length=12)
+    block = model.model.layers[0]
+    with torch.no_grad():
+        calls = capture_block_inputs(model, block, model_calls(model, [dict(input_ids=ids[:4]),
+                                                                       dict(input_ids=ids[4:])], 4))
+        outputs = [first_output(block(*args, **kwargs)) for args, kwargs in calls]
+        cut_calls, cut_outputs = pieces(calls, outputs, count=4)
+        assert len(cut_calls) == 4 and all(len(call[0][0]) == 2 for call in cut_calls)
+        for (args, kwargs), expected in zip(cut_calls, cut_outputs):
+            torch.testing.assert_close(first_output(block(*args, **kwargs)), expected, rtol=1e-5, atol=1e-6)
+        whole, _ = pieces(calls, outputs, count=1)  # pieces never split below a call's own size
+        assert len(whole) == 2

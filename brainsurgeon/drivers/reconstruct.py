@@ -4,8 +4,9 @@ fixed.
 
 A per-matrix refit (SparseGPT's, or the exact least-squares update) cannot see the nonlinearity between two layers
 (attention's softmax, the MLP's gate); a fit of the whole block can. The fit is Adam on the mean squared output
-error over the training calls, each pruned layer's step size a fraction of its weights' root mean square (so one
-constant serves layers and models of any scale), judged on held-out calls after every epoch: an epoch that does not
+error over the training pieces of the calls (about 32 pieces in all, so that an epoch is enough Adam steps whatever
+the batch size), each pruned layer's step size a fraction of its weights' root mean square (so one constant serves
+layers and models of any scale), judged on held-out pieces after every epoch: an epoch that does not
 lower the held-out error goes back to the best weights and halves the step, and the fit stops after the third such
 epoch in a row. The weights kept are those with the least held-out error seen, the unrefit ones included, so the
 held-out block error never rises. A pruned weight
@@ -32,15 +33,16 @@ KEYWORDS = ("reconstruct", "reconstruct_epochs", "reconstruct_step")  # prune_la
 DEFAULT_EPOCHS = 4
 DEFAULT_STEP = 1e-3  # Adam's step as a fraction of each layer's weight RMS
 MAX_STEP_HALVINGS = 2  # an epoch that does not lower the held-out error halves the step, from the best weights
+PIECES = 32  # the calibration samples are cut into about this many pieces: 28 Adam steps an epoch, 4 held out
 
 
 @dataclass(frozen=True)
 class Reconstruction:
     """How each pruned block is refitted: `window` 'none' (the per-matrix refits alone), 'sublayer' (each child
     module holding pruned layers against the dense child's output) or 'block' (the whole block against the dense
-    block's output); at most `epochs` passes over the training calls, Adam's step
-    `step` times each layer's weight RMS; the last `held_out` fraction of the calls (at least one) judges
-    early stopping; `seed` orders the training calls."""
+    block's output); at most `epochs` passes over the training pieces of the calls (pieces()), Adam's step
+    `step` times each layer's weight RMS; the last `held_out` fraction of the pieces (at least one) judges
+    early stopping; `seed` orders the training pieces."""
 
     window: str = "none"
     epochs: int = DEFAULT_EPOCHS
@@ -141,6 +143,42 @@ def reconstruct(block: nn.Module, masks: dict, inputs: list, targets, plan: Reco
     return dict(sublayers=figures, seconds=sum(figure["seconds"] for figure in figures.values()))
 
 
+def pieces(calls: list, targets: list, count: int = PIECES) -> tuple:
+    """The calls and their targets cut along the batch dimension into pieces of equal size, about `count` in all
+    (whole samples; a call of fewer samples stays whole): each piece is one Adam step or one held-out judgement.
+    The batch dimension is the first argument's first one; every other tensor (in the arguments, keyword arguments
+    and tuples of them) of at least two dimensions whose first dimension is the same is cut with it, and the rest
+    (positions shared by the batch, flags) are handed to every piece."""
+    sizes = [_batch_size(call) for call in calls]
+    size = max(1, sum(sizes) // count)
+    cut_calls, cut_targets = [], []
+    for call, target, batch in zip(calls, targets, sizes):
+        if batch <= size:
+            cut_calls.append(call)
+            cut_targets.append(target)
+            continue
+        for start in range(0, batch, size):
+            piece = slice(start, min(start + size, batch))
+            cut_calls.append(_cut(call, batch, piece))
+            cut_targets.append(target[piece])
+    return cut_calls, cut_targets
+
+
+def _batch_size(call) -> int:
+    args, _ = call
+    return args[0].shape[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2 else 1
+
+
+def _cut(value, batch: int, piece: slice):
+    if isinstance(value, torch.Tensor):
+        return value[piece] if value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cut(item, batch, piece) for item in value)
+    if isinstance(value, dict):
+        return {key: _cut(item, batch, piece) for key, item in value.items()}
+    return value
+
+
 def _child_inputs(block, child, inputs) -> list:
     """The (args, kwargs) each block call hands `child`, the block stopped there."""
     captured = []
@@ -172,6 +210,7 @@ def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list
     the seconds."""
     if len(inputs) != len(targets):
         raise BrainSurgeonError(f"{len(inputs)} calls but {len(targets)} targets to reconstruct")
+    inputs, targets = pieces(inputs, targets)
     if len(inputs) < 2:
         raise BrainSurgeonError("block reconstruction holds out calibration calls to stop early and needs at least 2; "
                                 "give more calibration inputs or a smaller batch_size")

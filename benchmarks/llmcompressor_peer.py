@@ -1,0 +1,64 @@
+"""The tool users would pick instead, on our windows: llm-compressor's SparseGPTModifier (oneshot) prunes
+SmolLM2-135M on the language-model table's 64 x 512 calibration windows, and its perplexity is scored on the same
+32 x 512 evaluation windows as ours. It runs in its own virtual environment (`make bench-lm-peers` builds
+.venv-peers: llm-compressor pins an older transformers than ours).
+
+    .venv-peers/bin/python benchmarks/llmcompressor_peer.py 0.5,2:4,0.7 --json bench/smollm2_peers.json
+"""
+import argparse
+import json
+import logging
+import time
+from types import SimpleNamespace
+
+from brainsurgeon.atomic import write_text
+from brainsurgeon.cli_lm import load_language_model
+from brainsurgeon.datasets.text import perplexity
+
+FOLDER = "models/SmolLM2-135M-Instruct"
+
+
+def prune_with_llmcompressor(model, calibration, setting: str) -> float:
+    """Prune `model` in place with SparseGPTModifier at `setting` (a sparsity, or N:M); return the seconds."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier
+
+    structured = ":" in setting
+    n, m = (int(part) for part in setting.split(":")) if structured else (0, 0)
+    modifier = SparseGPTModifier(sparsity=n / m if structured else float(setting),
+                                 mask_structure=setting if structured else "0:0", dampening_frac=0.01,
+                                 block_size=128, targets=["Linear"], ignore=["re:.*lm_head"])
+    rows = calibration.tolist()
+    dataset = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(row) for row in rows]})
+    started = time.perf_counter()
+    oneshot(model=model, dataset=dataset, recipe=modifier, num_calibration_samples=len(rows),
+            max_seq_length=calibration.shape[1])
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("settings", help="comma-separated sparsities or N:M patterns")
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    logging.getLogger("llmcompressor").setLevel(logging.WARNING)
+    import llmcompressor
+
+    text = SimpleNamespace(hf_model=FOLDER, quiet=True, seq_len=512, text="wiki", calib_seqs=64, eval_windows=32,
+                           seed=0)
+    report = dict(peer="llm-compressor SparseGPTModifier", version=llmcompressor.__version__, model=FOLDER,
+                  calib_windows=None, eval_windows=None, results=[])
+    for setting in args.settings.split(","):
+        model, _, calibration, evaluation = load_language_model(text)  # a fresh dense model each time
+        report.update(calib_windows=list(calibration.shape), eval_windows=list(evaluation.shape))
+        seconds = prune_with_llmcompressor(model, calibration, setting)
+        row = dict(method="llm-compressor sparsegpt", sparsity=setting, seconds=seconds,
+                   perplexity=perplexity(model, evaluation))
+        report["results"].append(row)
+        write_text(args.json, json.dumps(report, indent=1) + "\n", overwrite=True)
+        print(f"llm-compressor sparsegpt {setting}: perplexity {row['perplexity']:.2f} in {seconds:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
