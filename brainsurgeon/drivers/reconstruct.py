@@ -144,21 +144,22 @@ def reconstruct(block: nn.Module, masks: dict, inputs: list, targets, plan: Reco
 
 
 def pieces(calls: list, targets: list, count: int = PIECES) -> tuple:
-    """The calls and their targets cut along the batch dimension into pieces of equal size, about `count` in all
-    (whole samples; a call of fewer samples stays whole): each piece is one Adam step or one held-out judgement.
+    """The calls and their targets cut along the batch dimension into pieces of about equal size, about `count` in
+    all (whole samples; each call into a whole number of nearly equal pieces): each piece is one Adam step or one held-out judgement.
     The batch dimension is the first argument's first one; every other tensor (in the arguments, keyword arguments
     and tuples of them) of at least two dimensions whose first dimension is the same is cut with it, and the rest
     (positions shared by the batch, flags) are handed to every piece."""
     sizes = [_batch_size(call) for call in calls]
-    size = max(1, sum(sizes) // count)
+    size = max(1, sum(sizes) / count)
     cut_calls, cut_targets = [], []
     for call, target, batch in zip(calls, targets, sizes):
-        if batch <= size:
+        parts = max(1, min(batch, round(batch / size)))
+        if parts == 1:
             cut_calls.append(call)
             cut_targets.append(target)
             continue
-        for start in range(0, batch, size):
-            piece = slice(start, min(start + size, batch))
+        for part in torch.arange(batch).tensor_split(parts):
+            piece = slice(int(part[0]), int(part[-1]) + 1)
             cut_calls.append(_cut(call, batch, piece))
             cut_targets.append(target[piece])
     return cut_calls, cut_targets
