@@ -326,12 +326,12 @@ def check_lm_sweep(methods, options: dict) -> dict:
 
 def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_name="model", relative_damping=None,
                      progress=True, text_source="wiki", json_path=None, overwrite=False, reconstruction=None,
-                     allocations=("uniform",), **options) -> dict:
+                     allocations=("uniform",), target="layer", **options) -> dict:
     """Prune a language model with every layer-wise method x pattern x allocation on the same calibration token
     windows and score perplexity on the same evaluation windows. A pattern is a sparsity (unstructured per layer)
     or 'N:M'; an allocation is prune_layerwise's ('uniform' or 'owl'). `reconstruction`: prune_layerwise's
-    reconstruct keywords, the same for every run. With `json_path`, the report so far is written after every
-    run, as in run_benchmark."""
+    reconstruct keywords and `target` its target, the same for every run. With `json_path`, the report so far is
+    written after every run, as in run_benchmark."""
     reconstruction = dict(reconstruction or {})
     if json_path:
         check_writable(json_path, overwrite)
@@ -353,7 +353,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
     for method, pattern, allocation in runs:  # checked before the first run
         sparsity, kind = split_pattern(pattern)
         layer_method, parsed, *_ = plan_layerwise(model, sparsity, kind, method, relative_damping=relative_damping,
-                                                  **method_options(method))
+                                                  target=target, **method_options(method))
         check_allocation(allocation, sparsity, parsed)
     plan_reconstruction(**reconstruction)
     started = time.perf_counter()
@@ -366,6 +366,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         "settings": dict(methods=list(methods), sparsities=list(patterns), seeds=[0], relative_damping=relative_damping,
                          calib_samples=len(calibration), calib_windows=list(calibration.shape),
                          eval_windows=list(evaluation.shape), options=options, allocations=list(allocations),
+                         target=target,
                          **reconstruction),
         "results": [],
         "complete": False,
@@ -375,7 +376,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         sparsity, kind = split_pattern(pattern)
         measured = measure_run(model, lambda: prune_layerwise(
             model, calibration, sparsity, method, pattern=kind, relative_damping=relative_damping, progress=progress,
-            allocation=allocation, **reconstruction, **method_options(method)),
+            allocation=allocation, target=target, **reconstruction, **method_options(method)),
             lambda pruned: perplexity(pruned, evaluation, progress=progress))
         row = dict(method=method, sparsity=pattern, seed=0, allocation=allocation, perplexity=measured.pop("score"),
                    **measured)

@@ -216,10 +216,11 @@ def _cmd_bench(args):
             bench_structured.plot(report, args.plot, overwrite=args.overwrite)
         return
     for flag, value in (("--allocations", None if args.hf_model else args.allocations), ("--biases", args.biases),
-                        ("--target", args.target), ("--row-weights", args.row_weights)):
+                        ("--target", None if args.hf_model else args.target), ("--row-weights", args.row_weights)):
         if value is not None:
             raise BrainSurgeonError(f"{flag} applies to a structured sweep (--pattern units, heads, neurons or "
-                                    f"channels){' or with --hf-model' if flag == '--allocations' else ''}; drop it")
+                                    f"channels){' or with --hf-model' if flag in ('--allocations', '--target') else ''}"
+                                    "; drop it")
     check_flags(args, bool(args.hf_model))
     if args.hf_model:
         return _finish_bench(bench_language_model(args, given_options(args)), args)

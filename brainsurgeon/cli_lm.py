@@ -109,6 +109,6 @@ def bench_language_model(args, options: dict):
     return bench.run_lm_benchmark(model, calibration, evaluation, methods, args.sparsities,
                                   model_name=Path(args.hf_model).name, relative_damping=args.relative_damp,
                                   text_source=_describe_text(args.text, _text_seed(args)), json_path=args.json,
-                                  reconstruction=reconstruction_of(args),
+                                  reconstruction=reconstruction_of(args), target=args.target,
                                   allocations=(args.allocations or "uniform").split(","),
                                   overwrite=args.overwrite, progress=not args.quiet, **options)

@@ -93,8 +93,10 @@ def test_the_command_line_reconstructs_and_refuses_where_it_does_not_apply(tmp_p
     assert figures["settings"]["reconstruct"] == "block" and figures["settings"]["reconstruct_epochs"] == 2
     bench = tmp_path / "bench.json"
     assert main(["bench", "--hf-model", str(folder), "--methods", "sparsegpt", "--sparsities", "2:4", "--reconstruct",
-                 "block", "--json", str(bench), *sizes]) == 0
-    assert json.loads(bench.read_text())["settings"]["reconstruct"] == "block"
+                 "sublayer", "--target", "dense", "--json", str(bench), *sizes]) == 0
+    written = json.loads(bench.read_text())
+    assert written["settings"]["reconstruct"] == "sublayer" and written["settings"]["target"] == "dense"
+    assert written["results"][0]["settings"]["target"] == "dense"
     for flags, message in ((["--reconstruct-epochs", "2"], "apply to a block reconstruction"),
                            (["--pattern", "units", "--sparsity", "0.3", "--reconstruct", "block"],
                             "--reconstruct does not apply to --pattern units")):
