@@ -9,10 +9,10 @@ update; the methods below choose the pruned set:
   wanda     smallest |w_ij| * |X_j|, compared within each output row (Wanda), no update
   sparsegpt the OBS column sweep with lazy batched updates (SparseGPT), block size 128
   admm      ours: the pruned set that is best *with* its exact update. ADMM on W' = D, D in the pattern
-            (thresholding the weights while a growing penalty pulls the exactly updated W' onto D, as ALPS
-            does), warm-started from SparseGPT; then the exact multi-weight update on D's support. The warm
-            start with its own update and with the exact one are candidates too, and the lowest error wins, so
-            it is never above SparseGPT's (docs/decisions.md has its measured margin).
+            (thresholding the weights while a penalty that grows as the support settles pulls the exactly
+            updated W' onto D: ALPS's schedule, methods/admm.py), warm-started from SparseGPT; then the exact
+            multi-weight update on D's support. SparseGPT's own weights are a candidate too, and the lower
+            error wins, so it is never above SparseGPT's.
 
 and, through `LayerObjective.quadratic` (the layer error as a Quadratic, curvature/quadratic.py, with one block per
 output row), the Fisher path's own selections and updates, not copied:
@@ -32,12 +32,15 @@ import torch
 
 from .. import validation
 from ..curvature.hessian import LayerObjective
+from .admm import AdmmOptions, support_admm
 from .budget import Budget, smallest_magnitude
 from .joint import JointSelection
 from .options import Configurable, MethodOptions, option
 from .problem import PruningProblem, best_candidate
 from .selection import CombinatorialBrainSurgeon, Magnitude, Selection, WoodFisher
 from .update import ExactOptimalBrainSurgeon, OptimalBrainSurgeon
+
+REFIT_TOLERANCE = 1e-4  # relative residual of admm's refit: below it the layer error moves by less than 1e-4
 
 
 class LayerMethod(Configurable, ABC):
@@ -139,28 +142,19 @@ class SparseGPT(LayerMethod):
 
 
 @dataclass(frozen=True)
-class AdmmLayerOptions(MethodOptions):
-    penalty: float = option(0.03, "ADMM's starting penalty, with H at unit mean diagonal")
-    growth: float = option(1.15, "the penalty's growth per iteration (squared while the support barely moves)")
-    max_iterations: int = option(80, "cap on ADMM iterations")
-    patience: int = option(3, "iterations with an unchanged support (past penalty 1) that end ADMM")
+class AdmmLayerOptions(AdmmOptions):
     start: str = option("sparsegpt", "warm start: sparsegpt, wanda or mp")
 
     def checked(self):
-        return dict(penalty=validation.positive("penalty", self.penalty),
-                    growth=validation.number("growth", self.growth, low=1, low_open=True),
-                    max_iterations=validation.count("max_iterations", self.max_iterations),
-                    patience=validation.count("patience", self.patience),
-                    start=validation.choice("admm start", self.start, ("sparsegpt", "wanda", "mp")))
+        return dict(super().checked(), start=validation.choice("admm start", self.start, ("sparsegpt", "wanda", "mp")))
 
 
 class AdmmLayer(LayerMethod):
-    """Ours: ADMM on the pattern-constrained objective from SparseGPT's start, then the exact update on its support.
+    """Ours: ADMM with a support-driven penalty from SparseGPT's start, then the exact update on its support.
 
-    With H normalised to a unit mean diagonal, W' = argmin |(W' - W) X|^2 + rho |W' - D + V|^2 in closed form
-    from one eigendecomposition of H; D = the pattern's largest entries of W' + V; V += W' - D. The penalty rho
-    starts at `penalty` and grows by `growth` per iteration (by `growth` squared while the support barely
-    moves), until the support has not changed for `patience` iterations past rho = 1, or `max_iterations`.
+    The ADMM is ALPS's (methods/admm.py), started from SparseGPT's weights rather than the magnitude projection;
+    the support it ends on gets the exact multi-weight update (to a relative residual of 1e-4), and SparseGPT's own
+    weights are a candidate too, so the layer error is never above SparseGPT's.
     """
 
     name = "admm"
@@ -168,37 +162,14 @@ class AdmmLayer(LayerMethod):
 
     def prune(self, objective, pattern):
         start_pruned, start_weight = LAYER_METHODS[self.start]().prune(objective, pattern)
-        pruned, solved, iterations = self._admm(objective, pattern, start_weight)
+        pruned, projected, iterations, penalty = support_admm(objective, pattern, start_weight, self.options)
         candidates = [(start_pruned, start_weight),
-                      (start_pruned, objective.exact_update(start_pruned, start=start_weight)),
-                      (pruned, objective.exact_update(pruned, start=solved))]
+                      (pruned, objective.exact_update(pruned, start=projected, tolerance=REFIT_TOLERANCE))]
         errors = [objective.error(w) for _, w in candidates]
         best = min(range(len(candidates)), key=errors.__getitem__)
-        self.last_stats = dict(admm_iterations=iterations, start_error=errors[0], chosen=best, error=errors[best],
-                               solve_iterations=objective.solve_iterations)
+        self.last_stats = dict(admm_iterations=iterations, final_penalty=penalty, start_error=errors[0], chosen=best,
+                               error=errors[best], solve_iterations=objective.solve_iterations)
         return candidates[best]
-
-    def _admm(self, objective, pattern, start_weight):
-        hessian = objective.damped / float(torch.diagonal(objective.damped).mean())
-        values, vectors = (part.float() for part in torch.linalg.eigh(hessian))
-        target = objective.weight @ hessian.float()
-        split = start_weight.clone()
-        dual = torch.zeros_like(split)
-        pruned = split == 0
-        rho, settled, iteration = self.penalty, 0, 0
-        for iteration in range(1, self.max_iterations + 1):
-            solved = ((target + rho * (split - dual)) @ vectors) / (values + rho) @ vectors.T
-            moved = solved + dual
-            new_pruned = pattern.prune_lowest(moved.abs())
-            changed = int((new_pruned != pruned).sum())
-            split = torch.where(new_pruned, 0.0, moved)
-            dual = moved - split
-            pruned = new_pruned
-            settled = settled + 1 if changed == 0 else 0
-            if settled >= self.patience and rho >= 1.0:
-                break
-            rho *= self.growth ** (2 if changed <= 1e-4 * pruned.numel() else 1)
-        return pruned, solved, iteration
 
 
 @dataclass(frozen=True)
