@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from . import validation
-from .atomic import atomic_path, check_writable, write_text
+from .atomic import check_writable, write_text
 from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from .datasets.vision import Dataset, accuracy
 from .drivers.layers import copy_model
@@ -137,16 +137,33 @@ def label(sparsity) -> str:
 
 
 def row_label(row: dict) -> str:
-    """A run's row in the tables: its method, with the allocation when it is not uniform."""
+    """A run's row in the tables: its method, with what it ran with beyond the defaults (the dense target, a
+    reconstruction, an allocation other than uniform)."""
+    settings = row.get("settings") or {}
+    label = row["method"]
+    if settings.get("target") == "dense":
+        label += " to dense"
+    if settings.get("reconstruct", "none") != "none":
+        label += f" + {settings['reconstruct']} fit"
     allocation = row.get("allocation", "uniform")
-    return row["method"] if allocation == "uniform" else f"{row['method']} ({allocation})"
+    return label if allocation == "uniform" else f"{label} ({allocation})"
 
 
 def row_labels(report: dict) -> list:
-    """The tables' rows in the sweep's order: every allocation of the sweep x every method."""
-    return [row_label(dict(method=method, allocation=allocation))
-            for allocation in report["settings"].get("allocations", ["uniform"])
-            for method in report["settings"]["methods"]]
+    """The tables' rows in the order the runs were made."""
+    return list(dict.fromkeys(row_label(row) for row in report["results"]))
+
+
+def merged(reports: list) -> dict:
+    """Several language-model bench reports of one model and windows as one: their runs in order, the columns in
+    order of first appearance."""
+    first = reports[0]
+    if any(report.get("model") != first.get("model") or report["settings"].get("eval_windows") !=
+           first["settings"].get("eval_windows") for report in reports):
+        raise BrainSurgeonError("bench JSONs make one table only when they share the model and evaluation windows")
+    columns = list(dict.fromkeys(s for report in reports for s in report["settings"]["sparsities"]))
+    return dict(first, settings=dict(first["settings"], sparsities=columns),
+                results=[row for report in reports for row in report["results"]])
 
 
 def summarise(report: dict) -> dict:
@@ -176,6 +193,9 @@ def format_table(report: dict) -> str:
     for method in rows:
         cells, seconds = [], []
         for sparsity in sparsities:
+            if (method, sparsity) not in summary:
+                cells.append("–".rjust(width))
+                continue
             mean, std, secs = summary[(method, sparsity)]
             cells.append(f"{mean:.2f}±{std:.2f}".rjust(width))
             seconds.append(secs)
@@ -193,109 +213,16 @@ def markdown_table(report: dict) -> str:
              "|---" * (len(sparsities) + 2) + "|",
              "| dense | " + " | ".join(f"{dense:.2f}" for _ in sparsities) + " | |"]
     for method in row_labels(report):
-        cells = [summary[(method, s)] for s in sparsities]
-        values = [f"{mean:.2f}" + (f"±{std:.2f}" if len(seeds) > 1 else "") for mean, std, _ in cells]
-        seconds = statistics.fmean(secs for _, _, secs in cells)
+        cells = [summary.get((method, s)) for s in sparsities]
+        values = ["–" if cell is None else f"{cell[0]:.2f}" + (f"±{cell[1]:.2f}" if len(seeds) > 1 else "")
+                  for cell in cells]
+        seconds = statistics.fmean(cell[2] for cell in cells if cell is not None)
         lines.append(f"| {method} | {' | '.join(values)} | {seconds:.0f} |")
     return "\n".join(lines)
 
 
 def write_json(report: dict, path, overwrite: bool = False) -> None:
     write_text(path, json.dumps(report, indent=2) + "\n", overwrite)
-
-
-def _loss_trace(stages) -> list:
-    """[(sparsity, loss)] per stage: the held-out loss where the run had held-out samples, else the calibration
-    loss."""
-    losses = [stage.get("held_out_loss") or stage.get("calibration_loss") for stage in stages]
-    return [(stage["sparsity"], loss) for stage, loss in zip(stages, losses) if loss is not None]
-
-
-def staged_runs(report: dict) -> list:
-    """[(method, target sparsity, seed, [(sparsity, loss) per stage])] of the runs pruned in stages, and of those
-    that compared two paths (even where the one taken is a single stage)."""
-    runs = []
-    for row in report["results"]:
-        stats = row.get("stats") or {}
-        trace = _loss_trace(stats.get("stages") or [])
-        if len(trace) > 1 or (trace and stats.get("other_path_stages")):
-            runs.append((row["method"], row["sparsity"], row["seed"], trace))
-    return runs
-
-
-def paths_not_taken(report: dict) -> list:
-    """[(method, target sparsity, seed, [(sparsity, loss) per stage])] of the path each 'max' run did not take
-    (an adaptive walk that lost stops short of the target)."""
-    return [(row["method"], row["sparsity"], row["seed"], _loss_trace(stages))
-            for row in report["results"] for stages in ((row.get("stats") or {}).get("other_path_stages") or {}).values()
-            if _loss_trace(stages)]
-
-
-def _plot_stages(axes, runs, others) -> None:
-    """The loss after each stage against the sparsity it reached: one line per staged run, one colour
-    per (method, target); refinement stages at the target are the vertical steps; the paths not taken dashed."""
-    colours = {}
-    for (method, target, _, trace), dashed in [(run, False) for run in runs] + [(run, True) for run in others]:
-        key = (method, target)
-        first = key not in colours
-        colours.setdefault(key, f"C{len(colours) % 10}")
-        sparsities, losses = zip(*trace)
-        axes.plot(sparsities, losses, marker=".", color=colours[key], alpha=0.5 if dashed else 0.8,
-                  linestyle="--" if dashed else "-", label=f"{method} to {label(target)}" if first else None)
-    axes.set(xlabel="sparsity after the stage", ylabel="held-out (else calibration) loss", yscale="log",
-             title="stages (dashed: the path not taken)" if others else "stages")
-    axes.legend(fontsize="small")
-
-
-def plot(report: dict, path, overwrite: bool = False) -> None:
-    """Accuracy versus sparsity, one line per method, and beside it each staged run's calibration loss after every
-    stage against the sparsity reached (needs the 'plot' extra: matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = summarise(report)
-    sparsities = report["settings"]["sparsities"]
-    runs, others, allocated = staged_runs(report), paths_not_taken(report), allocated_runs(report)
-    staged = bool(runs or others)
-    count = 1 + staged + bool(allocated)
-    figure, panels = plt.subplots(1, count, figsize=(6.5 * count, 4.5), squeeze=False)
-    axes = panels[0][0]
-    numeric = all(isinstance(s, (int, float)) for s in sparsities)
-    positions = sparsities if numeric else list(range(len(sparsities)))
-    for method in row_labels(report):
-        means = [summary[(method, s)][0] for s in sparsities]
-        stds = [summary[(method, s)][1] for s in sparsities]
-        axes.errorbar(positions, means, yerr=stds, marker="o", capsize=3, label=method)
-    metric = metric_of(report)
-    axes.axhline(report[f"dense_{metric}"], color="grey", linestyle=":", label="dense")
-    if not numeric:
-        axes.set_xticks(positions, [label(s) for s in sparsities])
-    if metric == "perplexity":
-        axes.set_yscale("log")
-    axes.set(xlabel="sparsity or pattern", ylabel="test accuracy (%)" if metric == "accuracy" else metric,
-             title=f"{report['model']} / {report['dataset'].split(' (')[0]}")
-    axes.legend()
-    if staged:
-        _plot_stages(panels[0][1], runs, others)
-    if allocated:
-        axes = panels[0][-1]
-        for name, sparsities_by_layer in allocated:
-            axes.plot(range(len(sparsities_by_layer)), list(sparsities_by_layer.values()), marker=".", label=name)
-        axes.set(xlabel="pruned layer, in model order", ylabel="sparsity", title="per-layer sparsities chosen")
-        axes.legend()
-    figure.tight_layout()
-    with atomic_path(path, overwrite) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-    plt.close(figure)
-
-
-def allocated_runs(report: dict) -> list:
-    """[(row label at its sparsity, {layer: sparsity})] of the runs whose allocation chose per-layer sparsities."""
-    return [(f"{row_label(row)} at {label(row['sparsity'])}", row["settings"]["layer_sparsities"])
-            for row in report["results"] if row.get("allocation", "uniform") != "uniform"
-            and (row.get("settings") or {}).get("layer_sparsities")]
 
 
 def split_pattern(pattern) -> tuple:

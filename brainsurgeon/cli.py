@@ -5,7 +5,7 @@ import signal
 import sys
 import threading
 
-from . import bench, bench_structured, bench_structured_vision, validation
+from . import bench, bench_plot, bench_structured, bench_structured_vision, validation
 from .atomic import check_outputs, outputs
 from .bench import DEFAULT_CALIB_SAMPLES
 from .cli_lm import (
@@ -192,7 +192,7 @@ def _finish_bench(report, args):
     if args.json:  # checked before the first run, and rewritten by the bench after every run
         bench.write_json(report, args.json, overwrite=True)
     if args.plot:
-        bench.plot(report, args.plot, overwrite=args.overwrite)
+        bench_plot.plot(report, args.plot, overwrite=args.overwrite)
 
 
 def _max_memory(args):

@@ -24,8 +24,10 @@ def table_command(args):
         return
     structured = [bench_structured.is_structured(report) for report in reports]
     if len(reports) > 1 and not all(structured):
-        raise BrainSurgeonError("several bench JSONs make one table only for structured sweeps (bench --pattern); "
-                                "pass one JSON")
+        if any(structured) or any(report.get("metric") != "perplexity" for report in reports):
+            raise BrainSurgeonError("several bench JSONs make one table only for structured sweeps (bench --pattern) "
+                                    "or for language-model sweeps (bench --hf-model) of one model; pass one JSON")
+        reports = [bench.merged(reports)]
     if args.plot and not all(structured):
         raise BrainSurgeonError("table --plot draws structured sweeps (bench --pattern); bench --plot draws the others")
     try:

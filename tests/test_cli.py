@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from brainsurgeon.bench import paths_not_taken, staged_runs
+from brainsurgeon.bench_plot import paths_not_taken, staged_runs
 from brainsurgeon.cli import main
 
 

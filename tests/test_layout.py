@@ -11,7 +11,7 @@ LAYERS = [
     {"curvature", "models", "datasets"},
     {"methods"},
     {"drivers"},
-    {"bench", "bench_structured", "bench_structured_vision", "demo"},
+    {"bench", "bench_plot", "bench_structured", "bench_structured_vision", "demo"},
     {"cli", "cli_lm", "cli_options", "cli_structured", "cli_table"},
 ]
 
