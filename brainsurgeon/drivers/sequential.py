@@ -80,7 +80,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     (each layer reproduces the dense model's output; module docstring). `reconstruct`: 'none', 'block' (after
     each block is pruned, its kept weights are fitted to the dense block's outputs) or 'sublayer' (each child
     module holding pruned layers, such as attention and MLP, to the dense child's): drivers/reconstruct.py, with
-    at most `reconstruct_epochs` passes (default 4) and Adam's step `reconstruct_step` (default 1e-3) times each
+    at most `reconstruct_epochs` passes (default 4) and Adam's step `reconstruct_step` (default 1e-2) times each
     layer's weight RMS; the dense stream is carried as for target='dense'). `allocation`: 'uniform' (`sparsity`
     in every layer), 'owl' (OWL's per-block sparsities from the dense model's outlier ratios, drivers/owl.py) or
     'search' (ours: per-block sparsities from a short evolutionary search judged on held-out calibration windows,
