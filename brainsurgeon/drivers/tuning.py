@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from .. import validation
 from ..methods.options import MethodOptions, option
-from .reconstruct import WINDOWS
+from .reconstruct import DEFAULT_STEP, WINDOWS
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Tuning(MethodOptions):
     layer_reconstruct: str = option("block", "the layer start fits each of the model's repeated blocks (a ResNet's "
                                              "residual blocks) to the dense one's output: block, sublayer or none")
     layer_reconstruct_epochs: int = option(20, "at most this many passes of the layer start's reconstruction")
-    layer_reconstruct_step: float = option(1e-2, "Adam's step of the layer start's reconstruction, a fraction of each "
+    layer_reconstruct_step: float = option(DEFAULT_STEP, "Adam's step of the layer start's reconstruction, a fraction of each "
                                                  "layer's weight RMS")
 
     def checked(self):
