@@ -26,9 +26,8 @@ def staged_runs(report: dict) -> list:
 def paths_not_taken(report: dict) -> list:
     """[(method, target sparsity, seed, [(sparsity, loss) per stage])] of the path each 'max' run did not take
     (an adaptive walk that lost stops short of the target)."""
-    return [(row["method"], row["sparsity"], row["seed"], _loss_trace(stages))
-            for row in report["results"] for stages in ((row.get("stats") or {}).get("other_path_stages") or {}).values()
-            if _loss_trace(stages)]
+    return [(row["method"], row["sparsity"], row["seed"], _loss_trace(stages)) for row in report["results"]
+            for stages in ((row.get("stats") or {}).get("other_path_stages") or {}).values() if _loss_trace(stages)]
 
 
 def _plot_stages(axes, runs, others) -> None:

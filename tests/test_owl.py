@@ -95,7 +95,8 @@ def test_the_command_line_prunes_and_benches_with_owl_and_reports_each_layers_sp
     assert [(row["method"], row["allocation"]) for row in rows] == [
         ("mp", "uniform"), ("sparsegpt", "uniform"), ("mp", "owl"), ("sparsegpt", "owl")]
     for flags, message in ((["--sparsities", "2:4", "--allocations", "owl"], "allocation 'owl' chooses"),
-                           (["--sparsities", "0.5", "--allocations", "owls"], "unknown allocation 'owls'; choose from")):
+                           (["--sparsities", "0.5", "--allocations", "owls"],
+                            "unknown allocation 'owls'; choose from")):
         assert main(["bench", "--hf-model", str(folder), "--methods", "sparsegpt", *flags, *sizes]) == 2
         assert message in capsys.readouterr().err
     assert main(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--allocation", "owl", "--out",

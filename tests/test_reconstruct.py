@@ -13,8 +13,9 @@ def token_ids(count=16, length=24, seed=0):
 
 
 @pytest.mark.parametrize("method, pattern, target, window", [
-    ("sparsegpt", "2:4", "layer", "block"), ("wanda", "layer", "layer", "block"), ("sparsegpt", "layer", "dense", "block"),
-    ("sparsegpt", "2:4", "layer", "sublayer"), ("admm", "layer", "dense", "sublayer")])
+    ("sparsegpt", "2:4", "layer", "block"), ("wanda", "layer", "layer", "block"),
+    ("sparsegpt", "layer", "dense", "block"), ("sparsegpt", "2:4", "layer", "sublayer"),
+    ("admm", "layer", "dense", "sublayer")])
 def test_block_reconstruction_keeps_every_mask_and_never_raises_the_held_out_error(method, pattern, target, window):
     model, ids = tiny_llama(layers=2), token_ids()
     before = {name: p.detach().clone() for name, p in model.state_dict().items()}

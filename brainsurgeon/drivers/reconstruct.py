@@ -145,7 +145,8 @@ def reconstruct(block: nn.Module, masks: dict, inputs: list, targets, plan: Reco
 
 def pieces(calls: list, targets: list, count: int = PIECES) -> tuple:
     """The calls and their targets cut along the batch dimension into pieces of about equal size, about `count` in
-    all (whole samples; each call into a whole number of nearly equal pieces): each piece is one Adam step or one held-out judgement.
+    all (whole samples; each call into a whole number of nearly equal pieces): each piece is one Adam step or one
+    held-out judgement.
     The batch dimension is the first argument's first one; every other tensor (in the arguments, keyword arguments
     and tuples of them) of at least two dimensions whose first dimension is the same is cut with it, and the rest
     (positions shared by the batch, flags) are handed to every piece."""

@@ -84,8 +84,8 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     layer's weight RMS; the dense stream is carried as for target='dense'). `allocation`: 'uniform' (`sparsity`
     in every layer), 'owl' (OWL's per-block sparsities from the dense model's outlier ratios, drivers/owl.py) or
     'search' (ours: per-block sparsities from a short evolutionary search judged on held-out calibration windows,
-    drivers/search_allocation.py), both with the global count exact, for patterns 'layer' and 'row'. `sparsity` may also be a dict
-    {layer name: sparsity} for 'layer' and 'row' patterns. `options` go to the method. The model is not
+    drivers/search_allocation.py), both with the global count exact, for patterns 'layer' and 'row'. `sparsity`
+    may also be a dict {layer name: sparsity} for 'layer' and 'row' patterns. `options` go to the method. The model is not
     modified: call `result.apply(model)`.
     """
     refit = plan_reconstruction(reconstruct, reconstruct_epochs, reconstruct_step)  # checked before any work
@@ -141,8 +141,9 @@ def check_allocation(allocation: str, sparsity, pattern: Budget) -> str:
     layer's own count, so it takes one sparsity and a per-layer or per-row pattern."""
     validation.choice("allocation", allocation, ALLOCATIONS)
     if allocation != "uniform" and (isinstance(sparsity, dict) or pattern.kind == "nm"):
+        given = "a dict" if isinstance(sparsity, dict) else pattern.name
         raise BrainSurgeonError(f"allocation '{allocation}' chooses each layer's sparsity; pass one sparsity with "
-                                f"pattern 'layer' or 'row', not {'a dict' if isinstance(sparsity, dict) else pattern.name}")
+                                f"pattern 'layer' or 'row', not {given}")
     return allocation
 
 

@@ -28,8 +28,8 @@ class Tuning(MethodOptions):
     layer_reconstruct: str = option("block", "the layer start fits each of the model's repeated blocks (a ResNet's "
                                              "residual blocks) to the dense one's output: block, sublayer or none")
     layer_reconstruct_epochs: int = option(20, "at most this many passes of the layer start's reconstruction")
-    layer_reconstruct_step: float = option(DEFAULT_STEP, "Adam's step of the layer start's reconstruction, a fraction of each "
-                                                 "layer's weight RMS")
+    layer_reconstruct_step: float = option(DEFAULT_STEP, "Adam's step of the layer start's reconstruction, a "
+                                                         "fraction of each layer's weight RMS")
 
     def checked(self):
         return dict(step_loss_ratio=validation.number("step_loss_ratio", self.step_loss_ratio, low=1, low_open=True),
