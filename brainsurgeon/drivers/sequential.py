@@ -85,8 +85,8 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     in every layer), 'owl' (OWL's per-block sparsities from the dense model's outlier ratios, drivers/owl.py) or
     'search' (ours: per-block sparsities from a short evolutionary search judged on held-out calibration windows,
     drivers/search_allocation.py), both with the global count exact, for patterns 'layer' and 'row'. `sparsity`
-    may also be a dict {layer name: sparsity} for 'layer' and 'row' patterns. `options` go to the method. The model is not
-    modified: call `result.apply(model)`.
+    may also be a dict {layer name: sparsity} for 'layer' and 'row' patterns. `options` go to the method. The
+    model is not modified: call `result.apply(model)`.
     """
     refit = plan_reconstruction(reconstruct, reconstruct_epochs, reconstruct_step)  # checked before any work
     layer_method, pattern, blocks, per_block, dense = plan_layerwise(
