@@ -127,3 +127,9 @@ def test_pieces_cut_a_transformer_call_along_its_batch_and_run_to_the_same_outpu
             torch.testing.assert_close(first_output(block(*args, **kwargs)), expected, rtol=1e-5, atol=1e-6)
         whole, _ = pieces(calls, outputs, count=1)  # pieces never split below a call's own size
         assert len(whole) == 2
+    hidden = torch.randn(4, 5, 3)  # an attention called with its hidden states by keyword
+    by_keyword, targets = pieces([((), dict(hidden_states=hidden, cache_position=torch.arange(5), flag=True))],
+                                 [hidden], count=4)
+    assert [call[1]["hidden_states"].shape[0] for call in by_keyword] == [1, 1, 1, 1]
+    assert all(call[1]["cache_position"].shape == (5,) and call[1]["flag"] is True for call in by_keyword)
+    assert torch.equal(torch.cat(targets), hidden)

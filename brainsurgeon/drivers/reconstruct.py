@@ -147,7 +147,7 @@ def pieces(calls: list, targets: list, count: int = PIECES) -> tuple:
     """The calls and their targets cut along the batch dimension into pieces of about equal size, about `count` in
     all (whole samples; each call into a whole number of nearly equal pieces): each piece is one Adam step or one
     held-out judgement.
-    The batch dimension is the first argument's first one; every other tensor (in the arguments, keyword arguments
+    The batch dimension is the first tensor argument's first one; every other tensor (in the arguments, keyword arguments
     and tuples of them) of at least two dimensions whose first dimension is the same is cut with it, and the rest
     (positions shared by the batch, flags) are handed to every piece."""
     sizes = [_batch_size(call) for call in calls]
@@ -167,8 +167,12 @@ def pieces(calls: list, targets: list, count: int = PIECES) -> tuple:
 
 
 def _batch_size(call) -> int:
-    args, _ = call
-    return args[0].shape[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2 else 1
+    """The first dimension of the call's first tensor of two dimensions or more (positional, else by keyword: a
+    transformer's attention gets its hidden states as hidden_states=...), 1 without one."""
+    args, kwargs = call
+    first = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)
+                  and value.dim() >= 2), None)
+    return 1 if first is None else first.shape[0]
 
 
 def _cut(value, batch: int, piece: slice):
