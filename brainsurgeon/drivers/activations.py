@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import BrainSurgeonError, first_line
+from ..modes import evaluating
 from .calibration import ARRAYS, LIST_HINT, as_tensor, is_tensor_pair
 
 
@@ -70,7 +71,7 @@ def check_chained(model: nn.Module, blocks: list, call) -> bool:
 
     handles = [module.register_forward_hook(record(name)) for name, module in blocks]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):  # BatchNorm statistics stay as they are
             model(*call[0], **call[1])
     finally:
         for handle in handles:
