@@ -8,6 +8,7 @@ from .atomic import outputs
 from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from .datasets.text import EVAL_ARTICLES, perplexity, split_text, token_windows
 from .drivers.reconstruct import KEYWORDS as RECONSTRUCT_KEYWORDS
+from .drivers.sequential import ALLOCATIONS as LAYER_ALLOCATIONS
 from .drivers.sequential import prune_layerwise
 from .errors import BrainSurgeonError
 from .models.hf import load_causal_lm, write_pruned_folder
@@ -72,8 +73,23 @@ def language_model_inputs(args) -> list:
     return [args.hf_model] + ([] if args.text == "wiki" else [args.text])
 
 
+def check_layer_allocations(value, flag: str) -> list:
+    """The allocations named by --allocation(s) for weights pruned one by one; a structured one is refused with
+    the ones that apply."""
+    names = (value or "uniform").split(",")
+    for name in names:
+        if name not in LAYER_ALLOCATIONS:
+            raise BrainSurgeonError(f"{flag} {name} applies to a structured --pattern (units, heads, neurons or "
+                                    f"channels) or is unknown; for weights choose from {', '.join(LAYER_ALLOCATIONS)}")
+    return names
+
+
 def prune_language_model(args, options: dict):
     method = args.method or "admm"
+    allocations = check_layer_allocations(args.allocation, "--allocation")
+    if len(allocations) > 1:
+        raise BrainSurgeonError("--allocation takes one allocation; bench --allocations sweeps several")
+    allocation = allocations[0]
     bench.check_lm_sweep([method], options)  # before any work
     if "seed" in bench.check_lm_sweep([method], {})[method]:
         options = dict(options, seed=args.seed)  # --seed also shuffles the calibration text
@@ -82,7 +98,7 @@ def prune_language_model(args, options: dict):
         report_path = staged.file(args.report) if args.report else None
         model, tokenizer, calibration, evaluation = load_language_model(args)
         result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern or "layer",
-                                 target=args.target, allocation=args.allocation or "uniform",
+                                 target=args.target, allocation=allocation,
                                  **reconstruction_of(args),
                                  relative_damping=args.relative_damp,
                                  include=args.include, ignore=args.ignore or (), progress=not args.quiet, **options)
@@ -105,10 +121,11 @@ def prune_language_model(args, options: dict):
 def bench_language_model(args, options: dict):
     methods = args.methods.split(",")
     bench.check_lm_sweep(methods, options)  # before any work
+    allocations = check_layer_allocations(args.allocations, "--allocations")
     model, _, calibration, evaluation = load_language_model(args)
     return bench.run_lm_benchmark(model, calibration, evaluation, methods, args.sparsities,
                                   model_name=Path(args.hf_model).name, relative_damping=args.relative_damp,
                                   text_source=_describe_text(args.text, _text_seed(args)), json_path=args.json,
                                   reconstruction=reconstruction_of(args), target=args.target,
-                                  allocations=(args.allocations or "uniform").split(","),
+                                  allocations=allocations,
                                   overwrite=args.overwrite, progress=not args.quiet, **options)

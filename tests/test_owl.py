@@ -96,9 +96,12 @@ def test_the_command_line_prunes_and_benches_with_owl_and_reports_each_layers_sp
         ("mp", "uniform"), ("sparsegpt", "uniform"), ("mp", "owl"), ("sparsegpt", "owl")]
     for flags, message in ((["--sparsities", "2:4", "--allocations", "owl"], "allocation 'owl' chooses"),
                            (["--sparsities", "0.5", "--allocations", "owls"],
-                            "unknown allocation 'owls'; choose from")):
+                            "--allocations owls applies to a structured --pattern (units, heads, neurons or channels) or is unknown")):
         assert main(["bench", "--hf-model", str(folder), "--methods", "sparsegpt", *flags, *sizes]) == 2
         assert message in capsys.readouterr().err
+    assert main(["prune", "--hf-model", str(folder), "--sparsity", "0.6", "--allocation", "uniform,owl", "--out",
+                 str(tmp_path / "z"), *sizes]) == 2
+    assert "--allocation takes one allocation" in capsys.readouterr().err
     assert main(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--allocation", "owl", "--out",
                  str(tmp_path / "y.safetensors")]) == 2
     assert "--allocation applies to a structured --pattern (units, heads, neurons or channels) or with --hf-model" \

@@ -263,7 +263,7 @@ def test_the_cli_writes_a_smaller_model_that_reloads_at_the_reported_perplexity(
     (["--pattern", "units", "--sparsity", "0.3", "--method", "sparsegpt"], "--method"),
     (["--pattern", "units", "--sparsity", "0.3", "--allocation", "global"], "--allocation"),
     (["--pattern", "units"], "--sparsity is required"),
-    (["--pattern", "2:4", "--allocation", "errors"], "--allocation applies to a structured --pattern"),
+    (["--pattern", "2:4", "--allocation", "errors"], "--allocation errors applies to a structured --pattern"),
     (["--pattern", "2:4", "--biases", "add"], "--biases applies to a structured --pattern"),
 ])
 def test_the_cli_refuses_what_a_structured_prune_does_not_use(capsys, tmp_path, flags, message):
