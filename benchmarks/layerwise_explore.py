@@ -38,7 +38,7 @@ def main() -> None:
     model, _, calibration, evaluation = load_language_model(text)
     refit = (dict(reconstruct=args.window, reconstruct_epochs=args.reconstruct_epochs,
                   reconstruct_step=args.reconstruct_step) if args.reconstruct_epochs else {})
-    sparsity, kind = split_pattern(args.pattern)
+    sparsity, kind = split_pattern(args.pattern if ":" in args.pattern else float(args.pattern))
     started = time.perf_counter()
     result = prune_layerwise(model, calibration, sparsity, args.method, pattern=kind, allocation=args.allocation,
                              batch_size=args.batch_size, target=args.target, progress=False,
