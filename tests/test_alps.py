@@ -18,8 +18,9 @@ def test_alps_refit_run_to_convergence_is_the_exact_update_on_its_support(seed, 
     pattern = Budget.parse(*case)
     pruned, new = AlpsLayer(refit_steps=500).prune(objective, pattern)
     expected = objective.exact_update(pruned)
-    # ALPS stops its CG at a residual of 1e-4 (the exact update at 1e-5): equal errors, weights to that precision
-    assert objective.error(new) == pytest.approx(objective.error(expected), rel=1e-5)
+    # ALPS stops its CG at a residual of 1e-4 (the exact update at 1e-5), both on the damped H: equal errors and
+    # weights to that precision
+    assert objective.error(new) == pytest.approx(objective.error(expected), rel=1e-4)
     torch.testing.assert_close(new, expected, rtol=1e-2, atol=1e-3 * float(expected.abs().max()))
     capped_pruned, capped = AlpsLayer(refit_steps=0).prune(objective, pattern)
     assert torch.equal(capped_pruned, pruned)  # the refit never moves the support
