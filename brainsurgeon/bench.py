@@ -256,7 +256,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
                      allocations=("uniform",), target="layer", **options) -> dict:
     """Prune a language model with every layer-wise method x pattern x allocation on the same calibration token
     windows and score perplexity on the same evaluation windows. A pattern is a sparsity (unstructured per layer)
-    or 'N:M'; an allocation is prune_layerwise's ('uniform' or 'owl'). `reconstruction`: prune_layerwise's
+    or 'N:M'; an allocation is prune_layerwise's (sequential.ALLOCATIONS). `reconstruction`: prune_layerwise's
     reconstruct keywords and `target` its target, the same for every run. With `json_path`, the report so far is
     written after every run, as in run_benchmark."""
     reconstruction = dict(reconstruction or {})
@@ -264,7 +264,12 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         check_writable(json_path, overwrite)
     from .datasets.text import perplexity
     from .drivers.reconstruct import plan_reconstruction
-    from .drivers.sequential import check_allocation, plan_layerwise, prune_layerwise
+    from .drivers.sequential import (
+        ALLOCATIONS,
+        check_allocation,
+        plan_layerwise,
+        prune_layerwise,
+    )
 
     if not (len(methods) and len(patterns)):
         raise BrainSurgeonError("bench needs at least one method and one sparsity or pattern")
@@ -274,13 +279,13 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         return {key: value for key, value in options.items() if key in declared[method]}
 
     if not allocations:
-        raise BrainSurgeonError("bench needs at least one allocation (uniform, owl)")
+        raise BrainSurgeonError(f"bench needs at least one allocation ({', '.join(ALLOCATIONS)})")
     runs = [(method, pattern, allocation) for pattern in patterns for allocation in allocations for method in methods]
     relative_damping = DEFAULT_RELATIVE_DAMPING if relative_damping is None else relative_damping
     for method, pattern, allocation in runs:  # checked before the first run
         sparsity, kind = split_pattern(pattern)
-        layer_method, parsed, *_ = plan_layerwise(model, sparsity, kind, method, relative_damping=relative_damping,
-                                                  target=target, **method_options(method))
+        _, parsed, *_ = plan_layerwise(model, sparsity, kind, method, relative_damping=relative_damping,
+                                       target=target, **method_options(method))
         check_allocation(allocation, sparsity, parsed)
     plan_reconstruction(**reconstruction)
     started = time.perf_counter()

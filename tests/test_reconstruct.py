@@ -112,8 +112,12 @@ def test_the_command_line_reconstructs_and_refuses_where_it_does_not_apply(tmp_p
 def test_pieces_cut_a_transformer_call_along_its_batch_and_run_to_the_same_outputs():
     """A decoder layer run on the pieces of a captured call gives the call's output, piece by piece: per-sample
     tensors (hidden states, a 2-D mask) are cut, shared ones (rotary tables of batch 1, cache positions) are not."""
-    from brainsurgeon.drivers.activations import capture_block_inputs, model_calls
-    from brainsurgeon.drivers.reconstruct import first_output, pieces
+    from brainsurgeon.drivers.activations import (
+        capture_block_inputs,
+        first_output,
+        model_calls,
+    )
+    from brainsurgeon.drivers.reconstruct import pieces
 
     model, ids = tiny_llama(layers=1), token_ids(count=8, length=12)
     block = model.model.layers[0]

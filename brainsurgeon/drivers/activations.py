@@ -40,18 +40,16 @@ def repeated_blocks(model: nn.Module, layers: list) -> list:
     order: the instances of the most common module class (generic containers aside) that hold a layer without
     being one, such as a ResNet's residual blocks. Empty when no such class holds every layer, or when it has a
     single instance. The caller must check that each block's output is the next one's input (check_chained)."""
-    counts, holders = {}, {}
+    holders = {}
     for name, module in model.named_modules():
         if not name or name in layers or isinstance(module, GENERIC_CONTAINERS):
             continue
         held = [layer for layer in layers if layer.startswith(name + ".")]
         if held:
-            counts[type(module)] = counts.get(type(module), 0) + 1
             holders.setdefault(type(module), []).append((name, module, held))
-    if not counts:
+    if not holders:
         return []
-    kind = max(counts, key=counts.get)
-    chosen = holders[kind]
+    chosen = max(holders.values(), key=len)
     covered = sorted(layer for _, _, held in chosen for layer in held)
     if len(chosen) < 2 or covered != sorted(layers):
         return []
@@ -65,8 +63,7 @@ def check_chained(model: nn.Module, blocks: list, call) -> bool:
 
     def record(name):
         def hook(module, args, output):
-            seen.setdefault(name, []).append((args[0] if args else None, output[0] if isinstance(output, (tuple, list))
-                                              else output))
+            seen.setdefault(name, []).append((args[0] if args else None, first_output(output)))
         return hook
 
     handles = [module.register_forward_hook(record(name)) for name, module in blocks]
@@ -212,13 +209,14 @@ def _layout(module: nn.Module):
     return ("linear",)
 
 
+def first_output(out) -> torch.Tensor:
+    """A module's output hidden states: its first output when it returns a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def run_block(block, inputs) -> list:
-    """The block's output hidden states for each captured call (the first output when it returns a tuple)."""
-    outputs = []
-    for args, kwargs in inputs:
-        out = block(*args, **kwargs)
-        outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
-    return outputs
+    """The block's output hidden states for each captured call."""
+    return [first_output(block(*args, **kwargs)) for args, kwargs in inputs]
 
 
 def run_block_until(block, layer: nn.Module, inputs) -> None:

@@ -88,8 +88,8 @@ def exact_counts(sparsities: dict, sizes: dict, sparsity: float) -> dict:
     shift = (total - sum(sparsities[name] * sizes[name] for name in sizes)) / sum(sizes.values())
     wanted = {name: (sparsities[name] + shift) * sizes[name] for name in sizes}
     if any(not 0 <= value <= size - 1 for value, size in zip(wanted.values(), sizes.values())):
-        raise BrainSurgeonError(f"OWL's sparsities around {sparsity:g} leave a layer with every weight or none pruned; "
-                                "lower the sparsity or the spread")
+        raise BrainSurgeonError(f"the chosen sparsities around {sparsity:g} leave a layer with every weight or none "
+                                "pruned; lower the sparsity (or OWL's spread)")
     counts = {name: math.floor(value) for name, value in wanted.items()}
     by_remainder = sorted(sizes, key=lambda name: wanted[name] - counts[name], reverse=True)
     for name in by_remainder[: total - sum(counts.values())]:

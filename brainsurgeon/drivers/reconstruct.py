@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import validation
 from ..errors import BrainSurgeonError
-from .activations import StopForward, call_until_stopped
+from .activations import StopForward, call_until_stopped, first_output, run_block
 
 WINDOWS = ("none", "sublayer", "block")
 KEYWORDS = ("reconstruct", "reconstruct_epochs", "reconstruct_step")  # prune_layerwise's, and the flags' names
@@ -80,12 +80,7 @@ def plan_reconstruction(reconstruct: str = "none", reconstruct_epochs: int = Non
 
 
 def block_output(block: nn.Module, args, kwargs) -> torch.Tensor:
-    out = block(*args, **kwargs)
-    return first_output(out)
-
-
-def first_output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return first_output(block(*args, **kwargs))
 
 
 def fitted_children(block: nn.Module, pruned: list) -> list:
@@ -98,7 +93,8 @@ def dense_targets(block: nn.Module, dense_inputs: list, plan: Reconstruction, pr
     latter is the outputs themselves for 'block', and for 'sublayer' [(child name, its outputs per call)] in the
     order the block runs the children."""
     if plan.window != "sublayer":
-        outputs = run_outputs(block, dense_inputs)
+        with torch.no_grad():
+            outputs = run_block(block, dense_inputs)
         return outputs, outputs
     children = fitted_children(block, pruned)
     captured, order = {name: [] for name in children}, []
@@ -112,7 +108,8 @@ def dense_targets(block: nn.Module, dense_inputs: list, plan: Reconstruction, pr
 
     handles = [block.get_submodule(name).register_forward_hook(keep(name)) for name in children]
     try:
-        outputs = run_outputs(block, dense_inputs)
+        with torch.no_grad():
+            outputs = run_block(block, dense_inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -120,11 +117,6 @@ def dense_targets(block: nn.Module, dense_inputs: list, plan: Reconstruction, pr
         raise BrainSurgeonError("reconstruct='sublayer' needs each sub-layer to run once per block call; use "
                                 "reconstruct='block'")
     return outputs, [(name, captured[name]) for name in order]
-
-
-def run_outputs(block, calls) -> list:
-    with torch.no_grad():
-        return [block_output(block, *call) for call in calls]
 
 
 def reconstruct(block: nn.Module, masks: dict, inputs: list, targets, plan: Reconstruction) -> dict:

@@ -21,9 +21,8 @@ from torch.nn import functional as F
 from .. import validation
 from ..modes import evaluating
 from ..progress import progress_bar
-from .activations import model_calls
+from .activations import first_output, model_calls
 from .owl import exact_counts, input_norms
-from .reconstruct import first_output
 
 
 @dataclass(frozen=True)
