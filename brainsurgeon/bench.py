@@ -7,10 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from . import validation
 from .atomic import check_writable, write_text
 from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from .datasets.vision import Dataset, accuracy
+from .distributed import world
 from .drivers.layers import copy_model
 from .drivers.oneshot import prune
 from .drivers.plan import plan_run
@@ -298,7 +301,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         "settings": dict(methods=list(methods), sparsities=list(patterns), seeds=[0], relative_damping=relative_damping,
                          calib_samples=len(calibration), calib_windows=list(calibration.shape),
                          eval_windows=list(evaluation.shape), options=options, allocations=list(allocations),
-                         target=target,
+                         target=target, ranks=world().size, threads_per_rank=torch.get_num_threads(),
                          **reconstruction),
         "results": [],
         "complete": False,

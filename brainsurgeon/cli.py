@@ -5,7 +5,7 @@ import signal
 import sys
 import threading
 
-from . import bench, bench_plot, bench_structured, bench_structured_vision, validation
+from . import bench, bench_plot, bench_structured, bench_structured_vision
 from .atomic import check_outputs, outputs
 from .bench import DEFAULT_CALIB_SAMPLES
 from .cli_lm import (
@@ -15,7 +15,14 @@ from .cli_lm import (
     load_language_model,
     prune_language_model,
 )
-from .cli_options import add_option_flags, add_reconstruct_flags, given_options
+from .cli_options import (
+    add_option_flags,
+    add_reconstruct_flags,
+    calib_samples,
+    given_options,
+    max_memory,
+)
+from .cli_ranks import end_ranks, start_ranks
 from .cli_structured import (
     STRUCTURED_PATTERNS,
     bench_structured_language_model,
@@ -35,12 +42,11 @@ from .datasets.vision import (
     load_dataset,
 )
 from .demo import demo_setup
-from .drivers.layers import find_prunable
+from .distributed import DEFAULT_TIMEOUT, RankFailure, world
 from .drivers.oneshot import prune
-from .drivers.registry import needs_fisher
 from .drivers.sequential import ALLOCATIONS as LAYER_ALLOCATIONS
 from .drivers.settings import deprecated_scope
-from .drivers.stage import DEFAULT_DAMPING, DEFAULT_MAX_MEMORY, GIB, samples_that_fit
+from .drivers.stage import DEFAULT_DAMPING, DEFAULT_MAX_MEMORY
 from .drivers.structured import ALLOCATIONS, BIASES, ROW_WEIGHTS
 from .errors import BrainSurgeonError
 from .methods.units import SELECTIONS
@@ -90,6 +96,8 @@ def _add_common(parser):
     lm.add_argument("--relative-damp", type=float,
                     help="added to each layer's H = X X^T as a fraction of its mean diagonal (default 0.01; --damp "
                          "is the Fisher's absolute lambda)")
+    lm.add_argument("--rank-timeout", type=float, help="under torchrun: seconds a rank waits for the others before "
+                                                      f"the run ends on every rank (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--dataset", choices=sorted(DATASETS), help="the data of --data-dir (default mnist)")
     parser.add_argument("--data-dir", help="dataset folder (default: $BRAINSURGEON_DATA)")
     parser.add_argument("--calib-samples", type=int,
@@ -108,31 +116,6 @@ def _add_common(parser):
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument(TRUST_PICKLE_FLAG, action="store_true", help=TRUST_PICKLE_HELP)
     add_option_flags(parser)
-
-
-def _calib_samples(args, dataset, model, methods) -> tuple:
-    """(samples, why they were chosen or None). An explicit --calib-samples must exist in the data and is never
-    changed. The default, DEFAULT_CALIB_SAMPLES, shrinks to a small training split, and for a Fisher method to
-    the most per-sample gradients that fit --max-memory-gb (said on stderr)."""
-    if args.calib_samples is None:
-        wanted = min(DEFAULT_CALIB_SAMPLES, dataset.num_train)
-        if not any(needs_fisher(method) for method in methods):
-            return wanted, None
-        layers, _ = find_prunable(model, getattr(args, "include", None), getattr(args, "ignore", None) or ())
-        budget = _max_memory(args) or DEFAULT_MAX_MEMORY
-        fitting = samples_that_fit(layers, wanted, budget)
-        if fitting == wanted:
-            return wanted, None
-        weights = sum(layer.size for layer in layers)
-        why = (f"{fitting} calibration samples, not {wanted}: the most per-sample gradients of {weights} weights whose "
-               f"Fisher (one block per layer, streamed) fits {budget / GIB:g} GiB")
-        if not args.quiet:
-            print(f"brainsurgeon: chose {why}", file=sys.stderr, flush=True)
-        return fitting, why
-    if validation.count("calibration samples", args.calib_samples) > dataset.num_train:
-        raise BrainSurgeonError(f"not enough training samples: --calib-samples {args.calib_samples} requested, "
-                                f"{dataset.num_train} exist; lower --calib-samples")
-    return args.calib_samples, None
 
 
 def _load(args):
@@ -166,11 +149,11 @@ def _cmd_prune(args):
         report_path = staged.file(args.report) if args.report else None
         model, dataset = _load(args)
         calibration = dataset.calibration(dataset.num_train, args.seed)  # staged methods may draw fresh samples
-        samples, chosen = _calib_samples(args, dataset, model, [args.method or "cbs"])
+        samples, chosen = calib_samples(args, dataset, model, [args.method or "cbs"])
         result = prune(model, calibration, args.sparsity, args.method or "cbs",
                        num_samples=samples, damping=args.damp, seed=args.seed,
                        pattern=pattern, structure=args.structure, gradients=args.gradients,
-                       include=args.include, ignore=args.ignore or (), max_memory=_max_memory(args),
+                       include=args.include, ignore=args.ignore or (), max_memory=max_memory(args),
                        progress=not args.quiet, **given_options(args))
         dense_acc = accuracy(model, dataset.test_x, dataset.test_y)
         pruned_acc = accuracy(result.apply(model), dataset.test_x, dataset.test_y)
@@ -188,15 +171,13 @@ def _cmd_prune(args):
 
 
 def _finish_bench(report, args):
+    if world().rank != 0:  # under torchrun, rank 0 alone prints and writes
+        return
     print(bench.format_table(report))
     if args.json:  # checked before the first run, and rewritten by the bench after every run
         bench.write_json(report, args.json, overwrite=True)
     if args.plot:
         bench_plot.plot(report, args.plot, overwrite=args.overwrite)
-
-
-def _max_memory(args):
-    return None if args.max_memory_gb is None else args.max_memory_gb * GIB
 
 
 def _cmd_bench(args):
@@ -226,10 +207,10 @@ def _cmd_bench(args):
         return _finish_bench(bench_language_model(args, given_options(args)), args)
     model, dataset = _load(args)
     methods = args.methods.split(",")
-    samples, chosen = _calib_samples(args, dataset, model, methods)
+    samples, chosen = calib_samples(args, dataset, model, methods)
     report = bench.run_benchmark(model, dataset, methods, args.sparsities, args.seeds,
                                  samples, args.damp, model_name=args.model or "mlpnet",
-                                 progress=not args.quiet, max_memory=_max_memory(args) or DEFAULT_MAX_MEMORY,
+                                 progress=not args.quiet, max_memory=max_memory(args) or DEFAULT_MAX_MEMORY,
                                  structure=args.structure, gradients=args.gradients or "auto",
                                  json_path=args.json, overwrite=args.overwrite, **given_options(args))
     report["settings"]["calib_samples_chosen"] = chosen
@@ -374,7 +355,11 @@ def main(argv=None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live only there
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
+        start_ranks(args)
         args.run(args)
+    except RankFailure as error:
+        print(f"brainsurgeon: error: {error}", file=sys.stderr)
+        return 1
     except BrainSurgeonError as error:
         print(f"brainsurgeon: error: {error}", file=sys.stderr)
         return 2
@@ -390,6 +375,7 @@ def main(argv=None) -> int:
         print("brainsurgeon: terminated; partial outputs and scratch files were removed", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
+        end_ranks()
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0

@@ -3,7 +3,7 @@ text from the Wikipedia package or a file."""
 import json
 from pathlib import Path
 
-from . import bench, validation
+from . import bench, distributed, validation
 from .atomic import outputs
 from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from .datasets.text import EVAL_ARTICLES, perplexity, split_text, token_windows
@@ -93,8 +93,9 @@ def prune_language_model(args, options: dict):
     bench.check_lm_sweep([method], options)  # before any work
     if "seed" in bench.check_lm_sweep([method], {})[method]:
         options = dict(options, seed=args.seed)  # --seed also shuffles the calibration text
+    writes = distributed.world().rank == 0  # under torchrun, rank 0 alone writes (cli_ranks)
     with outputs(args.overwrite) as staged:  # every output checked before any work, published together
-        folder = staged.folder(args.out, inputs=language_model_inputs(args))
+        folder = staged.folder(args.out, inputs=language_model_inputs(args)) if writes else None
         report_path = staged.file(args.report) if args.report else None
         model, tokenizer, calibration, evaluation = load_language_model(args)
         result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern or "layer",
@@ -109,9 +110,12 @@ def prune_language_model(args, options: dict):
                   "text": _describe_text(args.text, _text_seed(args)),
                   "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape),
                   "note": bench.UNSTRUCTURED_NOTE}
-        write_pruned_folder(folder, model, tokenizer, result, report)
+        if writes:
+            write_pruned_folder(folder, model, tokenizer, result, report)
         if report_path:
             report_path.write_text(json.dumps(report, indent=2) + "\n")
+    if not writes:
+        return
     print(f"{method} {result.settings['pattern']}: pruned {result.num_pruned} of the {result.num_weights} weights "
           f"of {len(result.masks)} layers ({len(result.dense_layers)} modules left dense, listed in the report); "
           f"perplexity {dense:.2f} -> {pruned:.2f} in {result.timings['total']:.1f}s; wrote {args.out}")

@@ -3,10 +3,16 @@ stages' (registry.StageOptions): one flag per declared name, its help naming the
 defaults. A flag not given is left out, so the library's defaults apply, and one given that the chosen method does
 not declare is refused by the library, naming the ones it does."""
 import argparse
+import sys
 
+from . import validation
+from .bench import DEFAULT_CALIB_SAMPLES
+from .drivers.layers import find_prunable
 from .drivers.reconstruct import DEFAULT_EPOCHS, DEFAULT_STEP, WINDOWS
-from .drivers.registry import SELECTIONS, StageOptions, comma_numbers
+from .drivers.registry import SELECTIONS, StageOptions, comma_numbers, needs_fisher
+from .drivers.stage import DEFAULT_MAX_MEMORY, GIB, samples_that_fit
 from .drivers.tuning import Tuning
+from .errors import BrainSurgeonError
 from .methods.catalog import LAYER_METHODS
 from .methods.update import UPDATES
 
@@ -84,3 +90,32 @@ def add_reconstruct_flags(parser) -> None:
                                                                f"(default {DEFAULT_EPOCHS})")
     parser.add_argument("--reconstruct-step", type=float, help="with --reconstruct: Adam's step as a fraction of "
                                                                f"each layer's weight RMS (default {DEFAULT_STEP:g})")
+
+
+def calib_samples(args, dataset, model, methods) -> tuple:
+    """(samples, why they were chosen or None). An explicit --calib-samples must exist in the data and is never
+    changed. The default, DEFAULT_CALIB_SAMPLES, shrinks to a small training split, and for a Fisher method to
+    the most per-sample gradients that fit --max-memory-gb (said on stderr)."""
+    if args.calib_samples is None:
+        wanted = min(DEFAULT_CALIB_SAMPLES, dataset.num_train)
+        if not any(needs_fisher(method) for method in methods):
+            return wanted, None
+        layers, _ = find_prunable(model, getattr(args, "include", None), getattr(args, "ignore", None) or ())
+        budget = max_memory(args) or DEFAULT_MAX_MEMORY
+        fitting = samples_that_fit(layers, wanted, budget)
+        if fitting == wanted:
+            return wanted, None
+        weights = sum(layer.size for layer in layers)
+        why = (f"{fitting} calibration samples, not {wanted}: the most per-sample gradients of {weights} weights whose "
+               f"Fisher (one block per layer, streamed) fits {budget / GIB:g} GiB")
+        if not args.quiet:
+            print(f"brainsurgeon: chose {why}", file=sys.stderr, flush=True)
+        return fitting, why
+    if validation.count("calibration samples", args.calib_samples) > dataset.num_train:
+        raise BrainSurgeonError(f"not enough training samples: --calib-samples {args.calib_samples} requested, "
+                                f"{dataset.num_train} exist; lower --calib-samples")
+    return args.calib_samples, None
+
+
+def max_memory(args):
+    return None if args.max_memory_gb is None else args.max_memory_gb * GIB

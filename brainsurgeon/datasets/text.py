@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from .. import validation
+from ..distributed import sum_across_ranks, world
 from ..errors import BrainSurgeonError
 from ..progress import progress_bar
 
@@ -74,13 +75,16 @@ def token_windows(tokenizer, articles, count: int, length: int, seed=None) -> to
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 2, progress: bool = False) -> float:
-    """exp of the mean next-token loss over every window (each scored on its own, no context carried)."""
+    """exp of the mean next-token loss over every window (each scored on its own, no context carried). Under
+    torch.distributed each rank scores its share of the batches and the sums are added (every rank must call)."""
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for start in progress_bar(range(0, len(windows), batch_size), "perplexity", progress):
+        starts = world().shard(list(range(0, len(windows), batch_size)))
+        for start in progress_bar(starts, "perplexity", progress):
             batch = windows[start : start + batch_size]
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                            reduction="sum"))
             tokens += batch[:, 1:].numel()
+    total, tokens = (float(value) for value in sum_across_ranks(torch.tensor([total, tokens], dtype=torch.float64)))
     return math.exp(total / tokens)

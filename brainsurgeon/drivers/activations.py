@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..distributed import sum_across_ranks
 from ..errors import BrainSurgeonError, first_line
 from ..modes import evaluating
 from .calibration import ARRAYS, LIST_HINT, as_tensor, is_tensor_pair
@@ -179,6 +180,17 @@ class HessianRecorder:
         return record
 
 
+    def sum_across_ranks(self) -> None:
+        """Under torch.distributed, add the other ranks' sums (each rank ran its own shard of the calls): every
+        rank then holds the H of all the calls."""
+        for name in self.sums:
+            if self.sums[name] is None:
+                raise BrainSurgeonError(f"layer {name} never ran on the calibration data; leave it out with "
+                                        "ignore=[...]")
+            sum_across_ranks(self.sums[name])
+            sum_across_ranks(self.row_sums[name])
+            self.counts[name] = int(sum_across_ranks(torch.tensor(self.counts[name], dtype=torch.float64)))
+
     def hessian(self, name) -> torch.Tensor:
         hessian = self.sums[name] / self.counts[name]
         check_finite_hessian(hessian, name)
@@ -279,6 +291,9 @@ def cross_statistics(block, dense_block, name, inputs, dense_inputs) -> tuple:
     finally:
         for handle in handles:
             handle.remove()
+    for total in (hessian, cross, *sums):  # each rank ran its own shard of the calls
+        sum_across_ranks(total)
+    rows = int(sum_across_ranks(torch.tensor(rows, dtype=torch.float64)))
     hessian, cross = hessian / rows, cross / rows
     check_finite_hessian(hessian, name)
     check_finite_hessian(cross, name)

@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from .. import validation
+from .. import distributed, validation
 from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING, LayerObjective
 from ..errors import BrainSurgeonError, solver_errors_as_one_line
 from ..methods.budget import Budget
@@ -42,6 +42,7 @@ from .owl import owl_allocation
 from .reconstruct import dense_targets, plan_reconstruction, reconstruct
 from .result import PruneResult
 from .search_allocation import searched_allocation
+from .shared_solves import SharedSolves
 
 ALLOCATIONS = ("uniform", "owl", "search")
 OUTSIDE_BLOCKS = "outside the repeated blocks the layer-wise driver prunes (embeddings, stem, output head stay dense)"
@@ -88,11 +89,29 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     may also be a dict {layer name: sparsity} for 'layer' and 'row' patterns. `options` go to the method. The
     model is not modified: call `result.apply(model)`.
     """
-    refit = plan_reconstruction(reconstruct, reconstruct_epochs, reconstruct_step)  # checked before any work
-    layer_method, pattern, blocks, per_block, dense = plan_layerwise(
-        model, sparsity, pattern, method, relative_damping=relative_damping, blocks=blocks, include=include,
-        ignore=ignore, batch_size=batch_size, target=target, **options)
-    allocation = check_allocation(allocation, sparsity, pattern)
+    world, failure, calls = distributed.world(), None, None
+    arguments = dict(sparsity=sparsity, method=method, pattern=pattern, relative_damping=relative_damping,
+                     blocks=blocks, include=include, ignore=ignore, batch_size=batch_size, target=target,
+                     reconstruct=reconstruct, reconstruct_epochs=reconstruct_epochs,
+                     reconstruct_step=reconstruct_step, allocation=allocation, **options)
+    try:  # every argument checked before any work, on every rank
+        refit = plan_reconstruction(reconstruct, reconstruct_epochs, reconstruct_step)
+        if refit.active and world.active:
+            raise BrainSurgeonError(f"reconstruct='{refit.window}' runs in one process for now; run it without "
+                                    "torchrun, or drop reconstruct")
+        layer_method, pattern, blocks, per_block, dense = plan_layerwise(
+            model, sparsity, pattern, method, relative_damping=relative_damping, blocks=blocks, include=include,
+            ignore=ignore, batch_size=batch_size, target=target, **options)
+        allocation = check_allocation(allocation, sparsity, pattern)
+        if layer_method.needs_hessian or refit.active:
+            calls = model_calls(model, calibration, batch_size)
+            if len(calls) < world.size:
+                raise BrainSurgeonError(f"{len(calls)} calibration batches cannot be shared by {world.size} ranks; "
+                                        "pass more calibration data (--calib-seqs) or a smaller batch_size")
+    except BrainSurgeonError as error:
+        failure = error
+    distributed.agree(failure, _fingerprint(world, model, calls, arguments))
+    solves = SharedSolves(world)
     chose = time.perf_counter()
     allocation_figures = None
     if allocation == "owl":
@@ -113,27 +132,39 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     mark = time.perf_counter()
     with torch.no_grad(), evaluating(model):
         inputs = dense_inputs = None
-        if layer_method.needs_hessian or refit.active:
-            inputs = capture_block_inputs(model, blocks[0][1], model_calls(model, calibration, batch_size))
+        if calls is not None:  # each rank runs its own shard of the calls
+            inputs = capture_block_inputs(model, blocks[0][1], world.shard(calls))
             dense_inputs = inputs if to_dense or refit.active else None
         timings["capture"] = time.perf_counter() - mark
         bar = progress_bar(blocks, f"{layer_method.name} {pattern_name}", progress)
         for (block_name, block), layers in zip(bar, per_block):
             run = _prune_block_to_dense if to_dense else _prune_block
             inputs, dense_inputs = run(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings,
-                                       stats, masks, weights, (refit, refits, block_name))
+                                       stats, masks, weights, (refit, refits, block_name), solves)
     timings["total"] = time.perf_counter() - chose
     settings = dict(objective="layer", method=layer_method.name, pattern=pattern_name,
                     sparsity=_fraction_pruned(masks) if per_layer else pattern.sparsity, target=target,
                     allocation=allocation,
                     layer_sparsities=dict(sparsity) if per_layer else None, relative_damping=relative_damping,
                     blocks=[name for name, _ in blocks], layers=list(masks), **refit.settings(),
-                    num_calls=None if inputs is None else len(inputs), batch_size=batch_size,
+                    num_calls=None if calls is None else len(calls), batch_size=batch_size, ranks=world.size,
                     **layer_method.settings())
     return PruneResult(masks=masks, weights=weights, settings=settings, timings=timings,
                        stats={"layers": stats, **({"reconstruction": refits} if refit.active else {}),
                               **({"allocation": allocation_figures} if allocation_figures else {})},
                        dense_layers=dense)
+
+
+def _fingerprint(world, model, calls, arguments) -> dict | None:
+    """What must be the same on every rank: the arguments, the model's weights and the calibration (as sums)."""
+    if not world.active:
+        return None
+    with torch.no_grad():
+        weights = sum(float(value.double().sum()) for value in model.state_dict().values() if value.is_floating_point())
+        data = [float(value.double().sum()) for args, kwargs in calls or () for value in (*args, *kwargs.values())
+                if isinstance(value, torch.Tensor)]
+    return {**{name: repr(value) for name, value in arguments.items()}, "the model's weights (summed)": weights,
+            "the calibration (tensors, summed)": (len(data), sum(data))}
 
 
 def check_allocation(allocation: str, sparsity, pattern: Budget) -> str:
@@ -211,7 +242,7 @@ def plan_layerwise(model, sparsity, pattern, method, *, relative_damping=DEFAULT
 
 
 def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings, stats, masks, weights,
-                 reconstruction):
+                 reconstruction, solves):
     """Prune one block's layers from its (already pruned-upstream) inputs; return the next block's inputs (and,
     when reconstructing, the dense stream's)."""
     modules = dict(block.named_modules())
@@ -228,15 +259,20 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
             run_block(block, inputs)
         finally:
             recorder.close()
+        recorder.sum_across_ranks()
     timings["hessians"] += time.perf_counter() - mark
     originals = {}
     try:
-        for name, full_name, pattern in layers:
+        owners = solves.owners(layers, modules)
+        for (name, full_name, pattern), owner in zip(layers, owners):
             weight = modules[name].weight
             originals[name] = weight.detach().clone()
+            if owner != solves.world.rank:
+                continue
             hessian = recorder.hessian(name) if recorder else torch.eye(weight[0].numel(), dtype=torch.float64)
             _prune_layer(modules[name], full_name, LayerObjective(weight, hessian, relative_damping),
                          recorder is not None, layer_method, pattern, timings, stats, masks, weights)
+        solves.share(layers, owners, modules, masks, weights, stats)
         _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks, weights)
         mark = time.perf_counter()
         next_inputs = None if inputs is None else with_first(inputs, run_block(block, inputs))
@@ -247,7 +283,7 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
 
 
 def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings, stats, masks,
-                          weights, reconstruction):
+                          weights, reconstruction, solves):
     """target='dense': prune the block's layers one at a time, each towards the dense block's output of that layer
     (module docstring); return the next block's pruned and dense inputs."""
     modules = dict(block.named_modules())
@@ -259,9 +295,12 @@ def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, rel
             hessian, cross = cross_products(block, dense_block, name, inputs, dense_inputs)
             timings["hessians"] += time.perf_counter() - mark
             originals[name] = modules[name].weight.detach().clone()
-            objective = LayerObjective.reproducing(modules[name].weight, hessian, cross, relative_damping)
-            _prune_layer(modules[name], full_name, objective, True, layer_method, pattern, timings, stats, masks,
-                         weights)
+            owners = solves.owners([(name, full_name, pattern)], modules)  # in turn: each layer's inputs need the last
+            if owners[0] == solves.world.rank:
+                objective = LayerObjective.reproducing(modules[name].weight, hessian, cross, relative_damping)
+                _prune_layer(modules[name], full_name, objective, True, layer_method, pattern, timings, stats, masks,
+                             weights)
+            solves.share([(name, full_name, pattern)], owners, modules, masks, weights, stats)
         mark = time.perf_counter()
         dense_outputs, targets = dense_targets(dense_block, dense_inputs, reconstruction[0],
                                                [name for name, *_ in layers])
