@@ -292,7 +292,9 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         check_allocation(allocation, sparsity, parsed)
     plan_reconstruction(**reconstruction)
     started = time.perf_counter()
-    dense = perplexity(model, evaluation, progress=progress)
+    stored = next(model.parameters()).dtype
+    # scored in float32 whatever the weights are stored in while pruning
+    dense = perplexity(model if stored == torch.float32 else copy_model(model).float(), evaluation, progress=progress)
     report = {
         "model": model_name,
         "dataset": text_source,
@@ -301,7 +303,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         "settings": dict(methods=list(methods), sparsities=list(patterns), seeds=[0], relative_damping=relative_damping,
                          calib_samples=len(calibration), calib_windows=list(calibration.shape),
                          eval_windows=list(evaluation.shape), options=options, allocations=list(allocations),
-                         target=target, ranks=world().size, threads_per_rank=torch.get_num_threads(),
+                         target=target, dtype=str(stored).removeprefix("torch."), ranks=world().size, threads_per_rank=torch.get_num_threads(),
                          **reconstruction),
         "results": [],
         "complete": False,
@@ -312,7 +314,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         measured = measure_run(model, lambda: prune_layerwise(
             model, calibration, sparsity, method, pattern=kind, relative_damping=relative_damping, progress=progress,
             allocation=allocation, target=target, **reconstruction, **method_options(method)),
-            lambda pruned: perplexity(pruned, evaluation, progress=progress))
+            lambda pruned: perplexity(pruned.float(), evaluation, progress=progress))
         row = dict(method=method, sparsity=pattern, seed=0, allocation=allocation, perplexity=measured.pop("score"),
                    **measured)
         report["settings"]["wall_seconds"] = time.perf_counter() - started

@@ -3,6 +3,8 @@ text from the Wikipedia package or a file."""
 import json
 from pathlib import Path
 
+import torch
+
 from . import bench, distributed, validation
 from .atomic import outputs
 from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
@@ -14,7 +16,7 @@ from .errors import BrainSurgeonError
 from .models.hf import load_causal_lm, write_pruned_folder
 
 # The language-model flags and their defaults (None on the parser: a vision run refuses them when given).
-LM_DEFAULTS = dict(text="wiki", calib_seqs=64, seq_len=512, eval_windows=32, target="layer",
+LM_DEFAULTS = dict(text="wiki", calib_seqs=64, seq_len=512, eval_windows=32, target="layer", dtype="float32",
                    relative_damp=DEFAULT_RELATIVE_DAMPING, reconstruct=None, reconstruct_epochs=None,
                    reconstruct_step=None)
 # Flags of the Fisher objective's runs, refused with --hf-model when given.
@@ -39,7 +41,7 @@ def check_flags(args, language_model: bool, also=()) -> None:
 
 def load_language_model(args):
     """Model, tokenizer, calibration windows (seeded shuffle of the calibration articles) and evaluation windows."""
-    model, tokenizer = load_causal_lm(args.hf_model, progress=not args.quiet)
+    model, tokenizer = load_causal_lm(args.hf_model, progress=not args.quiet, dtype=getattr(torch, args.dtype))
     longest = getattr(model.config, "max_position_embeddings", None)
     if longest and validation.count("--seq-len", args.seq_len, minimum=2) > longest:
         raise BrainSurgeonError(f"--seq-len {args.seq_len} is longer than the model's {longest} positions; "
@@ -103,9 +105,12 @@ def prune_language_model(args, options: dict):
                                  **reconstruction_of(args),
                                  relative_damping=args.relative_damp,
                                  include=args.include, ignore=args.ignore or (), progress=not args.quiet, **options)
+        stored = model.dtype
+        model.float()  # scored in float32, whatever the weights are stored in
         dense = perplexity(model, evaluation, progress=not args.quiet)
         result.apply(model)
         pruned = perplexity(model, evaluation, progress=not args.quiet)
+        model.to(stored)
         report = {**result.report(), "dense_perplexity": dense, "perplexity": pruned,
                   "text": _describe_text(args.text, _text_seed(args)),
                   "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape),

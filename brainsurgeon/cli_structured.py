@@ -40,7 +40,8 @@ def check_structured_flags(args, options: dict) -> None:
         raise BrainSurgeonError(f"--pattern {args.pattern} prunes a language model's units; pass --hf-model (vision "
                                 "models prune weights: --pattern global, layer, row or N:M)")
     unused = [flag for flag, value in (("--include", args.include), ("--ignore", args.ignore)) if value is not None]
-    unused += [f"--{name.replace('_', '-')}" for name in RECONSTRUCT_KEYWORDS if getattr(args, name, None) is not None]
+    unused += [f"--{name.replace('_', '-')}" for name in (*RECONSTRUCT_KEYWORDS, "dtype")
+               if getattr(args, name, None) is not None]
     unused += ["--" + name.replace("_", "-") for name in options]
     unused += [f"--{name.replace('_', '-')}" for name in ("damp", "structure", "gradients", "max_memory_gb")
                if vision and getattr(args, name, None) is not None]
@@ -124,7 +125,8 @@ def check_structured_bench_flags(args, options: dict) -> None:
             "a language model's units; pass --hf-model"))
     unused = ["--" + name.replace("_", "-") for name in options]
     unused += ["--seeds"] if args.seeds != [0] and not vision else []
-    unused += [f"--{name.replace('_', '-')}" for name in RECONSTRUCT_KEYWORDS if getattr(args, name, None) is not None]
+    unused += [f"--{name.replace('_', '-')}" for name in (*RECONSTRUCT_KEYWORDS, "dtype")
+               if getattr(args, name, None) is not None]
     unused += [f"--{name.replace('_', '-')}" for name in ("damp", "structure", "gradients", "max_memory_gb")
                if vision and getattr(args, name, None) is not None]
     if unused:

@@ -96,9 +96,9 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                      reconstruct_step=reconstruct_step, allocation=allocation, **options)
     try:  # every argument checked before any work, on every rank
         refit = plan_reconstruction(reconstruct, reconstruct_epochs, reconstruct_step)
-        if refit.active and world.active:
-            raise BrainSurgeonError(f"reconstruct='{refit.window}' runs in one process for now; run it without "
-                                    "torchrun, or drop reconstruct")
+        if refit.active and (world.active or _stored_in(model) != torch.float32):
+            raise BrainSurgeonError(f"reconstruct='{refit.window}' runs in one process on float32 weights for now; "
+                                    "run it without torchrun on a float32 model, or drop reconstruct")
         layer_method, pattern, blocks, per_block, dense = plan_layerwise(
             model, sparsity, pattern, method, relative_damping=relative_damping, blocks=blocks, include=include,
             ignore=ignore, batch_size=batch_size, target=target, **options)
@@ -153,6 +153,12 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                        stats={"layers": stats, **({"reconstruction": refits} if refit.active else {}),
                               **({"allocation": allocation_figures} if allocation_figures else {})},
                        dense_layers=dense)
+
+
+def _stored_in(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (float32 when they are mixed)."""
+    kinds = {value.dtype for value in model.parameters() if value.is_floating_point()}
+    return kinds.pop() if len(kinds) == 1 else torch.float32
 
 
 def _fingerprint(world, model, calls, arguments) -> dict | None:
@@ -339,9 +345,9 @@ def _prune_layer(module, full_name, objective, has_hessian, layer_method, patter
     mark = time.perf_counter()
     shape = module.weight.shape
     pruned, new = layer_method.prune(objective, pattern)
-    module.weight.copy_(new.reshape(shape))
+    module.weight.copy_(new.reshape(shape))  # rounded to the weights' storage dtype, if not float32
     masks[f"{full_name}.weight"] = ~pruned.reshape(shape)
-    weights[f"{full_name}.weight"] = new.reshape(shape).clone()
+    weights[f"{full_name}.weight"] = new = module.weight.detach().clone()
     seconds = time.perf_counter() - mark
     timings["prune"] += seconds
     entry = {"seconds": seconds}

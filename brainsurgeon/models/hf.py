@@ -71,16 +71,17 @@ def _load_failure(what: str, path, error: BaseException, fix: str) -> BrainSurge
     return BrainSurgeonError(f"cannot load {what} {path}: {first_line(error)[:300]}; {fix}")
 
 
-def load_causal_lm(directory, progress: bool = False):
-    """(model in eval mode, float32, on the CPU; tokenizer) from a local folder, never from a hub. A model whose
-    predictions depend on later tokens (an encoder such as BERT) is refused: perplexity needs a causal model."""
+def load_causal_lm(directory, progress: bool = False, dtype: torch.dtype = torch.float32):
+    """(model in eval mode, its weights in `dtype`, on the CPU; tokenizer) from a local folder, never from a hub. A
+    model whose predictions depend on later tokens (an encoder such as BERT) is refused: perplexity needs a causal
+    model."""
     directory = Path(directory)
     _check_model_folder(directory)
     transformers = _transformers(progress)
     try:
         with _library_output(progress):
             model, loading = transformers.AutoModelForCausalLM.from_pretrained(
-                directory, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+                directory, dtype=dtype, local_files_only=True, output_loading_info=True)
             tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except BrainSurgeonError:
         raise
