@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost bench-structured-reload bench-lm-reconstruct bench-lm-reconstruct-table bench-lm-peers
+.PHONY: bench-lm-ranks install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost bench-structured-reload bench-lm-reconstruct bench-lm-reconstruct-table bench-lm-peers
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -121,6 +121,26 @@ $(PEERS)/.installed: pyproject.toml
 	touch $@
 bench-lm-peers: $(PEERS)/.installed $(LM_DIR)/config.json
 	$(PEERS)/bin/python benchmarks/llmcompressor_peer.py 0.5,2:4,0.7 --json bench/smollm2_fit_peers.json
+
+# Issue 25: the same prunes in one process and on 2 torchrun ranks (gloo), one thread each, and in bfloat16 storage;
+# bench/smollm2_ranks.json has the masks' agreement, perplexity, the prunes' seconds and peak memory of each pair.
+RANKS_DIR := models/ranks
+LM_PRUNE = $(BIN)/brainsurgeon prune --overwrite --quiet --hf-model $(LM_DIR) --calib-seqs 64 --seq-len 512 --eval-windows 32
+ONE_RANK = OMP_NUM_THREADS=1
+TWO_RANKS = OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 2 --no-python
+bench-lm-ranks: $(LM_DIR)/config.json
+	$(ONE_RANK) $(LM_PRUNE) --method sparsegpt --pattern 2:4 --out $(RANKS_DIR)/sparsegpt_24_r1
+	$(TWO_RANKS) $(LM_PRUNE) --method sparsegpt --pattern 2:4 --out $(RANKS_DIR)/sparsegpt_24_r2
+	$(ONE_RANK) $(LM_PRUNE) --method sparsegpt --pattern 2:4 --dtype bfloat16 --out $(RANKS_DIR)/sparsegpt_24_bf16
+	$(ONE_RANK) $(LM_PRUNE) --method admm --pattern 2:4 --out $(RANKS_DIR)/admm_24_r1
+	$(TWO_RANKS) $(LM_PRUNE) --method admm --pattern 2:4 --out $(RANKS_DIR)/admm_24_r2
+	$(ONE_RANK) $(LM_PRUNE) --method admm --sparsity 0.5 --out $(RANKS_DIR)/admm_050_r1
+	$(TWO_RANKS) $(LM_PRUNE) --method admm --sparsity 0.5 --out $(RANKS_DIR)/admm_050_r2
+	$(BIN)/python benchmarks/compare_ranks.py --json bench/smollm2_ranks.json \
+	  "sparsegpt 2:4, 2 ranks" $(RANKS_DIR)/sparsegpt_24_r1 $(RANKS_DIR)/sparsegpt_24_r2 \
+	  "sparsegpt 2:4, bfloat16" $(RANKS_DIR)/sparsegpt_24_r1 $(RANKS_DIR)/sparsegpt_24_bf16 \
+	  "admm 2:4, 2 ranks" $(RANKS_DIR)/admm_24_r1 $(RANKS_DIR)/admm_24_r2 \
+	  "admm 0.5, 2 ranks" $(RANKS_DIR)/admm_050_r1 $(RANKS_DIR)/admm_050_r2
 
 # The structured tables (issue 23): the baselines shrink the MLPs with the same fraction in every block; ours spends
 # the same parameter budget by the error curves. Fractions are of the blocks' parameters; the same windows as

@@ -100,18 +100,20 @@ def prune_language_model(args, options: dict):
         folder = staged.folder(args.out, inputs=language_model_inputs(args)) if writes else None
         report_path = staged.file(args.report) if args.report else None
         model, tokenizer, calibration, evaluation = load_language_model(args)
+        bench.reset_peak_memory()
         result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern or "layer",
                                  target=args.target, allocation=allocation,
                                  **reconstruction_of(args),
                                  relative_damping=args.relative_damp,
                                  include=args.include, ignore=args.ignore or (), progress=not args.quiet, **options)
+        peak = bench.peak_memory_bytes()
         stored = model.dtype
         model.float()  # scored in float32, whatever the weights are stored in
         dense = perplexity(model, evaluation, progress=not args.quiet)
         result.apply(model)
         pruned = perplexity(model, evaluation, progress=not args.quiet)
         model.to(stored)
-        report = {**result.report(), "dense_perplexity": dense, "perplexity": pruned,
+        report = {**result.report(), "dense_perplexity": dense, "perplexity": pruned, "prune_peak_rss_bytes": peak,
                   "text": _describe_text(args.text, _text_seed(args)),
                   "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape),
                   "note": bench.UNSTRUCTURED_NOTE}

@@ -148,6 +148,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                     layer_sparsities=dict(sparsity) if per_layer else None, relative_damping=relative_damping,
                     blocks=[name for name, _ in blocks], layers=list(masks), **refit.settings(),
                     num_calls=None if calls is None else len(calls), batch_size=batch_size, ranks=world.size,
+                    dtype=str(_stored_in(model)).removeprefix("torch."),
                     **layer_method.settings())
     return PruneResult(masks=masks, weights=weights, settings=settings, timings=timings,
                        stats={"layers": stats, **({"reconstruction": refits} if refit.active else {}),
