@@ -2,6 +2,7 @@
 import torch.distributed as dist
 
 from . import distributed, validation
+from .cli_structured import STRUCTURED_PATTERNS
 from .errors import BrainSurgeonError
 
 SHARED_COMMANDS = ("prune", "bench")  # with --hf-model: the layer-wise driver shares its work among the ranks
@@ -15,9 +16,11 @@ def start_ranks(args) -> distributed.World:
         if getattr(args, "rank_timeout", None) is not None:
             raise BrainSurgeonError("--rank-timeout applies under torchrun (several ranks); drop it")
         return distributed.world()
-    if args.command not in SHARED_COMMANDS or not getattr(args, "hf_model", None):
-        raise BrainSurgeonError(f"under torchrun, brainsurgeon runs {' and '.join(SHARED_COMMANDS)} with --hf-model; "
-                                "run other commands in one process (python -m brainsurgeon or brainsurgeon)")
+    structured = getattr(args, "pattern", None) in STRUCTURED_PATTERNS
+    if args.command not in SHARED_COMMANDS or not getattr(args, "hf_model", None) or structured:
+        raise BrainSurgeonError(f"under torchrun, brainsurgeon runs {' and '.join(SHARED_COMMANDS)} with --hf-model, "
+                                "pruning weights (not a structured --pattern); run this in one process "
+                                "(brainsurgeon, without torchrun)")
     timeout = distributed.DEFAULT_TIMEOUT if args.rank_timeout is None else args.rank_timeout
     world = distributed.join(validation.number("--rank-timeout", timeout, low=0, low_open=True, high=86400))
     if world.rank != 0:

@@ -129,3 +129,13 @@ def test_the_command_line_under_torchrun_writes_once_what_one_process_writes(tmp
 def test_rank_timeout_without_torchrun_is_refused(capsys):
     assert main(["prune", "--hf-model", "x", "--sparsity", "0.5", "--out", "y", "--rank-timeout", "5"]) == 2
     assert "--rank-timeout applies under torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["prune", "--hf-model", "x", "--pattern", "heads", "--sparsity", "0.3"],
+                                  ["prune", "--model", "mlpnet", "--checkpoint", "x.pt", "--sparsity", "0.5"],
+                                  ["table", "x.json"]])
+def test_commands_that_do_not_share_their_work_are_refused_under_torchrun(argv, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: refused before joining any rank
+    out = [] if argv[0] == "table" else ["--out", str(tmp_path / "out")]
+    assert main([*argv, *out]) == 2
+    assert "under torchrun, brainsurgeon runs prune and bench with --hf-model" in capsys.readouterr().err

@@ -7,12 +7,12 @@ MAX_LINES = 400
 # Lower layers never import higher ones: the basics; curvature, models and datasets; the methods; the drivers;
 # bench and the demo; the command line.
 LAYERS = [
-    {"errors", "validation", "progress", "atomic", "modes"},
+    {"errors", "validation", "progress", "atomic", "modes", "distributed"},
     {"curvature", "models", "datasets"},
     {"methods"},
     {"drivers"},
     {"bench", "bench_plot", "bench_structured", "bench_structured_vision", "demo"},
-    {"cli", "cli_lm", "cli_options", "cli_structured", "cli_table"},
+    {"cli", "cli_lm", "cli_options", "cli_ranks", "cli_structured", "cli_table", "__main__"},
 ]
 
 
