@@ -4,6 +4,7 @@ run on the other with its name, ranks given other data are refused, and the comm
 import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -139,3 +140,29 @@ def test_commands_that_do_not_share_their_work_are_refused_under_torchrun(argv, 
     out = [] if argv[0] == "table" else ["--out", str(tmp_path / "out")]
     assert main([*argv, *out]) == 2
     assert "under torchrun, brainsurgeon runs prune and bench with --hf-model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_leaves_no_scratch(tmp_path):
+    folder, text = lm_folder(tmp_path, tiny_llama(layers=8, hidden=256))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "brainsurgeon", "prune", "--hf-model", str(folder), "--text", str(text), "--calib-seqs", "32",
+               "--seq-len", "64", "--eval-windows", "4", "--method", "admm", "--sparsity", "0.5", "--target", "dense",
+               "--quiet", "--out", str(runs / "pruned"), "--report", str(runs / "report.json")]
+    launcher = subprocess.Popen(command, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not list(runs.iterdir()) and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.05)
+        assert list(runs.iterdir()), "rank 0 never staged its outputs"
+        time.sleep(1.0)  # into the prune
+        assert launcher.poll() is None, "the run ended before it could be stopped"
+        launcher.send_signal(signal.SIGTERM)
+        launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert launcher.returncode != 0
+    assert list(runs.iterdir()) == []
