@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: bench-lm-ranks install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost bench-structured-reload bench-lm-reconstruct bench-lm-reconstruct-table bench-lm-peers
+.PHONY: bench-lm-ranks bench-cost-size install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost bench-structured-reload bench-lm-reconstruct bench-lm-reconstruct-table bench-lm-peers
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -141,6 +141,16 @@ bench-lm-ranks: $(LM_DIR)/config.json
 	  "sparsegpt 2:4, bfloat16" $(RANKS_DIR)/sparsegpt_24_r1 $(RANKS_DIR)/sparsegpt_24_bf16 \
 	  "admm 2:4, 2 ranks" $(RANKS_DIR)/admm_24_r1 $(RANKS_DIR)/admm_24_r2 \
 	  "admm 0.5, 2 ranks" $(RANKS_DIR)/admm_050_r1 $(RANKS_DIR)/admm_050_r2
+
+# Issue 25's cost against size: sparsegpt and admm at 2:4 on random-weight Llama shapes of 135M, 360M and 1.1B
+# parameters in bfloat16 (cost only: no perplexity), each run its own process; then the fitted cost model.
+COST_SIZES ?= 135M 360M 1.1B
+bench-cost-size:
+	mkdir -p bench/cost_size
+	for size in $(COST_SIZES); do for method in sparsegpt admm; do \
+	  $(BIN)/python benchmarks/cost_vs_size.py run $$size $$method 2:4 --json bench/cost_size/$${size}_$$method.json \
+	  || exit 1; done; done
+	$(BIN)/python benchmarks/cost_vs_size.py fit bench/cost_size/*.json --json bench/cost_vs_size.json
 
 # The structured tables (issue 23): the baselines shrink the MLPs with the same fraction in every block; ours spends
 # the same parameter budget by the error curves. Fractions are of the blocks' parameters; the same windows as
