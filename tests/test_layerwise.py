@@ -22,6 +22,7 @@ from brainsurgeon.curvature.quadratic import Quadratic
 from brainsurgeon.drivers.activations import (
     capture_block_inputs,
     find_blocks,
+    input_groups,
     model_calls,
 )
 from brainsurgeon.drivers.sequential import prune_layerwise
@@ -368,3 +369,14 @@ def test_per_layer_sparsities_are_exact_and_checked():
         prune_layerwise(model, inputs, {"0": 0.5, "2": 0.5}, "sparsegpt", pattern="2:4", progress=False)
     with pytest.raises(BrainSurgeonError, match="target"):
         prune_layerwise(model, inputs, 0.5, "sparsegpt", target="teacher", progress=False)
+
+
+def test_layers_fed_one_tensor_are_grouped_so_the_dense_target_records_their_products_once():
+    model = tiny_llama()
+    block = model.model.layers[0]
+    names = [name for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)]
+    call = capture_block_inputs(model, block, model_calls(model, torch.randint(0, 96, (2, 8)), 2))[0]
+    groups = input_groups(block, names, call)
+    assert groups == {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
+                      "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
+                      "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}

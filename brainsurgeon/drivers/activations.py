@@ -257,6 +257,32 @@ def with_first(inputs, hidden) -> list:
     return [((h, *args[1:]), kwargs) for (args, kwargs), h in zip(inputs, hidden)]
 
 
+def input_groups(block: nn.Module, names: list, call) -> dict:
+    """{layer name: the first of `names` fed the very same input tensor} on one call of `block`: layers fed one
+    tensor (a transformer's q, k and v projections; an MLP's gate and up) see the same X however the others of their
+    group are pruned, since that tensor exists before any of them runs."""
+    modules, fed = dict(block.named_modules()), {}
+
+    def record(name):
+        def hook(module, args):
+            fed.setdefault(name, args[0])
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(record(name)) for name in names]
+    try:
+        with torch.no_grad():
+            block(*call[0], **call[1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups = {}
+    for name in names:
+        leader = next((other for other in names[: names.index(name)]
+                       if other in fed and name in fed and fed[other] is fed[name]), name)
+        groups[name] = groups.get(leader, leader)
+    return groups
+
+
 def cross_products(block, dense_block, name, inputs, dense_inputs) -> tuple:
     """(X_p X_p^T / N, X_p X_d^T / N) of layer `name`: X_p its inputs in `block` on the pruned stream, X_d in
     `dense_block` on the dense stream, row for row. Each forward pass stops once the layer has its input."""

@@ -33,6 +33,7 @@ from .activations import (
     capture_block_inputs,
     cross_products,
     find_blocks,
+    input_groups,
     model_calls,
     run_block,
     with_first,
@@ -295,11 +296,14 @@ def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, rel
     (module docstring); return the next block's pruned and dense inputs."""
     modules = dict(block.named_modules())
     dense_block = copy.deepcopy(block)
-    originals = {}
+    originals, products = {}, {}
     try:
+        groups = input_groups(block, [name for name, *_ in layers], inputs[0])
         for name, full_name, pattern in layers:
             mark = time.perf_counter()
-            hessian, cross = cross_products(block, dense_block, name, inputs, dense_inputs)
+            if groups[name] not in products:  # the group's first layer: none of the group is pruned yet
+                products[groups[name]] = cross_products(block, dense_block, name, inputs, dense_inputs)
+            hessian, cross = products[groups[name]]
             timings["hessians"] += time.perf_counter() - mark
             originals[name] = modules[name].weight.detach().clone()
             owners = solves.owners([(name, full_name, pattern)], modules)  # in turn: each layer's inputs need the last
