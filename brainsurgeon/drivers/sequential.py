@@ -90,6 +90,11 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     drivers/search_allocation.py), both with the global count exact, for patterns 'layer' and 'row'. `sparsity`
     may also be a dict {layer name: sparsity} for 'layer' and 'row' patterns. `options` go to the method. The
     model is not modified: call `result.apply(model)`.
+
+    Weights stored in bfloat16 or float16 stay so (H and the solves are float32). When the default process group
+    of torch.distributed is initialised (torchrun; brainsurgeon.distributed.join), every rank must call this with
+    the same arguments: each runs its share of the calibration calls and of each block's layer solves
+    (drivers/shared_solves.py), and every rank gets the same result.
     """
     world, failure, calls = distributed.world(), None, None
     arguments = dict(sparsity=sparsity, method=method, pattern=pattern, relative_damping=relative_damping,
