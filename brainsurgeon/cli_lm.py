@@ -41,7 +41,8 @@ def check_flags(args, language_model: bool, also=()) -> None:
 
 def load_language_model(args):
     """Model, tokenizer, calibration windows (seeded shuffle of the calibration articles) and evaluation windows."""
-    model, tokenizer = load_causal_lm(args.hf_model, progress=not args.quiet, dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, getattr(args, "dtype", None) or LM_DEFAULTS["dtype"])  # scripts pass no --dtype
+    model, tokenizer = load_causal_lm(args.hf_model, progress=not args.quiet, dtype=dtype)
     longest = getattr(model.config, "max_position_embeddings", None)
     if longest and validation.count("--seq-len", args.seq_len, minimum=2) > longest:
         raise BrainSurgeonError(f"--seq-len {args.seq_len} is longer than the model's {longest} positions; "
