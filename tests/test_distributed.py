@@ -50,6 +50,11 @@ def torchrun(*args, timeout=120):
                            *map(str, args)], env=ONE_THREAD, capture_output=True, text=True, timeout=timeout)
 
 
+def assert_same_result(first: dict, second: dict) -> None:
+    for name, mask in first["masks"].items():
+        assert torch.equal(second["masks"][name], mask) and torch.equal(second["weights"][name], first["weights"][name])
+
+
 def one_process(method, pattern, target="layer"):
     sys.path.insert(0, str(RANK_SCRIPT.parent))
     try:
@@ -66,6 +71,7 @@ def test_two_ranks_prune_as_one_process_does(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     shared, alone = torch.load(out, weights_only=True), one_process("sparsegpt", "2:4")
     assert shared["ranks"] == 2
+    assert_same_result(shared, torch.load(f"{out}.rank1", weights_only=True))  # every rank holds the same result
     agreeing = sum(int((shared["masks"][name] == mask).sum()) for name, mask in alone.masks.items())
     assert agreeing >= 0.9999 * sum(mask.numel() for mask in alone.masks.values())
     for name, weight in alone.weights.items():  # the H differ by the order of the ranks' float64 sums only
@@ -80,6 +86,24 @@ def test_two_ranks_prune_to_the_dense_target_as_one_process_does(tmp_path):
     shared, alone = torch.load(out, weights_only=True), one_process("admm", "2:4", "dense")
     for name, mask in alone.masks.items():
         assert float((shared["masks"][name] == mask).float().mean()) >= 0.9999, name
+
+
+@pytest.mark.slow
+def test_block_reconstruction_on_two_ranks_takes_the_same_steps_on_each(tmp_path):
+    out = tmp_path / "ranks.pt"
+    done = torchrun(RANK_SCRIPT, out, "--method", "sparsegpt", "--pattern", "2:4", "--reconstruct", "block")
+    assert done.returncode == 0, done.stderr[-2000:]
+    shared = torch.load(out, weights_only=True)
+    assert_same_result(shared, torch.load(f"{out}.rank1", weights_only=True))  # gradients averaged over the ranks
+    for name, mask in shared["masks"].items():
+        assert torch.all((~mask).reshape(mask.shape[0], -1, 4).sum(-1) == 2)
+        assert torch.all(shared["weights"][name][~mask] == 0)
+    for figures in shared["reconstruction"].values():  # judged on every rank's held-out calls
+        assert figures["held_out_after"] <= figures["held_out_before"]
+    first = one_process("sparsegpt", "2:4")  # the first block is pruned before any fit: the same masks
+    for name, mask in first.masks.items():
+        if name.startswith("model.layers.0."):
+            assert torch.equal(shared["masks"][name], mask)
 
 
 def free_port() -> int:

@@ -17,6 +17,10 @@ The window is the whole block ('block') or each of its sub-layers ('sublayer': e
 that holds pruned layers, such as a transformer's attention and MLP, in the order the block runs them). A
 sub-layer is fitted to the dense sub-layer's output on the dense stream, from its inputs on the pruned stream as
 the sub-layers refitted before it leave them.
+
+Under torch.distributed each rank cuts its own share of the calls into pieces (the ranks' pieces together about
+as many as one process's), averages the gradients over the ranks before every step and judges the held-out error
+on every rank's held-out pieces, so that all ranks take the same steps and keep the same weights.
 """
 import time
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import validation
+from ..distributed import gather_objects, sum_across_ranks, world
 from ..errors import BrainSurgeonError
 from .activations import StopForward, call_until_stopped, first_output, run_block
 
@@ -77,6 +82,13 @@ def plan_reconstruction(reconstruct: str = "none", reconstruct_epochs: int = Non
                                 f"(or 'sublayer') or drop {' and '.join(given)}")
     return Reconstruction(reconstruct or "none", DEFAULT_EPOCHS if reconstruct_epochs is None else reconstruct_epochs,
                           DEFAULT_STEP if reconstruct_step is None else reconstruct_step)
+
+
+def _fewest(count: int) -> int:
+    """The least of `count` over the ranks."""
+    if not world().active:
+        return count
+    return min(int(value) for value in gather_objects(count))
 
 
 def block_output(block: nn.Module, args, kwargs) -> torch.Tensor:
@@ -138,10 +150,9 @@ def reconstruct(block: nn.Module, masks: dict, inputs: list, targets, plan: Reco
 def pieces(calls: list, targets: list, count: int = PIECES) -> tuple:
     """The calls and their targets cut along the batch dimension into pieces of about equal size, about `count` in
     all (whole samples; each call into a whole number of nearly equal pieces): each piece is one Adam step or one
-    held-out judgement.
-    The batch dimension is the first tensor argument's first one; every other tensor (in the arguments, keyword arguments
-    and tuples of them) of at least two dimensions whose first dimension is the same is cut with it, and the rest
-    (positions shared by the batch, flags) are handed to every piece."""
+    held-out judgement. The batch dimension is the first tensor argument's first one; every other tensor (in the
+    arguments, keyword arguments and tuples of them) of at least two dimensions whose first dimension is the same
+    is cut with it, and the rest (positions shared by the batch, flags) are handed to every piece."""
     sizes = [_batch_size(call) for call in calls]
     size = max(1, sum(sizes) / count)
     cut_calls, cut_targets = [], []
@@ -196,9 +207,13 @@ def _child_inputs(block, child, inputs) -> list:
 
 
 def _error(block, calls, targets) -> float:
+    """The mean squared output error over the calls, of every rank's calls under torch.distributed."""
     with torch.no_grad():
-        return sum(float((block_output(block, *call) - target).double().pow(2).sum())
-                   for call, target in zip(calls, targets)) / sum(target.numel() for target in targets)
+        total = sum(float((block_output(block, *call) - target).double().pow(2).sum())
+                    for call, target in zip(calls, targets))
+    total, count = sum_across_ranks(torch.tensor([total, sum(target.numel() for target in targets)],
+                                                 dtype=torch.float64)).tolist()
+    return total / count
 
 
 def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list, plan: Reconstruction) -> dict:
@@ -208,13 +223,15 @@ def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list
     the seconds."""
     if len(inputs) != len(targets):
         raise BrainSurgeonError(f"{len(inputs)} calls but {len(targets)} targets to reconstruct")
-    inputs, targets = pieces(inputs, targets)
+    ranks = world().size  # under torch.distributed each rank holds its share of the calls, cut as finely
+    inputs, targets = pieces(inputs, targets, max(2, PIECES // ranks))
     if len(inputs) < 2:
         raise BrainSurgeonError("block reconstruction holds out calibration calls to stop early and needs at least 2; "
                                 "give more calibration inputs or a smaller batch_size")
     started = time.perf_counter()
     held = min(max(1, round(plan.held_out * len(inputs))), len(inputs) - 1)  # at least one call each side
     train, train_targets = inputs[:-held], targets[:-held]
+    steps = _fewest(len(train))  # as many Adam steps an epoch on every rank
     check, check_targets = inputs[-held:], targets[-held:]
     modules = dict(block.named_modules())
     weights = {name: modules[name].weight for name in masks}
@@ -234,13 +251,14 @@ def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list
             w.requires_grad_(True)
         with torch.enable_grad():
             for epoch in range(plan.epochs):
-                for index in torch.randperm(len(train), generator=generator).tolist():
+                for index in torch.randperm(len(train), generator=generator).tolist()[:steps]:
                     optimizer.zero_grad(set_to_none=True)
                     output = block_output(block, *train[index])
                     loss = (output - train_targets[index]).pow(2).mean()
                     loss.backward()
                     for name, w in weights.items():
                         w.grad.mul_(keep[name])
+                        sum_across_ranks(w.grad).div_(ranks)  # every rank takes the same step
                     optimizer.step()
                     with torch.no_grad():
                         for name, w in weights.items():

@@ -103,9 +103,9 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                      reconstruct_step=reconstruct_step, allocation=allocation, **options)
     try:  # every argument checked before any work, on every rank
         refit = plan_reconstruction(reconstruct, reconstruct_epochs, reconstruct_step)
-        if refit.active and (world.active or _stored_in(model) != torch.float32):
-            raise BrainSurgeonError(f"reconstruct='{refit.window}' runs in one process on float32 weights for now; "
-                                    "run it without torchrun on a float32 model, or drop reconstruct")
+        if refit.active and _stored_in(model) != torch.float32:
+            raise BrainSurgeonError(f"reconstruct='{refit.window}' fits float32 weights for now; load the model in "
+                                    "float32 (--dtype float32), or drop reconstruct")
         layer_method, pattern, blocks, per_block, dense = plan_layerwise(
             model, sparsity, pattern, method, relative_damping=relative_damping, blocks=blocks, include=include,
             ignore=ignore, batch_size=batch_size, target=target, **options)

@@ -1,7 +1,7 @@
 """One rank of a layer-wise prune of a tiny Llama under torchrun (tests/test_distributed.py): rank 0 saves the
-masks and weights to the path given, with the ranks' count. With --die-at-block K, rank 1 exits when block K
-first runs (its H is being recorded), as a crashed rank would; with --differ, each rank has other calibration
-data."""
+masks and weights to the path given, with the ranks' count, and every other rank r to that path + '.rank<r>'.
+With --die-at-block K, rank 1 exits when block K first runs (its H is being recorded), as a crashed rank would;
+with --differ, each rank has other calibration data."""
 import argparse
 import os
 import sys
@@ -28,6 +28,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--die-at-block", type=int)
     parser.add_argument("--differ", action="store_true")
+    parser.add_argument("--reconstruct", default="none")
     args = parser.parse_args()
     world = distributed.join(timeout=args.timeout)
     model = tiny_llama(layers=4, hidden=64)
@@ -36,12 +37,13 @@ def main() -> int:
         model.model.layers[args.die_at_block].register_forward_hook(lambda *_: os._exit(9))
     try:
         result = prune_layerwise(model, calibration, 0.5, args.method, pattern=args.pattern, target=args.target,
-                                 batch_size=2, progress=False)
+                                 reconstruct=args.reconstruct, batch_size=2, progress=False)
     except Exception as error:  # what the command line prints: one line
         print(f"rank {world.rank}: {type(error).__name__}: {error}", file=sys.stderr)
         return 3
-    if world.rank == 0:
-        torch.save({"masks": result.masks, "weights": result.weights, "ranks": result.settings["ranks"]}, args.out)
+    torch.save({"masks": result.masks, "weights": result.weights, "ranks": result.settings["ranks"],
+                "reconstruction": result.stats.get("reconstruction")},
+               args.out if world.rank == 0 else f"{args.out}.rank{world.rank}")
     return 0
 
 
