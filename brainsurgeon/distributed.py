@@ -11,6 +11,7 @@ join(), ends the run on every rank with one RankFailure naming it. In one proces
 """
 import datetime
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -138,13 +139,18 @@ def _collective(operation, *args, **kwargs) -> None:
     try:
         operation(*args, **kwargs)
     except Exception as error:  # gloo and NCCL raise RuntimeError or DistBackendError, with many lines
-        raise RankFailure(f"{_missing_ranks()} stopped answering ({first_line(error)[:160]}); the run ends on "
-                          "every rank and writes nothing") from None
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error))[:160]  # without gloo's source location
+        missing = _missing_ranks()
+        if not missing:
+            raise RankFailure(f"a collective failed on every rank ({reason}); the run ends on every rank and "
+                              "writes nothing") from None
+        raise RankFailure(f"{'rank' if len(missing) == 1 else 'ranks'} {', '.join(map(str, missing))} stopped "
+                          f"answering ({reason}); the run ends on every rank and writes nothing") from None
 
 
-def _missing_ranks() -> str:
-    """Which ranks failed, as a phrase: every survivor sets a key in the store, so the ranks without one (or the
-    store's host, rank 0, when the store itself is gone) are the ones that died or hang."""
+def _missing_ranks() -> list:
+    """Which ranks failed: every survivor sets a key in the store, so the ranks without one (or the store's host,
+    rank 0, when the store itself is gone) are the ones that died or hang."""
     here = world()
     others = [rank for rank in range(here.size) if rank != here.rank]
     try:
@@ -155,7 +161,6 @@ def _missing_ranks() -> str:
         while missing and time.monotonic() < deadline:
             missing = [rank for rank in missing if not store.check([f"{_FAILED_KEY}{rank}"])]
             time.sleep(0.1)
-        missing = missing or others
+        return missing
     except Exception:  # the store lived with the rank that died
-        missing = [0] if here.rank != 0 else others
-    return ("rank " if len(missing) == 1 else "ranks ") + ", ".join(str(rank) for rank in missing)
+        return [0] if here.rank != 0 else others
