@@ -129,6 +129,7 @@ LM_PRUNE = $(BIN)/brainsurgeon prune --overwrite --quiet --hf-model $(LM_DIR) --
 ONE_RANK = OMP_NUM_THREADS=1
 TWO_RANKS = OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 2 --no-python
 bench-lm-ranks: $(LM_DIR)/config.json
+	mkdir -p $(RANKS_DIR)
 	$(ONE_RANK) $(LM_PRUNE) --method sparsegpt --pattern 2:4 --out $(RANKS_DIR)/sparsegpt_24_r1
 	$(TWO_RANKS) $(LM_PRUNE) --method sparsegpt --pattern 2:4 --out $(RANKS_DIR)/sparsegpt_24_r2
 	$(ONE_RANK) $(LM_PRUNE) --method sparsegpt --pattern 2:4 --dtype bfloat16 --out $(RANKS_DIR)/sparsegpt_24_bf16
