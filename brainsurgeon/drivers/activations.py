@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..distributed import sum_across_ranks
+from ..distributed import sum_across_ranks, world
 from ..errors import BrainSurgeonError, first_line
 from ..modes import evaluating
 from .calibration import ARRAYS, LIST_HINT, as_tensor, is_tensor_pair
@@ -158,38 +158,59 @@ class HessianRecorder:
         self.sums = {name: None for name in modules}
         self.row_sums = {name: None for name in modules}
         self.counts = dict.fromkeys(modules, 0)
-        self.last = (None, None, None)  # (input tensor, layer kind, its product)
+        self.sources = {name: [] for name in modules}  # the serial number of each product a layer added
+        self.made = 0
+        self.last = (None, None, None, None)  # (input tensor, layer kind, its product, the product's serial)
         self.handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
 
 
     def _product(self, module, inputs):
-        seen, kind, product = self.last
+        seen, kind, product, serial = self.last
         if seen is not inputs or kind != _layout(module):
             rows = layer_inputs(module, inputs.detach()).float()
-            product = ((rows.T @ rows).double(), len(rows), rows.double().sum(0))
-            self.last = (inputs, _layout(module), product)
-        return product
+            product = ((rows.T @ rows).double(), len(rows), rows.sum(0, dtype=torch.float64))
+            self.made += 1
+            serial = self.made
+            self.last = (inputs, _layout(module), product, serial)
+        return product, serial
 
 
     def _hook(self, name):
         def record(module, args, output):
-            product, rows, row_sum = self._product(module, args[0])
+            (product, rows, row_sum), serial = self._product(module, args[0])
             self.sums[name] = product.clone() if self.sums[name] is None else self.sums[name].add_(product)
             self.row_sums[name] = row_sum.clone() if self.row_sums[name] is None else self.row_sums[name] + row_sum
             self.counts[name] += rows
+            self.sources[name].append(serial)
         return record
 
 
     def sum_across_ranks(self) -> None:
         """Under torch.distributed, add the other ranks' sums (each rank ran its own shard of the calls): every
-        rank then holds the H of all the calls."""
+        rank then holds the H of all the calls. Layers that added the very same products (fed one tensor) share
+        one sum, and all of a block's sums travel in one collective."""
         for name in self.sums:
             if self.sums[name] is None:
                 raise BrainSurgeonError(f"layer {name} never ran on the calibration data; leave it out with "
                                         "ignore=[...]")
-            sum_across_ranks(self.sums[name])
-            sum_across_ranks(self.row_sums[name])
-            self.counts[name] = int(sum_across_ranks(torch.tensor(self.counts[name], dtype=torch.float64)))
+        if not world().active:
+            return
+        leaders = {}
+        for name in self.sums:
+            leaders.setdefault(tuple(self.sources[name]), name)
+        parts = [(self.sums[name], self.row_sums[name], torch.tensor([float(self.counts[name])], dtype=torch.float64))
+                 for name in leaders.values()]
+        total = sum_across_ranks(torch.cat([part.reshape(-1) for group in parts for part in group]))
+        offset, summed = 0, {}
+        for leader, group in zip(leaders.values(), parts):
+            pieces = []
+            for part in group:
+                pieces.append(total[offset : offset + part.numel()].reshape(part.shape))
+                offset += part.numel()
+            summed[leader] = pieces
+        for name in self.sums:
+            hessian, row_sum, count = summed[leaders[tuple(self.sources[name])]]
+            self.sums[name], self.row_sums[name], self.counts[name] = hessian, row_sum, int(count)
 
     def hessian(self, name) -> torch.Tensor:
         hessian = self.sums[name] / self.counts[name]
@@ -203,7 +224,7 @@ class HessianRecorder:
 
 
     def close(self):
-        self.last = (None, None, None)
+        self.last = (None, None, None, None)
         for handle in self.handles:
             handle.remove()
 
