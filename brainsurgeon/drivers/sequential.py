@@ -133,8 +133,9 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     to_dense = target == "dense" and layer_method.needs_hessian
     per_layer = isinstance(sparsity, dict)
     pattern_name = f"{pattern.kind} (per layer)" if per_layer else pattern.name
+    # share: waiting for, and receiving, the layers other ranks solved (torch.distributed)
     timings = {"allocation": time.perf_counter() - chose, "capture": 0.0, "hessians": 0.0, "prune": 0.0,
-               "reconstruct": 0.0, "propagate": 0.0}
+               "reconstruct": 0.0, "propagate": 0.0, "share": 0.0}
     stats, masks, weights, refits = {}, {}, {}, {}
     mark = time.perf_counter()
     with torch.no_grad(), evaluating(model):
@@ -286,7 +287,9 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
             hessian = recorder.hessian(name) if recorder else torch.eye(weight[0].numel(), dtype=torch.float64)
             _prune_layer(modules[name], full_name, LayerObjective(weight, hessian, relative_damping),
                          recorder is not None, layer_method, pattern, timings, stats, masks, weights)
+        mark = time.perf_counter()
         solves.share(layers, owners, modules, masks, weights, stats)
+        timings["share"] += time.perf_counter() - mark
         _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks, weights)
         mark = time.perf_counter()
         next_inputs = None if inputs is None else with_first(inputs, run_block(block, inputs))
@@ -319,7 +322,9 @@ def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, rel
                     objective = LayerObjective.reproducing(modules[name].weight, hessian, cross, relative_damping)
                     _prune_layer(modules[name], full_name, objective, True, layer_method, pattern, timings, stats,
                                  masks, weights)
+            mark = time.perf_counter()
             solves.share(group, owners, modules, masks, weights, stats)
+            timings["share"] += time.perf_counter() - mark
         mark = time.perf_counter()
         dense_outputs, targets = dense_targets(dense_block, dense_inputs, reconstruction[0],
                                                [name for name, *_ in layers])
