@@ -14,7 +14,7 @@ from .atomic import check_writable, write_text
 from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from .datasets.vision import Dataset, accuracy
 from .distributed import world
-from .drivers.layers import copy_model
+from .drivers.layers import copy_model, storage_dtype
 from .drivers.oneshot import prune
 from .drivers.plan import plan_run
 from .drivers.registry import check_sweep_options, options_for
@@ -292,7 +292,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         check_allocation(allocation, sparsity, parsed)
     plan_reconstruction(**reconstruction)
     started = time.perf_counter()
-    stored = next(model.parameters()).dtype
+    stored = storage_dtype(model)
     # scored in float32 whatever the weights are stored in while pruning
     dense = perplexity(model if stored == torch.float32 else copy_model(model).float(), evaluation, progress=progress)
     report = {
@@ -303,7 +303,8 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         "settings": dict(methods=list(methods), sparsities=list(patterns), seeds=[0], relative_damping=relative_damping,
                          calib_samples=len(calibration), calib_windows=list(calibration.shape),
                          eval_windows=list(evaluation.shape), options=options, allocations=list(allocations),
-                         target=target, dtype=str(stored).removeprefix("torch."), ranks=world().size, threads_per_rank=torch.get_num_threads(),
+                         target=target, dtype=str(stored).removeprefix("torch."), ranks=world().size,
+                         threads_per_rank=torch.get_num_threads(),
                          **reconstruction),
         "results": [],
         "complete": False,

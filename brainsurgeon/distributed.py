@@ -79,6 +79,16 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sum_all_across_ranks(tensors: list) -> list:
+    """Each of `tensors` summed over the ranks, in one collective: new float64 tensors of the same shapes (the
+    tensors themselves, unchanged, in one process)."""
+    if not world().active:
+        return list(tensors)
+    total = sum_across_ranks(torch.cat([tensor.double().reshape(-1) for tensor in tensors]))
+    return [part.reshape(tensor.shape) for part, tensor in
+            zip(total.split([tensor.numel() for tensor in tensors]), tensors)]
+
+
 def broadcast_tensor(tensor: torch.Tensor, source: int) -> torch.Tensor:
     """Rank `source`'s `tensor` on every rank, in place (a bool tensor travels as bytes)."""
     if not world().active:

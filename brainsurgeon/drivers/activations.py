@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..distributed import sum_across_ranks, world
+from ..distributed import sum_all_across_ranks
 from ..errors import BrainSurgeonError, first_line
 from ..modes import evaluating
 from .calibration import ARRAYS, LIST_HINT, as_tensor, is_tensor_pair
@@ -193,23 +193,15 @@ class HessianRecorder:
             if self.sums[name] is None:
                 raise BrainSurgeonError(f"layer {name} never ran on the calibration data; leave it out with "
                                         "ignore=[...]")
-        if not world().active:
-            return
         leaders = {}
         for name in self.sums:
             leaders.setdefault(tuple(self.sources[name]), name)
-        parts = [(self.sums[name], self.row_sums[name], torch.tensor([float(self.counts[name])], dtype=torch.float64))
+        parts = [[self.sums[name], self.row_sums[name], torch.tensor(float(self.counts[name]))]
                  for name in leaders.values()]
-        total = sum_across_ranks(torch.cat([part.reshape(-1) for group in parts for part in group]))
-        offset, summed = 0, {}
-        for leader, group in zip(leaders.values(), parts):
-            pieces = []
-            for part in group:
-                pieces.append(total[offset : offset + part.numel()].reshape(part.shape))
-                offset += part.numel()
-            summed[leader] = pieces
+        summed = iter(sum_all_across_ranks([part for group in parts for part in group]))
+        totals = {leader: [next(summed) for _ in group] for leader, group in zip(leaders.values(), parts)}
         for name in self.sums:
-            hessian, row_sum, count = summed[leaders[tuple(self.sources[name])]]
+            hessian, row_sum, count = totals[leaders[tuple(self.sources[name])]]
             self.sums[name], self.row_sums[name], self.counts[name] = hessian, row_sum, int(count)
 
     def hessian(self, name) -> torch.Tensor:
@@ -298,9 +290,8 @@ def input_groups(block: nn.Module, names: list, call) -> dict:
             handle.remove()
     groups = {}
     for name in names:
-        leader = next((other for other in names[: names.index(name)]
-                       if other in fed and name in fed and fed[other] is fed[name]), name)
-        groups[name] = groups.get(leader, leader)
+        groups[name] = next((other for other in names[: names.index(name)]
+                             if other in fed and name in fed and fed[other] is fed[name]), name)
     return groups
 
 
@@ -338,9 +329,8 @@ def cross_statistics(block, dense_block, name, inputs, dense_inputs) -> tuple:
     finally:
         for handle in handles:
             handle.remove()
-    for total in (hessian, cross, *sums):  # each rank ran its own shard of the calls
-        sum_across_ranks(total)
-    rows = int(sum_across_ranks(torch.tensor(rows, dtype=torch.float64)))
+    hessian, cross, *sums, rows = sum_all_across_ranks([hessian, cross, *sums, torch.tensor(float(rows))])
+    rows = int(rows)  # each rank ran its own shard of the calls
     hessian, cross = hessian / rows, cross / rows
     check_finite_hessian(hessian, name)
     check_finite_hessian(cross, name)

@@ -67,6 +67,12 @@ class PrunableLayer:
         return full.view(self.shape)
 
 
+def storage_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (float32 when they are mixed)."""
+    kinds = {value.dtype for value in model.parameters() if value.is_floating_point()}
+    return kinds.pop() if len(kinds) == 1 else torch.float32
+
+
 def check_finite_model(model: nn.Module) -> None:
     """Refuse a model with NaN or Inf in a parameter or buffer: no objective is defined on it."""
     bad = [name for name, value in model.state_dict().items()

@@ -39,7 +39,7 @@ from .activations import (
     run_block,
     with_first,
 )
-from .layers import check_finite_model, find_prunable
+from .layers import check_finite_model, find_prunable, storage_dtype
 from .owl import owl_allocation
 from .reconstruct import dense_targets, plan_reconstruction, reconstruct
 from .result import PruneResult
@@ -103,7 +103,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                      reconstruct_step=reconstruct_step, allocation=allocation, **options)
     try:  # every argument checked before any work, on every rank
         refit = plan_reconstruction(reconstruct, reconstruct_epochs, reconstruct_step)
-        if refit.active and _stored_in(model) != torch.float32:
+        if refit.active and storage_dtype(model) != torch.float32:
             raise BrainSurgeonError(f"reconstruct='{refit.window}' fits float32 weights for now; load the model in "
                                     "float32 (--dtype float32), or drop reconstruct")
         layer_method, pattern, blocks, per_block, dense = plan_layerwise(
@@ -156,18 +156,12 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                     layer_sparsities=dict(sparsity) if per_layer else None, relative_damping=relative_damping,
                     blocks=[name for name, _ in blocks], layers=list(masks), **refit.settings(),
                     num_calls=None if calls is None else len(calls), batch_size=batch_size, ranks=world.size,
-                    dtype=str(_stored_in(model)).removeprefix("torch."),
+                    dtype=str(storage_dtype(model)).removeprefix("torch."),
                     **layer_method.settings())
     return PruneResult(masks=masks, weights=weights, settings=settings, timings=timings,
                        stats={"layers": stats, **({"reconstruction": refits} if refit.active else {}),
                               **({"allocation": allocation_figures} if allocation_figures else {})},
                        dense_layers=dense)
-
-
-def _stored_in(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's floating-point weights (float32 when they are mixed)."""
-    kinds = {value.dtype for value in model.parameters() if value.is_floating_point()}
-    return kinds.pop() if len(kinds) == 1 else torch.float32
 
 
 def _fingerprint(world, model, calls, arguments) -> dict | None:
