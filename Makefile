@@ -144,13 +144,14 @@ bench-lm-ranks: $(LM_DIR)/config.json
 	  "admm 0.5, 2 ranks" $(RANKS_DIR)/admm_050_r1 $(RANKS_DIR)/admm_050_r2
 
 # Issue 25's cost against size: sparsegpt and admm at 2:4 on random-weight Llama shapes of 135M, 360M and 1.1B
-# parameters in bfloat16 (cost only: no perplexity), each run its own process; then the fitted cost model.
+# parameters in bfloat16 (cost only: no perplexity), each run its own process on one thread, pruning in place;
+# then the fitted cost model.
 COST_SIZES ?= 135M 360M 1.1B
 bench-cost-size:
 	mkdir -p bench/cost_size
 	for size in $(COST_SIZES); do for method in sparsegpt admm; do \
-	  $(BIN)/python benchmarks/cost_vs_size.py run $$size $$method 2:4 --json bench/cost_size/$${size}_$$method.json \
-	  || exit 1; done; done
+	  $(ONE_RANK) $(BIN)/python benchmarks/cost_vs_size.py run $$size $$method 2:4 \
+	    --json bench/cost_size/$${size}_$$method.json || exit 1; done; done
 	$(BIN)/python benchmarks/cost_vs_size.py fit bench/cost_size/*.json --json bench/cost_vs_size.json
 
 # The structured tables (issue 23): the baselines shrink the MLPs with the same fraction in every block; ours spends

@@ -53,7 +53,7 @@ def run(size: str, method: str, pattern: str, json_path: str) -> None:
     reset_peak_memory()
     before = peak_memory_bytes()
     started = time.perf_counter()
-    result = prune_layerwise(model, calibration, sparsity, method, pattern=kind, progress=False)
+    result = prune_layerwise(model, calibration, sparsity, method, pattern=kind, in_place=True, progress=False)
     seconds = time.perf_counter() - started
     row = dict(size=size, method=method, pattern=pattern, parameters=sum(p.numel() for p in model.parameters()),
                hidden=config.hidden_size, layers=config.num_hidden_layers, dtype="bfloat16",

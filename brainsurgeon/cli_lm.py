@@ -101,19 +101,15 @@ def prune_language_model(args, options: dict):
         folder = staged.folder(args.out, inputs=language_model_inputs(args)) if writes else None
         report_path = staged.file(args.report) if args.report else None
         model, tokenizer, calibration, evaluation = load_language_model(args)
+        dense = _perplexity_in_float32(model, evaluation, args.quiet)
         bench.reset_peak_memory()
         result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern or "layer",
                                  target=args.target, allocation=allocation,
                                  **reconstruction_of(args),
-                                 relative_damping=args.relative_damp,
+                                 relative_damping=args.relative_damp, in_place=True,
                                  include=args.include, ignore=args.ignore or (), progress=not args.quiet, **options)
         peak = bench.peak_memory_bytes()
-        stored = model.dtype
-        model.float()  # scored in float32, whatever the weights are stored in
-        dense = perplexity(model, evaluation, progress=not args.quiet)
-        result.apply(model)
-        pruned = perplexity(model, evaluation, progress=not args.quiet)
-        model.to(stored)
+        pruned = _perplexity_in_float32(model, evaluation, args.quiet)
         report = {**result.report(), "dense_perplexity": dense, "perplexity": pruned, "prune_peak_rss_bytes": peak,
                   "text": _describe_text(args.text, _text_seed(args)),
                   "eval_windows": list(evaluation.shape), "calib_windows": list(calibration.shape),
@@ -128,6 +124,16 @@ def prune_language_model(args, options: dict):
           f"of {len(result.masks)} layers ({len(result.dense_layers)} modules left dense, listed in the report); "
           f"perplexity {dense:.2f} -> {pruned:.2f} in {result.timings['total']:.1f}s; wrote {args.out}")
     print(bench.UNSTRUCTURED_NOTE)
+
+
+def _perplexity_in_float32(model, evaluation, quiet: bool) -> float:
+    """Perplexity scored in float32, whatever the weights are stored in (they come back in their dtype)."""
+    stored = model.dtype
+    model.float()
+    try:
+        return perplexity(model, evaluation, progress=not quiet)
+    finally:
+        model.to(stored)
 
 
 def bench_language_model(args, options: dict):

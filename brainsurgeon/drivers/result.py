@@ -10,6 +10,7 @@ from torch.nn.utils import prune as torch_prune
 from .. import validation
 from ..atomic import atomic_path
 from ..errors import BrainSurgeonError, first_line
+from .packed_masks import PackedMasks
 
 REPORT_KEY = "brainsurgeon"  # the safetensors metadata entry holding the report
 MASK_SUFFIX = "_mask"  # "fc1.weight" -> "fc1.weight_mask", the buffer name torch.nn.utils.prune uses
@@ -26,7 +27,7 @@ def _weight_holder(name: str, params: dict, modules: dict):
 
 @dataclass
 class PruneResult:
-    masks: dict  # parameter name -> bool tensor, True where the weight is kept
+    masks: dict  # parameter name -> bool tensor, True where the weight is kept (held packed: PackedMasks)
     weights: dict  # parameter name -> new weight tensor, exact zeros where pruned
     settings: dict  # resolved method, options, seed, damping, samples, ...
     selection_objective: float | None = None  # CBS-S f(P) = u^T H u of the pruned set, without update
@@ -36,9 +37,13 @@ class PruneResult:
     dense_layers: dict = field(default_factory=dict)  # module name -> why it was left dense
     buffers: dict = field(default_factory=dict)  # re-estimated BatchNorm statistics (bn_recalibration), by name
 
+    def __post_init__(self):
+        if not isinstance(self.masks, PackedMasks):
+            self.masks = PackedMasks(self.masks)
+
     @property
     def num_weights(self) -> int:
-        return sum(mask.numel() for mask in self.masks.values())
+        return sum(torch.Size(self.masks.shape(name)).numel() for name in self.masks)
 
     @property
     def num_pruned(self) -> int:

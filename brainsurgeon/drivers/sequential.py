@@ -41,6 +41,7 @@ from .activations import (
 )
 from .layers import check_finite_model, find_prunable, storage_dtype
 from .owl import owl_allocation
+from .packed_masks import PackedMasks
 from .reconstruct import dense_targets, plan_reconstruction, reconstruct
 from .result import PruneResult
 from .search_allocation import searched_allocation
@@ -71,7 +72,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                     relative_damping: float = DEFAULT_RELATIVE_DAMPING, blocks=None, include=None, ignore=(),
                     batch_size: int = 8, target: str = "layer", reconstruct: str = "none",
                     reconstruct_epochs: int = None, reconstruct_step: float = None, allocation: str = "uniform",
-                    progress: bool = True, **options) -> PruneResult:
+                    in_place: bool = False, progress: bool = True, **options) -> PruneResult:
     """Prune every prunable layer of `model`'s blocks on the layer-wise objective, block by block.
 
     `method`: 'mp', 'wanda', 'sparsegpt', 'admm', 'wf', 'cbs' or 'swaps' (methods/catalog.py). `pattern`:
@@ -89,7 +90,9 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     'search' (ours: per-block sparsities from a short evolutionary search judged on held-out calibration windows,
     drivers/search_allocation.py), both with the global count exact, for patterns 'layer' and 'row'. `sparsity`
     may also be a dict {layer name: sparsity} for 'layer' and 'row' patterns. `options` go to the method. The
-    model is not modified: call `result.apply(model)`.
+    model is not modified: call `result.apply(model)`. With `in_place=True` the model's weights are pruned as the
+    run goes and the result's weights are the model's own tensors, not copies, so that peak memory is the model, one
+    block's work and the masks at a bit per weight; on an error the model is then left part-pruned.
 
     Weights stored in bfloat16 or float16 stay so (H and the solves are float32). When the default process group
     of torch.distributed is initialised (torchrun; brainsurgeon.distributed.join), every rank must call this with
@@ -102,6 +105,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                      reconstruct=reconstruct, reconstruct_epochs=reconstruct_epochs,
                      reconstruct_step=reconstruct_step, allocation=allocation, **options)
     try:  # every argument checked before any work, on every rank
+        validation.flag("in_place", in_place)
         refit = plan_reconstruction(reconstruct, reconstruct_epochs, reconstruct_step)
         if refit.active and storage_dtype(model) != torch.float32:
             raise BrainSurgeonError(f"reconstruct='{refit.window}' fits float32 weights for now; load the model in "
@@ -136,7 +140,8 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     # share: waiting for, and receiving, the layers other ranks solved (torch.distributed)
     timings = {"allocation": time.perf_counter() - chose, "capture": 0.0, "hessians": 0.0, "prune": 0.0,
                "reconstruct": 0.0, "propagate": 0.0, "share": 0.0}
-    stats, masks, weights, refits = {}, {}, {}, {}
+    stats, masks, weights, refits = {}, PackedMasks(), {}, {}
+    keeping = _Keeping(weights, in_place)
     mark = time.perf_counter()
     with torch.no_grad(), evaluating(model):
         inputs = dense_inputs = None
@@ -148,7 +153,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
         for (block_name, block), layers in zip(bar, per_block):
             run = _prune_block_to_dense if to_dense else _prune_block
             inputs, dense_inputs = run(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings,
-                                       stats, masks, weights, (refit, refits, block_name), solves)
+                                       stats, masks, keeping, (refit, refits, block_name), solves)
     timings["total"] = time.perf_counter() - chose
     settings = dict(objective="layer", method=layer_method.name, pattern=pattern_name,
                     sparsity=_fraction_pruned(masks) if per_layer else pattern.sparsity, target=target,
@@ -250,7 +255,7 @@ def plan_layerwise(model, sparsity, pattern, method, *, relative_damping=DEFAULT
     return layer_method, pattern, blocks, per_block, dense
 
 
-def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings, stats, masks, weights,
+def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings, stats, masks, keeping,
                  reconstruction, solves):
     """Prune one block's layers from its (already pruned-upstream) inputs; return the next block's inputs (and,
     when reconstructing, the dense stream's)."""
@@ -275,16 +280,17 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
         owners = solves.owners(layers, modules)
         for (name, full_name, pattern), owner in zip(layers, owners):
             weight = modules[name].weight
-            originals[name] = weight.detach().clone()
+            keeping.remember(originals, name, weight)
             if owner != solves.world.rank:
                 continue
             hessian = recorder.hessian(name) if recorder else torch.eye(weight[0].numel(), dtype=torch.float64)
             _prune_layer(modules[name], full_name, LayerObjective(weight, hessian, relative_damping),
-                         recorder is not None, layer_method, pattern, timings, stats, masks, weights)
+                         recorder is not None, layer_method, pattern, timings, stats, masks)
         mark = time.perf_counter()
-        solves.share(layers, owners, modules, masks, weights, stats)
+        solves.share(layers, owners, modules, masks, stats)
         timings["share"] += time.perf_counter() - mark
-        _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks, weights)
+        _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks)
+        keeping.keep(modules, layers)
         mark = time.perf_counter()
         next_inputs = None if inputs is None else with_first(inputs, run_block(block, inputs))
         timings["propagate"] += time.perf_counter() - mark
@@ -294,7 +300,7 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
 
 
 def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings, stats, masks,
-                          weights, reconstruction, solves):
+                          keeping, reconstruction, solves):
     """target='dense': prune the block's layers one at a time, each towards the dense block's output of that layer
     (module docstring); return the next block's pruned and dense inputs."""
     modules = dict(block.named_modules())
@@ -311,19 +317,20 @@ def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, rel
             timings["hessians"] += time.perf_counter() - mark
             owners = solves.owners(group, modules)
             for (name, full_name, pattern), owner in zip(group, owners):
-                originals[name] = modules[name].weight.detach().clone()
+                keeping.remember(originals, name, modules[name].weight)
                 if owner == solves.world.rank:
                     objective = LayerObjective.reproducing(modules[name].weight, hessian, cross, relative_damping)
                     _prune_layer(modules[name], full_name, objective, True, layer_method, pattern, timings, stats,
-                                 masks, weights)
+                                 masks)
             mark = time.perf_counter()
-            solves.share(group, owners, modules, masks, weights, stats)
+            solves.share(group, owners, modules, masks, stats)
             timings["share"] += time.perf_counter() - mark
         mark = time.perf_counter()
         dense_outputs, targets = dense_targets(dense_block, dense_inputs, reconstruction[0],
                                                [name for name, *_ in layers])
         timings["propagate"] += time.perf_counter() - mark
-        _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks, weights)
+        _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks)
+        keeping.keep(modules, layers)
         mark = time.perf_counter()
         next_inputs = with_first(inputs, run_block(block, inputs))
         next_dense = with_first(dense_inputs, dense_outputs)
@@ -333,18 +340,33 @@ def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, rel
     return next_inputs, next_dense
 
 
-def _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks, weights) -> None:
+def _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks) -> None:
     """With a Reconstruction that is active, fit the block's pruned weights to `targets` (dense_targets: the
-    dense block's outputs, or its sub-layers') and record them and the fit's figures."""
+    dense block's outputs, or its sub-layers') in their modules, and record the fit's figures."""
     plan, refits, block_name = reconstruction
     if not plan.active:
         return
-    modules = dict(block.named_modules())
     keep = {name: masks[f"{full_name}.weight"] for name, full_name, _ in layers}
     refits[block_name] = reconstruct(block, keep, inputs, targets, plan)
     timings["reconstruct"] += refits[block_name]["seconds"]
-    for name, full_name, _ in layers:
-        weights[f"{full_name}.weight"] = modules[name].weight.detach().clone()
+
+
+class _Keeping:
+    """How a pruned block's weights enter the result: as copies, the block's weights being restored afterwards so
+    that the caller's model comes back unchanged; or, in place, as the modules' own tensors, with nothing kept to
+    restore."""
+
+    def __init__(self, weights: dict, in_place: bool):
+        self.weights, self.in_place = weights, in_place
+
+    def remember(self, originals: dict, name: str, weight: torch.Tensor) -> None:
+        if not self.in_place:
+            originals[name] = weight.detach().clone()
+
+    def keep(self, modules: dict, layers: list) -> None:
+        for name, full_name, _ in layers:
+            weight = modules[name].weight.detach()
+            self.weights[f"{full_name}.weight"] = weight if self.in_place else weight.clone()
 
 
 def _restore(modules: dict, originals: dict) -> None:
@@ -352,14 +374,14 @@ def _restore(modules: dict, originals: dict) -> None:
         modules[name].weight.copy_(original)
 
 
-def _prune_layer(module, full_name, objective, has_hessian, layer_method, pattern, timings, stats, masks, weights):
+def _prune_layer(module, full_name, objective, has_hessian, layer_method, pattern, timings, stats, masks):
     """Prune one layer and write the result into the module, so that the block's outputs are the pruned ones."""
     mark = time.perf_counter()
     shape = module.weight.shape
     pruned, new = layer_method.prune(objective, pattern)
     module.weight.copy_(new.reshape(shape))  # rounded to the weights' storage dtype, if not float32
     masks[f"{full_name}.weight"] = ~pruned.reshape(shape)
-    weights[f"{full_name}.weight"] = new = module.weight.detach().clone()
+    new = module.weight.detach()
     seconds = time.perf_counter() - mark
     timings["prune"] += seconds
     entry = {"seconds": seconds}

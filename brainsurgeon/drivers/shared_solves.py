@@ -34,19 +34,17 @@ class SharedSolves:
         costs = [self.measured.get(name, _estimate(modules[name].weight)) for name, _, _ in layers]
         return longest_first(costs, self.world.size)
 
-    def share(self, layers: list, owners: list, modules: dict, masks: dict, weights: dict, stats: dict) -> None:
-        """Every layer's mask, weights and figures from the rank that solved it, written into every rank's block
-        and results; the solve's seconds become the layer's cost for the next block."""
+    def share(self, layers: list, owners: list, modules: dict, masks: dict, stats: dict) -> None:
+        """Every layer's mask, weights (into its module) and figures from the rank that solved it, on every rank;
+        the solve's seconds become the layer's cost for the next block."""
         for (name, full_name, _), owner in zip(layers, owners):
             key, module = f"{full_name}.weight", modules[name]
             if self.world.active:
                 here = owner == self.world.rank
                 mask = masks[key] if here else torch.empty(module.weight.shape, dtype=torch.bool)
-                new = weights[key] if here else torch.empty_like(module.weight)
-                masks[key], weights[key] = broadcast_tensor(mask, owner), broadcast_tensor(new, owner)
+                masks[key] = broadcast_tensor(mask, owner)
+                broadcast_tensor(module.weight.data, owner)
                 stats[full_name] = broadcast_object(stats.get(full_name) if here else None, owner)
-                if not here:
-                    module.weight.copy_(new)
             self.measured[name] = stats[full_name]["seconds"]
 
 

@@ -41,7 +41,7 @@ def main() -> int:
     except Exception as error:  # what the command line prints: one line
         print(f"rank {world.rank}: {type(error).__name__}: {error}", file=sys.stderr)
         return 3
-    torch.save({"masks": result.masks, "weights": result.weights, "ranks": result.settings["ranks"],
+    torch.save({"masks": dict(result.masks), "weights": result.weights, "ranks": result.settings["ranks"],
                 "reconstruction": result.stats.get("reconstruction")},
                args.out if world.rank == 0 else f"{args.out}.rank{world.rank}")
     return 0
