@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: bench-lm-ranks bench-cost-size install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost bench-structured-reload bench-lm-reconstruct bench-lm-reconstruct-table bench-lm-peers
+.PHONY: bench-lm-ranks bench-resnet20-ranks bench-cost-size install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost bench-structured-reload bench-lm-reconstruct bench-lm-reconstruct-table bench-lm-peers
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -142,6 +142,18 @@ bench-lm-ranks: $(LM_DIR)/config.json
 	  "sparsegpt 2:4, bfloat16" $(RANKS_DIR)/sparsegpt_24_r1 $(RANKS_DIR)/sparsegpt_24_bf16 \
 	  "admm 2:4, 2 ranks" $(RANKS_DIR)/admm_24_r1 $(RANKS_DIR)/admm_24_r2 \
 	  "admm 0.5, 2 ranks" $(RANKS_DIR)/admm_050_r1 $(RANKS_DIR)/admm_050_r2
+
+# Issue 25's same result on the Fisher path: ResNet20 'max' at 0.9 (seed 0, as R20_MAX) in one process against two
+# torchrun ranks sharing the per-sample gradients, one thread per rank; then the masks and accuracies compared.
+R20_PRUNE = $(BIN)/brainsurgeon prune --overwrite --quiet --model resnet20 \
+	  --checkpoint $(DATA)/checkpoints/resnet20_cifar10.pth.tar --dataset cifar10 --data-dir $(DATA)/cifar10 \
+	  --method max --sparsity 0.9 --seed 0 --calib-samples 1000
+bench-resnet20-ranks: $(STAMP)
+	mkdir -p $(RANKS_DIR)
+	$(ONE_RANK) $(R20_PRUNE) --out $(RANKS_DIR)/r20_max09_r1.safetensors --report $(RANKS_DIR)/r20_max09_r1.json
+	$(TWO_RANKS) $(R20_PRUNE) --out $(RANKS_DIR)/r20_max09_r2.safetensors --report $(RANKS_DIR)/r20_max09_r2.json
+	$(BIN)/python benchmarks/compare_ranks.py --json bench/resnet20_ranks.json \
+	  "resnet20 max 0.9, 2 ranks" $(RANKS_DIR)/r20_max09_r1.safetensors $(RANKS_DIR)/r20_max09_r2.safetensors
 
 # Issue 25's cost against size: sparsegpt and admm at 2:4 on random-weight Llama shapes of 135M, 360M and 1.1B
 # parameters in bfloat16 (cost only: no perplexity), each run its own process on one thread, pruning in place;

@@ -1,7 +1,8 @@
-"""Issue 25's same-result and speed-up figures: pairs of `brainsurgeon prune --hf-model` runs (one process against
-torchrun ranks, or float32 against another storage dtype), each a pruned folder and its --report JSON. For each pair:
-the share of weights whose mask (kept or pruned) agrees, perplexity's relative difference, the prune's seconds and
-their ratio, and each run's peak resident memory during the prune, written as JSON.
+"""Issue 25's same-result and speed-up figures: pairs of `brainsurgeon prune` runs (one process against torchrun
+ranks, or float32 against another storage dtype). A run is a pruned folder (--hf-model: its masks.safetensors and
+brainsurgeon_report.json), or a vision run's result file X.safetensors with its --report beside it as X.json. For each
+pair: the share of weights whose mask (kept or pruned) agrees, the relative difference of perplexity (or test
+accuracy), the prune's seconds and their ratio, and each run's peak resident memory during the prune, as JSON.
 
     .venv/bin/python benchmarks/compare_ranks.py --json bench/smollm2_ranks.json \\
         "sparsegpt 2:4" models/ranks/sparsegpt_24_r1 models/ranks/sparsegpt_24_r2 [more triples]
@@ -15,15 +16,25 @@ from safetensors.torch import load_file
 
 from brainsurgeon.atomic import write_text
 
+MASK_SUFFIX = "_mask"  # PruneResult.save's name for a weight's mask
 
-def masks_of(folder: Path) -> dict:
-    """{weight name: kept} from the folder's masks.safetensors."""
-    return {name: mask.bool() for name, mask in load_file(folder / "masks.safetensors").items()}
+
+def masks_of(run: Path) -> dict:
+    """{weight name: kept} from a folder's masks.safetensors, or from a result file's masks."""
+    if run.is_dir():
+        return {name: mask.bool() for name, mask in load_file(run / "masks.safetensors").items()}
+    return {name.removesuffix(MASK_SUFFIX): mask.bool() for name, mask in load_file(run).items()
+            if name.endswith(MASK_SUFFIX)}
+
+
+def report_of(run: Path) -> dict:
+    return json.loads((run / "brainsurgeon_report.json" if run.is_dir() else run.with_suffix(".json")).read_text())
 
 
 def compare(label: str, first: Path, second: Path) -> dict:
-    reports = [json.loads((folder / "brainsurgeon_report.json").read_text()) for folder in (first, second)]
-    masks = [masks_of(folder) for folder in (first, second)]
+    reports = [report_of(run) for run in (first, second)]
+    masks = [masks_of(run) for run in (first, second)]
+    metric = "perplexity" if "perplexity" in reports[0] else "accuracy"
     layers = sorted(masks[0])
     agreeing = sum(int((masks[0][name] == masks[1][name]).sum()) for name in layers)
     total = sum(mask.numel() for mask in masks[0].values())
@@ -32,8 +43,8 @@ def compare(label: str, first: Path, second: Path) -> dict:
                 ranks=[report["settings"].get("ranks", 1) for report in reports],
                 dtype=[report["settings"].get("dtype", "float32") for report in reports],
                 mask_agreement=agreeing / total, weights=total,
-                perplexity=[report["perplexity"] for report in reports],
-                perplexity_relative_difference=abs(reports[1]["perplexity"] / reports[0]["perplexity"] - 1),
+                **{metric: [report[metric] for report in reports],
+                   f"{metric}_relative_difference": abs(reports[1][metric] / reports[0][metric] - 1)},
                 prune_seconds=seconds, speed_up=seconds[0] / seconds[1],
                 prune_peak_rss_bytes=[report.get("prune_peak_rss_bytes") for report in reports],
                 timings=[report["timings"] for report in reports])
@@ -42,20 +53,21 @@ def compare(label: str, first: Path, second: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True)
-    parser.add_argument("triples", nargs="+", help="label, first folder, second folder; repeated")
+    parser.add_argument("triples", nargs="+", help="label, first run, second run; repeated")
     args = parser.parse_args()
     if len(args.triples) % 3:
-        parser.error("give label, first folder and second folder for each pair")
+        parser.error("give label, first run and second run for each pair")
     rows = [compare(args.triples[i], Path(args.triples[i + 1]), Path(args.triples[i + 2]))
             for i in range(0, len(args.triples), 3)]
-    note = ("Masks and perplexity differ only by the order of floating-point sums (the ranks' partial X X^T are "
-            "added in another order than one process adds its batches); speed-up is the prune's wall time (the "
-            "driver's timings.total: calibration forwards, H, solves, propagation), model loading and scoring left "
-            f"out; {torch.__version__}")
+    note = ("Masks and scores differ only by the order of floating-point sums (the ranks' partial X X^T are added "
+            "in another order than one process adds its batches; the Fisher path's per-sample gradients are the chunks "
+            "one process computes, on other ranks); speed-up is the prune's wall time (timings.total), model loading "
+            f"and scoring left out; {torch.__version__}")
     write_text(args.json, json.dumps(dict(rows=rows, note=note), indent=1) + "\n", overwrite=True)
     for row in rows:
-        print(f"{row['label']}: masks agree on {100 * row['mask_agreement']:.4f}%, perplexity {row['perplexity'][0]:.3f}"
-              f" against {row['perplexity'][1]:.3f}, {row['prune_seconds'][0]:.0f} s against "
+        metric = "perplexity" if "perplexity" in row else "accuracy"
+        print(f"{row['label']}: masks agree on {100 * row['mask_agreement']:.4f}%, {metric} {row[metric][0]:.3f}"
+              f" against {row[metric][1]:.3f}, {row['prune_seconds'][0]:.0f} s against "
               f"{row['prune_seconds'][1]:.0f} s ({row['speed_up']:.2f}x)")
 
 

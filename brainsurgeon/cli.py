@@ -147,8 +147,9 @@ def _cmd_prune(args):
     pattern = deprecated_scope(args.scope, args.pattern) if args.scope else args.pattern
     if args.sparsity is None and not (pattern and ":" in pattern):
         raise BrainSurgeonError("--sparsity is required (an N:M --pattern sets its own)")
+    writes = world().rank == 0  # under torchrun, rank 0 alone writes (cli_ranks)
     with outputs(args.overwrite) as staged:
-        out_path = staged.file(args.out)
+        out_path = staged.file(args.out) if writes else None
         report_path = staged.file(args.report) if args.report else None
         model, dataset = _load(args)
         calibration = dataset.calibration(dataset.num_train, args.seed)  # staged methods may draw fresh samples
@@ -160,11 +161,14 @@ def _cmd_prune(args):
                        progress=not args.quiet, **given_options(args))
         dense_acc = accuracy(model, dataset.test_x, dataset.test_y)
         pruned_acc = accuracy(result.apply(model), dataset.test_x, dataset.test_y)
-        result.save(out_path, model)
         report = {**result.report(), "dense_accuracy": dense_acc, "accuracy": pruned_acc,
                   "calib_samples_chosen": chosen, "note": bench.UNSTRUCTURED_NOTE}
+        if writes:
+            result.save(out_path, model)
         if report_path:
             report_path.write_text(json.dumps(report, indent=2) + "\n")
+    if not writes:
+        return
     print(f"{result.settings['method']} at sparsity {result.settings['sparsity']:g} ({result.settings['pattern']}): "
           f"pruned {result.num_pruned} of the "
           f"{result.num_weights} weights of {len(result.masks)} prunable layers ({len(result.dense_layers)} left "

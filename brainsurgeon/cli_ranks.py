@@ -5,7 +5,9 @@ from . import distributed, validation
 from .cli_structured import STRUCTURED_PATTERNS
 from .errors import BrainSurgeonError
 
-SHARED_COMMANDS = ("prune", "bench")  # with --hf-model: the layer-wise driver shares its work among the ranks
+# The layer-wise driver shares its calibration and solves among the ranks, the Fisher objective its per-sample
+# gradients (curvature/fisher.py).
+SHARED_COMMANDS = ("prune", "bench")
 OUTPUT_FLAGS = ("json", "plot", "report")  # written by rank 0 alone (prune's folder too: cli_lm)
 
 
@@ -17,10 +19,10 @@ def start_ranks(args) -> distributed.World:
             raise BrainSurgeonError("--rank-timeout applies under torchrun (several ranks); drop it")
         return distributed.world()
     structured = getattr(args, "pattern", None) in STRUCTURED_PATTERNS
-    if args.command not in SHARED_COMMANDS or not getattr(args, "hf_model", None) or structured:
-        raise BrainSurgeonError(f"under torchrun, brainsurgeon runs {' and '.join(SHARED_COMMANDS)} with --hf-model, "
-                                "pruning weights (not a structured --pattern); run this in one process "
-                                "(brainsurgeon, without torchrun)")
+    if args.command not in SHARED_COMMANDS or structured:
+        raise BrainSurgeonError(f"under torchrun, brainsurgeon runs {' and '.join(SHARED_COMMANDS)}, pruning weights "
+                                "(not a structured --pattern); run this in one process (brainsurgeon, without "
+                                "torchrun)")
     timeout = distributed.DEFAULT_TIMEOUT if args.rank_timeout is None else args.rank_timeout
     world = distributed.join(validation.number("--rank-timeout", timeout, low=0, low_open=True, high=86400))
     if world.rank != 0:

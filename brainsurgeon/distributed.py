@@ -140,6 +140,18 @@ def agree(failure: Exception | None, fingerprint) -> None:
                                     f"({_difference(reports[0][1], other)}); start every rank with the same command")
 
 
+def fingerprint(arguments: dict, model: torch.nn.Module, tensors) -> dict | None:
+    """What must be the same on every rank, for agree(): the arguments (as reprs), the model's weights and the
+    calibration `tensors` (as sums); None in one process, where nothing is compared."""
+    if not world().active:
+        return None
+    with torch.no_grad():
+        weights = sum(float(value.double().sum()) for value in model.state_dict().values() if value.is_floating_point())
+        data = [float(value.double().sum()) for value in tensors if isinstance(value, torch.Tensor)]
+    return {**{name: repr(value) for name, value in arguments.items()}, "the model's weights (summed)": weights,
+            "the calibration (tensors, summed)": (len(data), sum(data))}
+
+
 def _difference(first: dict, other: dict) -> str:
     names = sorted(name for name in set(first) | set(other) if first.get(name) != other.get(name))
     return ", ".join(f"{name}: {first.get(name)!r} against {other.get(name)!r}" for name in names[:3])

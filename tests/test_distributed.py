@@ -17,6 +17,7 @@ from helpers import lm_folder, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from brainsurgeon import prune
 from brainsurgeon.cli import main
 from brainsurgeon.distributed import World
 from brainsurgeon.drivers.sequential import prune_layerwise
@@ -24,6 +25,7 @@ from brainsurgeon.drivers.shared_solves import longest_first
 
 HERE = Path(__file__).parent
 RANK_SCRIPT = HERE / "ranks" / "prune_tiny_llama.py"
+FISHER_SCRIPT = HERE / "ranks" / "prune_tiny_mlp.py"
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
@@ -151,19 +153,38 @@ def test_the_command_line_under_torchrun_writes_once_what_one_process_writes(tmp
     assert shared["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-3)
 
 
+@pytest.mark.parametrize("method", ["cbs", "max"])
+def test_two_ranks_share_the_per_sample_gradients_and_prune_as_one_process_does(tmp_path, method):
+    out = tmp_path / "ranks.pt"
+    done = torchrun(FISHER_SCRIPT, out, "--method", method)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sys.path.insert(0, str(FISHER_SCRIPT.parent))
+    try:
+        from prune_tiny_mlp import calibration_of, tiny_mlp
+    finally:
+        sys.path.pop(0)
+    alone = prune(tiny_mlp(), calibration_of(), 0.6, method, num_samples=200, chunk_size=32, progress=False)
+    shared = torch.load(out, weights_only=True)
+    assert_same_result(shared, torch.load(f"{out}.rank1", weights_only=True))  # every rank holds the same result
+    for name, mask in alone.masks.items():  # the chunks are the ones one process computes, on other ranks
+        assert torch.equal(shared["masks"][name], mask)
+        assert torch.allclose(shared["weights"][name], alone.weights[name], atol=1e-6)
+
+
 def test_rank_timeout_without_torchrun_is_refused(capsys):
     assert main(["prune", "--hf-model", "x", "--sparsity", "0.5", "--out", "y", "--rank-timeout", "5"]) == 2
     assert "--rank-timeout applies under torchrun" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["prune", "--hf-model", "x", "--pattern", "heads", "--sparsity", "0.3"],
-                                  ["prune", "--model", "mlpnet", "--checkpoint", "x.pt", "--sparsity", "0.5"],
+                                  ["prune", "--model", "mlpnet", "--checkpoint", "x.pt", "--pattern", "channels",
+                                   "--sparsity", "0.5"],
                                   ["table", "x.json"]])
 def test_commands_that_do_not_share_their_work_are_refused_under_torchrun(argv, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: refused before joining any rank
     out = [] if argv[0] == "table" else ["--out", str(tmp_path / "out")]
     assert main([*argv, *out]) == 2
-    assert "under torchrun, brainsurgeon runs prune and bench with --hf-model" in capsys.readouterr().err
+    assert "under torchrun, brainsurgeon runs prune and bench, pruning weights" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ which is what the combinatorial searches read most.
 import torch
 from torch.func import functional_call, grad, vmap
 
+from .. import distributed
+from ..distributed import World
 from ..errors import BrainSurgeonError
 from ..modes import evaluating
 from ..progress import progress_bar
@@ -65,21 +67,33 @@ def choose_gradient_store(mode: str, num_samples: int, regions, max_memory: floa
 def per_sample_gradient_chunks(model, layers, inputs, targets, loss_fn, chunk_size=MAX_CHUNK_SIZE,
                                show_progress=True):
     """Yield (start, stop, rows of G): per-sample gradients of the loss w.r.t. the prunable weights only,
-    for samples [start, stop), over sqrt(n), float32, with the model in eval mode."""
+    for samples [start, stop), over sqrt(n), float32, with the model in eval mode.
+
+    Under torch.distributed every rank computes the chunks of its contiguous share of the samples, and each chunk
+    is broadcast by the rank that computed it: every rank yields every chunk, as one process would, and the
+    selection then runs on each rank alike (sharding the selection itself is out of scope)."""
     n = len(inputs)
     params = dict(model.named_parameters())
     prunable = {layer.param: params[layer.param].detach() for layer in layers}
     frozen = {k: v.detach() for k, v in params.items() if k not in prunable}
     frozen.update(dict(model.named_buffers()))
+    num_weights = sum(layer.size for layer in layers)
 
     def sample_loss(weights, x, y):
         out = functional_call(model, {**frozen, **weights}, (x.unsqueeze(0),))
         return loss_fn(out, y.unsqueeze(0))
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    world = distributed.world()
+    starts = list(range(0, n, chunk_size))
+    mine = set(world.shard(starts))
+    owners = {start: rank for rank in range(world.size) for start in World(rank, world.size).shard(starts)}
     with evaluating(model):
-        for start in progress_bar(range(0, n, chunk_size), "per-sample gradients", show_progress):
+        for start in progress_bar(starts, "per-sample gradients", show_progress):
             stop = min(start + chunk_size, n)
+            if start not in mine:
+                yield start, stop, distributed.broadcast_tensor(torch.empty(stop - start, num_weights), owners[start])
+                continue
             grads = per_sample_grad(prunable, inputs[start:stop], targets[start:stop])
             chunk = torch.cat([layer.gather(grads[layer.param]) for layer in layers], dim=1)
             scaled = (chunk / n**0.5).float()
@@ -91,7 +105,7 @@ def per_sample_gradient_chunks(model, layers, inputs, targets, loss_fn, chunk_si
                     raise BrainSurgeonError("per-sample gradients contain NaN or Inf; check the model, data and "
                                             "loss_fn")
                 raise BrainSurgeonError(OVERFLOW)
-            yield start, stop, scaled
+            yield start, stop, distributed.broadcast_tensor(scaled.contiguous(), world.rank)
 
 
 def per_sample_gradients(model, layers, inputs, targets, loss_fn, chunk_size=MAX_CHUNK_SIZE, show_progress=True):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import validation
+from .. import distributed, validation
 from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from ..errors import BrainSurgeonError, solver_errors_as_one_line
 from .calibration import check_usable, is_tensor_pair, per_sample_losses, tensor_pair
@@ -91,6 +91,11 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
     if calibration is not None:  # data-free methods (mp, random) may be given none
         pool = collect_pool(calibration, plan)
         check_usable(model, *pool.stage(0), loss_fn)
+    # under torchrun the ranks share the per-sample gradients (curvature/fisher.py): they must prune alike
+    arguments = dict(sparsity=sparsity, method=method, pattern=pattern, include=include, ignore=ignore, seed=seed,
+                     fisher=curvature, staging=stage_options, tuning=constants, **options)
+    distributed.agree(None, distributed.fingerprint(arguments, model, () if pool is None else (pool.inputs,
+                                                                                              pool.targets)))
     if pool is None:
         needs = [name for name, used in (("bn_recalibration", bn_recalibration), ("layer_start", plan.layer_start),
                                          ("schedule='adaptive'", plan.schedule is None)) if used]
@@ -101,9 +106,11 @@ def prune(model: nn.Module, calibration, sparsity: float, method: str = "cbs", l
                              damping=plan.damping, options=plan.options, **plan.common)
         if on_stage is not None:
             result = hooked(on_stage, 1, plan.sparsity, result)
-        result.settings.update(bn_recalibration=False, layer_start=False)
+        result.settings.update(bn_recalibration=False, layer_start=False, ranks=distributed.world().size)
         return result
-    return _prune_in_stages(model, pool, plan, bn_recalibration, progress)
+    result = _prune_in_stages(model, pool, plan, bn_recalibration, progress)
+    result.settings.update(ranks=distributed.world().size)
+    return result
 
 
 def _prune_layer_objective(model, calibration, sparsity, method, pattern, layerwise, include, ignore, seed,

@@ -121,7 +121,8 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                                         "pass more calibration data (--calib-seqs) or a smaller batch_size")
     except BrainSurgeonError as error:
         failure = error
-    distributed.agree(failure, _fingerprint(world, model, calls, arguments))
+    tensors = [value for args, kwargs in calls or () for value in (*args, *kwargs.values())]
+    distributed.agree(failure, distributed.fingerprint(arguments, model, tensors))
     solves = SharedSolves(world)
     chose = time.perf_counter()
     allocation_figures = None
@@ -167,18 +168,6 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                        stats={"layers": stats, **({"reconstruction": refits} if refit.active else {}),
                               **({"allocation": allocation_figures} if allocation_figures else {})},
                        dense_layers=dense)
-
-
-def _fingerprint(world, model, calls, arguments) -> dict | None:
-    """What must be the same on every rank: the arguments, the model's weights and the calibration (as sums)."""
-    if not world.active:
-        return None
-    with torch.no_grad():
-        weights = sum(float(value.double().sum()) for value in model.state_dict().values() if value.is_floating_point())
-        data = [float(value.double().sum()) for args, kwargs in calls or () for value in (*args, *kwargs.values())
-                if isinstance(value, torch.Tensor)]
-    return {**{name: repr(value) for name, value in arguments.items()}, "the model's weights (summed)": weights,
-            "the calibration (tensors, summed)": (len(data), sum(data))}
 
 
 def check_allocation(allocation: str, sparsity, pattern: Budget) -> str:
