@@ -127,13 +127,20 @@ def prune_language_model(args, options: dict):
 
 
 def _perplexity_in_float32(model, evaluation, quiet: bool) -> float:
-    """Perplexity scored in float32, whatever the weights are stored in (they come back in their dtype)."""
-    stored = model.dtype
+    """Perplexity scored in float32, whatever the weights are stored in. Every parameter and buffer comes back in
+    its own dtype: a model loaded in bfloat16 keeps float32 buffers (the rotary frequencies), which a blanket
+    .to(bfloat16) would round, changing every later forward pass."""
+    dtypes = {name: tensor.dtype for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
     model.float()
     try:
         return perplexity(model, evaluation, progress=not quiet)
     finally:
-        model.to(stored)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.data = param.data.to(dtypes[name])
+            for name, buffer in list(model.named_buffers()):
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, buffer.to(dtypes[name]))
 
 
 def bench_language_model(args, options: dict):

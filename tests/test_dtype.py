@@ -1,15 +1,18 @@
 """Weights stored in bfloat16 or float16 while pruning (issue 25): the solves run in float32, the weights come back
 in the storage dtype with exact masks, the answer is the float32 prune's up to rounding, and the command line
 scores in float32 and writes a folder plain transformers reloads in that dtype."""
+import argparse
 import json
 
 import pytest
 import torch
 import transformers
 from helpers import lm_folder, tiny_llama
+from safetensors.torch import load_file
 
 from brainsurgeon import BrainSurgeonError
 from brainsurgeon.cli import main
+from brainsurgeon.cli_lm import load_language_model
 from brainsurgeon.datasets.text import perplexity
 from brainsurgeon.drivers.sequential import prune_layerwise
 
@@ -54,6 +57,14 @@ def test_the_command_line_writes_the_storage_dtype_and_scores_in_float32(tmp_pat
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bfloat16", dtype="auto")
     assert reloaded.dtype == torch.bfloat16
     assert float((reloaded.model.layers[0].mlp.down_proj.weight == 0).float().mean()) == 0.5
+    # scoring the dense model in float32 first leaves the model as loaded (its float32 rotary frequencies too):
+    # the command line prunes what the library prunes on the same windows
+    args = argparse.Namespace(hf_model=str(folder), dtype="bfloat16", quiet=True, text=str(text), calib_seqs=8,
+                              seq_len=16, eval_windows=4, seed=0)
+    model, _, calibration, _ = load_language_model(args)
+    expected = prune_layerwise(model, calibration, None, "sparsegpt", pattern="2:4", progress=False)
+    written = load_file(tmp_path / "bfloat16" / "masks.safetensors")
+    assert all(torch.equal(written[name].bool(), mask) for name, mask in expected.masks.items())
 
 
 @pytest.mark.parametrize("flags", [["--model", "mlpnet", "--checkpoint", "x.pt", "--sparsity", "0.5"],
