@@ -21,13 +21,16 @@ from .drivers.registry import check_sweep_options, options_for
 from .drivers.stage import DEFAULT_MAX_MEMORY
 from .drivers.tuning import Tuning
 from .errors import BrainSurgeonError
+from .memory import trim_heap
 
 UNSTRUCTURED_NOTE = ("Unstructured sparsity alone does not make the model smaller or faster: "
                      "the zeros need sparse storage or sparse kernels to pay off.")
 
 
 def reset_peak_memory() -> None:
-    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM); elsewhere a no-op."""
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM) from the memory that is live: the
+    heap's free memory is returned first; elsewhere a no-op."""
+    trim_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

@@ -7,7 +7,7 @@ MAX_LINES = 400
 # Lower layers never import higher ones: the basics; curvature, models and datasets; the methods; the drivers;
 # bench and the demo; the command line.
 LAYERS = [
-    {"errors", "validation", "progress", "atomic", "modes", "distributed"},
+    {"errors", "validation", "progress", "atomic", "modes", "distributed", "memory"},
     {"curvature", "models", "datasets"},
     {"methods"},
     {"drivers"},

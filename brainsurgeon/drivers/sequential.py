@@ -25,6 +25,7 @@ from torch import nn
 from .. import distributed, validation
 from ..curvature.hessian import DEFAULT_RELATIVE_DAMPING, LayerObjective
 from ..errors import BrainSurgeonError, solver_errors_as_one_line
+from ..memory import trim_heap
 from ..methods.budget import Budget
 from ..methods.catalog import LAYER_METHODS, canonical
 from ..modes import evaluating
@@ -155,6 +156,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
             run = _prune_block_to_dense if to_dense else _prune_block
             inputs, dense_inputs = run(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings,
                                        stats, masks, keeping, (refit, refits, block_name), solves)
+            trim_heap()  # the block's activations and solves, freed: resident memory follows what is live
     timings["total"] = time.perf_counter() - chose
     settings = dict(objective="layer", method=layer_method.name, pattern=pattern_name,
                     sparsity=_fraction_pruned(masks) if per_layer else pattern.sparsity, target=target,
