@@ -153,7 +153,7 @@ def test_the_command_line_under_torchrun_writes_once_what_one_process_writes(tmp
     assert shared["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-3)
 
 
-@pytest.mark.parametrize("method", ["cbs", "max"])
+@pytest.mark.parametrize("method", [pytest.param("cbs", marks=pytest.mark.slow), "max"])  # max: cbs and more
 def test_two_ranks_share_the_per_sample_gradients_and_prune_as_one_process_does(tmp_path, method):
     out = tmp_path / "ranks.pt"
     done = torchrun(FISHER_SCRIPT, out, "--method", method)
