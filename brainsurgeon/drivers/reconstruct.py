@@ -18,9 +18,11 @@ that holds pruned layers, such as a transformer's attention and MLP, in the orde
 sub-layer is fitted to the dense sub-layer's output on the dense stream, from its inputs on the pruned stream as
 the sub-layers refitted before it leave them.
 
-Under torch.distributed each rank cuts its own share of the calls into pieces (the ranks' pieces together about
-as many as one process's), averages the gradients over the ranks before every step and judges the held-out error
-on every rank's held-out pieces, so that all ranks take the same steps and keep the same weights.
+Under torch.distributed each rank cuts its own share of the calls into pieces of the size one process would cut
+them, so that the ranks' pieces, in rank order, are one process's pieces. Each Adam step is on one piece: the rank
+holding it computes the gradient, which every rank receives (a sum over the ranks, the others adding zeros), and
+the held-out error sums every rank's share of the held-out pieces. All ranks take one process's steps, and keep
+the weights it keeps; the ranks share the held-out judgements, not the steps.
 """
 import time
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import validation
-from ..distributed import gather_objects, sum_across_ranks, world
+from ..distributed import gather_objects, sum_across_ranks, sum_all_across_ranks, world
 from ..errors import BrainSurgeonError
 from .activations import StopForward, call_until_stopped, first_output, run_block
 
@@ -82,13 +84,6 @@ def plan_reconstruction(reconstruct: str = "none", reconstruct_epochs: int = Non
                                 f"(or 'sublayer') or drop {' and '.join(given)}")
     return Reconstruction(reconstruct or "none", DEFAULT_EPOCHS if reconstruct_epochs is None else reconstruct_epochs,
                           DEFAULT_STEP if reconstruct_step is None else reconstruct_step)
-
-
-def _fewest(count: int) -> int:
-    """The least of `count` over the ranks."""
-    if not world().active:
-        return count
-    return min(int(value) for value in gather_objects(count))
 
 
 def block_output(block: nn.Module, args, kwargs) -> torch.Tensor:
@@ -147,14 +142,15 @@ def reconstruct(block: nn.Module, masks: dict, inputs: list, targets, plan: Reco
     return dict(sublayers=figures, seconds=sum(figure["seconds"] for figure in figures.values()))
 
 
-def pieces(calls: list, targets: list, count: int = PIECES) -> tuple:
+def pieces(calls: list, targets: list, count: int = PIECES, samples: int | None = None) -> tuple:
     """The calls and their targets cut along the batch dimension into pieces of about equal size, about `count` in
-    all (whole samples; each call into a whole number of nearly equal pieces): each piece is one Adam step or one
-    held-out judgement. The batch dimension is the first tensor argument's first one; every other tensor (in the
-    arguments, keyword arguments and tuples of them) of at least two dimensions whose first dimension is the same
-    is cut with it, and the rest (positions shared by the batch, flags) are handed to every piece."""
+    all for `samples` samples (default: the calls' own; whole samples; each call into a whole number of nearly
+    equal pieces): each piece is one Adam step or one held-out judgement. The batch dimension is the first tensor
+    argument's first one; every other tensor (in the arguments, keyword arguments and tuples of them) of at least
+    two dimensions whose first dimension is the same is cut with it, and the rest (positions shared by the batch,
+    flags) are handed to every piece."""
     sizes = [_batch_size(call) for call in calls]
-    size = max(1, sum(sizes) / count)
+    size = max(1, (sum(sizes) if samples is None else samples) / count)
     cut_calls, cut_targets = [], []
     for call, target, batch in zip(calls, targets, sizes):
         parts = max(1, min(batch, round(batch / size)))
@@ -207,7 +203,8 @@ def _child_inputs(block, child, inputs) -> list:
 
 
 def _error(block, calls, targets) -> float:
-    """The mean squared output error over the calls, of every rank's calls under torch.distributed."""
+    """The mean squared output error over the calls, of every rank's calls under torch.distributed (each rank
+    passes its own)."""
     with torch.no_grad():
         total = sum(float((block_output(block, *call) - target).double().pow(2).sum())
                     for call, target in zip(calls, targets))
@@ -223,16 +220,21 @@ def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list
     the seconds."""
     if len(inputs) != len(targets):
         raise BrainSurgeonError(f"{len(inputs)} calls but {len(targets)} targets to reconstruct")
-    ranks = world().size  # under torch.distributed each rank holds its share of the calls, cut as finely
-    inputs, targets = pieces(inputs, targets, max(2, PIECES // ranks))
-    if len(inputs) < 2:
+    # under torch.distributed each rank holds its share of the calls: cut as one process cuts them all, its
+    # pieces are the global pieces [first, first + len(inputs)) in rank order
+    samples = sum(gather_objects(sum(_batch_size(call) for call in inputs)))
+    inputs, targets = pieces(inputs, targets, PIECES, samples)
+    counts = gather_objects(len(inputs))
+    first, total = sum(counts[: world().rank]), sum(counts)
+    if total < 2:
         raise BrainSurgeonError("block reconstruction holds out calibration calls to stop early and needs at least 2; "
                                 "give more calibration inputs or a smaller batch_size")
     started = time.perf_counter()
-    held = min(max(1, round(plan.held_out * len(inputs))), len(inputs) - 1)  # at least one call each side
-    train, train_targets = inputs[:-held], targets[:-held]
-    steps = _fewest(len(train))  # as many Adam steps an epoch on every rank
-    check, check_targets = inputs[-held:], targets[-held:]
+    held = min(max(1, round(plan.held_out * total)), total - 1)  # at least one piece each side
+    mine = {index: first + index for index in range(len(inputs))}  # local piece -> global piece
+    local = {piece: index for index, piece in mine.items()}
+    check = [index for index, piece in mine.items() if piece >= total - held]
+    check, check_targets = [inputs[index] for index in check], [targets[index] for index in check]
     modules = dict(block.named_modules())
     weights = {name: modules[name].weight for name in masks}
     keep = {name: mask.to(weights[name].device) for name, mask in masks.items()}
@@ -251,14 +253,20 @@ def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list
             w.requires_grad_(True)
         with torch.enable_grad():
             for epoch in range(plan.epochs):
-                for index in torch.randperm(len(train), generator=generator).tolist()[:steps]:
+                for piece in torch.randperm(total - held, generator=generator).tolist():
                     optimizer.zero_grad(set_to_none=True)
-                    output = block_output(block, *train[index])
-                    loss = (output - train_targets[index]).pow(2).mean()
-                    loss.backward()
+                    if piece in local:  # this rank holds the piece
+                        output = block_output(block, *inputs[local[piece]])
+                        loss = (output - targets[local[piece]]).pow(2).mean()
+                        loss.backward()
                     for name, w in weights.items():
+                        if w.grad is None:
+                            w.grad = torch.zeros_like(w)
                         w.grad.mul_(keep[name])
-                        sum_across_ranks(w.grad).div_(ranks)  # every rank takes the same step
+                    if world().active:  # every rank takes the step of the rank holding the piece
+                        grads = [w.grad for w in weights.values()]
+                        for grad, summed in zip(grads, sum_all_across_ranks(grads)):
+                            grad.copy_(summed)
                     optimizer.step()
                     with torch.no_grad():
                         for name, w in weights.items():
