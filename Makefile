@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: bench-lm-ranks bench-resnet20-ranks bench-cost-size install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost bench-structured-reload bench-lm-reconstruct bench-lm-reconstruct-table bench-lm-peers
+.PHONY: bench-lm-ranks bench-resnet20-ranks bench-cost-size bench-dtype-memory install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost bench-structured-reload bench-lm-reconstruct bench-lm-reconstruct-table bench-lm-peers
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -165,6 +165,13 @@ bench-cost-size:
 	  $(ONE_RANK) $(BIN)/python benchmarks/cost_vs_size.py run $$size $$method 2:4 \
 	    --json bench/cost_size/$${size}_$$method.json || exit 1; done; done
 	$(BIN)/python benchmarks/cost_vs_size.py fit bench/cost_size/*.json --json bench/cost_vs_size.json
+
+# Issue 25's memory against the storage dtype where the libraries' own memory is small beside the model: the
+# 1.1B shape pruned in float32, to set beside bench-cost-size's bfloat16 row.
+bench-dtype-memory:
+	mkdir -p bench/cost_size_float32
+	$(ONE_RANK) $(BIN)/python benchmarks/cost_vs_size.py run 1.1B sparsegpt 2:4 --dtype float32 \
+	  --json bench/cost_size_float32/1.1B_sparsegpt.json
 
 # The structured tables (issue 23): the baselines shrink the MLPs with the same fraction in every block; ours spends
 # the same parameter budget by the error curves. Fractions are of the blocks' parameters; the same windows as

@@ -63,10 +63,10 @@ def gemm_flops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
-def run(size: str, method: str, pattern: str, json_path: str) -> None:
+def run(size: str, method: str, pattern: str, json_path: str, dtype: str = "bfloat16") -> None:
     from brainsurgeon import prune_layerwise
 
-    model, config = build(size)
+    model, config = build(size, getattr(torch, dtype))
     calibration = torch.randint(0, config.vocab_size, CALIBRATION, generator=torch.Generator().manual_seed(0))
     sparsity, kind = split_pattern(pattern if ":" in pattern else float(pattern))
     storage = sum(value.numel() * value.element_size() for value in model.state_dict().values())
@@ -77,7 +77,7 @@ def run(size: str, method: str, pattern: str, json_path: str) -> None:
     result = prune_layerwise(model, calibration, sparsity, method, pattern=kind, in_place=True, progress=False)
     seconds = time.perf_counter() - started
     row = dict(size=size, method=method, pattern=pattern, parameters=sum(p.numel() for p in model.parameters()),
-               hidden=config.hidden_size, layers=config.num_hidden_layers, dtype="bfloat16",
+               hidden=config.hidden_size, layers=config.num_hidden_layers, dtype=dtype,
                calibration=list(CALIBRATION), seconds=seconds, timings=result.timings, threads=torch.get_num_threads(),
                storage_bytes=storage, block_bytes=block, rss_before_prune_bytes=before,
                peak_rss_bytes=peak_memory_bytes(), gemm_flops=gemm_flops())
@@ -138,7 +138,7 @@ def projection(shape, tokens: int, per_solve: float, per_weight: float, per_pass
 
 
 def fit(paths: list, json_path: str) -> None:
-    rows = [json.loads(Path(path).read_text()) for path in paths]
+    rows = [row for row in (json.loads(Path(path).read_text()) for path in paths) if row["dtype"] == "bfloat16"]
     tokens = CALIBRATION[0] * CALIBRATION[1]
     models = {}
     for method in sorted({row["method"] for row in rows}):
@@ -198,12 +198,14 @@ def main() -> None:
     one.add_argument("method")
     one.add_argument("pattern")
     one.add_argument("--json", required=True)
+    one.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                     help="the storage dtype (the cost model is fitted on bfloat16 rows)")
     both = sub.add_parser("fit")
     both.add_argument("paths", nargs="+")
     both.add_argument("--json", required=True)
     args = parser.parse_args()
     if args.command == "run":
-        run(args.size, args.method, args.pattern, args.json)
+        run(args.size, args.method, args.pattern, args.json, args.dtype)
     else:
         fit(args.paths, args.json)
 
