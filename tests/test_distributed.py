@@ -108,6 +108,12 @@ def test_block_reconstruction_on_two_ranks_takes_the_steps_of_one_process(tmp_pa
         assert figures["held_out_after"] == pytest.approx(expected["held_out_after"], rel=1e-4)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_a_dead_rank_ends_the_run_on_the_other_naming_it(tmp_path):
     out, port, timeout = tmp_path / "ranks.pt", free_port(), 20
