@@ -209,6 +209,13 @@ class HessianRecorder:
         check_finite_hessian(hessian, name)
         return hessian
 
+    def take_hessian(self, name) -> torch.Tensor:
+        """hessian(name), the recorder letting go of the layer's sum: a block's widest H (cols^2 float64 values,
+        as large as the block's weights) is then held once while its layer is solved, not twice."""
+        hessian = self.hessian(name)
+        del self.sums[name]
+        return hessian
+
 
     def mean(self, name) -> torch.Tensor:
         """The mean of the layer's input rows."""

@@ -274,9 +274,10 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
             keeping.remember(originals, name, weight)
             if owner != solves.world.rank:
                 continue
-            hessian = recorder.hessian(name) if recorder else torch.eye(weight[0].numel(), dtype=torch.float64)
+            hessian = recorder.take_hessian(name) if recorder else torch.eye(weight[0].numel(), dtype=torch.float64)
             _prune_layer(modules[name], full_name, LayerObjective(weight, hessian, relative_damping),
                          recorder is not None, layer_method, pattern, timings, stats, masks)
+            del hessian  # held by the layer's objective alone, freed with it
         mark = time.perf_counter()
         solves.share(layers, owners, modules, masks, stats)
         timings["share"] += time.perf_counter() - mark
