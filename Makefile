@@ -165,6 +165,7 @@ bench-cost-size:
 	  $(ONE_RANK) $(BIN)/python benchmarks/cost_vs_size.py run $$size $$method 2:4 \
 	    --json bench/cost_size/$${size}_$$method.json || exit 1; done; done
 	$(BIN)/python benchmarks/cost_vs_size.py fit bench/cost_size/*.json --json bench/cost_vs_size.json
+	$(BIN)/python benchmarks/cost_vs_size.py table bench/cost_vs_size.json $(wildcard bench/cost_size_float32/*.json)
 
 # Issue 25's memory against the storage dtype where the libraries' own memory is small beside the model: the
 # 1.1B shape pruned in float32, to set beside bench-cost-size's bfloat16 row.

@@ -7,6 +7,7 @@ and 70B models onto one CPU thread and onto 8 GPUs, with the assumptions in the 
 
     .venv/bin/python benchmarks/cost_vs_size.py run 135M sparsegpt 2:4 --json bench/cost_size/135M_sparsegpt.json
     .venv/bin/python benchmarks/cost_vs_size.py fit bench/cost_size/*.json --json bench/cost_vs_size.json
+    .venv/bin/python benchmarks/cost_vs_size.py table bench/cost_vs_size.json bench/cost_size_float32/*.json
 """
 import argparse
 import json
@@ -190,6 +191,33 @@ def fit(paths: list, json_path: str) -> None:
               f"reference measured/projected {model['reference']['measured_over_projected']:.1f}x")
 
 
+def table(json_path: str, float32_paths: list) -> None:
+    """The README's tables from the fit's JSON (and float32 rows, set beside the bfloat16 ones of their size)."""
+    report = json.loads(Path(json_path).read_text())
+    float32 = {row["size"]: row for row in (json.loads(Path(path).read_text()) for path in float32_paths)}
+    gib = 2**30
+    print("| model | method | seconds (solves) | peak RSS | RSS before the prune | weights stored | largest H |")
+    print("|---|---|---|---|---|---|---|")
+    for row in sorted(report["rows"], key=lambda row: (row["parameters"], row["method"])):
+        widest = max(cols for _, cols in layer_shapes(SHAPES[row["size"]])) ** 2 * 8
+        print(f"| {row['size']} | {row['method']} | {row['seconds']:.0f} ({row['timings']['prune']:.0f}) | "
+              f"{row['peak_rss_bytes'] / gib:.2f} GiB | {row['rss_before_prune_bytes'] / gib:.2f} GiB | "
+              f"{row['storage_bytes'] / gib:.2f} GiB | {widest / 2**20:.0f} MiB |")
+    for size, row in float32.items():
+        print(f"| {size}, float32 | {row['method']} | {row['seconds']:.0f} ({row['timings']['prune']:.0f}) | "
+              f"{row['peak_rss_bytes'] / gib:.2f} GiB | {row['rss_before_prune_bytes'] / gib:.2f} GiB | "
+              f"{row['storage_bytes'] / gib:.2f} GiB | |")
+    print()
+    print(f"| projection | method | one CPU thread | one {report['gpu']['name']} (lower bound) | "
+          f"{report['gpus']} GPUs (lower bound) | {report['gpus']} GPUs at the reference's rate |")
+    print("|---|---|---|---|---|---|")
+    for method, model in report["cost_models"].items():
+        for name, entry in model["projected"].items():
+            print(f"| {name} | {method} | {entry['one_cpu_thread_seconds'] / 3600:.1f} h | "
+                  f"{entry['one_gpu_seconds']:.0f} s | {entry['gpus_seconds']:.0f} s | "
+                  f"{entry['gpus_seconds_at_reference_rate'] / 60:.0f} min |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,12 +228,17 @@ def main() -> None:
     one.add_argument("--json", required=True)
     one.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                      help="the storage dtype (the cost model is fitted on bfloat16 rows)")
+    shown = sub.add_parser("table")
+    shown.add_argument("json")
+    shown.add_argument("float32", nargs="*")
     both = sub.add_parser("fit")
     both.add_argument("paths", nargs="+")
     both.add_argument("--json", required=True)
     args = parser.parse_args()
     if args.command == "run":
         run(args.size, args.method, args.pattern, args.json, args.dtype)
+    elif args.command == "table":
+        table(args.json, args.float32)
     else:
         fit(args.paths, args.json)
 
