@@ -198,15 +198,12 @@ def table(json_path: str, float32_paths: list) -> None:
     gib = 2**30
     print("| model | method | seconds (solves) | peak RSS | RSS before the prune | weights stored | largest H |")
     print("|---|---|---|---|---|---|---|")
-    for row in sorted(report["rows"], key=lambda row: (row["parameters"], row["method"])):
+    rows = sorted(report["rows"], key=lambda row: (row["parameters"], row["method"]))
+    for label, row in [(row["size"], row) for row in rows] + [(f"{size}, float32", row) for size, row in float32.items()]:
         widest = max(cols for _, cols in layer_shapes(SHAPES[row["size"]])) ** 2 * 8
-        print(f"| {row['size']} | {row['method']} | {row['seconds']:.0f} ({row['timings']['prune']:.0f}) | "
+        print(f"| {label} | {row['method']} | {row['seconds']:.0f} ({row['timings']['prune']:.0f}) | "
               f"{row['peak_rss_bytes'] / gib:.2f} GiB | {row['rss_before_prune_bytes'] / gib:.2f} GiB | "
               f"{row['storage_bytes'] / gib:.2f} GiB | {widest / 2**20:.0f} MiB |")
-    for size, row in float32.items():
-        print(f"| {size}, float32 | {row['method']} | {row['seconds']:.0f} ({row['timings']['prune']:.0f}) | "
-              f"{row['peak_rss_bytes'] / gib:.2f} GiB | {row['rss_before_prune_bytes'] / gib:.2f} GiB | "
-              f"{row['storage_bytes'] / gib:.2f} GiB | |")
     print()
     print(f"| projection | method | one CPU thread | one {report['gpu']['name']} (lower bound) | "
           f"{report['gpus']} GPUs (lower bound) | {report['gpus']} GPUs at the reference's rate |")

@@ -231,10 +231,8 @@ def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list
                                 "give more calibration inputs or a smaller batch_size")
     started = time.perf_counter()
     held = min(max(1, round(plan.held_out * total)), total - 1)  # at least one piece each side
-    mine = {index: first + index for index in range(len(inputs))}  # local piece -> global piece
-    local = {piece: index for index, piece in mine.items()}
-    check = [index for index, piece in mine.items() if piece >= total - held]
-    check, check_targets = [inputs[index] for index in check], [targets[index] for index in check]
+    held_from = max(0, total - held - first)  # this rank's first held-out piece (local index)
+    check, check_targets = inputs[held_from:], targets[held_from:]
     modules = dict(block.named_modules())
     weights = {name: modules[name].weight for name in masks}
     keep = {name: mask.to(weights[name].device) for name, mask in masks.items()}
@@ -255,9 +253,10 @@ def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list
             for epoch in range(plan.epochs):
                 for piece in torch.randperm(total - held, generator=generator).tolist():
                     optimizer.zero_grad(set_to_none=True)
-                    if piece in local:  # this rank holds the piece
-                        output = block_output(block, *inputs[local[piece]])
-                        loss = (output - targets[local[piece]]).pow(2).mean()
+                    index = piece - first
+                    if 0 <= index < len(inputs):  # this rank holds the piece
+                        output = block_output(block, *inputs[index])
+                        loss = (output - targets[index]).pow(2).mean()
                         loss.backward()
                     for name, w in weights.items():
                         if w.grad is None:
