@@ -91,7 +91,8 @@ class LayerQuadratic(FactoredQuadratic):
     def __init__(self, objective: LayerObjective):
         rows, cols = objective.shape
         lam = 0.5 * float(torch.diagonal(objective.damped - objective.hessian).min().clamp_min(1e-12))
-        factor = torch.linalg.cholesky(objective.damped - lam * torch.eye(cols, dtype=torch.float64))
+        identity = torch.eye(cols, dtype=torch.float64, device=objective.damped.device)
+        factor = torch.linalg.cholesky(objective.damped - lam * identity)
         super().__init__(SharedFactorGradients(factor.float(), rows), lam,
                          [slice(r * cols, (r + 1) * cols) for r in range(rows)])
 

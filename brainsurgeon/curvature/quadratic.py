@@ -113,7 +113,7 @@ class FactoredBlock:
     def gram(self) -> torch.Tensor:
         """G G^T in float64 (n x n), by blocks of the upper triangle (about 5/8 of the full product's flops)."""
         n, step = self.num_samples, -(-self.num_samples // 4)
-        gram = torch.empty(n, n, dtype=torch.float64)
+        gram = torch.empty(n, n, dtype=torch.float64, device=self.gradients_t.device)
         for start in range(0, n, step):
             rows = self.gradients_t[:, start : start + step].T
             block = (rows @ self.gradients_t[:, start:]).double()
@@ -124,7 +124,7 @@ class FactoredBlock:
     @cached_property
     def _gram_cholesky(self) -> torch.Tensor:
         """Lower Cholesky factor of damping * I_n + G G^T (float64)."""
-        system = self.gram + self.damping * torch.eye(self.num_samples, dtype=torch.float64)
+        system = self.gram + self.damping * torch.eye(self.num_samples, dtype=torch.float64, device=self.gram.device)
         if not torch.isfinite(system).all():
             raise BrainSurgeonError(OVERFLOW)
         return torch.linalg.cholesky(system)
@@ -134,7 +134,7 @@ class FactoredBlock:
         """diag(H^-1) = (1 - colsum((L^-1 G)^2)) / damping, by Woodbury, in chunks of weights."""
         chunk = 8192
         factor = self._gram_cholesky.float()
-        out = torch.empty(self.num_weights, dtype=torch.float64)
+        out = torch.empty(self.num_weights, dtype=torch.float64, device=self.gradients_t.device)
         for start in range(0, self.num_weights, chunk):
             block = self.gradients_t[start : start + chunk].T
             solved = torch.linalg.solve_triangular(factor, block, upper=False)
@@ -152,13 +152,13 @@ class FactoredBlock:
         with the previous kept set of this block are reused and only the new ones computed."""
         cache = self.gram_cache
         if cache is None or cache.key != self.key:
-            known = torch.zeros(len(kept), dtype=torch.bool)
+            known = torch.zeros(len(kept), dtype=torch.bool, device=kept.device)
         else:
-            position = torch.full((self.num_weights,), -1, dtype=torch.long)
-            position[cache.kept] = torch.arange(len(cache.kept))
+            position = torch.full((self.num_weights,), -1, dtype=torch.long, device=kept.device)
+            position[cache.kept] = torch.arange(len(cache.kept), device=kept.device)
             old = position[kept]
             known = old >= 0
-        gram = torch.empty(len(kept), len(kept), dtype=torch.float64)
+        gram = torch.empty(len(kept), len(kept), dtype=torch.float64, device=self.gradients_t.device)
         if known.any():
             reused = torch.nonzero(known).squeeze(1)
             gram[reused.unsqueeze(1), reused] = cache.gram[old[reused].unsqueeze(1), old[reused]]
@@ -227,8 +227,9 @@ class FactoredQuadratic(Quadratic):
         self._blocks = None if self.store.streamed else [
             FactoredBlock(self.store.rows(r), damping, self.shift, self.gram_cache, b)
             for b, r in enumerate(self.regions)]
-        sizes = torch.tensor([region.stop - region.start for region in self.regions])
-        self.block_of = torch.repeat_interleave(torch.arange(len(self.regions)), sizes)
+        # which block each weight is in: bookkeeping on the host, as the regions are
+        sizes = torch.tensor([region.stop - region.start for region in self.regions], device="cpu")
+        self.block_of = torch.repeat_interleave(torch.arange(len(self.regions), device="cpu"), sizes)
 
     def block(self, index: int) -> FactoredBlock:
         if self._blocks is not None:

@@ -196,8 +196,8 @@ class HessianRecorder:
         leaders = {}
         for name in self.sums:
             leaders.setdefault(tuple(self.sources[name]), name)
-        parts = [[self.sums[name], self.row_sums[name], torch.tensor(float(self.counts[name]))]
-                 for name in leaders.values()]
+        parts = [[self.sums[name], self.row_sums[name],
+                  torch.tensor(float(self.counts[name]), device=self.sums[name].device)] for name in leaders.values()]
         summed = iter(sum_all_across_ranks([part for group in parts for part in group]))
         totals = {leader: [next(summed) for _ in group] for leader, group in zip(leaders.values(), parts)}
         for name in self.sums:
@@ -336,7 +336,8 @@ def cross_statistics(block, dense_block, name, inputs, dense_inputs) -> tuple:
     finally:
         for handle in handles:
             handle.remove()
-    hessian, cross, *sums, rows = sum_all_across_ranks([hessian, cross, *sums, torch.tensor(float(rows))])
+    count = torch.tensor(float(rows), device=hessian.device)
+    hessian, cross, *sums, rows = sum_all_across_ranks([hessian, cross, *sums, count])
     rows = int(rows)  # each rank ran its own shard of the calls
     hessian, cross = hessian / rows, cross / rows
     check_finite_hessian(hessian, name)

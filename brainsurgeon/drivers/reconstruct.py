@@ -158,7 +158,7 @@ def pieces(calls: list, targets: list, count: int = PIECES, samples: int | None 
             cut_calls.append(call)
             cut_targets.append(target)
             continue
-        for part in torch.arange(batch).tensor_split(parts):
+        for part in torch.arange(batch, device="cpu").tensor_split(parts):  # positions, read on the host
             piece = slice(int(part[0]), int(part[-1]) + 1)
             cut_calls.append(_cut(call, batch, piece))
             cut_targets.append(target[piece])
@@ -208,8 +208,9 @@ def _error(block, calls, targets) -> float:
     with torch.no_grad():
         total = sum(float((block_output(block, *call) - target).double().pow(2).sum())
                     for call, target in zip(calls, targets))
+    device = next(block.parameters()).device  # a rank may hold no held-out call
     total, count = sum_across_ranks(torch.tensor([total, sum(target.numel() for target in targets)],
-                                                 dtype=torch.float64)).tolist()
+                                                 dtype=torch.float64, device=device)).tolist()
     return total / count
 
 
@@ -251,7 +252,7 @@ def reconstruct_block(block: nn.Module, masks: dict, inputs: list, targets: list
             w.requires_grad_(True)
         with torch.enable_grad():
             for epoch in range(plan.epochs):
-                for piece in torch.randperm(total - held, generator=generator).tolist():
+                for piece in torch.randperm(total - held, generator=generator, device="cpu").tolist():
                     optimizer.zero_grad(set_to_none=True)
                     index = piece - first
                     if 0 <= index < len(inputs):  # this rank holds the piece

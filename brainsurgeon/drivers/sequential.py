@@ -43,6 +43,7 @@ from .activations import (
 from .layers import check_finite_model, find_prunable, storage_dtype
 from .owl import owl_allocation
 from .packed_masks import PackedMasks
+from .placement import Keeping, check_device, home_device, onloaded, restore, to_device
 from .reconstruct import dense_targets, plan_reconstruction, reconstruct
 from .result import PruneResult
 from .search_allocation import searched_allocation
@@ -73,7 +74,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                     relative_damping: float = DEFAULT_RELATIVE_DAMPING, blocks=None, include=None, ignore=(),
                     batch_size: int = 8, target: str = "layer", reconstruct: str = "none",
                     reconstruct_epochs: int = None, reconstruct_step: float = None, allocation: str = "uniform",
-                    in_place: bool = False, progress: bool = True, **options) -> PruneResult:
+                    in_place: bool = False, device=None, progress: bool = True, **options) -> PruneResult:
     """Prune every prunable layer of `model`'s blocks on the layer-wise objective, block by block.
 
     `method`: 'mp', 'wanda', 'sparsegpt', 'admm', 'wf', 'cbs' or 'swaps' (methods/catalog.py). `pattern`:
@@ -107,6 +108,7 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                      reconstruct_step=reconstruct_step, allocation=allocation, **options)
     try:  # every argument checked before any work, on every rank
         validation.flag("in_place", in_place)
+        device, home = check_device(device, world.size), home_device(model)
         refit = plan_reconstruction(reconstruct, reconstruct_epochs, reconstruct_step)
         if refit.active and storage_dtype(model) != torch.float32:
             raise BrainSurgeonError(f"reconstruct='{refit.window}' fits float32 weights for now; load the model in "
@@ -142,20 +144,23 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
     # share: waiting for, and receiving, the layers other ranks solved (torch.distributed)
     timings = {"allocation": time.perf_counter() - chose, "capture": 0.0, "hessians": 0.0, "prune": 0.0,
                "reconstruct": 0.0, "propagate": 0.0, "share": 0.0}
-    stats, masks, weights, refits = {}, PackedMasks(), {}, {}
-    keeping = _Keeping(weights, in_place)
+    stats, masks, refits = {}, PackedMasks(), {}
+    keeping = Keeping(in_place, home)
     mark = time.perf_counter()
     with torch.no_grad(), evaluating(model):
         inputs = dense_inputs = None
         if calls is not None:  # each rank runs its own shard of the calls
-            inputs = capture_block_inputs(model, blocks[0][1], world.shard(calls))
+            inputs = to_device(capture_block_inputs(model, blocks[0][1], world.shard(calls)), device)
             dense_inputs = inputs if to_dense or refit.active else None
         timings["capture"] = time.perf_counter() - mark
         bar = progress_bar(blocks, f"{layer_method.name} {pattern_name}", progress)
         for (block_name, block), layers in zip(bar, per_block):
             run = _prune_block_to_dense if to_dense else _prune_block
-            inputs, dense_inputs = run(block, layers, inputs, dense_inputs, layer_method, relative_damping, timings,
-                                       stats, masks, keeping, (refit, refits, block_name), solves)
+            with onloaded(block, device, home):
+                inputs, dense_inputs = run(block, layers, inputs, dense_inputs, layer_method, relative_damping,
+                                           timings, stats, masks, keeping, (refit, refits, block_name), solves)
+            for _, full_name, _ in layers:  # the result's masks live with the model
+                masks[f"{full_name}.weight"] = masks[f"{full_name}.weight"].to(home)
             trim_heap()  # the block's activations and solves, freed: resident memory follows what is live
     timings["total"] = time.perf_counter() - chose
     settings = dict(objective="layer", method=layer_method.name, pattern=pattern_name,
@@ -164,9 +169,9 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
                     layer_sparsities=dict(sparsity) if per_layer else None, relative_damping=relative_damping,
                     blocks=[name for name, _ in blocks], layers=list(masks), **refit.settings(),
                     num_calls=None if calls is None else len(calls), batch_size=batch_size, ranks=world.size,
-                    dtype=str(storage_dtype(model)).removeprefix("torch."),
+                    dtype=str(storage_dtype(model)).removeprefix("torch."), device=str(device or home),
                     **layer_method.settings())
-    return PruneResult(masks=masks, weights=weights, settings=settings, timings=timings,
+    return PruneResult(masks=masks, weights=keeping.weights(), settings=settings, timings=timings,
                        stats={"layers": stats, **({"reconstruction": refits} if refit.active else {}),
                               **({"allocation": allocation_figures} if allocation_figures else {})},
                        dense_layers=dense)
@@ -274,7 +279,8 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
             keeping.remember(originals, name, weight)
             if owner != solves.world.rank:
                 continue
-            hessian = recorder.take_hessian(name) if recorder else torch.eye(weight[0].numel(), dtype=torch.float64)
+            hessian = (recorder.take_hessian(name) if recorder
+                       else torch.eye(weight[0].numel(), dtype=torch.float64, device=weight.device))
             _prune_layer(modules[name], full_name, LayerObjective(weight, hessian, relative_damping),
                          recorder is not None, layer_method, pattern, timings, stats, masks)
             del hessian  # held by the layer's objective alone, freed with it
@@ -287,7 +293,7 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
         next_inputs = None if inputs is None else with_first(inputs, run_block(block, inputs))
         timings["propagate"] += time.perf_counter() - mark
     finally:  # the caller's model comes back unchanged, whatever happened
-        _restore(modules, originals)
+        restore(modules, originals)
     return next_inputs, None if dense_outputs is None else with_first(dense_inputs, dense_outputs)
 
 
@@ -328,7 +334,7 @@ def _prune_block_to_dense(block, layers, inputs, dense_inputs, layer_method, rel
         next_dense = with_first(dense_inputs, dense_outputs)
         timings["propagate"] += time.perf_counter() - mark
     finally:
-        _restore(modules, originals)
+        restore(modules, originals)
     return next_inputs, next_dense
 
 
@@ -343,29 +349,6 @@ def _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks)
     timings["reconstruct"] += refits[block_name]["seconds"]
 
 
-class _Keeping:
-    """How a pruned block's weights enter the result: as copies, the block's weights being restored afterwards so
-    that the caller's model comes back unchanged; or, in place, as the modules' own tensors, with nothing kept to
-    restore."""
-
-    def __init__(self, weights: dict, in_place: bool):
-        self.weights, self.in_place = weights, in_place
-
-    def remember(self, originals: dict, name: str, weight: torch.Tensor) -> None:
-        if not self.in_place:
-            originals[name] = weight.detach().clone()
-
-    def keep(self, modules: dict, layers: list) -> None:
-        for name, full_name, _ in layers:
-            weight = modules[name].weight.detach()
-            self.weights[f"{full_name}.weight"] = weight if self.in_place else weight.clone()
-
-
-def _restore(modules: dict, originals: dict) -> None:
-    for name, original in originals.items():
-        modules[name].weight.copy_(original)
-
-
 def _prune_layer(module, full_name, objective, has_hessian, layer_method, pattern, timings, stats, masks):
     """Prune one layer and write the result into the module, so that the block's outputs are the pruned ones."""
     mark = time.perf_counter()
@@ -378,5 +361,6 @@ def _prune_layer(module, full_name, objective, has_hessian, layer_method, patter
     timings["prune"] += seconds
     entry = {"seconds": seconds}
     if has_hessian:
-        entry.update(error=objective.error(new), dense_output=objective.error(torch.zeros(objective.shape)))
+        nothing_kept = torch.zeros(objective.shape, device=new.device)
+        entry.update(error=objective.error(new), dense_output=objective.error(nothing_kept))
     stats[full_name] = {**entry, **getattr(layer_method, "last_stats", {})}

@@ -75,16 +75,17 @@ class Budget:
         if self.kind == "nm" and cols % self.m:
             raise BrainSurgeonError(f"{what}: {cols} inputs do not split into groups of {self.m} for {self.name}")
         total = rows * cols
-        if self.count(total) >= total or (self.kind == "row" and self.row_counts(rows, cols).max() >= cols):
+        widest_row = self.row_counts(rows, cols, device="cpu").max() if self.kind == "row" else 0
+        if self.count(total) >= total or widest_row >= cols:
             raise BrainSurgeonError(f"{what}: sparsity {self.sparsity:g} would prune every weight; lower it")
 
     def count(self, total: int) -> int:
         return num_to_prune(self.sparsity, total)
 
-    def row_counts(self, rows: int, cols: int) -> torch.Tensor:
+    def row_counts(self, rows: int, cols: int, device=None) -> torch.Tensor:
         """Per-row counts adding up to exactly round(s * rows * cols): the first rows take the remainder."""
         total = self.count(rows * cols)
-        return total // rows + (torch.arange(rows) < total % rows).long()
+        return total // rows + (torch.arange(rows, device=device) < total % rows).long()
 
     def segments(self, rows: int, cols: int, offset: int = 0) -> list:
         """The budget of one matrix over its row-major flat weights (from `offset`): one Segment for the matrix,
@@ -93,7 +94,7 @@ class Budget:
             return [Segment(slice(offset, offset + rows * cols), self.count(rows * cols))]
         if self.kind == "row":
             return [Segment(slice(offset + r * cols, offset + (r + 1) * cols), int(count))
-                    for r, count in enumerate(self.row_counts(rows, cols))]
+                    for r, count in enumerate(self.row_counts(rows, cols, device="cpu"))]
         return [Segment(slice(start, start + self.m), self.n) for start in range(offset, offset + rows * cols, self.m)]
 
     def segments_over(self, layers) -> list:
@@ -130,10 +131,11 @@ class Budget:
         if self.kind == "nm":
             return _lowest_per_group(scores, self.n, self.m)
         if self.kind == "row":
-            per_row = self.row_counts(rows, cols)
+            per_row = self.row_counts(rows, cols, scores.device)
             counts = _share(per_row, start, stop, cols)
             return _lowest_per_row(scores, counts)
-        count = int(_share(torch.tensor([self.count(rows * cols)]), start * rows, stop * rows, cols * rows))
+        total = torch.tensor([self.count(rows * cols)], device=scores.device)
+        count = int(_share(total, start * rows, stop * rows, cols * rows))
         return _lowest_overall(scores, count)
 
 
@@ -152,13 +154,13 @@ def _counted(what: str, members, sparsity: float) -> Segment:
 def lowest(scores: torch.Tensor, segments) -> torch.Tensor:
     """Boolean mask of the `count` lowest of the flat `scores` in each segment, ties broken by position. Equal
     segments that tile a region (rows, N:M groups) are ranked together in one sort."""
-    pruned = torch.zeros(scores.numel(), dtype=torch.bool)
+    pruned = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     for first, last in _tiling_runs(segments):
         run = segments[first:last]
         width = run[0].region.stop - run[0].region.start
         if len(run) > 1:
             region = slice(run[0].region.start, run[-1].region.stop)
-            counts = torch.tensor([segment.count for segment in run])
+            counts = torch.tensor([segment.count for segment in run], device=scores.device)
             pruned[region] = _lowest_per_row(scores[region].view(len(run), width), counts).reshape(-1)
             continue
         segment = run[0]
@@ -196,7 +198,7 @@ def _lowest_overall(scores: torch.Tensor, count: int) -> torch.Tensor:
     """The `count` lowest, ties at the threshold taken by position: what a stable sort gives, in linear time."""
     flat = scores.reshape(-1)
     if count == 0:
-        return torch.zeros(scores.shape, dtype=torch.bool)
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     threshold = torch.kthvalue(flat, count).values
     pruned = flat < threshold
     ties = torch.nonzero(flat == threshold).squeeze(1)[: count - int(pruned.sum())]
@@ -208,7 +210,7 @@ def _ranks(scores: torch.Tensor) -> torch.Tensor:
     """Rank of every entry within its last dimension (0 = lowest), ties broken by position."""
     order = torch.sort(scores, dim=-1, stable=True).indices
     ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order).contiguous())
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order).contiguous())
     return ranks
 
 

@@ -224,7 +224,8 @@ class JointSearch:
     def lipschitz(self) -> torch.Tensor:
         """Per weight, its block's sigma_max(G_b)^2 + lam (power iteration, 10% margin): the step bound."""
         if self._lipschitz is None:
-            v = torch.randn(len(self.weights), generator=self.problem.generator)
+            # drawn on the host, where the seeded generator is, so that every device starts alike
+            v = torch.randn(len(self.weights), generator=self.problem.generator, device="cpu").to(self.weights.device)
             for _ in range(5):
                 v = self.curvature.rmatvec(self.curvature.residuals(v))
                 norms = torch.stack([v[region].norm() for region in self.curvature.regions]).clamp_min(1e-30)
@@ -295,12 +296,12 @@ class SwapMoves:
         self.search, self.candidates, self.rel_tol = search, candidates, rel_tol
         regions = search.curvature.regions
         self.systems = search.systems
-        starts = torch.tensor([segment.region.start for segment in search.problem.segments])
+        starts = torch.tensor([segment.region.start for segment in search.problem.segments], device="cpu")
         # A block inside one segment may trade weights with the other blocks of that segment; a block cut by
         # several segments (N:M groups of a row) only swaps within each of them, by its local segment ids.
         self.segment_of, self.local_segment = {}, {}
         for b in self.systems:
-            ids = torch.bucketize(torch.arange(regions[b].start, regions[b].stop), starts, right=True) - 1
+            ids = torch.bucketize(torch.arange(regions[b].start, regions[b].stop, device="cpu"), starts, right=True) - 1
             if bool((ids == ids[0]).all()):
                 self.segment_of[b] = int(ids[0])
             else:
@@ -310,7 +311,7 @@ class SwapMoves:
     def _block_moves(self, b: int) -> dict:
         """This block's best pair swap, cheapest removal and best addition."""
         system = self.systems[b]
-        outside = torch.ones(len(system.c), dtype=torch.bool)
+        outside = torch.ones(len(system.c), dtype=torch.bool, device=system.c.device)
         outside[system.kept] = False
         outside = torch.nonzero(outside).squeeze(1)
         inf = float("inf")

@@ -110,7 +110,7 @@ class SparseGPT(LayerMethod):
         rows, cols = weight.shape
         inverse = torch.cholesky_inverse(torch.linalg.cholesky(objective.damped))
         factor = torch.linalg.cholesky(inverse, upper=True).float()
-        pruned = torch.zeros(rows, cols, dtype=torch.bool)
+        pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
         step = self.block_size - self.block_size % pattern.m if pattern.kind == "nm" else self.block_size
         for start in range(0, cols, step):
             stop = min(start + step, cols)

@@ -40,7 +40,8 @@ class Random(Selection):
     name = "random"
 
     def select(self, problem):
-        return lowest(torch.rand(problem.num_weights, generator=problem.generator), problem.segments)
+        drawn = torch.rand(problem.num_weights, generator=problem.generator, device="cpu")  # the seeded host draw
+        return lowest(drawn.to(problem.weights.device), problem.segments)
 
 
 class WoodFisher(Selection):
@@ -65,14 +66,15 @@ def perturbed_magnitude_scores(weights: torch.Tensor, generator: torch.Generator
     """
     p = weights.numel()
     group_size = max(1, math.isqrt(p))
-    perm = torch.randperm(p, generator=generator)
-    group = torch.arange(p) // group_size  # group of position k in the random permutation
+    device = weights.device  # the permutation is drawn on the host, where the seeded generator is
+    perm = torch.randperm(p, generator=generator, device="cpu").to(device)
+    group = torch.arange(p, device=device) // group_size  # group of position k in the random permutation
     by_magnitude = torch.sort(weights.abs()[perm], stable=True).indices
     order = by_magnitude[torch.sort(group[by_magnitude], stable=True).indices]  # by group, then magnitude
-    rank = torch.empty(p, dtype=torch.float64)
-    rank[order] = (torch.arange(p) - group * group_size).double()  # position inside its group
+    rank = torch.empty(p, dtype=torch.float64, device=device)
+    rank[order] = (torch.arange(p, device=device) - group * group_size).double()  # position inside its group
     sizes = torch.bincount(group).double()
-    scores = torch.empty(p, dtype=torch.float64)
+    scores = torch.empty(p, dtype=torch.float64, device=device)
     scores[perm] = (rank + 0.5) / sizes[group]
     return scores
 
@@ -219,7 +221,7 @@ class SwapSearch:
 
     def swap_deltas(self, i: int, window: torch.Tensor):
         """Exact change of f for swapping pruned i with each kept j in `window`, and the columns used."""
-        index = torch.cat([torch.tensor([i]), window])
+        index = torch.cat([torch.tensor([i], device=window.device), window])
         columns = self.curvature.columns(index).double()  # (1 + m) x n
         blocks = self.curvature.block_of[index]
         dots = (columns * self.residual[blocks]).sum(1)  # g_k . r_(block of k)

@@ -39,7 +39,7 @@ class OptimalBrainSurgeon(Update):
 
     def compensation(self, problem, pruned):
         curvature = problem.curvature
-        scaled = torch.zeros(problem.num_weights, dtype=torch.float64)
+        scaled = torch.zeros(problem.num_weights, dtype=torch.float64, device=problem.weights.device)
         scaled[pruned] = problem.weights[pruned].double() / curvature.inverse_diagonal[pruned]
         return -curvature.inverse_apply(scaled)
 
