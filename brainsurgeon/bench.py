@@ -16,6 +16,7 @@ from .datasets.vision import Dataset, accuracy
 from .distributed import world
 from .drivers.layers import copy_model, storage_dtype
 from .drivers.oneshot import prune
+from .drivers.placement import check_device
 from .drivers.plan import plan_run
 from .drivers.registry import check_sweep_options, options_for
 from .drivers.stage import DEFAULT_MAX_MEMORY
@@ -259,11 +260,11 @@ def check_lm_sweep(methods, options: dict) -> dict:
 
 def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_name="model", relative_damping=None,
                      progress=True, text_source="wiki", json_path=None, overwrite=False, reconstruction=None,
-                     allocations=("uniform",), target="layer", **options) -> dict:
+                     allocations=("uniform",), target="layer", device=None, **options) -> dict:
     """Prune a language model with every layer-wise method x pattern x allocation on the same calibration token
     windows and score perplexity on the same evaluation windows. A pattern is a sparsity (unstructured per layer)
     or 'N:M'; an allocation is prune_layerwise's (sequential.ALLOCATIONS). `reconstruction`: prune_layerwise's
-    reconstruct keywords and `target` its target, the same for every run. With `json_path`, the report so far is
+    reconstruct keywords, `target` its target and `device` its device, the same for every run. With `json_path`, the report so far is
     written after every run, as in run_benchmark."""
     reconstruction = dict(reconstruction or {})
     if json_path:
@@ -294,6 +295,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
                                        target=target, **method_options(method))
         check_allocation(allocation, sparsity, parsed)
     plan_reconstruction(**reconstruction)
+    check_device(device, world().size)
     started = time.perf_counter()
     stored = storage_dtype(model)
     # scored in float32 whatever the weights are stored in while pruning
@@ -306,7 +308,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         "settings": dict(methods=list(methods), sparsities=list(patterns), seeds=[0], relative_damping=relative_damping,
                          calib_samples=len(calibration), calib_windows=list(calibration.shape),
                          eval_windows=list(evaluation.shape), options=options, allocations=list(allocations),
-                         target=target, dtype=str(stored).removeprefix("torch."), ranks=world().size,
+                         target=target, dtype=str(stored).removeprefix("torch."), ranks=world().size, device=device,
                          threads_per_rank=torch.get_num_threads(),
                          **reconstruction),
         "results": [],
@@ -317,7 +319,7 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
         sparsity, kind = split_pattern(pattern)
         measured = measure_run(model, lambda: prune_layerwise(
             model, calibration, sparsity, method, pattern=kind, relative_damping=relative_damping, progress=progress,
-            allocation=allocation, target=target, **reconstruction, **method_options(method)),
+            allocation=allocation, target=target, device=device, **reconstruction, **method_options(method)),
             lambda pruned: perplexity(pruned.float(), evaluation, progress=progress))
         row = dict(method=method, sparsity=pattern, seed=0, allocation=allocation, perplexity=measured.pop("score"),
                    **measured)

@@ -99,6 +99,9 @@ def _add_common(parser):
     lm.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                     help="the weights' storage while pruning (H, solves and updates stay float32; perplexity is "
                          "scored in float32; the folder is written in it); default float32")
+    lm.add_argument("--device", help="prune each block on this device (such as cuda or cuda:1), moving it there only "
+                                     "while it is pruned, the model staying where it was loaded (the CPU); default: "
+                                     "the CPU")
     lm.add_argument("--rank-timeout", type=float, help="under torchrun: seconds a rank waits for the others before "
                                                       f"the run ends on every rank (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--dataset", choices=sorted(DATASETS), help="the data of --data-dir (default mnist)")

@@ -9,6 +9,7 @@ from . import bench, distributed, validation
 from .atomic import outputs
 from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from .datasets.text import EVAL_ARTICLES, perplexity, split_text, token_windows
+from .drivers.placement import check_device
 from .drivers.reconstruct import KEYWORDS as RECONSTRUCT_KEYWORDS
 from .drivers.sequential import ALLOCATIONS as LAYER_ALLOCATIONS
 from .drivers.sequential import prune_layerwise
@@ -18,7 +19,7 @@ from .models.hf import load_causal_lm, write_pruned_folder
 # The language-model flags and their defaults (None on the parser: a vision run refuses them when given).
 LM_DEFAULTS = dict(text="wiki", calib_seqs=64, seq_len=512, eval_windows=32, target="layer", dtype="float32",
                    relative_damp=DEFAULT_RELATIVE_DAMPING, reconstruct=None, reconstruct_epochs=None,
-                   reconstruct_step=None)
+                   reconstruct_step=None, device=None)
 # Flags of the Fisher objective's runs, refused with --hf-model when given.
 VISION_ONLY = ("model", "checkpoint", "dataset", "data_dir", "calib_samples", "max_memory_gb", "structure",
                "gradients", "scope", "damp", "row_weights")
@@ -94,6 +95,7 @@ def prune_language_model(args, options: dict):
         raise BrainSurgeonError("--allocation takes one allocation; bench --allocations sweeps several")
     allocation = allocations[0]
     bench.check_lm_sweep([method], options)  # before any work
+    check_device(args.device, distributed.world().size)
     if "seed" in bench.check_lm_sweep([method], {})[method]:
         options = dict(options, seed=args.seed)  # --seed also shuffles the calibration text
     writes = distributed.world().rank == 0  # under torchrun, rank 0 alone writes (cli_ranks)
@@ -106,7 +108,7 @@ def prune_language_model(args, options: dict):
         result = prune_layerwise(model, calibration, args.sparsity, method, pattern=args.pattern or "layer",
                                  target=args.target, allocation=allocation,
                                  **reconstruction_of(args),
-                                 relative_damping=args.relative_damp, in_place=True,
+                                 relative_damping=args.relative_damp, in_place=True, device=args.device,
                                  include=args.include, ignore=args.ignore or (), progress=not args.quiet, **options)
         peak = bench.peak_memory_bytes()
         pruned = _perplexity_in_float32(model, evaluation, args.quiet)
@@ -147,10 +149,11 @@ def bench_language_model(args, options: dict):
     methods = args.methods.split(",")
     bench.check_lm_sweep(methods, options)  # before any work
     allocations = check_layer_allocations(args.allocations, "--allocations")
+    check_device(args.device, distributed.world().size)
     model, _, calibration, evaluation = load_language_model(args)
     return bench.run_lm_benchmark(model, calibration, evaluation, methods, args.sparsities,
                                   model_name=Path(args.hf_model).name, relative_damping=args.relative_damp,
                                   text_source=_describe_text(args.text, _text_seed(args)), json_path=args.json,
-                                  reconstruction=reconstruction_of(args), target=args.target,
+                                  reconstruction=reconstruction_of(args), target=args.target, device=args.device,
                                   allocations=allocations,
                                   overwrite=args.overwrite, progress=not args.quiet, **options)

@@ -40,7 +40,7 @@ def check_structured_flags(args, options: dict) -> None:
         raise BrainSurgeonError(f"--pattern {args.pattern} prunes a language model's units; pass --hf-model (vision "
                                 "models prune weights: --pattern global, layer, row or N:M)")
     unused = [flag for flag, value in (("--include", args.include), ("--ignore", args.ignore)) if value is not None]
-    unused += [f"--{name.replace('_', '-')}" for name in (*RECONSTRUCT_KEYWORDS, "dtype")
+    unused += [f"--{name.replace('_', '-')}" for name in (*RECONSTRUCT_KEYWORDS, "dtype", "device")
                if getattr(args, name, None) is not None]
     unused += ["--" + name.replace("_", "-") for name in options]
     unused += [f"--{name.replace('_', '-')}" for name in ("damp", "structure", "gradients", "max_memory_gb")
@@ -125,7 +125,7 @@ def check_structured_bench_flags(args, options: dict) -> None:
             "a language model's units; pass --hf-model"))
     unused = ["--" + name.replace("_", "-") for name in options]
     unused += ["--seeds"] if args.seeds != [0] and not vision else []
-    unused += [f"--{name.replace('_', '-')}" for name in (*RECONSTRUCT_KEYWORDS, "dtype")
+    unused += [f"--{name.replace('_', '-')}" for name in (*RECONSTRUCT_KEYWORDS, "dtype", "device")
                if getattr(args, name, None) is not None]
     unused += [f"--{name.replace('_', '-')}" for name in ("damp", "structure", "gradients", "max_memory_gb")
                if vision and getattr(args, name, None) is not None]

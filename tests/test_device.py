@@ -2,14 +2,16 @@
 the one pruning where the model is, and every tensor the library creates on the way names its device, so that
 nothing is tied to the CPU. This machine has no accelerator: the onloading runs with device='cpu', and the audit
 below stands in for a second device by refusing any tensor factory called from the library without a device."""
+import json
 import sys
 
 import pytest
 import torch
-from helpers import assert_same_result, tiny_llama
+from helpers import assert_same_result, lm_folder, tiny_llama
 from torch.overrides import TorchFunctionMode
 
 from brainsurgeon import BrainSurgeonError
+from brainsurgeon.cli import main
 from brainsurgeon.drivers.sequential import prune_layerwise
 
 CALIBRATION = torch.randint(0, 96, (16, 32), generator=torch.Generator().manual_seed(0))
@@ -81,3 +83,19 @@ def test_a_model_spread_over_devices_is_refused_with_the_fix():
     model.model.layers[1].to("meta")
     with pytest.raises(BrainSurgeonError, match="load it on one device"):
         prune_layerwise(model, CALIBRATION, 0.5, "sparsegpt", device="cpu", progress=False)
+
+
+def test_the_command_line_prunes_on_a_device_as_at_home_and_refuses_one_it_cannot_use(tmp_path, capsys):
+    folder, text = lm_folder(tmp_path, tiny_llama(layers=2))
+    flags = ["prune", "--hf-model", folder, "--text", text, "--calib-seqs", "8", "--seq-len", "16", "--eval-windows",
+             "4", "--method", "sparsegpt", "--pattern", "2:4", "--quiet"]
+    for where, device in (("home", []), ("visiting", ["--device", "cpu"])):
+        assert main([*map(str, flags), *device, "--out", str(tmp_path / where), "--report",
+                     str(tmp_path / f"{where}.json")]) == 0
+    home, visiting = (json.loads((tmp_path / f"{where}.json").read_text()) for where in ("home", "visiting"))
+    assert visiting["perplexity"] == home["perplexity"] and visiting["settings"]["device"] == "cpu"
+    assert main([*map(str, flags), "--device", "cuda", "--out", str(tmp_path / "gpu")]) == 2
+    assert "cannot be used on this machine" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
+    assert main(["prune", "--model", "mlpnet", "--checkpoint", "x.pt", "--sparsity", "0.5", "--device", "cpu",
+                 "--out", str(tmp_path / "vision.safetensors")]) == 2
+    assert "--device" in capsys.readouterr().err

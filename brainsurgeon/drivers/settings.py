@@ -9,6 +9,8 @@ from pathlib import Path
 from .. import validation
 from ..errors import BrainSurgeonError, warn_deprecated
 from ..methods.options import MethodOptions, option
+from .placement import check_device
+from .reconstruct import DEFAULT_EPOCHS, DEFAULT_STEP, WINDOWS
 from .registry import StageOptions
 from .tuning import Tuning
 
@@ -57,18 +59,22 @@ class LayerSettings(MethodOptions):
     target: str = option(None, "'layer' (default): each layer keeps its own output; 'dense': the dense model's")
     blocks: object = option(None, "names of the blocks to prune in turn (default: the largest nn.ModuleList)")
     batch_size: int = option(None, "calibration inputs per forward (default 8)")
-    reconstruct: str = option(None, "'none' (default) or 'block': fit each pruned block to the dense block's outputs")
-    reconstruct_epochs: int = option(None, "with reconstruct='block': at most this many passes (default 4)")
-    reconstruct_step: float = option(None, "with reconstruct='block': Adam's step per layer, times its weight RMS "
-                                           "(default 1e-3)")
+    reconstruct: str = option(None, "'none' (default), 'block' or 'sublayer': fit each pruned block (or its "
+                                    "attention and MLP) to the dense one's outputs")
+    reconstruct_epochs: int = option(None, f"with reconstruct: at most this many passes (default {DEFAULT_EPOCHS})")
+    reconstruct_step: float = option(None, "with reconstruct: Adam's step per layer, times its weight RMS "
+                                           f"(default {DEFAULT_STEP:g})")
+    device: object = option(None, "where each block is pruned, moved there only while it is, such as 'cuda:0' "
+                                  "(default: where the model is)")
 
     def checked(self):
         checks = dict(relative_damping=lambda v: validation.positive("relative_damping", v),
                       target=lambda v: validation.choice("target", v, ("layer", "dense")),
                       batch_size=lambda v: validation.count("batch_size", v),
-                      reconstruct=lambda v: validation.choice("reconstruct", v, ("none", "block")),
+                      reconstruct=lambda v: validation.choice("reconstruct", v, WINDOWS),
                       reconstruct_epochs=lambda v: validation.count("reconstruct_epochs", v),
-                      reconstruct_step=lambda v: validation.positive("reconstruct_step", v))
+                      reconstruct_step=lambda v: validation.positive("reconstruct_step", v),
+                      device=lambda v: check_device(v) and v)  # a torch.device, or a name the driver maps per rank
         return {name: check(getattr(self, name)) for name, check in checks.items() if getattr(self, name) is not None}
 
 
