@@ -9,7 +9,7 @@ from . import bench, distributed, validation
 from .atomic import outputs
 from .curvature.hessian import DEFAULT_RELATIVE_DAMPING
 from .datasets.text import EVAL_ARTICLES, perplexity, split_text, token_windows
-from .drivers.placement import check_device
+from .drivers.placement import check_device, in_float32
 from .drivers.reconstruct import KEYWORDS as RECONSTRUCT_KEYWORDS
 from .drivers.sequential import ALLOCATIONS as LAYER_ALLOCATIONS
 from .drivers.sequential import prune_layerwise
@@ -132,17 +132,8 @@ def _perplexity_in_float32(model, evaluation, quiet: bool) -> float:
     """Perplexity scored in float32, whatever the weights are stored in. Every parameter and buffer comes back in
     its own dtype: a model loaded in bfloat16 keeps float32 buffers (the rotary frequencies), which a blanket
     .to(bfloat16) would round, changing every later forward pass."""
-    dtypes = {name: tensor.dtype for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
-    model.float()
-    try:
+    with in_float32(model):
         return perplexity(model, evaluation, progress=not quiet)
-    finally:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.data = param.data.to(dtypes[name])
-            for name, buffer in list(model.named_buffers()):
-                owner, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(owner), attr, buffer.to(dtypes[name]))
 
 
 def bench_language_model(args, options: dict):

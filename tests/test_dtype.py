@@ -10,7 +10,6 @@ import transformers
 from helpers import lm_folder, tiny_llama
 from safetensors.torch import load_file
 
-from brainsurgeon import BrainSurgeonError
 from brainsurgeon.cli import main
 from brainsurgeon.cli_lm import load_language_model
 from brainsurgeon.datasets.text import perplexity
@@ -40,9 +39,25 @@ def test_a_model_stored_in_half_precision_prunes_as_float32_does(dtype, method, 
     assert scores[1] == pytest.approx(scores[0], rel=0.02)
 
 
-def test_reconstruction_on_half_precision_weights_is_refused():
-    with pytest.raises(BrainSurgeonError, match="float32 weights"):
-        prune_layerwise(tiny_llama().to(torch.bfloat16), CALIBRATION, 0.5, reconstruct="block", progress=False)
+@pytest.mark.parametrize("window", ["block", "sublayer"])
+def test_a_half_precision_block_is_fitted_in_float32_and_comes_back_in_its_dtype(window):
+    model = tiny_llama(layers=2).to(torch.bfloat16)
+    options = dict(pattern="2:4", batch_size=2, progress=False)
+    fit = dict(reconstruct=window, reconstruct_epochs=2)
+    result = prune_layerwise(model, CALIBRATION, 0.5, "sparsegpt", **fit, **options)
+    assert all(value.dtype == torch.bfloat16 for value in [*model.parameters(), *model.buffers()])
+    for name, keep in result.masks.items():
+        assert result.weights[name].dtype == torch.bfloat16 and not result.weights[name][~keep].any(), name
+        assert torch.all((~keep).reshape(keep.shape[0], -1, 4).sum(-1) == 2), name
+    for entry in result.stats["reconstruction"].values():
+        for figures in (entry["sublayers"].values() if window == "sublayer" else [entry]):
+            assert figures["held_out_after"] <= figures["held_out_before"]  # judged on the float32 weights it fits
+    plain = prune_layerwise(model, CALIBRATION, 0.5, "sparsegpt", **options)
+    first = [name for name in plain.masks if name.startswith("model.layers.0.")]
+    assert all(torch.equal(plain.masks[name], result.masks[name]) for name in first)  # the fit moves no mask
+    assert any(not torch.equal(plain.weights[name], result.weights[name]) for name in first)  # but weights
+    again = prune_layerwise(model, CALIBRATION, 0.5, "sparsegpt", **fit, **options)
+    assert all(torch.equal(again.weights[name], result.weights[name]) for name in result.masks)
 
 
 def test_the_command_line_writes_the_storage_dtype_and_scores_in_float32(tmp_path):

@@ -1,9 +1,12 @@
-"""Where the layer-wise driver computes, and what of a pruned block it keeps.
+"""Where the layer-wise driver computes (device and dtype), and what of a pruned block it keeps.
 
 Sequential onloading: with a `device`, the model stays where it is stored (its home) and each block visits the
 device only while it is pruned (its calibration passes, Hessians, solves, reconstruction and propagation), so a
 model larger than the device's memory can be pruned. The calibration activations live on the device, one
 block's worth at a time. What the result keeps (weights, masks) goes back home with its block.
+
+Work that needs float32 weights (the block fit's Adam steps) runs on a float32 copy of a block stored in bfloat16
+or float16, and the fitted weights are rounded back into the storage dtype.
 """
 import os
 from contextlib import contextmanager
@@ -66,15 +69,43 @@ def onloaded(block: nn.Module, device: torch.device | None, home: torch.device):
 
 def to_device(value, device: torch.device | None):
     """`value` (a captured call: tensors inside tuples, lists and dicts) with its tensors on `device`."""
-    if device is None:
-        return value
+    return value if device is None else _each_tensor(value, lambda tensor: tensor.to(device))
+
+
+def as_float32(value):
+    """`value` (captured calls, targets: tensors inside tuples, lists and dicts) with its floating tensors in
+    float32 (the others, such as positions, as they are)."""
+    return _each_tensor(value, lambda tensor: tensor.float() if tensor.is_floating_point() else tensor)
+
+
+def _each_tensor(value, convert):
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return convert(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(to_device(item, device) for item in value)
+        return type(value)(_each_tensor(item, convert) for item in value)
     if isinstance(value, dict):
-        return {key: to_device(item, device) for key, item in value.items()}
+        return {key: _each_tensor(item, convert) for key, item in value.items()}
     return value
+
+
+@contextmanager
+def in_float32(module: nn.Module):
+    """`module`'s parameters and buffers in float32 for the duration; afterwards each goes back to its own dtype
+    (a bfloat16 Llama keeps float32 rotary frequencies, which a blanket .to(bfloat16) would round)."""
+    dtypes = {name: tensor.dtype for name, tensor in [*module.named_parameters(), *module.named_buffers()]}
+    if all(dtype == torch.float32 or not dtype.is_floating_point for dtype in dtypes.values()):
+        yield
+        return
+    module.float()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                param.data = param.data.to(dtypes[name])
+            for name, buffer in list(module.named_buffers()):
+                owner, _, attr = name.rpartition(".")
+                setattr(module.get_submodule(owner), attr, buffer.to(dtypes[name]))
 
 
 class Keeping:

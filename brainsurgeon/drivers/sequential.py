@@ -43,7 +43,16 @@ from .activations import (
 from .layers import check_finite_model, find_prunable, storage_dtype
 from .owl import owl_allocation
 from .packed_masks import PackedMasks
-from .placement import Keeping, check_device, home_device, onloaded, restore, to_device
+from .placement import (
+    Keeping,
+    as_float32,
+    check_device,
+    home_device,
+    in_float32,
+    onloaded,
+    restore,
+    to_device,
+)
 from .reconstruct import dense_targets, plan_reconstruction, reconstruct
 from .result import PruneResult
 from .search_allocation import searched_allocation
@@ -110,9 +119,6 @@ def prune_layerwise(model: nn.Module, calibration, sparsity=None, method: str = 
         validation.flag("in_place", in_place)
         device, home = check_device(device, world.size), home_device(model)
         refit = plan_reconstruction(reconstruct, reconstruct_epochs, reconstruct_step)
-        if refit.active and storage_dtype(model) != torch.float32:
-            raise BrainSurgeonError(f"reconstruct='{refit.window}' fits float32 weights for now; load the model in "
-                                    "float32 (--dtype float32), or drop reconstruct")
         layer_method, pattern, blocks, per_block, dense = plan_layerwise(
             model, sparsity, pattern, method, relative_damping=relative_damping, blocks=blocks, include=include,
             ignore=ignore, batch_size=batch_size, target=target, **options)
@@ -345,7 +351,8 @@ def _reconstruct(block, layers, inputs, targets, reconstruction, timings, masks)
     if not plan.active:
         return
     keep = {name: masks[f"{full_name}.weight"] for name, full_name, _ in layers}
-    refits[block_name] = reconstruct(block, keep, inputs, targets, plan)
+    with in_float32(block):  # Adam's steps on float32 weights; a bfloat16 block's are rounded back afterwards
+        refits[block_name] = reconstruct(block, keep, as_float32(inputs), as_float32(targets), plan)
     timings["reconstruct"] += refits[block_name]["seconds"]
 
 
