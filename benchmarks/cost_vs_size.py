@@ -36,10 +36,13 @@ REFERENCE = dict(what="llm-compressor GPTQ, Llama-3-8B, 1 GPU", seconds=745.0, s
 CALIBRATION = (16, 256)  # windows x tokens, the same for every size
 
 
-def build(size: str, dtype=torch.bfloat16):
+def build(size: str, dtype=torch.bfloat16, blocks: int | None = None):
+    """A random Llama of `size`'s shape, with its first `blocks` decoder blocks only if given (the solves and passes
+    are per block, so a shallower model measures the same per-block costs in less time)."""
     import transformers
 
     hidden, intermediate, layers, heads, kv_heads, vocab = SHAPES[size]
+    layers = layers if blocks is None else blocks
     config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                                       max_position_embeddings=2048, tie_word_embeddings=True)
@@ -64,10 +67,10 @@ def gemm_flops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
-def run(size: str, method: str, pattern: str, json_path: str, dtype: str = "bfloat16") -> None:
+def run(size: str, method: str, pattern: str, json_path: str, dtype: str = "bfloat16", blocks: int | None = None):
     from brainsurgeon import prune_layerwise
 
-    model, config = build(size, getattr(torch, dtype))
+    model, config = build(size, getattr(torch, dtype), blocks)
     calibration = torch.randint(0, config.vocab_size, CALIBRATION, generator=torch.Generator().manual_seed(0))
     sparsity, kind = split_pattern(pattern if ":" in pattern else float(pattern))
     storage = sum(value.numel() * value.element_size() for value in model.state_dict().values())
@@ -181,7 +184,9 @@ def fit(paths: list, json_path: str) -> None:
         "each projection at the rate that reference implies). The calibration splits evenly over the ranks; the solves split by "
         "whole layers, longest first, so a block takes its largest layer's solve at least (gpus_solve_bound: that "
         "makespan over the block's total). The all_reduce of H, weight broadcasts and moving each block to its GPU "
-        "(--device, not built yet) are left out."))
+        "(--device: sequential onloading, not measured here, where there is no GPU) are left out. A row with fewer "
+        "blocks than its shape (`layers`) was built with only its first blocks: the fit counts its units per block, "
+        "so it measures the same per-block costs; its seconds and peak memory are of that shallower model."))
     write_text(json_path, json.dumps(report, indent=1) + "\n", overwrite=True)
     for method, model in models.items():
         print(method, {name: f"{p['one_cpu_thread_seconds'] / 3600:.1f} h on one thread, "
@@ -200,6 +205,8 @@ def table(json_path: str, float32_paths: list) -> None:
     print("|---|---|---|---|---|---|---|")
     rows = sorted(report["rows"], key=lambda row: (row["parameters"], row["method"]))
     for label, row in [(row["size"], row) for row in rows] + [(f"{size}, float32", row) for size, row in float32.items()]:
+        if row["layers"] != SHAPES[row["size"]][2]:
+            label += f" ({row['layers']} of its {SHAPES[row['size']][2]} blocks)"
         widest = max(cols for _, cols in layer_shapes(SHAPES[row["size"]])) ** 2 * 8
         print(f"| {label} | {row['method']} | {row['seconds']:.0f} ({row['timings']['prune']:.0f}) | "
               f"{row['peak_rss_bytes'] / gib:.2f} GiB | {row['rss_before_prune_bytes'] / gib:.2f} GiB | "
@@ -223,6 +230,7 @@ def main() -> None:
     one.add_argument("method")
     one.add_argument("pattern")
     one.add_argument("--json", required=True)
+    one.add_argument("--blocks", type=int, help="build only the first BLOCKS decoder blocks (default: the shape's)")
     one.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                      help="the storage dtype (the cost model is fitted on bfloat16 rows)")
     shown = sub.add_parser("table")
@@ -233,7 +241,7 @@ def main() -> None:
     both.add_argument("--json", required=True)
     args = parser.parse_args()
     if args.command == "run":
-        run(args.size, args.method, args.pattern, args.json, args.dtype)
+        run(args.size, args.method, args.pattern, args.json, args.dtype, args.blocks)
     elif args.command == "table":
         table(args.json, args.float32)
     else:
