@@ -41,7 +41,8 @@ class SharedSolves:
             key, module = f"{full_name}.weight", modules[name]
             if self.world.active:
                 here = owner == self.world.rank
-                mask = masks[key] if here else torch.empty(module.weight.shape, dtype=torch.bool)
+                mask = masks[key] if here else torch.empty(module.weight.shape, dtype=torch.bool,
+                                                           device=module.weight.device)
                 masks[key] = broadcast_tensor(mask, owner)
                 broadcast_tensor(module.weight.data, owner)
                 stats[full_name] = broadcast_object(stats.get(full_name) if here else None, owner)
