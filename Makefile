@@ -95,10 +95,10 @@ bench-lm: $(LM_DIR)/config.json
 	$(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --methods mp,wanda,sparsegpt,admm --sparsities 0.5,0.7,4:8,2:4 \
 	  --calib-seqs 64 --seq-len 512 --eval-windows 32 --json bench/smollm2_wiki.json --plot bench/smollm2_wiki.png
 
-# Issue 24: block reconstruction and per-block allocation on SmolLM2-135M, with the bench-lm windows (ours: admm to
-# each layer's own output, which with the block fit beat the dense target, 33.95 against 36.95 at 2:4). Today's admm and
-# the alps baseline, each with and without the block fit, sparsegpt with it, OWL's allocation against ours, and the
-# peer users would pick instead (bench-lm-peers). `make bench-lm-reconstruct-table` prints the README table.
+# Issue 24: block reconstruction and per-block allocation on SmolLM2-135M, with the bench-lm windows. Ours is admm
+# to each layer's own output: with the block fit it beat the dense target (33.95 against 36.95 at 2:4). Today's admm
+# and the alps baseline, each with and without the block fit, sparsegpt with it, OWL's allocation against ours, and
+# the peer users would pick instead (bench-lm-peers). `make bench-lm-reconstruct-table` prints the README table.
 LM_BENCH = $(BIN)/brainsurgeon bench --overwrite --hf-model $(LM_DIR) --calib-seqs 64 --seq-len 512 --eval-windows 32
 bench-lm-reconstruct: $(LM_DIR)/config.json
 	$(LM_BENCH) --methods alps,admm --sparsities 0.5,2:4,0.7 --json bench/smollm2_fit_solvers.json
