@@ -169,9 +169,15 @@ def fit(paths: list, json_path: str) -> None:
                            measured_over_projected=REFERENCE["seconds"] / reference["one_gpu_seconds"]),
             projected={name: projection(shape, tokens, per_solve, per_weight, per_pass, to_gpu)
                        for name, shape in PROJECTED.items()})
-        for entry in models[method]["projected"].values():  # at the GPU rate the reference measured instead
-            entry["gpus_seconds_at_reference_rate"] = entry["gpus_seconds"] * models[method]["reference"][
-                "measured_over_projected"]
+    # The reference is GPTQ, whose solve has SparseGPT's shape: its measured/projected factor (how far below its
+    # peak a GPU runs such work) is sparsegpt's, and is applied to every method's projection.
+    factor_from = "sparsegpt" if "sparsegpt" in models else None
+    for method, model in models.items():
+        factor = model["reference"]["measured_over_projected"] if factor_from is None else \
+            models[factor_from]["reference"]["measured_over_projected"]
+        model["reference_factor_applied"] = dict(factor=factor, from_method=factor_from or method)
+        for entry in model["projected"].values():  # at the GPU rate the reference measured instead
+            entry["gpus_seconds_at_reference_rate"] = entry["gpus_seconds"] * factor
     report = dict(rows=rows, cost_models=models, gpu=GPU, gpus=GPUS, calibration=list(CALIBRATION), note=(
         "Cost only: random weights and random calibration tokens, so no perplexity. Fitted by least squares over "
         "the sizes, without intercepts: the solves' seconds (timings.prune) against the layers' sum of rows x cols^2 "
@@ -180,8 +186,9 @@ def fit(paths: list, json_path: str) -> None:
         "GPUs: every second of this CPU thread becomes (its float32 GEMM rate / the GPU's float32 peak) seconds, "
         "i.e. both run the work at the same fraction of their matrix-multiply rate, which small kernels do not "
         "reach on a GPU: a lower bound. `reference` sets it against a measured GPTQ time (measured_over_projected: "
-        "how far the lower bound is off there, its calibration size unknown to us, and gpus_seconds_at_reference_rate "
-        "each projection at the rate that reference implies). The calibration splits evenly over the ranks; the solves split by "
+        "how far the lower bound is off there, its calibration size unknown to us; GPTQ's solve has sparsegpt's "
+        "shape, so sparsegpt's factor is applied to every method: gpus_seconds_at_reference_rate is each "
+        "projection at the rate that reference implies). The calibration splits evenly over the ranks; the solves split by "
         "whole layers, longest first, so a block takes its largest layer's solve at least (gpus_solve_bound: that "
         "makespan over the block's total). The all_reduce of H, weight broadcasts and moving each block to its GPU "
         "(--device: sequential onloading, not measured here, where there is no GPU) are left out. A row with fewer "
@@ -203,7 +210,7 @@ def table(json_path: str, float32_paths: list) -> None:
     gib = 2**30
     print("| model | method | seconds (solves) | peak RSS | RSS before the prune | weights stored | largest H |")
     print("|---|---|---|---|---|---|---|")
-    rows = sorted(report["rows"], key=lambda row: (row["parameters"], row["method"]))
+    rows = sorted(report["rows"], key=lambda row: (list(SHAPES).index(row["size"]), row["method"]))
     for label, row in [(row["size"], row) for row in rows] + [(f"{size}, float32", row) for size, row in float32.items()]:
         if row["layers"] != SHAPES[row["size"]][2]:
             label += f" ({row['layers']} of its {SHAPES[row['size']][2]} blocks)"
