@@ -264,8 +264,8 @@ def run_lm_benchmark(model, calibration, evaluation, methods, patterns, model_na
     """Prune a language model with every layer-wise method x pattern x allocation on the same calibration token
     windows and score perplexity on the same evaluation windows. A pattern is a sparsity (unstructured per layer)
     or 'N:M'; an allocation is prune_layerwise's (sequential.ALLOCATIONS). `reconstruction`: prune_layerwise's
-    reconstruct keywords, `target` its target and `device` its device, the same for every run. With `json_path`, the report so far is
-    written after every run, as in run_benchmark."""
+    reconstruct keywords, `target` its target and `device` its device, the same for every run. With `json_path`,
+    the report so far is written after every run, as in run_benchmark."""
     reconstruction = dict(reconstruction or {})
     if json_path:
         check_writable(json_path, overwrite)
