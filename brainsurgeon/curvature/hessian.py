@@ -20,13 +20,17 @@ class LayerObjective:
 
     def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, relative_damping=DEFAULT_RELATIVE_DAMPING):
         self.weight = weight.detach().float().reshape(weight.shape[0], -1).clone()  # the caller may overwrite its own
-        self.hessian = hessian.double()
         self.relative_damping = validation.positive("relative damping", relative_damping)
-        self.dead = torch.diagonal(self.hessian) <= 0
-        damped = self.hessian.clone()
+        hessian = hessian.double()
+        self.dead = torch.diagonal(hessian) <= 0
+        damped = hessian.clone()
         damped[self.dead, self.dead] = 1.0
         damped.diagonal().add_(self.relative_damping * float(torch.diagonal(damped).mean()))
         self.damped = damped
+        # H itself is damped H less this diagonal: one d x d copy is kept, not two (the widest layer's H is as
+        # large as the block's weights in float64)
+        self.added = torch.diagonal(damped) - torch.diagonal(hessian)
+        self.hessian_diagonal = torch.diagonal(hessian).clone()
 
     @classmethod
     def reproducing(cls, weight, hessian, cross, relative_damping=DEFAULT_RELATIVE_DAMPING) -> "LayerObjective":
@@ -34,7 +38,7 @@ class LayerObjective:
         of W* = W + W (C - H)^T H_damped^-1, the best dense weights on X_p (W itself where X_p = X_d)."""
         objective = cls(weight, hessian, relative_damping)
         weight = objective.weight.double()
-        correction = torch.linalg.solve(objective.damped, (cross.double() - objective.hessian) @ weight.T).T
+        correction = torch.linalg.solve(objective.damped, (cross.double() - hessian.double()) @ weight.T).T
         objective.weight = (weight + correction).float()
         return objective
 
@@ -50,7 +54,7 @@ class LayerObjective:
     def error(self, new_weight: torch.Tensor) -> float:
         """|W X - W' X|^2 / N."""
         delta = (self.weight - new_weight.reshape(self.shape)).double()
-        return float(((delta @ self.hessian) * delta).sum())
+        return float(((delta @ self.damped) * delta).sum() - (delta.pow(2) @ self.added).sum())
 
     def exact_update(self, pruned: torch.Tensor, start: torch.Tensor | None = None, *,
                      tolerance: float = SOLVE_TOLERANCE, max_iterations: int = SOLVE_MAX_ITERATIONS) -> torch.Tensor:
@@ -90,7 +94,7 @@ class LayerQuadratic(FactoredQuadratic):
 
     def __init__(self, objective: LayerObjective):
         rows, cols = objective.shape
-        lam = 0.5 * float(torch.diagonal(objective.damped - objective.hessian).min().clamp_min(1e-12))
+        lam = 0.5 * float(objective.added.min().clamp_min(1e-12))
         identity = torch.eye(cols, dtype=torch.float64, device=objective.damped.device)
         factor = torch.linalg.cholesky(objective.damped - lam * identity)
         super().__init__(SharedFactorGradients(factor.float(), rows), lam,

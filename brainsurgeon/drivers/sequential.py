@@ -287,9 +287,11 @@ def _prune_block(block, layers, inputs, dense_inputs, layer_method, relative_dam
                 continue
             hessian = (recorder.take_hessian(name) if recorder
                        else torch.eye(weight[0].numel(), dtype=torch.float64, device=weight.device))
-            _prune_layer(modules[name], full_name, LayerObjective(weight, hessian, relative_damping),
-                         recorder is not None, layer_method, pattern, timings, stats, masks)
-            del hessian  # held by the layer's objective alone, freed with it
+            objective = LayerObjective(weight, hessian, relative_damping)
+            del hessian  # the objective's damped copy is the only d x d one left while the layer is solved
+            _prune_layer(modules[name], full_name, objective, recorder is not None, layer_method, pattern, timings,
+                         stats, masks)
+            del objective
         mark = time.perf_counter()
         solves.share(layers, owners, modules, masks, stats)
         timings["share"] += time.perf_counter() - mark

@@ -76,7 +76,7 @@ class Wanda(LayerMethod):
     name = "wanda"
 
     def prune(self, objective, pattern):
-        norms = torch.diagonal(objective.hessian).clamp_min(0).sqrt().float()
+        norms = objective.hessian_diagonal.clamp_min(0).sqrt().float()
         pruned = pattern.as_rows().prune_lowest(objective.weight.abs() * norms)
         return pruned, objective.weight * ~pruned
 
@@ -108,8 +108,9 @@ class SparseGPT(LayerMethod):
         weight = objective.weight.clone()
         weight[:, objective.dead] = 0
         rows, cols = weight.shape
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(objective.damped))
-        factor = torch.linalg.cholesky(inverse, upper=True).float()
+        # the float64 intermediates are freed before the sweep: only the float32 factor stays
+        factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(objective.damped)),
+                                       upper=True).float()
         pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
         step = self.block_size - self.block_size % pattern.m if pattern.kind == "nm" else self.block_size
         for start in range(0, cols, step):
