@@ -14,14 +14,13 @@ inside the block that was not kept.)
 import argparse
 import json
 import time
-from types import SimpleNamespace
 
 import torch
+from bench_windows import load_bench_model
 
 from brainsurgeon import prune_layerwise
 from brainsurgeon.atomic import write_text
 from brainsurgeon.bench import split_pattern
-from brainsurgeon.cli_lm import load_language_model
 from brainsurgeon.curvature.hessian import LayerObjective
 from brainsurgeon.datasets.text import perplexity
 from brainsurgeon.drivers.activations import (
@@ -42,7 +41,6 @@ from brainsurgeon.methods.budget import Budget
 from brainsurgeon.methods.catalog import LAYER_METHODS
 from brainsurgeon.modes import evaluating
 
-FOLDER = "models/SmolLM2-135M-Instruct"
 LAYERS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
           "mlp.up_proj", "mlp.down_proj"]
 
@@ -57,9 +55,7 @@ def main() -> None:
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    text = SimpleNamespace(hf_model=FOLDER, quiet=True, seq_len=512, text="wiki", calib_seqs=64, eval_windows=32,
-                           seed=0)
-    model, _, calibration, evaluation = load_language_model(text)
+    model, calibration, evaluation = load_bench_model()
     started = time.perf_counter()
     if args.mode == "fit":
         sparsity, kind = split_pattern(args.pattern if ":" in args.pattern else float(args.pattern))

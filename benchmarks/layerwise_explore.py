@@ -8,15 +8,13 @@ per-block reconstruction figures as JSON.
 import argparse
 import json
 import time
-from types import SimpleNamespace
+
+from bench_windows import load_bench_model
 
 from brainsurgeon import prune_layerwise
 from brainsurgeon.atomic import write_text
 from brainsurgeon.bench import split_pattern
-from brainsurgeon.cli_lm import load_language_model
 from brainsurgeon.datasets.text import perplexity
-
-FOLDER = "models/SmolLM2-135M-Instruct"
 
 
 def main() -> None:
@@ -33,9 +31,7 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[], help="a method option, name=value (a number)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
-    text = SimpleNamespace(hf_model=FOLDER, quiet=True, seq_len=512, text="wiki", calib_seqs=64, eval_windows=32,
-                           seed=0)
-    model, _, calibration, evaluation = load_language_model(text)
+    model, calibration, evaluation = load_bench_model()
     refit = (dict(reconstruct=args.window, reconstruct_epochs=args.reconstruct_epochs,
                   reconstruct_step=args.reconstruct_step) if args.reconstruct_epochs else {})
     sparsity, kind = split_pattern(args.pattern if ":" in args.pattern else float(args.pattern))

@@ -9,14 +9,12 @@ import argparse
 import json
 import logging
 import time
-from pathlib import Path
-from types import SimpleNamespace
+
+from bench_windows import NAME, load_bench_model
 
 from brainsurgeon.atomic import write_text
-from brainsurgeon.cli_lm import load_language_model
 from brainsurgeon.datasets.text import perplexity
 
-FOLDER = "models/SmolLM2-135M-Instruct"
 PEER = "llm-compressor sparsegpt"
 
 
@@ -47,14 +45,12 @@ def main() -> None:
     logging.getLogger("llmcompressor").setLevel(logging.WARNING)
     import llmcompressor
 
-    text = SimpleNamespace(hf_model=FOLDER, quiet=True, seq_len=512, text="wiki", calib_seqs=64, eval_windows=32,
-                           seed=0)
     settings = args.settings.split(",")
     report = None
     for setting in settings:
-        model, _, calibration, evaluation = load_language_model(text)  # a fresh dense model each time
+        model, calibration, evaluation = load_bench_model()  # a fresh dense model each time
         if report is None:  # the bench's report format, so that `brainsurgeon table` merges it with ours
-            report = dict(model=Path(FOLDER).name, dataset=f"the bench-lm windows; {PEER} {llmcompressor.__version__}",
+            report = dict(model=NAME, dataset=f"the bench-lm windows; {PEER} {llmcompressor.__version__}",
                           metric="perplexity", dense_perplexity=perplexity(model, evaluation),
                           settings=dict(methods=[PEER], sparsities=[column(s) for s in settings], seeds=[0],
                                         calib_samples=len(calibration), calib_windows=list(calibration.shape),

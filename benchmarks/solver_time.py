@@ -7,12 +7,11 @@ their seven layers with both methods in turn, one thread, and writes each layer'
 import argparse
 import json
 import time
-from types import SimpleNamespace
 
 import torch
+from bench_windows import load_bench_model
 
 from brainsurgeon.atomic import write_text
-from brainsurgeon.cli_lm import load_language_model
 from brainsurgeon.curvature.hessian import LayerObjective
 from brainsurgeon.drivers.activations import (
     HessianRecorder,
@@ -25,7 +24,6 @@ from brainsurgeon.methods.budget import Budget
 from brainsurgeon.methods.catalog import LAYER_METHODS
 from brainsurgeon.modes import evaluating
 
-FOLDER = "models/SmolLM2-135M-Instruct"
 BLOCKS = (3, 15)
 METHODS = ("alps", "admm", "sparsegpt")
 
@@ -36,9 +34,7 @@ def main() -> None:
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    text = SimpleNamespace(hf_model=FOLDER, quiet=True, seq_len=512, text="wiki", calib_seqs=64, eval_windows=32,
-                           seed=0)
-    model, _, calibration, _ = load_language_model(text)
+    model, calibration, _ = load_bench_model()
     budget = Budget.parse(args.pattern) if ":" in args.pattern else Budget.parse("layer", float(args.pattern))
     rows, totals = [], {method: dict(seconds=0.0, error=0.0) for method in METHODS}
     for name, weight, hessian in recorded_layers(model, calibration):
