@@ -1,18 +1,23 @@
 """Issue 24's solver cost: `alps` against `admm` (ours) on the same layers, without reconstruction. Records the H of
-SmolLM2-135M's blocks 3 and 15 on the bench's calibration windows (the blocks before them dense), then prunes each of
-their seven layers with both methods in turn, one thread, and writes each layer's seconds and layer error.
+SmolLM2-135M's blocks 3 and 15 on the bench's calibration windows (the blocks before them dense), or of every layer
+of the dense ResNet20 or MLPNet checkpoint on 1,000 training images (--model), then prunes each layer with every
+method in turn, one thread, and writes each layer's seconds and layer error. --admm sets admm's options (as the
+CLI's --options does), to measure a default on more than one model.
 
     .venv/bin/python benchmarks/solver_time.py 2:4 --json bench/smollm2_issue24/solver_time_24.json
+    .venv/bin/python benchmarks/solver_time.py 0.7 --model resnet20 --json bench/solver_time/resnet20_0.7.json
 """
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 from bench_windows import load_bench_model
 
 from brainsurgeon.atomic import write_text
 from brainsurgeon.curvature.hessian import LayerObjective
+from brainsurgeon.datasets.vision import load_dataset
 from brainsurgeon.drivers.activations import (
     HessianRecorder,
     capture_block_inputs,
@@ -22,25 +27,33 @@ from brainsurgeon.drivers.activations import (
 )
 from brainsurgeon.methods.budget import Budget
 from brainsurgeon.methods.catalog import LAYER_METHODS
+from brainsurgeon.models.vision import build_model
 from brainsurgeon.modes import evaluating
 
 BLOCKS = (3, 15)
 METHODS = ("alps", "admm", "sparsegpt")
+VISION = {"resnet20": ("cifar10", "resnet20_cifar10.pth.tar"), "mlpnet": ("mnist", "mnist_25_epoch_93.97.ckpt")}
+VISION_SAMPLES = 1000  # the vision benches' calibration size
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pattern", help="a sparsity (unstructured per layer) or N:M")
     parser.add_argument("--json", required=True)
+    parser.add_argument("--model", choices=("smollm2", *VISION), default="smollm2")
+    parser.add_argument("--admm", default="", help="admm's options, key=value,... (default: its defaults)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, calibration, _ = load_bench_model()
+    admm_options = dict(parse_option(item) for item in args.admm.split(",") if item)
+    layers = vision_layers(args.model) if args.model in VISION else recorded_layers(*load_bench_model()[:2])
     budget = Budget.parse(args.pattern) if ":" in args.pattern else Budget.parse("layer", float(args.pattern))
     rows, totals = [], {method: dict(seconds=0.0, error=0.0) for method in METHODS}
-    for name, weight, hessian in recorded_layers(model, calibration):
+    for name, weight, hessian in layers:
         row = dict(layer=name)
         for method in METHODS:  # in turn on each layer, so that both meet the same machine load
-            solver, objective = LAYER_METHODS[method](), LayerObjective(weight, hessian, 0.01)
+            solver = LAYER_METHODS[method](**(admm_options if method == "admm" else {}))
+            objective = LayerObjective(weight, hessian, 0.01)
             started = time.perf_counter()
             _, new = solver.prune(objective, budget)
             seconds = time.perf_counter() - started
@@ -48,15 +61,17 @@ def main() -> None:
             totals[method]["seconds"] += seconds
             totals[method]["error"] += row[method]["error"]
         rows.append(row)
-    report = dict(pattern=args.pattern, blocks=BLOCKS, threads=1, totals=totals, layers=rows,
+    report = dict(pattern=args.pattern, model=args.model, blocks=BLOCKS if args.model == "smollm2" else "all",
+                  admm_options=admm_options, threads=1, totals=totals, layers=rows,
                   admm_over_alps_seconds=totals["admm"]["seconds"] / totals["alps"]["seconds"],
                   admm_over_alps_error=totals["admm"]["error"] / totals["alps"]["error"])
     write_text(args.json, json.dumps(report, indent=1) + "\n", overwrite=True)
-    print(f"{args.pattern}: admm {totals['admm']['seconds']:.1f} s against alps {totals['alps']['seconds']:.1f} s "
+    print(f"{args.model} {args.pattern} {args.admm}: admm {totals['admm']['seconds']:.1f} s against alps "
+          f"{totals['alps']['seconds']:.1f} s "
           f"({report['admm_over_alps_seconds']:.2f}x), summed layer error {report['admm_over_alps_error']:.4f}x")
 
 
-def recorded_layers(model, calibration):
+def recorded_layers(model, calibration) -> list:
     """(name, weight, H) of every prunable layer of BLOCKS, the model kept dense."""
     recorded = []
     with torch.no_grad(), evaluating(model):
@@ -74,6 +89,30 @@ def recorded_layers(model, calibration):
                              for name, module in layers.items()]
             inputs = with_first(inputs, run_block(block, inputs))
     return recorded
+
+
+def parse_option(item: str) -> tuple:
+    key, _, value = item.partition("=")
+    return key, float(value) if "." in value or "e" in value else int(value)
+
+
+def vision_layers(name: str) -> list:
+    """(name, weight as rows x inputs, H) of every conv and linear layer of the dense checkpoint, on the first
+    VISION_SAMPLES training images."""
+    dataset_name, checkpoint = VISION[name]
+    model = build_model(name, SHARED_DATA / "checkpoints" / checkpoint)
+    dataset = load_dataset(dataset_name, SHARED_DATA / dataset_name)
+    images = dataset.prepare(dataset.train_inputs[:VISION_SAMPLES])
+    layers = {key: module for key, module in model.named_modules() if isinstance(module, (torch.nn.Conv2d,
+                                                                                           torch.nn.Linear))}
+    recorder = HessianRecorder(layers)
+    try:
+        with torch.no_grad(), evaluating(model):
+            model(images)
+    finally:
+        recorder.close()
+    return [(key, module.weight.detach().flatten(1).clone(), recorder.take_hessian(key))
+            for key, module in layers.items()]
 
 
 if __name__ == "__main__":

@@ -70,6 +70,36 @@ def test_exact_update_equals_least_squares(seed, sparsity):
         assert least - 1e-9 <= found <= least + np.linalg.norm(residual) ** 2 / smallest + 1e-9 * (1 + least)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), rows=st.integers(1, 300), groups=st.integers(1, 40),
+       pattern=st.sampled_from(["layer", "row", "1:2", "2:4", "3:8", "4:16"]), sparsity=st.floats(0.0, 0.95),
+       levels=st.sampled_from([0, 3, 50]), double=st.booleans())
+def test_pattern_projection_is_a_stable_sort(seed, rows, groups, pattern, sparsity, levels, double):
+    """The projection every method and ADMM iteration uses prunes exactly what a stable sort of each group would:
+    the lowest, ties (few levels: many of them) by position, on matrices big enough for the sampled selection."""
+    generator = torch.Generator().manual_seed(seed)
+    cols = 16 * groups
+    scores = (torch.randint(0, levels, (rows, cols), generator=generator).float() if levels
+              else torch.rand(rows, cols, generator=generator))
+    scores = scores.double() if double else scores
+    budget = Budget.parse(pattern) if ":" in pattern else Budget.parse(pattern, sparsity)
+    pruned = budget.prune_lowest(scores)
+    if ":" in pattern:
+        m = budget.m
+        expected = torch.zeros(rows * cols // m, m, dtype=torch.bool)
+        order = torch.sort(scores.reshape(-1, m), dim=1, stable=True).indices[:, :budget.n]
+        expected.scatter_(1, order, True)
+    elif pattern == "row":
+        expected = torch.zeros(rows, cols, dtype=torch.bool)
+        counts = budget.row_counts(rows, cols, scores.device)
+        for row in range(rows):
+            expected[row, torch.sort(scores[row], stable=True).indices[: int(counts[row])]] = True
+    else:
+        expected = torch.zeros(rows * cols, dtype=torch.bool)
+        expected[torch.sort(scores.reshape(-1), stable=True).indices[: budget.count(rows * cols)]] = True
+    assert torch.equal(pruned.reshape(-1), expected.reshape(-1))
+
+
 @pytest.mark.parametrize("method", sorted(LAYER_METHODS))
 @pytest.mark.parametrize("pattern, sparsity", PATTERNS)
 def test_every_method_meets_its_pattern_and_reports_the_true_error(method, pattern, sparsity):

@@ -37,9 +37,10 @@ def support_admm(objective, pattern, start: torch.Tensor, options: AdmmOptions) 
     """ADMM from `start` (weights meeting the pattern, None for the magnitude projection of the scaled weights):
     (the pruned mask, the weights on it before any refit, the iterations, the final penalty)."""
     scale = torch.diagonal(objective.damped).sqrt()
-    hessian = objective.damped / torch.outer(scale, scale)
-    values, vectors = (part.float() for part in torch.linalg.eigh(hessian))
-    hessian, scale = hessian.float(), scale.float()
+    hessian = (objective.damped / torch.outer(scale, scale)).float()
+    # float32 is enough: each solve adds rho >= the penalty to every eigenvalue of a unit-diagonal H
+    values, vectors = torch.linalg.eigh(hessian)
+    scale = scale.float()
     dense = objective.weight * scale
     target = dense @ hessian
     start = torch.where(pattern.prune_lowest(dense.abs()), 0.0, dense) if start is None else start * scale
@@ -47,8 +48,9 @@ def support_admm(objective, pattern, start: torch.Tensor, options: AdmmOptions) 
     support = start == 0
     kept = max(1, int((~support).sum()))
     rho, raised, iteration = options.penalty, False, 0
+    solve = _penalised_solver(values, vectors, rows=dense.shape[0], update_every=options.update_every)
     for iteration in range(1, options.max_iterations + 1):
-        solved = ((target - dual + rho * split) @ vectors) / (values + rho) @ vectors.T
+        solved = solve(target - dual + rho * split, rho)
         moved = solved + dual / rho
         pruned = pattern.prune_lowest(moved.abs())
         split = torch.where(pruned, 0.0, moved)
@@ -73,3 +75,19 @@ def support_admm(objective, pattern, start: torch.Tensor, options: AdmmOptions) 
             break
     pruned = pattern.prune_lowest(solved.abs())
     return pruned, torch.where(pruned, 0.0, solved) / scale, iteration, rho
+
+
+def _penalised_solver(values: torch.Tensor, vectors: torch.Tensor, rows: int, update_every: int):
+    """right -> right (H + rho I)^-1 for H = vectors diag(values) vectors^T: through the eigenbasis (two products
+    with `rows` rows), or through the inverse itself, rebuilt whenever rho moves (a d x d product at most once every
+    `update_every` iterations, then one product with `rows` rows), whichever multiplies less."""
+    width = values.numel()
+    if width >= update_every * rows:
+        return lambda right, rho: (right @ vectors) / (values + rho) @ vectors.T
+    cached = {}
+
+    def solve(right, rho):
+        if cached.get("rho") != rho:
+            cached.update(rho=rho, inverse=(vectors / (values + rho)) @ vectors.T)
+        return right @ cached["inverse"]
+    return solve

@@ -18,6 +18,9 @@ from .. import validation
 from ..errors import BrainSurgeonError
 
 KINDS = ("global", "layer", "row")
+PAIRWISE_MAX_GROUP = 8  # N:M groups up to this size are ranked by pairwise comparisons, larger ones by a sort
+SELECTION_SAMPLE = 4096  # a strided sample of about this many entries brackets the threshold of a large selection
+SELECTION_MARGIN = 0.02  # the bracket: the sample's quantiles this far either side of the pruned fraction
 
 
 def num_to_prune(sparsity: float, size: int) -> int:
@@ -195,15 +198,33 @@ def _share(counts: torch.Tensor, start: int, stop: int, total: int) -> torch.Ten
 
 
 def _lowest_overall(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """The `count` lowest, ties at the threshold taken by position: what a stable sort gives, in linear time."""
+    """The `count` lowest, ties at the threshold taken by position: what a stable sort gives, in linear time. The
+    threshold is selected among the entries between two quantiles of a strided sample around it (an exact
+    selection whenever it falls there, and a whole selection otherwise): ADMM projects onto this every iteration."""
     flat = scores.reshape(-1)
     if count == 0:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    threshold = torch.kthvalue(flat, count).values
+    threshold = _kth_lowest(flat, count)
     pruned = flat < threshold
-    ties = torch.nonzero(flat == threshold).squeeze(1)[: count - int(pruned.sum())]
-    pruned[ties] = True
+    missing = count - int(pruned.sum())
+    if missing:
+        pruned[torch.nonzero(flat == threshold).squeeze(1)[:missing]] = True
     return pruned.view(scores.shape)
+
+
+def _kth_lowest(flat: torch.Tensor, count: int) -> torch.Tensor:
+    total = flat.numel()
+    if total >= 8 * SELECTION_SAMPLE:
+        sample = flat[:: total // SELECTION_SAMPLE].float()
+        fraction = count / total
+        bounds = torch.tensor([max(0.0, fraction - SELECTION_MARGIN), min(1.0, fraction + SELECTION_MARGIN)],
+                              device=flat.device)
+        low, high = torch.quantile(sample, bounds).to(flat.dtype)
+        below = int((flat < low).sum())
+        inside = flat[(flat >= low) & (flat <= high)]
+        if below < count <= below + inside.numel():
+            return torch.kthvalue(inside, count - below).values
+    return torch.kthvalue(flat, count).values
 
 
 def _ranks(scores: torch.Tensor) -> torch.Tensor:
@@ -220,4 +241,14 @@ def _lowest_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 def _lowest_per_group(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, width = scores.shape
-    return (_ranks(scores.reshape(rows, width // m, m)) < n).reshape(rows, width)
+    if m > PAIRWISE_MAX_GROUP:
+        return (_ranks(scores.reshape(rows, width // m, m)) < n).reshape(rows, width)
+    # m contiguous rows of one entry per group; a rank is how many of the group's entries sort before it, which
+    # for small m is faster than sorting millions of tiny groups (ADMM projects onto N:M every iteration)
+    by_position = scores.reshape(-1, m).t().contiguous()
+    ranks = torch.zeros(by_position.shape, dtype=torch.uint8, device=scores.device)
+    for j in range(m):
+        before = by_position[j] < by_position
+        before[j + 1:] |= by_position[j] == by_position[j + 1:]
+        ranks += before
+    return (ranks < n).t().reshape(rows, width)
