@@ -38,7 +38,7 @@ def support_admm(objective, pattern, start: torch.Tensor, options: AdmmOptions) 
     (the pruned mask, the weights on it before any refit, the iterations, the final penalty)."""
     scale = torch.diagonal(objective.damped).sqrt()
     hessian = (objective.damped / torch.outer(scale, scale)).float()
-    # float32 is enough: each solve adds rho >= the penalty to every eigenvalue of a unit-diagonal H
+    # float32 is enough: H is damped and scaled to a unit diagonal, and each solve adds rho (decisions.md)
     values, vectors = torch.linalg.eigh(hessian)
     scale = scale.float()
     dense = objective.weight * scale
