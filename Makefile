@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[plot,test]'
 	touch $(STAMP)
 
-.PHONY: bench-lm-ranks bench-resnet20-ranks bench-cost-size bench-dtype-memory install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost bench-structured-reload bench-lm-reconstruct bench-lm-reconstruct-table bench-lm-peers $(LM_FIT_JSON:%=bench-lm-fit-%)
+.PHONY: bench-lm-ranks bench-resnet20-ranks bench-cost-size bench-dtype-memory install demo test test-all bench-mnist bench-max bench-resnet20 bench-resnet20-bn bench-resnet20-max lm-install bench-lm bench-reproduce bench-structured bench-structured-baselines bench-structured-flap bench-structured-ours bench-structured-table bench-structured-resnet20 bench-structured-resnet20-latency bench-structured-cost bench-structured-reload bench-lm-reconstruct bench-lm-reconstruct-table bench-lm-peers
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -106,6 +106,7 @@ LM_FIT_RUN = OMP_NUM_THREADS=1 $(LM_BENCH) --quiet
 LM_FIT = --reconstruct block --reconstruct-epochs 2 --reconstruct-step 0.01
 LM_FIT_JSON = solvers baselines_sparsegpt baselines_alps ours owl search peers
 LM_FIT_LONGEST_FIRST = search ours baselines_alps solvers baselines_sparsegpt peers owl
+.PHONY: $(LM_FIT_JSON:%=bench-lm-fit-%)
 bench-lm-reconstruct: $(LM_DIR)/config.json
 	$(MAKE) -j2 $(LM_FIT_LONGEST_FIRST:%=bench-lm-fit-%)
 bench-lm-fit-solvers:

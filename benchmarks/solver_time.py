@@ -1,8 +1,8 @@
 """Issue 24's solver cost: `alps` against `admm` (ours) on the same layers, without reconstruction. Records the H of
 SmolLM2-135M's blocks 3 and 15 on the bench's calibration windows (the blocks before them dense), or of every layer
 of the dense ResNet20 or MLPNet checkpoint on 1,000 training images (--model), then prunes each layer with every
-method in turn, one thread, and writes each layer's seconds and layer error. --admm sets admm's options (as the
-CLI's --options does), to measure a default on more than one model.
+method in turn, one thread, and writes each layer's seconds and layer error. --admm sets admm's options
+(key=value,..., each read as its declared default's type), to measure a default on more than one model.
 
     .venv/bin/python benchmarks/solver_time.py 2:4 --json bench/smollm2_issue24/solver_time_24.json
     .venv/bin/python benchmarks/solver_time.py 0.7 --model resnet20 --json bench/solver_time/resnet20_0.7.json
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--admm", default="", help="admm's options, key=value,... (default: its defaults)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    admm_options = dict(parse_option(item) for item in args.admm.split(",") if item)
+    admm_options = admm_settings(args.admm)
     layers = vision_layers(args.model) if args.model in VISION else recorded_layers(*load_bench_model()[:2])
     budget = Budget.parse(args.pattern) if ":" in args.pattern else Budget.parse("layer", float(args.pattern))
     rows, totals = [], {method: dict(seconds=0.0, error=0.0) for method in METHODS}
@@ -91,9 +91,12 @@ def recorded_layers(model, calibration) -> list:
     return recorded
 
 
-def parse_option(item: str) -> tuple:
-    key, _, value = item.partition("=")
-    return key, float(value) if "." in value or "e" in value else int(value)
+def admm_settings(text: str) -> dict:
+    """{option: value} of 'key=value,...', each value read as the type of the option's declared default (an
+    undeclared key is left for the method to refuse, with the declared ones named)."""
+    kinds = {name: type(default) for name, default, *_ in LAYER_METHODS["admm"].Options.declared()}
+    pairs = [item.partition("=") for item in text.split(",") if item]
+    return {key: kinds.get(key, str)(value) for key, _, value in pairs}
 
 
 def vision_layers(name: str) -> list:
